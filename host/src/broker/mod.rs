@@ -1,0 +1,84 @@
+//! Broker core: topics and groups, the send path, queries, and the consumption engine.
+//!
+//! Every front end (HTTP, plugins, later MQTT and remoting) calls this API; none touches the store.
+
+pub mod config;
+pub mod consume;
+pub mod query;
+pub mod resources;
+pub mod send;
+
+use std::sync::Arc;
+
+use parking_lot::RwLock;
+use tracing::info;
+
+use crate::clock::SharedClock;
+use crate::error::Result;
+use crate::store::Store;
+
+pub use config::BrokerConfig;
+pub use query::{Delivery, DeliveryStatus, MessageView};
+pub use resources::{ConsumeModel, Group, GroupKind, GroupSpec, Topic, TopicSpec, TopicType};
+pub use send::{OutgoingMessage, SendReceipt};
+
+/// The broker: owns the resource registry and the consumption engine, over one store.
+pub struct Broker {
+    store: Arc<dyn Store>,
+    clock: SharedClock,
+    config: BrokerConfig,
+    registry: RwLock<resources::Registry>,
+    engine: consume::Engine,
+}
+
+impl Broker {
+    /// Loads topics and groups from the store and starts background tasks (timers, retention, engine).
+    pub async fn open(
+        config: BrokerConfig,
+        store: Arc<dyn Store>,
+        clock: SharedClock,
+    ) -> Result<Arc<Broker>> {
+        let registry = resources::Registry::load(store.as_ref()).await?;
+        info!(
+            topics = registry.topics.len(),
+            groups = registry.groups.len(),
+            "broker registry loaded"
+        );
+        let engine = consume::Engine::new(config.clone(), store.clone(), clock.clone());
+        let broker = Arc::new(Broker {
+            store,
+            clock,
+            config,
+            registry: RwLock::new(registry),
+            engine,
+        });
+        consume::Engine::start(&broker);
+        Ok(broker)
+    }
+
+    /// The store underneath (for metrics and the bench only; front ends must not use it).
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
+    /// The injected clock.
+    pub fn clock(&self) -> &SharedClock {
+        &self.clock
+    }
+
+    /// Broker settings.
+    pub fn config(&self) -> &BrokerConfig {
+        &self.config
+    }
+
+    /// The consumption engine.
+    pub fn engine(&self) -> &consume::Engine {
+        &self.engine
+    }
+
+    /// Flushes the store and stops background work (graceful shutdown).
+    pub async fn shutdown(&self) -> Result<()> {
+        self.engine.shutdown().await;
+        self.store.close().await
+    }
+}

@@ -1,0 +1,89 @@
+//! Message query: by id (with per-group delivery status), by key, by time range.
+
+use serde::Serialize;
+
+use super::Broker;
+use crate::error::{Result, WharfError};
+use crate::model::{MessageId, StoredMessage};
+use crate::store::TimePage;
+
+/// Most messages a key query returns.
+pub const KEY_QUERY_LIMIT: usize = 64;
+/// Most messages one time-range page returns.
+pub const MAX_PAGE: usize = 1000;
+
+/// Where a message stands for one consumer group.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DeliveryStatus {
+    /// The group has consumed it.
+    Consumed,
+    /// The group's tag expression excludes it.
+    Filtered,
+    /// Not yet consumed.
+    Pending,
+    /// The group has no online instance.
+    Offline,
+}
+
+/// One group's status for a message.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Delivery {
+    /// Consumer group.
+    pub group: String,
+    /// Status.
+    pub status: DeliveryStatus,
+}
+
+/// A message found by id, with per-group delivery status.
+#[derive(Debug, Clone)]
+pub struct MessageView {
+    /// The message.
+    pub message: StoredMessage,
+    /// One entry per consumer group subscribed to its topic.
+    pub deliveries: Vec<Delivery>,
+}
+
+impl Broker {
+    /// Finds a message by id.
+    pub async fn message(&self, id: &str) -> Result<MessageView> {
+        let parsed: MessageId = id.parse()?;
+        let message = self.store.get(parsed).await?.ok_or_else(|| {
+            WharfError::not_found(format!(
+                "message '{id}' not found; it may be past retention or never stored"
+            ))
+        })?;
+        let deliveries = self.engine.deliveries(self, &message).await?;
+        Ok(MessageView {
+            message,
+            deliveries,
+        })
+    }
+
+    /// The newest ≤ 64 messages of `topic` carrying `key`.
+    pub async fn by_key(&self, topic: &str, key: &str) -> Result<Vec<StoredMessage>> {
+        self.topic(topic)?;
+        self.store.by_key(topic, key, KEY_QUERY_LIMIT).await
+    }
+
+    /// Messages of `topic` stored in `[begin_ms, end_ms]`, paged.
+    pub async fn by_time(
+        &self,
+        topic: &str,
+        begin_ms: u64,
+        end_ms: u64,
+        limit: usize,
+        page_token: Option<&str>,
+    ) -> Result<TimePage> {
+        self.topic(topic)?;
+        if begin_ms > end_ms {
+            return Err(WharfError::bad_request(format!(
+                "begin_ms {begin_ms} is after end_ms {end_ms}"
+            )));
+        }
+        let limit = limit.clamp(1, MAX_PAGE);
+        self.store
+            .by_time(topic, begin_ms, end_ms, limit, page_token)
+            .await
+    }
+}

@@ -1,0 +1,354 @@
+//! Topics and groups: validation, the in-memory registry, persistence in store metadata.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use tracing::info;
+
+use super::Broker;
+use crate::error::{Result, WharfError};
+use crate::model::validate_name;
+use crate::store::Store;
+
+const TOPICS: &str = "topics";
+const GROUPS: &str = "groups";
+
+/// Most queues a topic may have.
+pub const MAX_QUEUES: u32 = 256;
+
+/// A topic's message type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum TopicType {
+    /// Ordinary messages.
+    #[default]
+    Normal,
+    /// Timer/delay messages.
+    Delay,
+    /// Transactional messages.
+    Transaction,
+    /// Ordered messages.
+    Order,
+}
+
+/// Body of `POST /v1/topics`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TopicSpec {
+    /// Topic name.
+    pub name: String,
+    /// Message type; default normal.
+    #[serde(default, rename = "type")]
+    pub topic_type: TopicType,
+    /// Queue count; default from config (8).
+    #[serde(default)]
+    pub queues: Option<u32>,
+}
+
+/// A topic as stored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Topic {
+    /// Name.
+    pub name: String,
+    /// Message type.
+    #[serde(rename = "type")]
+    pub topic_type: TopicType,
+    /// Number of queues.
+    pub queues: u32,
+    /// Creation time (ms).
+    pub created_ms: u64,
+}
+
+/// What a group is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum GroupKind {
+    /// Consumer group (Group ID).
+    #[default]
+    Consumer,
+    /// Producer group.
+    Producer,
+    /// MQTT group (`GID_…`).
+    Mqtt,
+}
+
+/// Consumption model of a consumer group.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum ConsumeModel {
+    /// Instances share the work (default).
+    #[default]
+    Clustering,
+    /// Every instance gets every message.
+    Broadcasting,
+}
+
+/// Default maximum retries.
+pub const DEFAULT_MAX_RECONSUME_TIMES: u32 = 16;
+/// Default consume timeout: 15 minutes.
+pub const DEFAULT_CONSUME_TIMEOUT_MS: u64 = 15 * 60 * 1000;
+
+/// Body of `POST /v1/groups`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GroupSpec {
+    /// Group name.
+    pub name: String,
+    /// Kind; default consumer.
+    #[serde(default)]
+    pub kind: GroupKind,
+    /// Consumption model; default clustering.
+    #[serde(default)]
+    pub model: ConsumeModel,
+    /// Retries before dead-lettering; default 16.
+    #[serde(default)]
+    pub max_reconsume_times: Option<u32>,
+    /// Consume timeout; default 15 minutes.
+    #[serde(default)]
+    pub consume_timeout_ms: Option<u64>,
+}
+
+/// A group as stored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Group {
+    /// Name.
+    pub name: String,
+    /// Kind.
+    pub kind: GroupKind,
+    /// Consumption model.
+    pub model: ConsumeModel,
+    /// Retries before dead-lettering.
+    pub max_reconsume_times: u32,
+    /// Consume timeout (ms).
+    pub consume_timeout_ms: u64,
+    /// Creation time (ms).
+    pub created_ms: u64,
+}
+
+/// In-memory view of every topic and group, loaded at start and written through to the store.
+#[derive(Debug, Default)]
+pub struct Registry {
+    /// Topics by name.
+    pub topics: BTreeMap<String, Topic>,
+    /// Groups by name.
+    pub groups: BTreeMap<String, Group>,
+}
+
+impl Registry {
+    /// Reads every topic and group from store metadata.
+    pub async fn load(store: &dyn Store) -> Result<Registry> {
+        let mut reg = Registry::default();
+        for (name, raw) in store.meta_list(TOPICS).await? {
+            let t: Topic = serde_json::from_slice(&raw).map_err(|e| {
+                WharfError::internal(format!("stored topic '{name}' is unreadable: {e}"))
+            })?;
+            reg.topics.insert(name, t);
+        }
+        for (name, raw) in store.meta_list(GROUPS).await? {
+            let g: Group = serde_json::from_slice(&raw).map_err(|e| {
+                WharfError::internal(format!("stored group '{name}' is unreadable: {e}"))
+            })?;
+            reg.groups.insert(name, g);
+        }
+        Ok(reg)
+    }
+}
+
+fn to_json<T: Serialize>(v: &T) -> Result<Vec<u8>> {
+    serde_json::to_vec(v).map_err(|e| WharfError::internal(format!("cannot encode metadata: {e}")))
+}
+
+impl Broker {
+    /// Creates a topic; 409 if it exists.
+    pub async fn create_topic(&self, spec: TopicSpec) -> Result<Topic> {
+        validate_name("topic", &spec.name)?;
+        if spec.name.starts_with('%') {
+            return Err(WharfError::bad_request(format!(
+                "topic name '{}' is reserved: names starting with '%' are system topics",
+                spec.name
+            )));
+        }
+        let queues = spec.queues.unwrap_or(self.config.default_queues);
+        if queues == 0 || queues > MAX_QUEUES {
+            return Err(WharfError::bad_request(format!(
+                "queues must be 1..={MAX_QUEUES}, got {queues}"
+            )));
+        }
+        if self.registry.read().topics.contains_key(&spec.name) {
+            return Err(WharfError::conflict(format!(
+                "topic '{}' already exists",
+                spec.name
+            )));
+        }
+        let topic = Topic {
+            name: spec.name,
+            topic_type: spec.topic_type,
+            queues,
+            created_ms: self.clock.now_ms(),
+        };
+        self.store
+            .meta_put(TOPICS, &topic.name, to_json(&topic)?)
+            .await?;
+        self.registry
+            .write()
+            .topics
+            .insert(topic.name.clone(), topic.clone());
+        info!(topic = %topic.name, queues, "topic created");
+        Ok(topic)
+    }
+
+    /// Every topic, sorted by name.
+    pub fn list_topics(&self) -> Vec<Topic> {
+        self.registry.read().topics.values().cloned().collect()
+    }
+
+    /// One topic, or `TOPIC_NOT_EXIST`.
+    pub fn topic(&self, name: &str) -> Result<Topic> {
+        self.registry
+            .read()
+            .topics
+            .get(name)
+            .cloned()
+            .ok_or_else(|| WharfError::topic_not_exist(name))
+    }
+
+    /// Deletes a topic (its stored messages age out with retention).
+    pub async fn delete_topic(&self, name: &str) -> Result<()> {
+        self.topic(name)?;
+        self.store.meta_delete(TOPICS, name).await?;
+        self.registry.write().topics.remove(name);
+        info!(topic = %name, "topic deleted");
+        Ok(())
+    }
+
+    /// Creates a group; 409 if it exists.
+    pub async fn create_group(&self, spec: GroupSpec) -> Result<Group> {
+        validate_name("group", &spec.name)?;
+        if spec.kind == GroupKind::Mqtt {
+            validate_mqtt_group(&spec.name)?;
+        }
+        let max_reconsume_times = spec
+            .max_reconsume_times
+            .unwrap_or(DEFAULT_MAX_RECONSUME_TIMES);
+        validate_group_settings(max_reconsume_times, spec.consume_timeout_ms)?;
+        if self.registry.read().groups.contains_key(&spec.name) {
+            return Err(WharfError::conflict(format!(
+                "group '{}' already exists",
+                spec.name
+            )));
+        }
+        let group = Group {
+            name: spec.name,
+            kind: spec.kind,
+            model: spec.model,
+            max_reconsume_times,
+            consume_timeout_ms: spec
+                .consume_timeout_ms
+                .unwrap_or(DEFAULT_CONSUME_TIMEOUT_MS),
+            created_ms: self.clock.now_ms(),
+        };
+        self.store
+            .meta_put(GROUPS, &group.name, to_json(&group)?)
+            .await?;
+        self.registry
+            .write()
+            .groups
+            .insert(group.name.clone(), group.clone());
+        info!(group = %group.name, "group created");
+        Ok(group)
+    }
+
+    /// Replaces a group's settings (the latest setting wins for all instances).
+    pub async fn update_group(&self, group: Group) -> Result<Group> {
+        validate_group_settings(group.max_reconsume_times, Some(group.consume_timeout_ms))?;
+        self.group(&group.name)?;
+        self.store
+            .meta_put(GROUPS, &group.name, to_json(&group)?)
+            .await?;
+        self.registry
+            .write()
+            .groups
+            .insert(group.name.clone(), group.clone());
+        Ok(group)
+    }
+
+    /// Every group, sorted by name.
+    pub fn list_groups(&self) -> Vec<Group> {
+        self.registry.read().groups.values().cloned().collect()
+    }
+
+    /// One group, or `SUBSCRIPTION_GROUP_NOT_EXIST`.
+    pub fn group(&self, name: &str) -> Result<Group> {
+        self.registry
+            .read()
+            .groups
+            .get(name)
+            .cloned()
+            .ok_or_else(|| WharfError::group_not_exist(name))
+    }
+
+    /// Deletes a group and its offsets.
+    pub async fn delete_group(&self, name: &str) -> Result<()> {
+        self.group(name)?;
+        self.store.meta_delete(GROUPS, name).await?;
+        self.store.delete_offsets(name).await?;
+        self.registry.write().groups.remove(name);
+        info!(group = %name, "group deleted");
+        Ok(())
+    }
+}
+
+fn validate_group_settings(
+    max_reconsume_times: u32,
+    consume_timeout_ms: Option<u64>,
+) -> Result<()> {
+    if max_reconsume_times > 1000 {
+        return Err(WharfError::bad_request(format!(
+            "max_reconsume_times must be 0..=1000, got {max_reconsume_times}"
+        )));
+    }
+    if let Some(t) = consume_timeout_ms
+        && !(1..=24 * 3600 * 1000).contains(&t)
+    {
+        return Err(WharfError::bad_request(format!(
+            "consume_timeout_ms must be 1..=86400000 (1 ms to 24 h), got {t}"
+        )));
+    }
+    Ok(())
+}
+
+/// MQTT groups are `GID_` + letters, digits, underscores; 7–32 characters in all.
+pub fn validate_mqtt_group(name: &str) -> Result<()> {
+    let ok = name.starts_with("GID_")
+        && (7..=32).contains(&name.len())
+        && name[4..]
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_');
+    if ok {
+        Ok(())
+    } else {
+        Err(WharfError::bad_request(format!(
+            "invalid MQTT group '{name}': use GID_ followed by letters, digits or '_', 7-32 characters in all"
+        )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mqtt_group_names() {
+        assert!(validate_mqtt_group("GID_ABC_1").is_ok());
+        assert!(validate_mqtt_group("GID_AB").is_err());
+        assert!(validate_mqtt_group("XID_ABCDEF").is_err());
+        assert!(validate_mqtt_group("GID_ABC-1").is_err());
+    }
+
+    #[test]
+    fn spec_rejects_unknown_fields() {
+        assert!(serde_json::from_str::<TopicSpec>(r#"{"name":"abc","colour":"red"}"#).is_err());
+        let g: GroupSpec = serde_json::from_str(r#"{"name":"GID_x","kind":"consumer"}"#).unwrap();
+        assert_eq!(g.model, ConsumeModel::Clustering);
+    }
+}

@@ -1,0 +1,164 @@
+//! The send path: validate, choose a queue, append through the store (group commit), answer.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use bytes::Bytes;
+use serde::Serialize;
+use tracing::{debug, instrument};
+
+use super::Broker;
+use super::config::MAX_MESSAGE_BYTES;
+use crate::error::{Result, WharfError};
+use crate::model::{MessageId, NewMessage};
+
+/// A message as a producer hands it to the broker.
+#[derive(Debug, Clone, Default)]
+pub struct OutgoingMessage {
+    /// Optional tag.
+    pub tag: Option<String>,
+    /// Business keys.
+    pub keys: Vec<String>,
+    /// User properties.
+    pub properties: BTreeMap<String, String>,
+    /// Body (non-empty).
+    pub body: Bytes,
+    /// Absolute start-deliver time (ms).
+    pub deliver_at_ms: Option<u64>,
+    /// Relative delay (ms); ignored when `deliver_at_ms` is set.
+    pub delay_ms: Option<u64>,
+    /// Producer time (ms); now when absent.
+    pub born_ms: Option<u64>,
+}
+
+/// Answer to a successful send.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct SendReceipt {
+    /// Broker-generated id.
+    pub message_id: MessageId,
+    /// Queue the message went to.
+    pub queue_id: u32,
+    /// Offset in that queue; null for a timer message until it is delivered.
+    pub queue_offset: Option<u64>,
+}
+
+/// Size of properties as RocketMQ encodes them (`k\x01v\x02`), tag and keys included.
+pub fn encoded_properties_len(msg: &OutgoingMessage) -> usize {
+    let pair = |k: &str, v: &str| k.len() + v.len() + 2;
+    let mut n: usize = msg.properties.iter().map(|(k, v)| pair(k, v)).sum();
+    if let Some(tag) = &msg.tag {
+        n += pair("TAGS", tag);
+    }
+    if !msg.keys.is_empty() {
+        n += pair("KEYS", &msg.keys.join(" "));
+    }
+    n
+}
+
+static ROUND_ROBIN: AtomicU32 = AtomicU32::new(0);
+
+impl Broker {
+    /// Sends a batch to `topic`; returns once durably stored (per flush mode). All or nothing:
+    /// one illegal message rejects the whole batch before anything is stored.
+    #[instrument(skip_all, fields(topic = %topic, count = msgs.len()))]
+    pub async fn send(&self, topic: &str, msgs: Vec<OutgoingMessage>) -> Result<Vec<SendReceipt>> {
+        let t = self.topic(topic)?;
+        if msgs.is_empty() {
+            return Err(WharfError::illegal(
+                "a batch must hold at least one message",
+            ));
+        }
+        let now = self.clock.now_ms();
+        let start = ROUND_ROBIN.fetch_add(1, Ordering::Relaxed);
+        let mut batch = Vec::with_capacity(msgs.len());
+        for (i, m) in msgs.into_iter().enumerate() {
+            let deliver_at_ms = self.validate(&m, now).map_err(|e| {
+                if i == 0 {
+                    e
+                } else {
+                    WharfError {
+                        message: format!("message #{i}: {}", e.message),
+                        ..e
+                    }
+                }
+            })?;
+            batch.push(NewMessage {
+                topic: t.name.clone(),
+                queue_id: start.wrapping_add(i as u32) % t.queues,
+                tag: m.tag,
+                keys: m.keys,
+                properties: m.properties,
+                body: m.body,
+                born_ms: m.born_ms.unwrap_or(now),
+                deliver_at_ms,
+                reconsume_times: 0,
+            });
+        }
+        let appended = self.store.append(batch).await?;
+        debug!(count = appended.len(), "stored");
+        Ok(appended
+            .into_iter()
+            .map(|a| SendReceipt {
+                message_id: a.id,
+                queue_id: a.queue_id,
+                queue_offset: a.queue_offset,
+            })
+            .collect())
+    }
+
+    /// Checks one message against the spec's limits; returns its start-deliver time if in the future.
+    fn validate(&self, m: &OutgoingMessage, now: u64) -> Result<Option<u64>> {
+        if m.body.is_empty() {
+            return Err(WharfError::illegal(
+                "message body is empty; send at least one byte",
+            ));
+        }
+        let cap = self.config.max_body_bytes.min(MAX_MESSAGE_BYTES);
+        if m.body.len() > cap {
+            return Err(WharfError::illegal(format!(
+                "message body is {} bytes, over the {cap}-byte cap; split it or raise [broker] max_body_bytes",
+                m.body.len()
+            )));
+        }
+        if let Some(tag) = &m.tag
+            && (tag.is_empty() || tag.contains("||") || tag.trim() != tag || tag == "*")
+        {
+            return Err(WharfError::illegal(format!(
+                "tag '{tag}' is not allowed: a tag is one non-empty word without '||', spaces at the ends, or '*'"
+            )));
+        }
+        if m.keys.iter().any(|k| k.is_empty() || k.contains(' ')) {
+            return Err(WharfError::illegal(
+                "keys must be non-empty and contain no spaces",
+            ));
+        }
+        let props = encoded_properties_len(m);
+        if props > self.config.max_properties_bytes {
+            return Err(WharfError::illegal(format!(
+                "properties take {props} bytes encoded, over the {}-byte limit; move data into the body",
+                self.config.max_properties_bytes
+            )));
+        }
+        if m.body.len() + props > MAX_MESSAGE_BYTES {
+            return Err(WharfError::illegal(
+                "message is over 4 MiB in total; make it smaller",
+            ));
+        }
+        let at = match (m.deliver_at_ms, m.delay_ms) {
+            (Some(at), _) => Some(at),
+            (None, Some(d)) => Some(now.saturating_add(d)),
+            (None, None) => None,
+        };
+        match at {
+            Some(at) if at > now.saturating_add(self.config.max_delay_ms) => {
+                Err(WharfError::illegal(format!(
+                    "start-deliver time {at} is more than {} days ahead; choose a time within that",
+                    self.config.max_delay_ms / 86_400_000
+                )))
+            }
+            Some(at) if at > now => Ok(Some(at)),
+            // A time in the past means deliver now.
+            _ => Ok(None),
+        }
+    }
+}

@@ -1,0 +1,1 @@
+//! The embedded store: segmented append-only log with checksums, consume queues, indexes.
