@@ -5,4 +5,5 @@ pub mod clock;
 pub mod error;
 pub mod metrics;
 pub mod model;
+pub mod plugin;
 pub mod store;
