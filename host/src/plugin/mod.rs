@@ -22,7 +22,9 @@ pub struct PluginsConfig {
 
 impl Default for PluginsConfig {
     fn default() -> Self {
-        PluginsConfig { dir: PathBuf::from("./plugins") }
+        PluginsConfig {
+            dir: PathBuf::from("./plugins"),
+        }
     }
 }
 
@@ -47,7 +49,11 @@ pub struct PluginHost {
 
 impl PluginHost {
     /// Starts the runtime: loads deployed versions from the store, deploys `[plugins] dir`.
-    pub async fn start(broker: Arc<Broker>, config: PluginsConfig, data_dir: PathBuf) -> Result<Arc<PluginHost>> {
+    pub async fn start(
+        broker: Arc<Broker>,
+        config: PluginsConfig,
+        data_dir: PathBuf,
+    ) -> Result<Arc<PluginHost>> {
         let _ = (config, data_dir);
         Ok(Arc::new(PluginHost { broker }))
     }
@@ -65,17 +71,23 @@ impl PluginHost {
 
     /// One plugin's status: versions, instances, counters (`GET /v1/plugins/{name}`).
     pub fn status(&self, name: &str) -> Result<serde_json::Value> {
-        Err(WharfError::not_found(format!("plugin '{name}' is not deployed")))
+        Err(WharfError::not_found(format!(
+            "plugin '{name}' is not deployed"
+        )))
     }
 
     /// Returns to the previous version.
     pub async fn rollback(&self, name: &str) -> Result<DeployResult> {
-        Err(WharfError::not_found(format!("plugin '{name}' is not deployed")))
+        Err(WharfError::not_found(format!(
+            "plugin '{name}' is not deployed"
+        )))
     }
 
     /// Stops and removes a plugin.
     pub async fn remove(&self, name: &str) -> Result<DeployResult> {
-        Err(WharfError::not_found(format!("plugin '{name}' is not deployed")))
+        Err(WharfError::not_found(format!(
+            "plugin '{name}' is not deployed"
+        )))
     }
 
     /// Handles `POST /t/<path>`: `None` when no route matches, else the send result.

@@ -1,0 +1,31 @@
+//! `wharf bench …`: benchmarks that drive the same code paths users hit and print figures.
+
+pub mod e2e;
+pub mod http;
+pub mod plugin;
+pub mod send;
+
+/// Which benchmark to run.
+#[derive(Debug, clap::Subcommand)]
+pub enum BenchCommand {
+    /// Store append through the broker send path (group commit): msgs/s, MB/s, p50/p99.
+    Send(send::SendArgs),
+    /// End-to-end HTTP sends against a running host (keep-alive connections).
+    Http(http::HttpArgs),
+    /// Send → consume → ack through the consumption engine; timer insertion and memory.
+    E2e(e2e::E2eArgs),
+    /// Messages/s through a trivial wasm plugin against a native closure; deploy and start times.
+    Plugin(plugin::PluginArgs),
+}
+
+impl BenchCommand {
+    /// Runs the chosen benchmark and prints its figures.
+    pub async fn run(self) -> anyhow::Result<()> {
+        match self {
+            BenchCommand::Send(a) => send::run(a).await,
+            BenchCommand::Http(a) => http::run(a).await,
+            BenchCommand::E2e(a) => e2e::run(a).await,
+            BenchCommand::Plugin(a) => plugin::run(a).await,
+        }
+    }
+}
