@@ -2,9 +2,13 @@
 
 pub mod bench;
 pub mod broker;
+pub mod cli;
 pub mod clock;
+pub mod config;
 pub mod error;
+pub mod http;
 pub mod metrics;
 pub mod model;
 pub mod plugin;
+pub mod serve;
 pub mod store;

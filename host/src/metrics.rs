@@ -95,6 +95,86 @@ impl HistogramSnapshot {
     }
 }
 
+/// Messages and bytes sent to one topic.
+#[derive(Debug, Default)]
+pub struct TopicSendCounters {
+    messages: AtomicU64,
+    bytes: AtomicU64,
+}
+
+/// Per-topic send counters for `/metrics`, fed by the broker's send path (every front end).
+///
+/// Process-wide, like the metrics endpoint that shows them; a topic's entry is created on its first
+/// send and looked up under a read lock afterwards, so the hot path takes no write lock.
+#[derive(Debug, Default)]
+pub struct SendCounters {
+    topics: parking_lot::RwLock<std::collections::BTreeMap<String, std::sync::Arc<TopicSendCounters>>>,
+}
+
+impl SendCounters {
+    /// Counts `messages` stored messages of `bytes` body bytes in all for `topic`.
+    pub fn record(&self, topic: &str, messages: u64, bytes: u64) {
+        let existing = self.topics.read().get(topic).cloned();
+        let c = match existing {
+            Some(c) => c,
+            None => self
+                .topics
+                .write()
+                .entry(topic.to_string())
+                .or_default()
+                .clone(),
+        };
+        c.messages.fetch_add(messages, Ordering::Relaxed);
+        c.bytes.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    /// `(messages, bytes)` sent to `topic` so far.
+    pub fn get(&self, topic: &str) -> (u64, u64) {
+        self.topics.read().get(topic).map_or((0, 0), |c| {
+            (
+                c.messages.load(Ordering::Relaxed),
+                c.bytes.load(Ordering::Relaxed),
+            )
+        })
+    }
+
+    /// Appends the counters in Prometheus text format.
+    pub fn render(&self, out: &mut String) {
+        let topics = self.topics.read();
+        let _ = writeln!(out, "# HELP wharf_sent_messages_total Messages stored by sends, per topic.");
+        let _ = writeln!(out, "# TYPE wharf_sent_messages_total counter");
+        for (t, c) in topics.iter() {
+            let _ = writeln!(
+                out,
+                "wharf_sent_messages_total{{topic=\"{}\"}} {}",
+                escape_label(t),
+                c.messages.load(Ordering::Relaxed)
+            );
+        }
+        let _ = writeln!(out, "# HELP wharf_sent_bytes_total Body bytes stored by sends, per topic.");
+        let _ = writeln!(out, "# TYPE wharf_sent_bytes_total counter");
+        for (t, c) in topics.iter() {
+            let _ = writeln!(
+                out,
+                "wharf_sent_bytes_total{{topic=\"{}\"}} {}",
+                escape_label(t),
+                c.bytes.load(Ordering::Relaxed)
+            );
+        }
+    }
+}
+
+/// Escapes a Prometheus label value.
+pub fn escape_label(v: &str) -> String {
+    v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+}
+
+/// The process-wide send counters.
+pub fn send_counters() -> &'static SendCounters {
+    static COUNTERS: std::sync::LazyLock<SendCounters> = std::sync::LazyLock::new(SendCounters::default);
+    &COUNTERS
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -115,5 +195,19 @@ mod tests {
         s.render(&mut out, "x_seconds", "test", "");
         assert!(out.contains("x_seconds_bucket{le=\"+Inf\"} 4"));
         assert!(out.contains("x_seconds_count 4"));
+    }
+
+    #[test]
+    fn send_counters_render_per_topic() {
+        let c = SendCounters::default();
+        c.record("Trade", 2, 10);
+        c.record("Trade", 1, 5);
+        c.record("a\"b", 1, 1);
+        assert_eq!(c.get("Trade"), (3, 15));
+        let mut out = String::new();
+        c.render(&mut out);
+        assert!(out.contains("wharf_sent_messages_total{topic=\"Trade\"} 3"), "{out}");
+        assert!(out.contains("wharf_sent_bytes_total{topic=\"Trade\"} 15"), "{out}");
+        assert!(out.contains("topic=\"a\\\"b\""), "{out}");
     }
 }

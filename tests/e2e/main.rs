@@ -1,1 +1,8 @@
-//! End-to-end tests against the real `wharf` binary.
+//! End-to-end tests against the real `wharf` binary: one test executable, one module per area.
+//!
+//! Build the binary first (`cargo build -p wharf`, same profile as the tests) or point `WHARF_BIN`
+//! at one; `.ci/run` does both.
+
+mod crash;
+mod foundation;
+mod harness;

@@ -18,6 +18,11 @@ pub struct BrokerConfig {
     pub retry_delay_scale: f64,
     /// `consumer_heartbeat_timeout_ms = 30000`: an instance silent this long is removed.
     pub consumer_heartbeat_timeout_ms: u64,
+    /// `max_in_flight_messages = 5000`: delivered-but-unsettled messages one consumer instance
+    /// may hold; receive hands out fewer (or none) beyond it.
+    pub max_in_flight_messages: usize,
+    /// `max_in_flight_bytes = 536870912`: the same cap in body bytes (512 MiB).
+    pub max_in_flight_bytes: usize,
 }
 
 impl Default for BrokerConfig {
@@ -29,6 +34,8 @@ impl Default for BrokerConfig {
             max_delay_ms: 40 * 24 * 3600 * 1000,
             retry_delay_scale: 1.0,
             consumer_heartbeat_timeout_ms: 30_000,
+            max_in_flight_messages: 5_000,
+            max_in_flight_bytes: 512 * 1024 * 1024,
         }
     }
 }

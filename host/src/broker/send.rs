@@ -94,7 +94,9 @@ impl Broker {
                 reconsume_times: 0,
             });
         }
+        let body_bytes: u64 = batch.iter().map(|m| m.body.len() as u64).sum();
         let appended = self.store.append(batch).await?;
+        crate::metrics::send_counters().record(&t.name, appended.len() as u64, body_bytes);
         debug!(count = appended.len(), "stored");
         Ok(appended
             .into_iter()

@@ -1,16 +1,35 @@
 //! Plugin runtime: manifests, the wasmtime host, the deploy registry, HTTP triggers.
 //!
-//! SKELETON: signatures are the contract the HTTP front end and `serve` call; the plugin work
-//! fills in the bodies.
+//! A deploy parses and validates the manifest, compiles the component (or loads the cached
+//! artifact), makes sure the consumer group exists with the manifest's settings, writes the
+//! version to disk and metadata, then swaps versions: the old workers settle what they hold and
+//! unregister before the new ones register, so no message runs in two versions at once and
+//! nothing is lost (un-settled messages go back to the group).
 
-use std::path::PathBuf;
+pub mod manifest;
+pub mod registry;
+pub mod runtime;
+pub mod trigger;
+pub mod worker;
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
+use tracing::{error, info, warn};
 
-use crate::broker::{Broker, SendReceipt};
-use crate::error::{Result, WharfError};
+use crate::broker::{Broker, ConsumeModel, GroupKind, GroupSpec, SendReceipt};
+use crate::error::{ErrorCode, Result, WharfError};
+use manifest::Manifest;
+use registry::{PluginRecord, VersionFiles, VersionRecord};
+use runtime::{BrokerApi, InstanceConfig, Loaded, Runtime};
+use trigger::Routes;
+use worker::{PluginStats, WorkerSpec, Workers};
 
 /// `[plugins]` config section.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -41,10 +60,49 @@ pub struct DeployResult {
     pub status: String,
 }
 
+/// Reads a manifest file and the component it names (relative to the manifest's directory).
+pub fn read_bundle(manifest_path: &Path) -> Result<(String, Bytes)> {
+    let text = std::fs::read_to_string(manifest_path).map_err(|e| {
+        WharfError::bad_request(format!(
+            "cannot read manifest {}: {e}",
+            manifest_path.display()
+        ))
+    })?;
+    let file = manifest_path.display().to_string();
+    let manifest = Manifest::parse(&file, &text)?;
+    let base = manifest_path.parent().unwrap_or(Path::new("."));
+    let component_path = base.join(&manifest.component);
+    let component = std::fs::read(&component_path).map_err(|e| {
+        WharfError::bad_request(format!(
+            "{file}: component = \"{}\" cannot be read at {}: {e}; build it first (cargo build --release --target wasm32-wasip2)",
+            manifest.component,
+            component_path.display()
+        ))
+    })?;
+    Ok((text, Bytes::from(component)))
+}
+
+/// One deployed plugin: its durable record and what runs now.
+struct Slot {
+    record: PluginRecord,
+    manifest: Manifest,
+    loaded: Option<Loaded>,
+    workers: Option<Workers>,
+    stats: Arc<PluginStats>,
+    /// Why the current version is not running (restored at start but failed to load).
+    problem: Option<String>,
+}
+
 /// The plugin runtime.
 pub struct PluginHost {
-    #[allow(dead_code)]
     broker: Arc<Broker>,
+    runtime: Arc<Runtime>,
+    files: VersionFiles,
+    handle: tokio::runtime::Handle,
+    /// Deploy, rollback, remove and shutdown happen one at a time.
+    ops: tokio::sync::Mutex<()>,
+    slots: parking_lot::Mutex<BTreeMap<String, Slot>>,
+    routes: Routes,
 }
 
 impl PluginHost {
@@ -54,40 +112,459 @@ impl PluginHost {
         config: PluginsConfig,
         data_dir: PathBuf,
     ) -> Result<Arc<PluginHost>> {
-        let _ = (config, data_dir);
-        Ok(Arc::new(PluginHost { broker }))
+        let cache = data_dir.join("plugin-cache");
+        let runtime = tokio::task::spawn_blocking(move || Runtime::new(cache))
+            .await
+            .map_err(|e| WharfError::internal(format!("plugin runtime start panicked: {e}")))??;
+        let host = Arc::new(PluginHost {
+            broker,
+            runtime: Arc::new(runtime),
+            files: VersionFiles::new(&data_dir),
+            handle: tokio::runtime::Handle::current(),
+            ops: tokio::sync::Mutex::new(()),
+            slots: parking_lot::Mutex::new(BTreeMap::new()),
+            routes: Routes::default(),
+        });
+        host.restore().await?;
+        host.deploy_dir(&config.dir).await;
+        Ok(host)
+    }
+
+    /// Restarts the running version of every plugin in the registry (from cached artifacts).
+    async fn restore(&self) -> Result<()> {
+        let _ops = self.ops.lock().await;
+        for record in registry::load(self.broker.store().as_ref()).await? {
+            let name = record.name.clone();
+            let stats = Arc::new(PluginStats::default());
+            let restored = self.restore_one(&record, &stats).await;
+            let (manifest, loaded, workers, problem) = match restored {
+                Ok((m, l, w)) => (Some(m), Some(l), Some(w), None),
+                Err(e) => {
+                    error!(plugin = %name, version = record.current, error = %e, "cannot restart plugin");
+                    (None, None, None, Some(e.to_string()))
+                }
+            };
+            let manifest = match manifest {
+                Some(m) => m,
+                None => match self.files.read(&name, record.current) {
+                    Ok((text, _)) => match Manifest::parse("plugin.toml", &text) {
+                        Ok(m) => m,
+                        Err(_) => continue,
+                    },
+                    Err(_) => continue,
+                },
+            };
+            if workers.is_some() {
+                self.routes.install(&name, &manifest.http);
+            }
+            self.slots.lock().insert(
+                name,
+                Slot {
+                    record,
+                    manifest,
+                    loaded,
+                    workers,
+                    stats,
+                    problem,
+                },
+            );
+        }
+        Ok(())
+    }
+
+    async fn restore_one(
+        &self,
+        record: &PluginRecord,
+        stats: &Arc<PluginStats>,
+    ) -> Result<(Manifest, Loaded, Workers)> {
+        let (text, component) = self.files.read(&record.name, record.current)?;
+        let manifest = Manifest::parse("plugin.toml", &text)?;
+        let loaded = self.load_component(component).await?;
+        self.ensure_group(&manifest).await?;
+        let workers = self
+            .start_workers(&manifest, record.current, &loaded, stats.clone())
+            .await?;
+        info!(plugin = %record.name, version = record.current, cache_hit = loaded.cache_hit,
+            load_ms = loaded.took.as_secs_f64() * 1e3, "plugin restarted");
+        Ok((manifest, loaded, workers))
+    }
+
+    /// Deploys every `<dir>/*/plugin.toml` whose content is not already the running version.
+    async fn deploy_dir(&self, dir: &Path) {
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return;
+        };
+        let mut manifests: Vec<PathBuf> = entries
+            .filter_map(|e| e.ok())
+            .map(|e| e.path().join("plugin.toml"))
+            .filter(|p| p.is_file())
+            .collect();
+        manifests.sort();
+        for path in manifests {
+            let (text, component) = match read_bundle(&path) {
+                Ok(b) => b,
+                Err(e) => {
+                    warn!(manifest = %path.display(), error = %e.message, "plugin in [plugins] dir not deployed");
+                    continue;
+                }
+            };
+            if self.is_running(&text, &component) {
+                continue;
+            }
+            match self.deploy_named(&path.display().to_string(), &text, component).await {
+                Ok(r) => info!(plugin = %r.name, version = r.version, manifest = %path.display(), "plugin deployed from [plugins] dir"),
+                Err(e) => warn!(manifest = %path.display(), error = %e.message, "plugin in [plugins] dir not deployed"),
+            }
+        }
+    }
+
+    /// True when this manifest text and component are exactly the running version.
+    fn is_running(&self, text: &str, component: &[u8]) -> bool {
+        let Ok(m) = Manifest::parse("plugin.toml", text) else {
+            return false;
+        };
+        let sha = runtime::component_hash(component);
+        let slots = self.slots.lock();
+        let Some(slot) = slots.get(&m.name) else {
+            return false;
+        };
+        let same_component = slot
+            .record
+            .current_version()
+            .is_some_and(|v| v.sha256 == sha);
+        same_component
+            && slot.workers.is_some()
+            && self
+                .files
+                .read(&m.name, slot.record.current)
+                .is_ok_and(|(t, _)| t == text)
     }
 
     /// Deploys a new version from manifest text and component bytes.
     pub async fn deploy(&self, manifest_toml: &str, component: Bytes) -> Result<DeployResult> {
-        let _ = (manifest_toml, component);
-        Err(WharfError::internal("plugin runtime not built yet"))
+        self.deploy_named("plugin.toml", manifest_toml, component)
+            .await
     }
 
-    /// Every plugin with its current version and counters (JSON for `GET /v1/plugins`).
-    pub fn list(&self) -> serde_json::Value {
-        serde_json::json!([])
-    }
-
-    /// One plugin's status: versions, instances, counters (`GET /v1/plugins/{name}`).
-    pub fn status(&self, name: &str) -> Result<serde_json::Value> {
-        Err(WharfError::not_found(format!(
-            "plugin '{name}' is not deployed"
-        )))
+    async fn deploy_named(
+        &self,
+        file: &str,
+        text: &str,
+        component: Bytes,
+    ) -> Result<DeployResult> {
+        let _ops = self.ops.lock().await;
+        let manifest = Manifest::parse(file, text)?;
+        self.check_conflicts(&manifest)?;
+        let loaded = self.load_component(component.to_vec()).await?;
+        self.ensure_group(&manifest).await?;
+        let name = manifest.name.clone();
+        let previous = self.slots.lock().get(&name).map(|s| s.record.clone());
+        let version = previous.as_ref().map_or(1, |r| r.next_version());
+        self.files.write(&name, version, text, &component)?;
+        let mut record = previous.clone().unwrap_or(PluginRecord {
+            name: name.clone(),
+            current: version,
+            versions: Vec::new(),
+            history: Vec::new(),
+        });
+        if let Some(p) = &previous {
+            record.history.push(p.current);
+        }
+        record.current = version;
+        record.versions.push(VersionRecord {
+            version,
+            manifest_version: manifest.version.clone(),
+            sha256: loaded.hash.clone(),
+            deployed_ms: self.broker.clock().now_ms(),
+        });
+        self.switch(manifest, loaded, record, previous).await?;
+        info!(plugin = %name, version, "plugin deployed");
+        self.result(&name, "running")
     }
 
     /// Returns to the previous version.
     pub async fn rollback(&self, name: &str) -> Result<DeployResult> {
-        Err(WharfError::not_found(format!(
-            "plugin '{name}' is not deployed"
-        )))
+        let _ops = self.ops.lock().await;
+        let previous = self
+            .slots
+            .lock()
+            .get(name)
+            .map(|s| s.record.clone())
+            .ok_or_else(|| not_deployed(name))?;
+        let Some(&target) = previous.history.last() else {
+            return Err(WharfError::bad_request(format!(
+                "plugin '{name}' has no earlier version to roll back to (it runs v{}); deploy a new version instead",
+                previous.current
+            )));
+        };
+        let (text, component) = self.files.read(name, target)?;
+        let manifest = Manifest::parse("plugin.toml", &text)?;
+        self.check_conflicts(&manifest)?;
+        let loaded = self.load_component(component).await?;
+        self.ensure_group(&manifest).await?;
+        let mut record = previous.clone();
+        record.history.pop();
+        record.current = target;
+        self.switch(manifest, loaded, record, Some(previous)).await?;
+        info!(plugin = %name, version = target, "plugin rolled back");
+        self.result(name, "running")
+    }
+
+    /// Stops the running version and starts `manifest`'s; on failure the old version runs again.
+    async fn switch(
+        &self,
+        manifest: Manifest,
+        loaded: Loaded,
+        record: PluginRecord,
+        previous: Option<PluginRecord>,
+    ) -> Result<()> {
+        let name = manifest.name.clone();
+        registry::save(self.broker.store().as_ref(), &record).await?;
+        let (old_workers, old_state, stats) = {
+            let mut slots = self.slots.lock();
+            match slots.get_mut(&name) {
+                Some(s) => (
+                    s.workers.take(),
+                    Some((s.manifest.clone(), s.loaded.clone())),
+                    s.stats.clone(),
+                ),
+                None => (None, None, Arc::new(PluginStats::default())),
+            }
+        };
+        if let Some(w) = old_workers {
+            w.stop().await;
+        }
+        match self
+            .start_workers(&manifest, record.current, &loaded, stats.clone())
+            .await
+        {
+            Ok(workers) => {
+                self.routes.install(&name, &manifest.http);
+                self.slots.lock().insert(
+                    name,
+                    Slot {
+                        record,
+                        manifest,
+                        loaded: Some(loaded),
+                        workers: Some(workers),
+                        stats,
+                        problem: None,
+                    },
+                );
+                Ok(())
+            }
+            Err(e) => {
+                warn!(plugin = %name, error = %e, "new version did not start; restoring the previous one");
+                match previous {
+                    Some(prev) => {
+                        let _ = registry::save(self.broker.store().as_ref(), &prev).await;
+                        if let Some((old_manifest, Some(old_loaded))) = old_state {
+                            let restarted = self
+                                .start_workers(&old_manifest, prev.current, &old_loaded, stats)
+                                .await;
+                            if let Some(slot) = self.slots.lock().get_mut(&name) {
+                                match restarted {
+                                    Ok(w) => slot.workers = Some(w),
+                                    Err(e2) => slot.problem = Some(e2.to_string()),
+                                }
+                            }
+                        }
+                    }
+                    None => {
+                        let _ = registry::delete(self.broker.store().as_ref(), &name).await;
+                        let _ = self.files.remove_all(&name);
+                    }
+                }
+                Err(e)
+            }
+        }
     }
 
     /// Stops and removes a plugin.
     pub async fn remove(&self, name: &str) -> Result<DeployResult> {
-        Err(WharfError::not_found(format!(
-            "plugin '{name}' is not deployed"
-        )))
+        let _ops = self.ops.lock().await;
+        let slot = self.slots.lock().remove(name).ok_or_else(|| not_deployed(name))?;
+        self.routes.remove(name);
+        if let Some(w) = slot.workers {
+            w.stop().await;
+        }
+        registry::delete(self.broker.store().as_ref(), name).await?;
+        if let Err(e) = self.files.remove_all(name) {
+            warn!(plugin = %name, error = %e, "plugin files left behind");
+        }
+        info!(plugin = %name, version = slot.record.current, "plugin removed");
+        Ok(DeployResult {
+            name: name.to_string(),
+            version: slot.record.current,
+            manifest_version: slot
+                .record
+                .current_version()
+                .map(|v| v.manifest_version.clone())
+                .unwrap_or_default(),
+            status: "removed".to_string(),
+        })
+    }
+
+    fn result(&self, name: &str, status: &str) -> Result<DeployResult> {
+        let slots = self.slots.lock();
+        let slot = slots.get(name).ok_or_else(|| not_deployed(name))?;
+        Ok(DeployResult {
+            name: name.to_string(),
+            version: slot.record.current,
+            manifest_version: slot.manifest.version.clone(),
+            status: status.to_string(),
+        })
+    }
+
+    /// Refuses routes or groups another plugin holds, and subscriptions to missing topics.
+    fn check_conflicts(&self, m: &Manifest) -> Result<()> {
+        if let Some((path, owner)) = self.routes.conflict(&m.name, &m.http) {
+            return Err(WharfError::conflict(format!(
+                "HTTP trigger path {path} is already served by plugin '{owner}'; choose another [[http]] path"
+            )));
+        }
+        {
+            let slots = self.slots.lock();
+            let shared = slots
+                .values()
+                .find(|s| s.record.name != m.name && s.manifest.consumer.group == m.consumer.group);
+            if let Some(other) = shared {
+                return Err(WharfError::conflict(format!(
+                    "consumer group '{}' is already used by plugin '{}'; give each plugin its own [consumer] group",
+                    m.consumer.group, other.record.name
+                )));
+            }
+        }
+        for s in &m.subscription {
+            self.broker.topic(&s.topic)?;
+        }
+        Ok(())
+    }
+
+    /// Creates the group if absent, else makes its settings the manifest's (latest wins).
+    async fn ensure_group(&self, m: &Manifest) -> Result<()> {
+        let c = &m.consumer;
+        match self.broker.group(&c.group) {
+            Ok(g) => {
+                if g.kind != GroupKind::Consumer {
+                    return Err(WharfError::bad_request(format!(
+                        "group '{}' is not a consumer group; name a consumer group in [consumer] group",
+                        c.group
+                    )));
+                }
+                if g.model != c.model
+                    || g.max_reconsume_times != c.max_reconsume_times
+                    || g.consume_timeout_ms != c.consume_timeout_ms
+                {
+                    let mut updated = g.clone();
+                    updated.model = c.model;
+                    updated.max_reconsume_times = c.max_reconsume_times;
+                    updated.consume_timeout_ms = c.consume_timeout_ms;
+                    self.broker.update_group(updated).await?;
+                }
+                Ok(())
+            }
+            Err(e) if e.code == ErrorCode::SubscriptionGroupNotExist => {
+                let spec = GroupSpec {
+                    name: c.group.clone(),
+                    kind: GroupKind::Consumer,
+                    model: c.model,
+                    max_reconsume_times: Some(c.max_reconsume_times),
+                    consume_timeout_ms: Some(c.consume_timeout_ms),
+                };
+                match self.broker.create_group(spec).await {
+                    Ok(_) => Ok(()),
+                    // Created meanwhile by someone else: fine, retry as an update.
+                    Err(e) if e.kind == crate::error::ErrorKind::Conflict => {
+                        Box::pin(self.ensure_group(m)).await
+                    }
+                    Err(e) => Err(e),
+                }
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Compiles or loads the cached artifact, off the async threads.
+    async fn load_component(&self, bytes: Vec<u8>) -> Result<Loaded> {
+        let rt = self.runtime.clone();
+        tokio::task::spawn_blocking(move || rt.load(&bytes))
+            .await
+            .map_err(|e| WharfError::internal(format!("component load panicked: {e}")))?
+    }
+
+    async fn start_workers(
+        &self,
+        m: &Manifest,
+        version: u64,
+        loaded: &Loaded,
+        stats: Arc<PluginStats>,
+    ) -> Result<Workers> {
+        let mut readable: Vec<String> = m.subscription.iter().map(|s| s.topic.clone()).collect();
+        readable.extend(m.permissions.publish.iter().cloned());
+        let config = Arc::new(InstanceConfig {
+            plugin: m.name.clone(),
+            version,
+            group: m.consumer.group.clone(),
+            publish: m.permissions.publish.clone(),
+            readable,
+            memory_bytes: m.limits.memory_mib as usize * 1024 * 1024,
+            timeout: Duration::from_millis(m.consumer.consume_timeout_ms),
+            api: Arc::new(BrokerApi {
+                broker: self.broker.clone(),
+                handle: self.handle.clone(),
+            }),
+        });
+        let count = match m.consumer.model {
+            // Every instance of a broadcasting group gets every message: one per host.
+            ConsumeModel::Broadcasting => 1,
+            ConsumeModel::Clustering => m.consumer.concurrency as usize,
+        };
+        let spec = WorkerSpec {
+            broker: self.broker.clone(),
+            handle: self.handle.clone(),
+            engine: self.runtime.engine().clone(),
+            pre: loaded.pre.clone(),
+            config,
+            subscriptions: m.subscriptions(),
+            batch_max: m.consumer.batch_max as usize,
+            stats,
+        };
+        Workers::start(spec, count).await
+    }
+
+    /// Every plugin with its current version and counters (JSON for `GET /v1/plugins`).
+    pub fn list(&self) -> serde_json::Value {
+        let slots = self.slots.lock();
+        serde_json::Value::Array(slots.values().map(summary).collect())
+    }
+
+    /// One plugin's status: versions, instances, counters (`GET /v1/plugins/{name}`).
+    pub fn status(&self, name: &str) -> Result<serde_json::Value> {
+        let slots = self.slots.lock();
+        let slot = slots.get(name).ok_or_else(|| not_deployed(name))?;
+        let mut v = summary(slot);
+        let m = &slot.manifest;
+        v["model"] = serde_json::json!(m.consumer.model);
+        v["subscriptions"] = serde_json::json!(m.subscriptions());
+        v["publish"] = serde_json::json!(m.permissions.publish);
+        v["http"] = serde_json::json!(m.http);
+        v["limits"] = serde_json::json!({
+            "memory_mib": m.limits.memory_mib,
+            "consume_timeout_ms": m.consumer.consume_timeout_ms,
+            "concurrency": m.consumer.concurrency,
+            "batch_max": m.consumer.batch_max,
+            "max_reconsume_times": m.consumer.max_reconsume_times,
+        });
+        v["instance_ids"] = serde_json::json!(slot.workers.as_ref().map(|w| w.ids().to_vec()));
+        v["versions"] = serde_json::json!(slot.record.versions);
+        v["rollback_to"] = serde_json::json!(slot.record.history.last());
+        v["artifact"] = serde_json::json!(slot.loaded.as_ref().map(|l| serde_json::json!({
+            "sha256": l.hash,
+            "cache_hit": l.cache_hit,
+            "load_ms": l.took.as_secs_f64() * 1e3,
+        })));
+        Ok(v)
     }
 
     /// Handles `POST /t/<path>`: `None` when no route matches, else the send result.
@@ -98,15 +575,125 @@ impl PluginHost {
         headers: &[(String, String)],
         body: Bytes,
     ) -> Option<Result<SendReceipt>> {
-        let _ = (path, headers, body);
-        None
+        let (topic, message) = self.routes.message(path, headers, body)?;
+        let sent = self.broker.send(&topic, vec![message]).await;
+        Some(sent.and_then(|mut r| {
+            r.pop()
+                .ok_or_else(|| WharfError::internal("send returned no receipt"))
+        }))
     }
 
     /// Appends per-plugin metrics in Prometheus text format.
     pub fn render_metrics(&self, out: &mut String) {
-        let _ = out;
+        let slots = self.slots.lock();
+        if slots.is_empty() {
+            return;
+        }
+        type Counter = fn(&PluginStats) -> u64;
+        let counters: [(&str, &str, Counter); 7] = [
+            ("wharf_plugin_invocations_total", "Messages handed to the plugin", |s| s.invocations.load(Ordering::Relaxed)),
+            ("wharf_plugin_commits_total", "Messages the plugin committed", |s| s.commits.load(Ordering::Relaxed)),
+            ("wharf_plugin_retries_total", "Messages answered reconsume-later or failed (retried)", |s| s.retries.load(Ordering::Relaxed)),
+            ("wharf_plugin_traps_total", "Calls that trapped", |s| s.traps.load(Ordering::Relaxed)),
+            ("wharf_plugin_timeouts_total", "Calls stopped at consume_timeout_ms", |s| s.timeouts.load(Ordering::Relaxed)),
+            ("wharf_plugin_settle_errors_total", "Settles the broker refused", |s| s.settle_errors.load(Ordering::Relaxed)),
+            ("wharf_plugin_instantiations_total", "Instances created (first per worker and replacements)", |s| s.instantiations.load(Ordering::Relaxed)),
+        ];
+        for (metric, help, get) in counters {
+            let _ = writeln!(out, "# HELP {metric} {help}");
+            let _ = writeln!(out, "# TYPE {metric} counter");
+            for (name, slot) in slots.iter() {
+                let _ = writeln!(out, "{metric}{{plugin=\"{name}\"}} {}", get(&slot.stats));
+            }
+        }
+        let _ = writeln!(out, "# HELP wharf_plugin_instances Running instances (worker threads)");
+        let _ = writeln!(out, "# TYPE wharf_plugin_instances gauge");
+        for (name, slot) in slots.iter() {
+            let live = slot.workers.as_ref().map_or(0, |w| w.live());
+            let _ = writeln!(out, "wharf_plugin_instances{{plugin=\"{name}\"}} {live}");
+        }
+        let _ = writeln!(out, "# HELP wharf_plugin_version Running version number");
+        let _ = writeln!(out, "# TYPE wharf_plugin_version gauge");
+        for (name, slot) in slots.iter() {
+            let _ = writeln!(out, "wharf_plugin_version{{plugin=\"{name}\"}} {}", slot.record.current);
+        }
+        for (i, (name, slot)) in slots.iter().enumerate() {
+            let mut one = String::new();
+            slot.stats.duration_us.snapshot().render(
+                &mut one,
+                "wharf_plugin_call_duration_seconds",
+                "Duration of one plugin call",
+                &format!("plugin=\"{name}\""),
+            );
+            // HELP and TYPE may appear once per metric family.
+            for line in one.lines().filter(|l| i == 0 || !l.starts_with('#')) {
+                out.push_str(line);
+                out.push('\n');
+            }
+        }
     }
 
     /// Stops every plugin, handing in-flight messages back (graceful shutdown).
-    pub async fn shutdown(&self) {}
+    pub async fn shutdown(&self) {
+        let _ops = self.ops.lock().await;
+        let running: Vec<(String, Workers)> = self
+            .slots
+            .lock()
+            .iter_mut()
+            .filter_map(|(n, s)| s.workers.take().map(|w| (n.clone(), w)))
+            .collect();
+        let mut stopping = tokio::task::JoinSet::new();
+        for (name, w) in running {
+            stopping.spawn(async move {
+                w.stop().await;
+                name
+            });
+        }
+        while let Some(done) = stopping.join_next().await {
+            if let Ok(name) = done {
+                info!(plugin = %name, "plugin stopped");
+            }
+        }
+    }
 }
+
+fn not_deployed(name: &str) -> WharfError {
+    WharfError::not_found(format!(
+        "plugin '{name}' is not deployed; see `wharf plugin list`, deploy with `wharf plugin deploy MANIFEST`"
+    ))
+}
+
+fn summary(slot: &Slot) -> serde_json::Value {
+    let s = &slot.stats;
+    let d = s.duration_us.snapshot();
+    let status = match (&slot.workers, &slot.problem) {
+        (Some(_), _) => "running".to_string(),
+        (None, Some(p)) => format!("failed: {p}"),
+        (None, None) => "stopped".to_string(),
+    };
+    serde_json::json!({
+        "name": slot.record.name,
+        "status": status,
+        "version": slot.record.current,
+        "manifest_version": slot.manifest.version,
+        "group": slot.manifest.consumer.group,
+        "instances": slot.workers.as_ref().map_or(0, |w| w.live()),
+        "counters": {
+            "invocations": s.invocations.load(Ordering::Relaxed),
+            "commits": s.commits.load(Ordering::Relaxed),
+            "retries": s.retries.load(Ordering::Relaxed),
+            "traps": s.traps.load(Ordering::Relaxed),
+            "timeouts": s.timeouts.load(Ordering::Relaxed),
+            "settle_errors": s.settle_errors.load(Ordering::Relaxed),
+            "instantiations": s.instantiations.load(Ordering::Relaxed),
+        },
+        "duration_us": {"p50": d.quantile(0.5), "p99": d.quantile(0.99), "count": d.count},
+    })
+}
+
+#[cfg(test)]
+mod runtime_tests;
+#[cfg(test)]
+pub(crate) mod testkit;
+#[cfg(test)]
+mod host_tests;

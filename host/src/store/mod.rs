@@ -7,12 +7,14 @@
 pub mod embedded;
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
-use crate::error::Result;
+use crate::clock::SharedClock;
+use crate::error::{Result, WharfError};
 use crate::metrics::HistogramSnapshot;
 use crate::model::{Appended, MessageId, NewMessage, StoredMessage};
 
@@ -78,6 +80,20 @@ impl Default for StoreConfig {
 pub struct PostgresConfig {
     /// `url = "postgres://user:pass@host/db"`
     pub url: String,
+}
+
+/// Opens the backend `config.backend` names (the embedded store unless configured otherwise).
+pub async fn open_store(config: &StoreConfig, clock: SharedClock) -> Result<Arc<dyn Store>> {
+    match config.backend {
+        Backend::Embedded => {
+            let s: Arc<dyn Store> = embedded::EmbeddedStore::open(config, clock).await?;
+            Ok(s)
+        }
+        Backend::Postgres => Err(WharfError::bad_request(
+            "[store] backend = \"postgres\" is not available in this build yet (the PostgreSQL \
+             backend is planned); use backend = \"embedded\"",
+        )),
+    }
 }
 
 /// One page of a time-range query.

@@ -6,18 +6,47 @@
 //! commits offsets directly. Retries re-enter `%RETRY%<group>` when their back-off ends; dead
 //! letters land in `%DLQ%<group>`; both are ordinary topics in the store, so they are durable.
 //!
-//! SKELETON: signatures are the contract for front ends; bodies are filled in by the engine work.
+//! Layout: [`filter`] parses tag expressions, [`rebalance`] splits queues, [`progress`] tracks
+//! one queue's read position and unsettled messages, [`group_state`] holds a group's instances,
+//! [`dispatch`] implements receive/settle, [`retry`] writes retries and dead letters, [`timers`]
+//! runs the background work, [`status`] answers status and per-message delivery queries, and
+//! [`queue_api`] serves self-balancing clients.
 
+pub mod dispatch;
+pub mod filter;
+pub mod group_state;
+pub mod progress;
+pub mod queue_api;
+pub mod rebalance;
+pub mod receipt;
+pub mod retry;
+pub mod schedule;
+pub mod status;
+pub mod timers;
+
+#[cfg(test)]
+mod tests;
+
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
+use parking_lot::{Mutex, RwLock};
 use serde::{Deserialize, Serialize};
+use tokio::sync::{Notify, watch};
+use tokio::task::JoinHandle;
+use tracing::{info, instrument, warn};
 
-use super::{Broker, BrokerConfig, Delivery, DeliveryStatus, GroupKind, SendReceipt};
+use super::{Broker, BrokerConfig, ConsumeModel, Delivery, GroupKind, SendReceipt};
 use crate::clock::SharedClock;
-use crate::error::Result;
+use crate::error::{ErrorCode, ErrorKind, Result, WharfError};
 use crate::model::StoredMessage;
 use crate::store::{Store, TimePage};
+use filter::TagFilter;
+use group_state::{GroupState, Instance};
+
+pub use queue_api::QueuePull;
 
 /// One (topic, tag expression) pair a consumer subscribes.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -97,31 +126,84 @@ pub struct GroupStatus {
     pub instances: Vec<InstanceStatus>,
 }
 
+/// Property naming the topic a retry or dead letter came from.
+pub const PROP_RETRY_TOPIC: &str = "RETRY_TOPIC";
+/// Property naming the id of the message a retry or dead letter is a copy of.
+pub const PROP_ORIGIN_MESSAGE_ID: &str = "ORIGIN_MESSAGE_ID";
+/// A new group starts from the earliest kept message when the topic's first message is at most
+/// this old, else from the newest.
+pub const START_FROM_EARLIEST_MAX_AGE_MS: u64 = 3 * 24 * 3600 * 1000;
+/// Most messages one receive hands out.
+pub const MAX_RECEIVE_BATCH: usize = 1024;
+/// Store metadata namespace holding each group's last known subscriptions.
+const SUBSCRIPTIONS_NS: &str = "consumer_subscriptions";
+
+/// The per-group retry topic.
+pub fn retry_topic(group: &str) -> String {
+    format!("%RETRY%{group}")
+}
+
+/// The per-group dead-letter topic.
+pub fn dlq_topic(group: &str) -> String {
+    format!("%DLQ%{group}")
+}
+
+/// Key under which a broadcasting instance's own offsets are committed.
+pub fn broadcast_offsets_key(group: &str, instance: &str) -> String {
+    format!("{group}%BROADCAST%{instance}")
+}
+
+/// One group's state and the signal long polls wait on.
+pub struct GroupHandle {
+    /// Mutable state; never held across an await.
+    pub state: Mutex<GroupState>,
+    /// Woken on settle, rebalance and reset (credit or ready messages may be available).
+    pub notify: Notify,
+}
+
 /// The engine's state; lives inside [`Broker`].
 pub struct Engine {
-    #[allow(dead_code)]
-    config: BrokerConfig,
-    #[allow(dead_code)]
     store: Arc<dyn Store>,
-    #[allow(dead_code)]
-    clock: SharedClock,
+    groups: RwLock<HashMap<String, Arc<GroupHandle>>>,
+    deliveries_seq: AtomicU64,
+    stop: watch::Sender<bool>,
+    tasks: Mutex<Vec<JoinHandle<()>>>,
 }
 
 impl Engine {
     /// Builds the engine (no tasks yet).
     pub fn new(config: BrokerConfig, store: Arc<dyn Store>, clock: SharedClock) -> Engine {
+        // Settings and time are read through the owning `Broker`, which holds the same values.
+        let _ = (config, clock);
         Engine {
-            config,
             store,
-            clock,
+            groups: RwLock::new(HashMap::new()),
+            deliveries_seq: AtomicU64::new(1),
+            stop: watch::channel(false).0,
+            tasks: Mutex::new(Vec::new()),
         }
     }
 
     /// Starts background tasks (timer reveal, retention, heartbeat expiry, consume timeouts).
-    pub fn start(_broker: &Arc<Broker>) {}
+    pub fn start(broker: &Arc<Broker>) {
+        timers::spawn_all(broker);
+    }
 
     /// Stops background tasks and persists offsets.
-    pub async fn shutdown(&self) {}
+    pub async fn shutdown(&self) {
+        self.stop.send_replace(true);
+        let tasks: Vec<JoinHandle<()>> = std::mem::take(&mut *self.tasks.lock());
+        for t in tasks {
+            if let Err(e) = t.await
+                && e.is_panic()
+            {
+                warn!(error = %e, "engine task panicked");
+            }
+        }
+        if let Err(e) = self.flush_offsets().await {
+            warn!(error = %e, "could not persist consumer offsets at shutdown");
+        }
+    }
 
     /// Per consumer group status of `message` (query by id).
     pub async fn deliveries(
@@ -129,35 +211,272 @@ impl Engine {
         broker: &Broker,
         message: &StoredMessage,
     ) -> Result<Vec<Delivery>> {
-        let _ = message;
-        Ok(broker
-            .list_groups()
+        status::deliveries(broker, message).await
+    }
+
+    /// The handle of a group whose state is already built, if any.
+    fn existing(&self, group: &str) -> Option<Arc<GroupHandle>> {
+        self.groups.read().get(group).cloned()
+    }
+
+    /// Every group handle (for background passes).
+    fn all_handles(&self) -> Vec<(String, Arc<GroupHandle>)> {
+        self.groups
+            .read()
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
+    }
+
+    /// The group's handle, building it (offsets and subscriptions from the store) on first use.
+    async fn handle(&self, group: &str, model: ConsumeModel) -> Result<Arc<GroupHandle>> {
+        if let Some(h) = self.existing(group)
+            && h.state.lock().model == model
+        {
+            return Ok(h);
+        }
+        let offsets = self.store.load_offsets(group).await?;
+        let subs = self
+            .store
+            .meta_list(SUBSCRIPTIONS_NS)
+            .await?
             .into_iter()
-            .filter(|g| g.kind == GroupKind::Consumer)
-            .map(|g| Delivery {
-                group: g.name,
-                status: DeliveryStatus::Pending,
-            })
-            .collect())
+            .find(|(k, _)| k == group)
+            .and_then(|(_, v)| serde_json::from_slice::<Vec<Subscription>>(&v).ok());
+        let mut state = GroupState::new(model, offsets);
+        state.persisted_subscriptions = subs;
+        let mut groups = self.groups.write();
+        match groups.get(group) {
+            Some(h) if h.state.lock().model == model => Ok(h.clone()),
+            _ => {
+                let h = Arc::new(GroupHandle {
+                    state: Mutex::new(state),
+                    notify: Notify::new(),
+                });
+                groups.insert(group.to_string(), h.clone());
+                Ok(h)
+            }
+        }
+    }
+
+    /// Forgets a group's in-memory state (group deleted).
+    fn forget(&self, group: &str) {
+        if let Some(h) = self.groups.write().remove(group) {
+            h.notify.notify_waiters();
+        }
     }
 }
 
+/// `SUBSCRIPTION_NOT_EXIST` for an instance that is not (or no longer) registered.
+fn not_registered(group: &str, instance: &str) -> WharfError {
+    WharfError::new(
+        ErrorCode::SubscriptionNotExist,
+        ErrorKind::NotFound,
+        format!(
+            "instance '{instance}' is not registered in group '{group}' (never registered, \
+             unregistered, or silent past the heartbeat timeout); register it with its subscriptions first"
+        ),
+    )
+}
+
 impl Broker {
+    /// The group, which must be a consumer (or MQTT) group.
+    fn consumer_group(&self, group: &str) -> Result<super::Group> {
+        let g = self.group(group)?;
+        if g.kind == GroupKind::Producer {
+            return Err(WharfError::bad_request(format!(
+                "group '{group}' is a producer group; consume with a consumer group"
+            )));
+        }
+        Ok(g)
+    }
+
+    /// Queue count of a topic the engine reads (1 for retry topics, 0 for a deleted topic).
+    fn engine_queue_count(&self, topic: &str) -> u32 {
+        if topic.starts_with("%RETRY%") || topic.starts_with("%DLQ%") {
+            1
+        } else {
+            self.registry
+                .read()
+                .topics
+                .get(topic)
+                .map_or(0, |t| t.queues)
+        }
+    }
+
+    /// Recomputes queue ownership of a group after its instances changed.
+    fn rebalance_locked(&self, group: &str, state: &mut GroupState) {
+        let retry = retry_topic(group);
+        state.rebalance(&|t| self.engine_queue_count(t), &retry);
+        let odd = state.inconsistent_instances();
+        if odd != state.warned_inconsistent {
+            if !odd.is_empty() {
+                warn!(
+                    group,
+                    instances = ?odd,
+                    "consumer group subscriptions are inconsistent: these instances subscribe differently from the rest, so messages may be lost or mis-routed"
+                );
+            }
+            state.warned_inconsistent = odd;
+        }
+    }
+
     /// Registers (or refreshes) a consumer instance; counts as a heartbeat.
+    #[instrument(skip_all, fields(group = %spec.group, instance = %spec.instance_id))]
     pub async fn register_consumer(&self, spec: InstanceSpec) -> Result<()> {
-        let _ = spec;
-        todo!("consumption engine")
+        let g = self.consumer_group(&spec.group)?;
+        let id = spec.instance_id.trim();
+        if id.is_empty() || id.len() > 255 || id.chars().any(char::is_control) {
+            return Err(WharfError::bad_request(format!(
+                "instance id '{}' is invalid: use 1-255 printable characters",
+                spec.instance_id.escape_debug()
+            )));
+        }
+        if spec.subscriptions.is_empty() {
+            return Err(WharfError::new(
+                ErrorCode::SubscriptionNotExist,
+                ErrorKind::Invalid,
+                format!(
+                    "instance '{id}' of group '{}' subscribes to nothing; give at least one (topic, expression)",
+                    spec.group
+                ),
+            ));
+        }
+        let mut filters: BTreeMap<String, TagFilter> = BTreeMap::new();
+        let mut by_topic: BTreeMap<String, Subscription> = BTreeMap::new();
+        for sub in &spec.subscriptions {
+            self.topic(&sub.topic)?;
+            filters.insert(sub.topic.clone(), TagFilter::parse(&sub.expression)?);
+            by_topic.insert(sub.topic.clone(), sub.clone());
+        }
+        let subscriptions: Vec<Subscription> = by_topic.into_values().collect();
+        let handle = self.engine.handle(&g.name, g.model).await?;
+        let own_loaded = if g.model == ConsumeModel::Broadcasting {
+            self.store
+                .load_offsets(&broadcast_offsets_key(&g.name, id))
+                .await?
+                .into_iter()
+                .map(|o| ((o.topic, o.queue_id), o.offset))
+                .collect()
+        } else {
+            HashMap::new()
+        };
+        let now = self.clock.now_ms();
+        let to_persist = {
+            let mut st = handle.state.lock();
+            let changed = match st.instances.get_mut(id) {
+                Some(inst) => {
+                    inst.last_seen_ms = now;
+                    inst.address = spec.address.clone();
+                    inst.pid = spec.pid;
+                    let changed = inst.filters != filters;
+                    inst.filters = filters;
+                    inst.subscriptions = subscriptions;
+                    changed
+                }
+                None => {
+                    let mut inst =
+                        Instance::new(spec.address.clone(), spec.pid, subscriptions, filters, now);
+                    inst.own_loaded = own_loaded;
+                    st.instances.insert(id.to_string(), inst);
+                    info!(address = %spec.address, "consumer instance joined");
+                    true
+                }
+            };
+            if changed {
+                self.rebalance_locked(&g.name, &mut st);
+            }
+            let majority = st.majority_subscriptions();
+            if st.persisted_subscriptions.as_ref() != Some(&majority) {
+                st.persisted_subscriptions = Some(majority.clone());
+                Some(majority)
+            } else {
+                None
+            }
+        };
+        // Fix every start position now, not at the first receive: "start at the newest" means
+        // the newest when the consumer joined.
+        let missing: Vec<(String, progress::QueueKey)> = {
+            let st = handle.state.lock();
+            st.instances
+                .iter()
+                .flat_map(|(iid, inst)| {
+                    inst.assigned
+                        .iter()
+                        .filter(|k| match st.model {
+                            ConsumeModel::Clustering => !st.queues.contains_key(*k),
+                            ConsumeModel::Broadcasting => !inst.own.contains_key(*k),
+                        })
+                        .map(move |k| (iid.clone(), k.clone()))
+                })
+                .collect()
+        };
+        for (iid, key) in missing {
+            self.init_progress(&handle, &iid, &key).await?;
+        }
+        handle.notify.notify_waiters();
+        if let Some(subs) = to_persist {
+            let raw = serde_json::to_vec(&subs)
+                .map_err(|e| WharfError::internal(format!("cannot encode subscriptions: {e}")))?;
+            self.store.meta_put(SUBSCRIPTIONS_NS, &g.name, raw).await?;
+        }
+        Ok(())
     }
 
     /// Marks an instance alive without changing its subscriptions.
     pub fn heartbeat(&self, group: &str, instance_id: &str) {
-        let _ = (group, instance_id);
+        if let Some(h) = self.engine.existing(group)
+            && let Some(inst) = h.state.lock().instances.get_mut(instance_id)
+        {
+            inst.last_seen_ms = self.clock.now_ms();
+        }
+    }
+
+    /// True when the instance is registered and alive (front ends re-register when false).
+    pub fn is_registered(&self, group: &str, instance_id: &str) -> bool {
+        self.engine
+            .existing(group)
+            .is_some_and(|h| h.state.lock().instances.contains_key(instance_id))
     }
 
     /// Removes an instance; its un-acknowledged messages go to the others.
+    #[instrument(skip(self))]
     pub async fn unregister_consumer(&self, group: &str, instance_id: &str) -> Result<()> {
-        let _ = (group, instance_id);
-        todo!("consumption engine")
+        self.consumer_group(group)?;
+        if let Some(h) = self.engine.existing(group) {
+            let removed = {
+                let mut st = h.state.lock();
+                self.remove_instance_locked(group, &mut st, instance_id)
+            };
+            if removed {
+                info!("consumer instance left");
+                h.notify.notify_waiters();
+            }
+        }
+        Ok(())
+    }
+
+    /// Drops an instance from the state and rebalances; true if it was there.
+    fn remove_instance_locked(&self, group: &str, st: &mut GroupState, instance: &str) -> bool {
+        let Some(inst) = st.instances.remove(instance) else {
+            return false;
+        };
+        if st.model == ConsumeModel::Broadcasting && !inst.own.is_empty() {
+            let offsets = inst
+                .own
+                .iter()
+                .map(|((topic, q), p)| crate::store::CommittedOffset {
+                    topic: topic.clone(),
+                    queue_id: *q,
+                    offset: p.committed(),
+                })
+                .collect();
+            st.unflushed
+                .push((broadcast_offsets_key(group, instance), offsets));
+        }
+        self.rebalance_locked(group, st);
+        st.refresh_deadline();
+        true
     }
 
     /// Long-polls up to `wait` for at most `max` messages for this instance.
@@ -168,26 +487,22 @@ impl Broker {
         max: usize,
         wait: Duration,
     ) -> Result<Vec<Delivered>> {
-        let _ = (group, instance_id, max, wait);
-        todo!("consumption engine")
+        self.receive_batch(group, instance_id, max, wait).await
     }
 
     /// Settles one delivered message; a stale or unknown receipt is a clear error.
     pub async fn settle(&self, group: &str, receipt: &str, outcome: Outcome) -> Result<()> {
-        let _ = (group, receipt, outcome);
-        todo!("consumption engine")
+        self.settle_one(group, receipt, outcome).await
     }
 
     /// Status of a consumer group.
     pub async fn group_status(&self, group: &str) -> Result<GroupStatus> {
-        let _ = group;
-        todo!("consumption engine")
+        status::group_status(self, group).await
     }
 
     /// Resets the group's offset on `topic` to the first message stored at or after `timestamp_ms`.
     pub async fn reset_offset(&self, group: &str, topic: &str, timestamp_ms: u64) -> Result<()> {
-        let _ = (group, topic, timestamp_ms);
-        todo!("consumption engine")
+        status::reset_offset(self, group, topic, timestamp_ms).await
     }
 
     /// Dead letters of a group, paged like a time-range query.
@@ -197,13 +512,20 @@ impl Broker {
         limit: usize,
         page_token: Option<&str>,
     ) -> Result<TimePage> {
-        let _ = (group, limit, page_token);
-        todo!("consumption engine")
+        self.consumer_group(group)?;
+        let limit = limit.clamp(1, super::query::MAX_PAGE);
+        self.store
+            .by_time(&dlq_topic(group), 0, u64::MAX, limit, page_token)
+            .await
     }
 
     /// Re-sends one dead letter to its original topic.
     pub async fn resend_dead_letter(&self, group: &str, message_id: &str) -> Result<SendReceipt> {
-        let _ = (group, message_id);
-        todo!("consumption engine")
+        retry::resend_dead_letter(self, group, message_id).await
+    }
+
+    /// Drops the engine's state of a deleted group (call after `delete_group`).
+    pub fn forget_group(&self, group: &str) {
+        self.engine.forget(group);
     }
 }

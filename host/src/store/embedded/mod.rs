@@ -1,1 +1,858 @@
 //! The embedded store: segmented append-only log with checksums, consume queues, indexes.
+//!
+//! Layout of `data_dir`:
+//! - `log/{position:020}.log` — message log segments (the source of truth);
+//! - `cq/{topic}/{queue}/{offset:020}.cq` — consume queues (32-byte entries);
+//! - `keys/{position:020}.idx` — key index (hash slots + chained entries);
+//! - `timers/{bucket}.tmr|.done` — pending timers by deliver-time bucket;
+//! - `checkpoint` — log position every index covers (replayed from on open);
+//! - `meta/{namespace-hex}.meta`, `offsets`, `node_id`, `LOCK`.
+//!
+//! One writer thread owns appends (group commit), reveals, checkpoints and retention; reads go
+//! straight to the files with positional reads from the calling task.
+
+mod cq;
+mod files;
+mod keyindex;
+mod log;
+mod record;
+mod timers;
+mod writer;
+
+#[cfg(test)]
+mod tests;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fs::{self, File, OpenOptions};
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use parking_lot::{Condvar, Mutex};
+use tokio::sync::{oneshot, watch};
+use tracing::{info, warn};
+
+use self::cq::Queues;
+use self::files::{Checkpoint, Namespace, Offsets};
+use self::keyindex::KeyIndex;
+use self::log::Log;
+use self::record::EncodedBatch;
+use self::timers::TimerIndex;
+use self::writer::{Request, Writer};
+use super::{
+    CommittedOffset, QueueBounds, QueueRead, RetentionReport, Store, StoreConfig, StoreStats,
+    TimePage,
+};
+use crate::clock::SharedClock;
+use crate::error::{Result, WharfError};
+use crate::metrics::Histogram;
+use crate::model::{Appended, MessageId, NewMessage, StoredMessage};
+
+/// Internal sizes of the embedded store; the defaults suit production, tests shrink them.
+#[derive(Debug, Clone)]
+pub struct Tuning {
+    /// Entries per consume-queue file.
+    pub cq_entries_per_file: u64,
+    /// Hash slots per key-index file.
+    pub key_slots: u32,
+    /// Entries per key-index file.
+    pub key_entries_per_file: u32,
+    /// Width of a timer bucket file (ms).
+    pub timer_bucket_ms: u64,
+    /// Timer buckets starting within this window of now are kept in memory (ms).
+    pub timer_prefetch_ms: u64,
+    /// How often the index checkpoint is written (ms).
+    pub checkpoint_interval_ms: u64,
+    /// How often dirty consumer offsets are saved (ms; the contract says ≤ 1 s).
+    pub offsets_flush_ms: u64,
+}
+
+impl Default for Tuning {
+    fn default() -> Self {
+        Tuning {
+            cq_entries_per_file: 300_000,
+            key_slots: 1 << 19,
+            key_entries_per_file: 2 << 20,
+            timer_bucket_ms: 60_000,
+            timer_prefetch_ms: 120_000,
+            checkpoint_interval_ms: 1_000,
+            offsets_flush_ms: 500,
+        }
+    }
+}
+
+impl Tuning {
+    fn checkpoint_interval(&self) -> Duration {
+        Duration::from_millis(self.checkpoint_interval_ms)
+    }
+
+    fn offsets_flush(&self) -> Duration {
+        Duration::from_millis(self.offsets_flush_ms)
+    }
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    appended_messages: AtomicU64,
+    appended_bytes: AtomicU64,
+    append_latency: Histogram,
+    fsync_latency: Histogram,
+}
+
+/// State shared by the store handle and its writer thread.
+pub(crate) struct Shared {
+    dir: PathBuf,
+    config: StoreConfig,
+    tuning: Tuning,
+    clock: SharedClock,
+    node: u16,
+    log: Log,
+    queues: Queues,
+    keys: KeyIndex,
+    inbox: Mutex<Vec<Request>>,
+    inbox_cv: Condvar,
+    next_timer: AtomicU64,
+    pending_timers: AtomicU64,
+    loaded_timers: AtomicU64,
+    offsets: Mutex<(Offsets, bool)>,
+    meta: Mutex<HashMap<String, Namespace>>,
+    stats: Counters,
+    changes: watch::Sender<u64>,
+    writable: AtomicBool,
+    closed: AtomicBool,
+    lock: Mutex<Option<File>>,
+    #[cfg(test)]
+    fail_writes: std::sync::atomic::AtomicU32,
+}
+
+impl Shared {
+    fn set_writable(&self, w: bool) {
+        self.writable.store(w, Ordering::Release);
+    }
+
+    fn release_lock(&self) {
+        self.closed.store(true, Ordering::Release);
+        self.lock.lock().take();
+    }
+
+    /// Test hook: fail the next N log writes as a full disk would.
+    fn fault_check(&self) -> io::Result<()> {
+        #[cfg(test)]
+        {
+            let n = self.fail_writes.load(Ordering::Acquire);
+            if n > 0 {
+                self.fail_writes.store(n - 1, Ordering::Release);
+                return Err(io::Error::from_raw_os_error(28));
+            }
+        }
+        Ok(())
+    }
+
+    fn submit(&self, r: Request) -> Result<()> {
+        if self.closed.load(Ordering::Acquire) {
+            return Err(WharfError::unavailable(
+                "the store is closed (the host is shutting down); retry against a running host",
+            ));
+        }
+        self.inbox.lock().push(r);
+        self.inbox_cv.notify_one();
+        Ok(())
+    }
+}
+
+fn writer_gone() -> WharfError {
+    WharfError::unavailable("the store writer has stopped (the host is shutting down); retry later")
+}
+
+fn read_err(what: &str, e: io::Error) -> WharfError {
+    WharfError::internal(format!("the store could not read {what}: {e}"))
+}
+
+/// The embedded backend. Open with [`EmbeddedStore::open`] (async; recovery runs on a blocking
+/// thread) and shut down with [`Store::close`].
+pub struct EmbeddedStore {
+    sh: Arc<Shared>,
+    writer: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+impl std::fmt::Debug for EmbeddedStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EmbeddedStore")
+            .field("dir", &self.sh.dir)
+            .finish()
+    }
+}
+
+fn unwritable(dir: &Path, e: &io::Error) -> WharfError {
+    WharfError::unavailable(format!(
+        "data directory {} is not usable: {e}; create it or fix its permissions, or point \
+         [store] data_dir elsewhere",
+        dir.display()
+    ))
+}
+
+impl EmbeddedStore {
+    /// Opens (creating if needed) the store in `config.data_dir`, recovering from any crash:
+    /// truncates a torn log tail and replays the log into indexes that lag it.
+    pub async fn open(config: &StoreConfig, clock: SharedClock) -> Result<Arc<EmbeddedStore>> {
+        Self::open_with(config, clock, Tuning::default()).await
+    }
+
+    /// [`EmbeddedStore::open`] with explicit internal sizes.
+    pub async fn open_with(
+        config: &StoreConfig,
+        clock: SharedClock,
+        tuning: Tuning,
+    ) -> Result<Arc<EmbeddedStore>> {
+        let config = config.clone();
+        tokio::task::spawn_blocking(move || Self::open_blocking(&config, clock, tuning))
+            .await
+            .map_err(|e| WharfError::internal(format!("store open task failed: {e}")))?
+    }
+
+    /// Synchronous open, for callers outside a runtime (tools, benches).
+    pub fn open_blocking(
+        config: &StoreConfig,
+        clock: SharedClock,
+        tuning: Tuning,
+    ) -> Result<Arc<EmbeddedStore>> {
+        let dir = config.data_dir.clone();
+        if config.segment_bytes < 4096 {
+            return Err(WharfError::bad_request(format!(
+                "[store] segment_bytes = {} is too small; use at least 4096",
+                config.segment_bytes
+            )));
+        }
+        fs::create_dir_all(&dir).map_err(|e| unwritable(&dir, &e))?;
+        let lock = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(dir.join("LOCK"))
+            .map_err(|e| unwritable(&dir, &e))?;
+        if lock.try_lock().is_err() {
+            return Err(WharfError::unavailable(format!(
+                "data directory {} is in use by another wharf process (it holds {}/LOCK); stop \
+                 it or choose another [store] data_dir",
+                dir.display(),
+                dir.display()
+            )));
+        }
+        let fail = |what: &str, e: io::Error| {
+            WharfError::unavailable(format!(
+                "opening the store in {} failed while {what}: {e}",
+                dir.display()
+            ))
+        };
+        let node = files::node_id(&dir).map_err(|e| unwritable(&dir, &e))?;
+        let offsets = match files::read_atomic(&dir.join("offsets")) {
+            Ok(Some(b)) => files::decode_offsets(&b).unwrap_or_else(|| {
+                warn!("consumer offsets file is unreadable; starting with none");
+                Offsets::new()
+            }),
+            Ok(None) => Offsets::new(),
+            Err(e) => {
+                warn!(error = %e, "consumer offsets file is damaged; starting with none");
+                Offsets::new()
+            }
+        };
+        let log = Log::open(&dir.join("log")).map_err(|e| fail("opening the log", e))?;
+        let ck = Checkpoint::load(&dir.join("checkpoint"));
+        let (from, full) =
+            recover_log(&log, ck.as_ref()).map_err(|e| fail("checking the log", e))?;
+        let mut seg_info = BTreeMap::new();
+        if full {
+            for sub in ["cq", "keys", "timers"] {
+                match fs::remove_dir_all(dir.join(sub)) {
+                    Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                        return Err(fail("clearing indexes", e));
+                    }
+                    _ => {}
+                }
+            }
+            if ck.is_some() {
+                warn!(dir = %dir.display(), "log is behind the index checkpoint; rebuilding every index");
+            }
+        } else if let Some(ck) = &ck {
+            seg_info = ck.segments.clone();
+        }
+        let queues = Queues::open(&dir.join("cq"), tuning.cq_entries_per_file, from)
+            .map_err(|e| fail("opening consume queues", e))?;
+        let keys = KeyIndex::open(
+            &dir.join("keys"),
+            tuning.key_slots,
+            tuning.key_entries_per_file,
+            from,
+        )
+        .map_err(|e| fail("opening the key index", e))?;
+        let timers = TimerIndex::open(
+            &dir.join("timers"),
+            tuning.timer_bucket_ms,
+            tuning.timer_prefetch_ms,
+            from,
+        )
+        .map_err(|e| fail("opening the timer index", e))?;
+        let active = match log.last() {
+            Some(s) => s,
+            None => {
+                let base = ck.as_ref().map_or(0, |c| c.log_pos);
+                log.create(base).map_err(|e| unwritable(&dir, &e))?
+            }
+        };
+        let (changes, _) = watch::channel(0u64);
+        let sh = Arc::new(Shared {
+            dir: dir.clone(),
+            config: config.clone(),
+            tuning,
+            clock,
+            node,
+            log,
+            queues,
+            keys,
+            inbox: Mutex::new(Vec::new()),
+            inbox_cv: Condvar::new(),
+            next_timer: AtomicU64::new(u64::MAX),
+            pending_timers: AtomicU64::new(0),
+            loaded_timers: AtomicU64::new(0),
+            offsets: Mutex::new((offsets, false)),
+            meta: Mutex::new(HashMap::new()),
+            stats: Counters::default(),
+            changes,
+            writable: AtomicBool::new(true),
+            closed: AtomicBool::new(false),
+            lock: Mutex::new(Some(lock)),
+            #[cfg(test)]
+            fail_writes: std::sync::atomic::AtomicU32::new(0),
+        });
+        let mut w = Writer::new(sh.clone(), active, timers, seg_info, from);
+        w.replay(from).map_err(|e| fail("rebuilding indexes", e))?;
+        let log_ref = &sh.log;
+        for q in sh.queues.all() {
+            q.advance_min(|pos| log_ref.segment_of(pos).is_some())
+                .map_err(|e| fail("reading consume queues", e))?;
+        }
+        w.checkpoint()
+            .map_err(|e| fail("writing the index checkpoint", e))?;
+        let handle = std::thread::Builder::new()
+            .name("wharf-store-writer".into())
+            .spawn(move || w.run())
+            .map_err(|e| WharfError::internal(format!("starting the store writer: {e}")))?;
+        info!(dir = %dir.display(), node, "embedded store open");
+        Ok(Arc::new(EmbeddedStore {
+            sh,
+            writer: Mutex::new(Some(handle)),
+        }))
+    }
+
+    /// Pending timers currently held in memory (the near-term window; the rest wait on disk).
+    pub fn timers_in_memory(&self) -> u64 {
+        self.sh.loaded_timers.load(Ordering::Acquire)
+    }
+
+    /// The node id of this data dir (part of every message id).
+    pub fn node(&self) -> u16 {
+        self.sh.node
+    }
+
+    /// Stops the writer at once without flushing anything, as a crash would (tests).
+    #[cfg(test)]
+    pub(crate) async fn halt(&self) {
+        let (tx, rx) = oneshot::channel();
+        if self.sh.submit(Request::Halt { reply: tx }).is_ok() {
+            let _ = rx.await;
+        }
+        self.join_writer().await;
+    }
+
+    async fn join_writer(&self) {
+        let h = self.writer.lock().take();
+        if let Some(h) = h {
+            let _ = tokio::task::spawn_blocking(move || h.join()).await;
+        }
+    }
+
+    fn read_message(&self, pos: u64, size: Option<u32>) -> Option<StoredMessage> {
+        let rec = self.sh.log.read_record(pos, size)?;
+        record::decode_message(rec, self.sh.node)
+    }
+}
+
+impl Drop for EmbeddedStore {
+    fn drop(&mut self) {
+        // Best effort when the owner forgot `close()`: flush and stop the writer thread.
+        if !self.sh.closed.load(Ordering::Acquire) {
+            let (tx, _rx) = oneshot::channel();
+            let _ = self.sh.submit(Request::Close { reply: tx });
+        }
+    }
+}
+
+/// Validates the log from the checkpoint on, truncating a torn or corrupt tail. Returns the
+/// position indexes must be replayed from, and whether every index must be rebuilt.
+fn recover_log(log: &Log, ck: Option<&Checkpoint>) -> io::Result<(u64, bool)> {
+    let start = log.start();
+    let (mut from, mut full) = match ck {
+        Some(c) if c.log_pos >= start => (c.log_pos, false),
+        _ => (start, true),
+    };
+    if log.segments().is_empty() {
+        return Ok((ck.map_or(0, |c| c.log_pos), full));
+    }
+    loop {
+        let segs = log.segments();
+        let last_base = segs.last().map_or(0, |s| s.base);
+        for seg in segs {
+            let len = seg.len.load(Ordering::Acquire);
+            if seg.base + len < from {
+                continue;
+            }
+            let off = from.saturating_sub(seg.base).min(len);
+            let end = log::scan(&seg, off, |_, _| {})?;
+            if !end.damaged {
+                continue;
+            }
+            if seg.base == last_base {
+                // Only the newest segment can have a torn tail from a crash: cut it off.
+                warn!(
+                    segment = %seg.path.display(),
+                    offset = end.valid_len,
+                    "torn or corrupt log tail; truncating it"
+                );
+                seg.file.set_len(end.valid_len)?;
+                seg.file.sync_all()?;
+                seg.len.store(end.valid_len, Ordering::Release);
+            } else {
+                // Older segments were fsynced before the log moved on, so this is media damage:
+                // keep everything else; records past the damage are unreadable (reads verify).
+                warn!(
+                    segment = %seg.path.display(),
+                    offset = end.valid_len,
+                    "corrupt record in a sealed log segment; records after it in this segment are lost"
+                );
+            }
+        }
+        let end = log.end();
+        if from > end && !full {
+            from = log.start();
+            full = true;
+            continue;
+        }
+        return Ok((from, full));
+    }
+}
+
+fn time_token(k: (u64, u32, u64)) -> String {
+    format!("{}.{}.{}", k.0, k.1, k.2)
+}
+
+fn parse_time_token(s: &str) -> Result<(u64, u32, u64)> {
+    let bad = || {
+        WharfError::bad_request(format!(
+            "page_token '{s}' is not valid; pass the next_page_token of the previous page"
+        ))
+    };
+    let mut it = s.split('.');
+    let a = it.next().and_then(|x| x.parse().ok()).ok_or_else(bad)?;
+    let b = it.next().and_then(|x| x.parse().ok()).ok_or_else(bad)?;
+    let c = it.next().and_then(|x| x.parse().ok()).ok_or_else(bad)?;
+    if it.next().is_some() {
+        return Err(bad());
+    }
+    Ok((a, b, c))
+}
+
+/// Queue entries examined per `read_queue` call at most, so a filter that matches nothing
+/// cannot turn one pull into a scan of the whole queue.
+const MAX_SCAN: u64 = 16_384;
+/// Chain links followed per key lookup at most.
+const MAX_KEY_STEPS: usize = 100_000;
+
+#[async_trait]
+impl Store for EmbeddedStore {
+    async fn meta_put(&self, namespace: &str, key: &str, value: Vec<u8>) -> Result<()> {
+        let sh = self.sh.clone();
+        let (ns, key) = (namespace.to_string(), key.to_string());
+        tokio::task::spawn_blocking(move || {
+            meta_update(&sh, &ns, |m| {
+                m.insert(key, value);
+            })
+        })
+        .await
+        .map_err(|e| WharfError::internal(format!("metadata task failed: {e}")))?
+    }
+
+    async fn meta_delete(&self, namespace: &str, key: &str) -> Result<()> {
+        let sh = self.sh.clone();
+        let (ns, key) = (namespace.to_string(), key.to_string());
+        tokio::task::spawn_blocking(move || {
+            meta_update(&sh, &ns, |m| {
+                m.remove(&key);
+            })
+        })
+        .await
+        .map_err(|e| WharfError::internal(format!("metadata task failed: {e}")))?
+    }
+
+    async fn meta_list(&self, namespace: &str) -> Result<Vec<(String, Vec<u8>)>> {
+        let sh = self.sh.clone();
+        let ns = namespace.to_string();
+        tokio::task::spawn_blocking(move || {
+            let mut meta = sh.meta.lock();
+            let m = meta_loaded(&sh, &mut meta, &ns)?;
+            Ok(m.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+        })
+        .await
+        .map_err(|e| WharfError::internal(format!("metadata task failed: {e}")))?
+    }
+
+    async fn append(&self, batch: Vec<NewMessage>) -> Result<Vec<Appended>> {
+        if batch.is_empty() {
+            return Ok(Vec::new());
+        }
+        let started = Instant::now();
+        let encoded = EncodedBatch::encode(&batch)?;
+        let (tx, rx) = oneshot::channel();
+        self.sh.submit(Request::Append {
+            batch: encoded,
+            started,
+            reply: tx,
+        })?;
+        rx.await.map_err(|_| writer_gone())?
+    }
+
+    async fn get(&self, id: MessageId) -> Result<Option<StoredMessage>> {
+        if id.node() != self.sh.node {
+            return Ok(None);
+        }
+        Ok(self
+            .read_message(id.position(), None)
+            .filter(|m| m.stored_ms == id.stored_ms()))
+    }
+
+    async fn by_key(&self, topic: &str, key: &str, limit: usize) -> Result<Vec<StoredMessage>> {
+        let mut out: Vec<StoredMessage> = Vec::new();
+        if limit == 0 {
+            return Ok(out);
+        }
+        let mut seen = HashSet::new();
+        let hash = record::key_hash(topic, key);
+        self.sh
+            .keys
+            .lookup(hash, MAX_KEY_STEPS, |pos| {
+                if seen.insert(pos)
+                    && let Some(m) = self.read_message(pos, None)
+                    && m.topic == topic
+                    && m.keys.iter().any(|k| k == key)
+                {
+                    out.push(m);
+                }
+                out.len() < limit
+            })
+            .map_err(|e| read_err("the key index", e))?;
+        Ok(out)
+    }
+
+    async fn by_time(
+        &self,
+        topic: &str,
+        begin_ms: u64,
+        end_ms: u64,
+        limit: usize,
+        page_token: Option<&str>,
+    ) -> Result<TimePage> {
+        let after = page_token.map(parse_time_token).transpose()?;
+        let limit = limit.max(1);
+        let mut cands: Vec<((u64, u32, u64), cq::CqEntry)> = Vec::new();
+        let mut truncated = false;
+        for (qid, q) in self.sh.queues.of_topic(topic) {
+            let from_ms = after.map_or(begin_ms, |a| a.0.max(begin_ms));
+            let mut off = q
+                .search_time(from_ms)
+                .map_err(|e| read_err("a consume queue", e))?;
+            let mut taken = 0;
+            'queue: loop {
+                let entries = q
+                    .read(off, 256)
+                    .map_err(|e| read_err("a consume queue", e))?;
+                if entries.is_empty() {
+                    break;
+                }
+                for e in entries {
+                    let this = off;
+                    off += 1;
+                    if !e.is_set() {
+                        continue;
+                    }
+                    if e.visible_ms > end_ms {
+                        break 'queue;
+                    }
+                    let k = (e.visible_ms, qid, this);
+                    if after.is_some_and(|a| k <= a) || e.visible_ms < begin_ms {
+                        continue;
+                    }
+                    if taken == limit {
+                        truncated = true;
+                        break 'queue;
+                    }
+                    cands.push((k, e));
+                    taken += 1;
+                }
+            }
+        }
+        cands.sort_by_key(|c| c.0);
+        let mut messages = Vec::new();
+        let mut last = None;
+        let mut consumed = 0;
+        for (k, e) in &cands {
+            if messages.len() == limit {
+                break;
+            }
+            consumed += 1;
+            last = Some(*k);
+            // Queue entries are ordered by visible time; a revealed timer's store time is earlier.
+            if let Some(mut m) = self.read_message(e.pos, Some(e.size))
+                && (begin_ms..=end_ms).contains(&m.stored_ms)
+            {
+                m.queue_offset = Some(k.2);
+                messages.push(m);
+            }
+        }
+        let more = truncated || consumed < cands.len();
+        Ok(TimePage {
+            messages,
+            next_page_token: if more { last.map(time_token) } else { None },
+        })
+    }
+
+    async fn queue_bounds(&self, topic: &str, queue_id: u32) -> Result<QueueBounds> {
+        Ok(match self.sh.queues.get(topic, queue_id) {
+            Some(q) => QueueBounds {
+                min: q.min.load(Ordering::Acquire),
+                max: q.max.load(Ordering::Acquire),
+            },
+            None => QueueBounds::default(),
+        })
+    }
+
+    async fn read_queue(
+        &self,
+        topic: &str,
+        queue_id: u32,
+        from: u64,
+        max: usize,
+        tag_hashes: Option<&[u32]>,
+    ) -> Result<QueueRead> {
+        let Some(q) = self.sh.queues.get(topic, queue_id) else {
+            return Ok(QueueRead {
+                messages: Vec::new(),
+                next_offset: 0,
+                bounds: QueueBounds::default(),
+            });
+        };
+        let bounds = QueueBounds {
+            min: q.min.load(Ordering::Acquire),
+            max: q.max.load(Ordering::Acquire),
+        };
+        let mut off = from.clamp(bounds.min, bounds.max);
+        let stop = bounds.max.min(off.saturating_add(MAX_SCAN));
+        let mut messages = Vec::new();
+        while off < stop && messages.len() < max {
+            let want = ((max - messages.len()).max(32) as u64)
+                .min(stop - off)
+                .min(1024);
+            let entries = q
+                .read(off, want as usize)
+                .map_err(|e| read_err("a consume queue", e))?;
+            if entries.is_empty() {
+                break;
+            }
+            for e in entries {
+                let this = off;
+                off += 1;
+                if !e.is_set() || tag_hashes.is_some_and(|t| !t.contains(&e.tag_hash)) {
+                    continue;
+                }
+                if let Some(mut m) = self.read_message(e.pos, Some(e.size)) {
+                    m.queue_offset = Some(this);
+                    messages.push(m);
+                    if messages.len() == max {
+                        break;
+                    }
+                }
+            }
+        }
+        Ok(QueueRead {
+            messages,
+            next_offset: off,
+            bounds,
+        })
+    }
+
+    async fn offset_for_time(&self, topic: &str, queue_id: u32, timestamp_ms: u64) -> Result<u64> {
+        match self.sh.queues.get(topic, queue_id) {
+            Some(q) => q
+                .search_time(timestamp_ms)
+                .map_err(|e| read_err("a consume queue", e)),
+            None => Ok(0),
+        }
+    }
+
+    async fn earliest_stored_ms(&self, topic: &str) -> Result<Option<u64>> {
+        let mut best: Option<u64> = None;
+        for (_, q) in self.sh.queues.of_topic(topic) {
+            let min = q.min.load(Ordering::Acquire);
+            let max = q.max.load(Ordering::Acquire);
+            let entries = q
+                .read(min, (max - min).min(64) as usize)
+                .map_err(|e| read_err("a consume queue", e))?;
+            if let Some(e) = entries.iter().find(|e| e.is_set()) {
+                let t = self
+                    .read_message(e.pos, Some(e.size))
+                    .map_or(e.visible_ms, |m| m.stored_ms);
+                best = Some(best.map_or(t, |b| b.min(t)));
+            }
+        }
+        Ok(best)
+    }
+
+    async fn reveal_due(&self, now_ms: u64, max: usize) -> Result<usize> {
+        if max == 0 || self.sh.next_timer.load(Ordering::Acquire) > now_ms {
+            return Ok(0);
+        }
+        let (tx, rx) = oneshot::channel();
+        self.sh.submit(Request::Reveal {
+            now_ms,
+            max,
+            reply: tx,
+        })?;
+        rx.await.map_err(|_| writer_gone())?
+    }
+
+    fn next_timer_ms(&self) -> Option<u64> {
+        let t = self.sh.next_timer.load(Ordering::Acquire);
+        (t != u64::MAX).then_some(t)
+    }
+
+    async fn commit_offsets(&self, group: &str, offsets: &[CommittedOffset]) -> Result<()> {
+        let mut o = self.sh.offsets.lock();
+        let g = o.0.entry(group.to_string()).or_default();
+        for c in offsets {
+            g.insert((c.topic.clone(), c.queue_id), c.offset);
+        }
+        o.1 = true;
+        Ok(())
+    }
+
+    async fn load_offsets(&self, group: &str) -> Result<Vec<CommittedOffset>> {
+        let o = self.sh.offsets.lock();
+        Ok(o.0.get(group).map_or_else(Vec::new, |g| {
+            g.iter()
+                .map(|((t, q), off)| CommittedOffset {
+                    topic: t.clone(),
+                    queue_id: *q,
+                    offset: *off,
+                })
+                .collect()
+        }))
+    }
+
+    async fn delete_offsets(&self, group: &str) -> Result<()> {
+        let mut o = self.sh.offsets.lock();
+        if o.0.remove(group).is_some() {
+            o.1 = true;
+        }
+        Ok(())
+    }
+
+    async fn enforce_retention(&self, now_ms: u64) -> Result<RetentionReport> {
+        let (tx, rx) = oneshot::channel();
+        self.sh.submit(Request::Retention { now_ms, reply: tx })?;
+        rx.await.map_err(|_| writer_gone())?
+    }
+
+    fn changes(&self) -> watch::Receiver<u64> {
+        self.sh.changes.subscribe()
+    }
+
+    fn stats(&self) -> StoreStats {
+        let (segments, log_bytes) = self.sh.log.usage();
+        let cq_bytes: u64 = self.sh.queues.all().iter().map(|q| q.disk_bytes()).sum();
+        StoreStats {
+            appended_messages: self.sh.stats.appended_messages.load(Ordering::Relaxed),
+            appended_bytes: self.sh.stats.appended_bytes.load(Ordering::Relaxed),
+            segments,
+            disk_bytes: log_bytes + cq_bytes + self.sh.keys.disk_bytes(),
+            pending_timers: self.sh.pending_timers.load(Ordering::Relaxed),
+            append_latency_us: self.sh.stats.append_latency.snapshot(),
+            fsync_latency_us: self.sh.stats.fsync_latency.snapshot(),
+        }
+    }
+
+    fn writable(&self) -> bool {
+        self.sh.writable.load(Ordering::Acquire) && !self.sh.closed.load(Ordering::Acquire)
+    }
+
+    async fn close(&self) -> Result<()> {
+        let (tx, rx) = oneshot::channel();
+        let r = match self.sh.submit(Request::Close { reply: tx }) {
+            Ok(()) => rx.await.map_err(|_| writer_gone()).and_then(|r| r),
+            Err(_) => Ok(()),
+        };
+        self.join_writer().await;
+        r
+    }
+}
+
+fn meta_loaded<'a>(
+    sh: &Shared,
+    meta: &'a mut HashMap<String, Namespace>,
+    ns: &str,
+) -> Result<&'a mut Namespace> {
+    if !meta.contains_key(ns) {
+        let path = files::namespace_path(&sh.dir.join("meta"), ns);
+        let m = match files::read_atomic(&path) {
+            Ok(Some(b)) => files::decode_namespace(&b).ok_or_else(|| {
+                WharfError::internal(format!(
+                    "metadata file {} is malformed; restore it from a backup",
+                    path.display()
+                ))
+            })?,
+            Ok(None) => Namespace::new(),
+            Err(e) => {
+                return Err(WharfError::internal(format!(
+                    "metadata file {} is damaged: {e}; restore it from a backup",
+                    path.display()
+                )));
+            }
+        };
+        meta.insert(ns.to_string(), m);
+    }
+    meta.get_mut(ns)
+        .ok_or_else(|| WharfError::internal("metadata cache lost a namespace"))
+}
+
+fn meta_update(sh: &Shared, ns: &str, f: impl FnOnce(&mut Namespace)) -> Result<()> {
+    let mut meta = sh.meta.lock();
+    let current = meta_loaded(sh, &mut meta, ns)?;
+    let mut next = current.clone();
+    f(&mut next);
+    let dir = sh.dir.join("meta");
+    let write = || -> io::Result<()> {
+        fs::create_dir_all(&dir)?;
+        files::write_atomic(
+            &files::namespace_path(&dir, ns),
+            &files::encode_namespace(&next),
+        )
+    };
+    write().map_err(|e| {
+        WharfError::unavailable(format!(
+            "the store cannot save metadata in {}: {e}; free disk space or fix permissions",
+            dir.display()
+        ))
+    })?;
+    *current = next;
+    Ok(())
+}

@@ -1,0 +1,130 @@
+//! Tag expressions (`*`, `TagA`, `TagA||TagB`): parsing and the broker-side filter.
+//!
+//! The store filters by 32-bit tag hash so it never reads bodies of excluded messages; hashes can
+//! collide, so every candidate is checked again against the exact tag here.
+
+use crate::error::{ErrorCode, ErrorKind, Result, WharfError};
+use crate::model::tag_hash;
+
+/// A parsed tag expression.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TagFilter {
+    /// `*`: every message, tagged or not.
+    All,
+    /// One or more exact tags; an untagged message never matches.
+    Tags {
+        /// The tags, de-duplicated, in expression order.
+        tags: Vec<String>,
+        /// Their hashes, for the store's index filter.
+        hashes: Vec<u32>,
+    },
+}
+
+impl TagFilter {
+    /// Parses `*`, `TagA` or `TagA||TagB||…`; anything else is `SUBSCRIPTION_PARSE_FAILED`.
+    pub fn parse(expression: &str) -> Result<TagFilter> {
+        let expr = expression.trim();
+        if expr == "*" {
+            return Ok(TagFilter::All);
+        }
+        let bad = |why: &str| {
+            WharfError::new(
+                ErrorCode::SubscriptionParseFailed,
+                ErrorKind::Invalid,
+                format!(
+                    "tag expression '{expression}' is invalid: {why}; use '*', 'TagA' or 'TagA||TagB'"
+                ),
+            )
+        };
+        if expr.is_empty() {
+            return Err(bad("it is empty"));
+        }
+        let mut tags: Vec<String> = Vec::new();
+        for part in expr.split("||") {
+            let tag = part.trim();
+            if tag.is_empty() {
+                return Err(bad("a tag between '||' separators is empty"));
+            }
+            if tag == "*" {
+                return Err(bad("'*' cannot be combined with other tags"));
+            }
+            if tag.contains('|') {
+                return Err(bad("tags are separated by '||', not a single '|'"));
+            }
+            if tag.chars().any(char::is_whitespace) {
+                return Err(bad(&format!("tag '{tag}' contains whitespace")));
+            }
+            if !tags.iter().any(|t| t == tag) {
+                tags.push(tag.to_string());
+            }
+        }
+        let hashes = tags.iter().map(|t| tag_hash(Some(t))).collect();
+        Ok(TagFilter::Tags { tags, hashes })
+    }
+
+    /// Hashes to hand to `Store::read_queue` (`None` = no filtering).
+    pub fn hashes(&self) -> Option<&[u32]> {
+        match self {
+            TagFilter::All => None,
+            TagFilter::Tags { hashes, .. } => Some(hashes),
+        }
+    }
+
+    /// Exact check of one message's tag.
+    pub fn matches(&self, tag: Option<&str>) -> bool {
+        match self {
+            TagFilter::All => true,
+            TagFilter::Tags { tags, .. } => tag.is_some_and(|t| tags.iter().any(|x| x == t)),
+        }
+    }
+
+    /// The expression in canonical form (tags sorted, `TagA||TagB`), to compare subscriptions.
+    pub fn canonical(&self) -> String {
+        match self {
+            TagFilter::All => "*".to_string(),
+            TagFilter::Tags { tags, .. } => {
+                let mut sorted: Vec<&str> = tags.iter().map(String::as_str).collect();
+                sorted.sort_unstable();
+                sorted.join("||")
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_the_three_forms() {
+        assert_eq!(TagFilter::parse("*").unwrap(), TagFilter::All);
+        assert_eq!(TagFilter::parse(" * ").unwrap(), TagFilter::All);
+        let one = TagFilter::parse("TagA").unwrap();
+        assert_eq!(one.hashes(), Some(&[tag_hash(Some("TagA"))][..]));
+        let many = TagFilter::parse("TagA||TagB || TagC||TagA").unwrap();
+        assert_eq!(many.canonical(), "TagA||TagB||TagC");
+        assert_eq!(many.hashes().map(<[u32]>::len), Some(3));
+    }
+
+    #[test]
+    fn bad_expressions_fail_with_code_23() {
+        for bad in ["", "  ", "A||", "||A", "A||||B", "A|B", "*||A", "A B"] {
+            let e = TagFilter::parse(bad).unwrap_err();
+            assert_eq!(e.code, ErrorCode::SubscriptionParseFailed, "{bad:?}");
+            assert_eq!(e.code.code(), 23);
+            assert!(e.message.contains("TagA||TagB"), "{}", e.message);
+        }
+    }
+
+    #[test]
+    fn exact_matching() {
+        let f = TagFilter::parse("order||pay").unwrap();
+        assert!(f.matches(Some("order")));
+        assert!(f.matches(Some("pay")));
+        assert!(!f.matches(Some("refund")));
+        assert!(!f.matches(Some("Order")));
+        assert!(!f.matches(None));
+        assert!(TagFilter::All.matches(None));
+        assert!(TagFilter::All.matches(Some("x")));
+    }
+}

@@ -1,0 +1,696 @@
+//! Engine tests over the real embedded store, with a manual clock.
+//!
+//! Background tasks run, but the tests drive timer reveal and expiry passes directly where the
+//! outcome must be deterministic, and poll with a deadline for anything asynchronous.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+
+use super::schedule::RETRY_DELAYS_MS;
+use super::timers::reveal_due;
+use super::*;
+use crate::broker::{ConsumeModel, DeliveryStatus, GroupSpec, OutgoingMessage, TopicSpec};
+use crate::clock::{Clock, ManualClock};
+use crate::error::ErrorCode;
+use crate::store::StoreConfig;
+use crate::store::embedded::EmbeddedStore;
+
+const T0: u64 = 1_700_000_000_000;
+const NO_WAIT: Duration = Duration::ZERO;
+
+struct Env {
+    broker: Arc<Broker>,
+    clock: Arc<ManualClock>,
+    config: BrokerConfig,
+    dir: tempfile::TempDir,
+}
+
+async fn open_broker(dir: &Path, clock: &Arc<ManualClock>, config: &BrokerConfig) -> Arc<Broker> {
+    let sc = StoreConfig {
+        data_dir: dir.to_path_buf(),
+        ..StoreConfig::default()
+    };
+    let store = EmbeddedStore::open(&sc, clock.clone()).await.unwrap();
+    Broker::open(config.clone(), store, clock.clone()).await.unwrap()
+}
+
+async fn env_with(config: BrokerConfig) -> Env {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(T0);
+    let broker = open_broker(dir.path(), &clock, &config).await;
+    Env {
+        broker,
+        clock,
+        config,
+        dir,
+    }
+}
+
+/// Retries 1000× faster; instances never expire (tests move the clock by days).
+async fn env() -> Env {
+    env_with(BrokerConfig {
+        retry_delay_scale: 0.001,
+        consumer_heartbeat_timeout_ms: 1 << 60,
+        ..BrokerConfig::default()
+    })
+    .await
+}
+
+impl Env {
+    /// Clean restart over the same data dir.
+    async fn restart(&mut self) {
+        self.broker.shutdown().await.unwrap();
+        self.broker = open_broker(self.dir.path(), &self.clock, &self.config).await;
+    }
+
+    async fn topic(&self, name: &str, queues: u32) {
+        self.broker
+            .create_topic(TopicSpec {
+                name: name.into(),
+                topic_type: Default::default(),
+                queues: Some(queues),
+            })
+            .await
+            .unwrap();
+    }
+
+    async fn group(&self, name: &str, model: ConsumeModel, max_retries: Option<u32>) {
+        self.broker
+            .create_group(GroupSpec {
+                name: name.into(),
+                kind: GroupKind::Consumer,
+                model,
+                max_reconsume_times: max_retries,
+                consume_timeout_ms: Some(60_000),
+            })
+            .await
+            .unwrap();
+    }
+
+    async fn join(&self, group: &str, id: &str, subs: &[(&str, &str)]) {
+        self.broker
+            .register_consumer(InstanceSpec {
+                group: group.into(),
+                instance_id: id.into(),
+                address: format!("10.0.0.1/{id}"),
+                pid: Some(42),
+                subscriptions: subs
+                    .iter()
+                    .map(|(t, e)| Subscription {
+                        topic: t.to_string(),
+                        expression: e.to_string(),
+                    })
+                    .collect(),
+            })
+            .await
+            .unwrap();
+    }
+
+    async fn send(&self, topic: &str, tag: Option<&str>, body: &str) -> String {
+        self.send_msg(
+            topic,
+            OutgoingMessage {
+                tag: tag.map(str::to_string),
+                body: Bytes::from(body.to_string()),
+                ..Default::default()
+            },
+        )
+        .await
+    }
+
+    async fn send_msg(&self, topic: &str, m: OutgoingMessage) -> String {
+        let r = self.broker.send(topic, vec![m]).await.unwrap();
+        r[0].message_id.to_string()
+    }
+
+    async fn recv(&self, group: &str, id: &str, max: usize) -> Vec<Delivered> {
+        self.broker.receive(group, id, max, NO_WAIT).await.unwrap()
+    }
+
+    /// Receives until `n` messages arrived (or 10 s of real time pass).
+    async fn recv_n(&self, group: &str, id: &str, n: usize) -> Vec<Delivered> {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let mut out = Vec::new();
+        while out.len() < n && std::time::Instant::now() < deadline {
+            let got = self
+                .broker
+                .receive(group, id, n - out.len(), Duration::from_millis(200))
+                .await
+                .unwrap();
+            out.extend(got);
+        }
+        out
+    }
+
+    async fn ack(&self, group: &str, d: &Delivered) {
+        self.broker
+            .settle(group, &d.receipt, Outcome::CommitMessage)
+            .await
+            .unwrap();
+    }
+
+    async fn nack(&self, group: &str, d: &Delivered) {
+        self.broker
+            .settle(group, &d.receipt, Outcome::ReconsumeLater)
+            .await
+            .unwrap();
+    }
+
+    /// Moves time and runs the timer pass, so everything due is visible on return.
+    async fn advance(&self, ms: u64) {
+        self.clock.advance(ms);
+        reveal_due(&self.broker).await;
+    }
+}
+
+fn bodies(ds: &[Delivered]) -> BTreeSet<String> {
+    ds.iter()
+        .map(|d| String::from_utf8_lossy(&d.message.body).into_owned())
+        .collect()
+}
+
+#[tokio::test]
+async fn clustering_filters_by_tag_and_splits_work() {
+    let e = env().await;
+    e.topic("Trade", 4).await;
+    e.group("GID_c", ConsumeModel::Clustering, None).await;
+    e.join("GID_c", "a", &[("Trade", "order||pay")]).await;
+    e.join("GID_c", "b", &[("Trade", "pay||order")]).await;
+    let mut expected = BTreeSet::new();
+    for i in 0..60 {
+        let tag = ["order", "pay", "refund", ""][i % 4];
+        let tag = (!tag.is_empty()).then_some(tag);
+        e.send("Trade", tag, &format!("m{i}")).await;
+        if matches!(tag, Some("order" | "pay")) {
+            expected.insert(format!("m{i}"));
+        }
+    }
+    let a = e.recv("GID_c", "a", 100).await;
+    let b = e.recv("GID_c", "b", 100).await;
+    assert!(
+        !a.is_empty() && !b.is_empty(),
+        "both instances get work: {} {} {:?}",
+        a.len(),
+        b.len(),
+        e.broker.group_status("GID_c").await.unwrap()
+    );
+    for d in a.iter().chain(&b) {
+        assert!(matches!(d.message.tag.as_deref(), Some("order" | "pay")));
+        assert_eq!(d.message.topic, "Trade");
+    }
+    let mut all = bodies(&a);
+    all.extend(bodies(&b));
+    assert_eq!(all, expected);
+    assert_eq!(a.len() + b.len(), expected.len(), "each message to exactly one instance");
+    for d in a.iter().chain(&b) {
+        e.ack("GID_c", d).await;
+    }
+    let st = e.broker.group_status("GID_c").await.unwrap();
+    assert!(st.online && st.consistent);
+    assert_eq!(st.backlog, 0);
+    assert_eq!(st.instances.len(), 2);
+    assert_eq!(st.instances[0].pid, Some(42));
+    assert_eq!(st.last_consume_ms, Some(T0));
+    assert!(st.consume_tps > 0.0);
+    assert_eq!(st.subscriptions[0].expression, "order||pay");
+}
+
+#[tokio::test]
+async fn bad_expression_is_subscription_parse_failed() {
+    let e = env().await;
+    e.topic("Trade", 1).await;
+    e.group("GID_x", ConsumeModel::Clustering, None).await;
+    let err = e
+        .broker
+        .register_consumer(InstanceSpec {
+            group: "GID_x".into(),
+            instance_id: "a".into(),
+            address: "x".into(),
+            pid: None,
+            subscriptions: vec![Subscription {
+                topic: "Trade".into(),
+                expression: "a||".into(),
+            }],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code, ErrorCode::SubscriptionParseFailed);
+    let err = e.broker.receive("GID_x", "a", 1, NO_WAIT).await.unwrap_err();
+    assert_eq!(err.code, ErrorCode::SubscriptionNotExist);
+}
+
+#[tokio::test]
+async fn silent_instance_is_removed_and_nothing_is_lost() {
+    let e = env_with(BrokerConfig::default()).await;
+    e.topic("Trade", 8).await;
+    e.group("GID_r", ConsumeModel::Clustering, None).await;
+    e.join("GID_r", "a", &[("Trade", "*")]).await;
+    e.join("GID_r", "b", &[("Trade", "*")]).await;
+    let mut sent = BTreeSet::new();
+    for i in 0..80 {
+        e.send("Trade", None, &format!("m{i}")).await;
+        sent.insert(format!("m{i}"));
+    }
+    // a takes some messages and dies without acknowledging them.
+    let lost_with_a = e.recv("GID_r", "a", 15).await;
+    assert_eq!(lost_with_a.len(), 15);
+    let mut done = BTreeSet::new();
+    let first_b = e.recv("GID_r", "b", 1000).await;
+    for d in &first_b {
+        e.ack("GID_r", d).await;
+    }
+    done.extend(bodies(&first_b));
+    e.clock.advance(e.config.consumer_heartbeat_timeout_ms + 1);
+    e.broker.heartbeat("GID_r", "b");
+    e.broker.expire_pass().await;
+    let st = e.broker.group_status("GID_r").await.unwrap();
+    assert_eq!(st.instances.len(), 1);
+    assert_eq!(st.instances[0].instance_id, "b");
+    let rest = e.recv_n("GID_r", "b", sent.len() - done.len()).await;
+    for d in &rest {
+        e.ack("GID_r", d).await;
+    }
+    done.extend(bodies(&rest));
+    assert_eq!(done, sent, "every message consumed after the rebalance");
+    // a's receipts are stale now.
+    let err = e
+        .broker
+        .settle("GID_r", &lost_with_a[0].receipt, Outcome::CommitMessage)
+        .await
+        .unwrap_err();
+    assert!(err.message.contains("receipt expired"), "{}", err.message);
+    assert_eq!(e.broker.group_status("GID_r").await.unwrap().backlog, 0);
+}
+
+#[tokio::test]
+async fn timers_are_never_early_and_survive_restart() {
+    let mut e = env().await;
+    e.topic("Delay", 2).await;
+    e.group("GID_t", ConsumeModel::Clustering, None).await;
+    e.join("GID_t", "a", &[("Delay", "*")]).await;
+    for (i, delay) in [60_000u64, 120_000].iter().enumerate() {
+        e.send_msg(
+            "Delay",
+            OutgoingMessage {
+                body: Bytes::from(format!("t{i}")),
+                delay_ms: Some(*delay),
+                ..Default::default()
+            },
+        )
+        .await;
+    }
+    e.advance(59_999).await;
+    assert!(e.recv("GID_t", "a", 10).await.is_empty(), "not before its time");
+    e.advance(1).await;
+    let got = e.recv_n("GID_t", "a", 1).await;
+    assert_eq!(bodies(&got), BTreeSet::from(["t0".to_string()]));
+    assert_eq!(got[0].message.deliver_at_ms, Some(T0 + 60_000));
+    e.ack("GID_t", &got[0]).await;
+
+    e.restart().await;
+    e.join("GID_t", "a", &[("Delay", "*")]).await;
+    e.advance(59_999).await;
+    assert!(e.recv("GID_t", "a", 10).await.is_empty(), "second timer still pending");
+    e.advance(1).await;
+    let got = e.recv_n("GID_t", "a", 1).await;
+    assert_eq!(bodies(&got), BTreeSet::from(["t1".to_string()]), "t0 not redelivered");
+}
+
+#[tokio::test]
+async fn full_retry_schedule_then_dead_letter_then_resend() {
+    let e = env().await;
+    e.topic("Trade", 2).await;
+    e.group("GID_d", ConsumeModel::Clustering, None).await;
+    e.join("GID_d", "a", &[("Trade", "*")]).await;
+    let id = e.send("Trade", Some("order"), "payload").await;
+    let mut d = e.recv_n("GID_d", "a", 1).await.remove(0);
+    for (attempt, base) in RETRY_DELAYS_MS.iter().enumerate() {
+        assert_eq!(d.message.reconsume_times, attempt as u32);
+        assert_eq!(d.message.topic, "Trade");
+        assert_eq!(d.message.id.to_string(), id, "retries keep the original id");
+        e.nack("GID_d", &d).await;
+        let delay = (*base as f64 * 0.001).round() as u64;
+        e.advance(delay - 1).await;
+        assert!(
+            e.recv("GID_d", "a", 10).await.is_empty(),
+            "retry {} came early",
+            attempt + 1
+        );
+        e.advance(1).await;
+        d = e.recv_n("GID_d", "a", 1).await.remove(0);
+        assert_eq!(d.message.properties[PROP_RETRY_TOPIC], "Trade");
+    }
+    assert_eq!(d.message.reconsume_times, 16);
+    e.nack("GID_d", &d).await;
+    e.advance(10_000_000).await;
+    assert!(e.recv("GID_d", "a", 10).await.is_empty(), "no 17th retry");
+    let dead = e.broker.dead_letters("GID_d", 10, None).await.unwrap();
+    assert_eq!(dead.messages.len(), 1);
+    let dl = &dead.messages[0];
+    assert_eq!(dl.body, Bytes::from_static(b"payload"));
+    assert_eq!(dl.properties[PROP_ORIGIN_MESSAGE_ID], id);
+    let r = e
+        .broker
+        .resend_dead_letter("GID_d", &dl.id.to_string())
+        .await
+        .unwrap();
+    let again = e.recv_n("GID_d", "a", 1).await;
+    assert_eq!(again[0].message.id, r.message_id);
+    assert_eq!(again[0].message.reconsume_times, 0);
+    assert_eq!(again[0].message.tag.as_deref(), Some("order"));
+    let err = e
+        .broker
+        .resend_dead_letter("GID_d", &id)
+        .await
+        .unwrap_err();
+    assert_eq!(err.http_status(), 404);
+}
+
+#[tokio::test]
+async fn group_max_reconsume_times_latest_setting_wins() {
+    let e = env().await;
+    e.topic("Trade", 1).await;
+    e.group("GID_m", ConsumeModel::Clustering, Some(5)).await;
+    e.join("GID_m", "a", &[("Trade", "*")]).await;
+    e.send("Trade", None, "x").await;
+    let d = e.recv_n("GID_m", "a", 1).await.remove(0);
+    let mut g = e.broker.group("GID_m").unwrap();
+    g.max_reconsume_times = 0;
+    e.broker.update_group(g).await.unwrap();
+    e.nack("GID_m", &d).await;
+    e.advance(100_000).await;
+    assert!(e.recv("GID_m", "a", 1).await.is_empty());
+    let dead = e.broker.dead_letters("GID_m", 10, None).await.unwrap();
+    assert_eq!(dead.messages.len(), 1);
+}
+
+#[tokio::test]
+async fn restart_in_the_middle_of_retries() {
+    let mut e = env().await;
+    e.topic("Trade", 1).await;
+    e.group("GID_k", ConsumeModel::Clustering, None).await;
+    e.join("GID_k", "a", &[("Trade", "*")]).await;
+    e.send("Trade", None, "x").await;
+    let mut d = e.recv_n("GID_k", "a", 1).await.remove(0);
+    for _ in 0..3 {
+        e.nack("GID_k", &d).await;
+        e.advance(1_000_000).await;
+        d = e.recv_n("GID_k", "a", 1).await.remove(0);
+    }
+    assert_eq!(d.message.reconsume_times, 3);
+    e.nack("GID_k", &d).await;
+    e.restart().await;
+    e.join("GID_k", "a", &[("Trade", "*")]).await;
+    assert!(e.recv("GID_k", "a", 10).await.is_empty(), "retry 4 waits for its back-off");
+    e.advance(RETRY_DELAYS_MS[3] / 1000).await;
+    let d = e.recv_n("GID_k", "a", 1).await;
+    assert_eq!(d.len(), 1);
+    assert_eq!(d[0].message.reconsume_times, 4);
+    assert_eq!(String::from_utf8_lossy(&d[0].message.body), "x");
+    e.ack("GID_k", &d[0]).await;
+    e.advance(100_000_000).await;
+    assert!(e.recv("GID_k", "a", 10).await.is_empty(), "nothing more after the commit");
+}
+
+#[tokio::test]
+async fn consume_timeout_retries_and_stale_receipts_are_clear_errors() {
+    let e = env().await;
+    e.topic("Trade", 1).await;
+    e.group("GID_o", ConsumeModel::Clustering, None).await;
+    e.join("GID_o", "a", &[("Trade", "*")]).await;
+    e.send("Trade", None, "x").await;
+    let d = e.recv_n("GID_o", "a", 1).await.remove(0);
+    e.clock.advance(60_000);
+    e.broker.heartbeat("GID_o", "a");
+    e.broker.expire_pass().await;
+    let err = e
+        .broker
+        .settle("GID_o", &d.receipt, Outcome::CommitMessage)
+        .await
+        .unwrap_err();
+    assert_eq!(err.http_status(), 400);
+    assert!(err.message.contains("receipt expired"), "{}", err.message);
+    e.advance(10).await;
+    let again = e.recv_n("GID_o", "a", 1).await.remove(0);
+    assert_eq!(again.message.reconsume_times, 1);
+    e.ack("GID_o", &again).await;
+    let err = e
+        .broker
+        .settle("GID_o", &again.receipt, Outcome::CommitMessage)
+        .await
+        .unwrap_err();
+    assert!(err.message.contains("already settled"), "{}", err.message);
+    let err = e
+        .broker
+        .settle("GID_o", "garbage", Outcome::CommitMessage)
+        .await
+        .unwrap_err();
+    assert!(err.message.contains("not a receipt"));
+}
+
+#[tokio::test]
+async fn broadcasting_delivers_everything_to_everyone_without_retries() {
+    let e = env().await;
+    e.topic("News", 2).await;
+    e.group("GID_b", ConsumeModel::Broadcasting, None).await;
+    e.join("GID_b", "a", &[("News", "*")]).await;
+    e.join("GID_b", "b", &[("News", "*")]).await;
+    for i in 0..10 {
+        e.send("News", None, &format!("n{i}")).await;
+    }
+    let a = e.recv_n("GID_b", "a", 10).await;
+    let b = e.recv_n("GID_b", "b", 10).await;
+    assert_eq!(bodies(&a), bodies(&b));
+    assert_eq!(a.len(), 10);
+    for d in &a {
+        e.nack("GID_b", d).await;
+    }
+    for d in &b {
+        e.ack("GID_b", d).await;
+    }
+    e.advance(100_000_000).await;
+    assert!(e.recv("GID_b", "a", 10).await.is_empty(), "no retries when broadcasting");
+    // A new instance starts at the newest message.
+    e.join("GID_b", "c", &[("News", "*")]).await;
+    assert!(e.recv("GID_b", "c", 10).await.is_empty());
+    e.send("News", None, "late").await;
+    for id in ["a", "b", "c"] {
+        let got = e.recv_n("GID_b", id, 1).await;
+        assert_eq!(bodies(&got), BTreeSet::from(["late".to_string()]), "{id}");
+    }
+}
+
+#[tokio::test]
+async fn new_group_start_position_follows_the_three_day_rule() {
+    let e = env().await;
+    e.topic("Old", 1).await;
+    e.send("Old", None, "ancient").await;
+    e.clock.advance(2 * 24 * 3600 * 1000);
+    e.group("GID_young", ConsumeModel::Clustering, None).await;
+    e.join("GID_young", "a", &[("Old", "*")]).await;
+    let got = e.recv_n("GID_young", "a", 1).await;
+    assert_eq!(bodies(&got), BTreeSet::from(["ancient".to_string()]));
+    e.clock.advance(2 * 24 * 3600 * 1000);
+    e.group("GID_late", ConsumeModel::Clustering, None).await;
+    e.join("GID_late", "a", &[("Old", "*")]).await;
+    assert!(e.recv("GID_late", "a", 10).await.is_empty(), "starts at the newest");
+    e.send("Old", None, "fresh").await;
+    let got = e.recv_n("GID_late", "a", 1).await;
+    assert_eq!(bodies(&got), BTreeSet::from(["fresh".to_string()]));
+}
+
+#[tokio::test]
+async fn offsets_survive_restart_and_reset_to_time() {
+    let mut e = env().await;
+    e.topic("Trade", 2).await;
+    e.group("GID_s", ConsumeModel::Clustering, None).await;
+    e.join("GID_s", "a", &[("Trade", "*")]).await;
+    for i in 0..10 {
+        e.send("Trade", None, &format!("m{i}")).await;
+    }
+    e.clock.advance(1_000);
+    let reset_point = e.clock.now_ms();
+    for i in 10..20 {
+        e.send("Trade", None, &format!("m{i}")).await;
+    }
+    let first = e.recv_n("GID_s", "a", 20).await;
+    assert_eq!(first.len(), 20);
+    // Ack all but one: the committed offset must stay behind the un-acked message.
+    let unacked = first
+        .iter()
+        .find(|d| d.message.body.as_ref() == b"m3")
+        .unwrap()
+        .clone();
+    for d in first.iter().filter(|d| d.receipt != unacked.receipt) {
+        e.ack("GID_s", d).await;
+    }
+    e.restart().await;
+    e.join("GID_s", "a", &[("Trade", "*")]).await;
+    // At-least-once: the queue holding m3 resumes at m3; the other queue was fully acked.
+    let (q3, o3) = (unacked.message.queue_id, unacked.message.queue_offset.unwrap());
+    let expected: BTreeSet<String> = first
+        .iter()
+        .filter(|d| d.message.queue_id == q3 && d.message.queue_offset.unwrap() >= o3)
+        .map(|d| String::from_utf8_lossy(&d.message.body).into_owned())
+        .collect();
+    let again = e.recv_n("GID_s", "a", expected.len()).await;
+    assert_eq!(bodies(&again), expected);
+    assert!(e.recv("GID_s", "a", 10).await.is_empty());
+    for d in &again {
+        e.ack("GID_s", d).await;
+    }
+    assert!(e.recv("GID_s", "a", 10).await.is_empty());
+    e.broker
+        .reset_offset("GID_s", "Trade", reset_point)
+        .await
+        .unwrap();
+    let replay = e.recv_n("GID_s", "a", 10).await;
+    let expected: BTreeSet<String> = (10..20).map(|i| format!("m{i}")).collect();
+    assert_eq!(bodies(&replay), expected);
+}
+
+#[tokio::test]
+async fn flow_control_caps_unsettled_messages() {
+    let e = env_with(BrokerConfig {
+        max_in_flight_messages: 5,
+        consumer_heartbeat_timeout_ms: 1 << 60,
+        ..BrokerConfig::default()
+    })
+    .await;
+    e.topic("Trade", 1).await;
+    e.group("GID_f", ConsumeModel::Clustering, None).await;
+    e.join("GID_f", "a", &[("Trade", "*")]).await;
+    for i in 0..20 {
+        e.send("Trade", None, &format!("m{i}")).await;
+    }
+    let got = e.recv_n("GID_f", "a", 5).await;
+    assert_eq!(got.len(), 5);
+    assert!(e.recv("GID_f", "a", 10).await.is_empty(), "over the cap");
+    e.ack("GID_f", &got[0]).await;
+    e.ack("GID_f", &got[1]).await;
+    assert_eq!(e.recv("GID_f", "a", 10).await.len(), 2);
+}
+
+#[tokio::test]
+async fn inconsistent_subscriptions_are_reported() {
+    let e = env().await;
+    e.topic("Trade", 2).await;
+    e.group("GID_i", ConsumeModel::Clustering, None).await;
+    e.join("GID_i", "a", &[("Trade", "x")]).await;
+    e.join("GID_i", "b", &[("Trade", "x")]).await;
+    e.join("GID_i", "c", &[("Trade", "y")]).await;
+    let st = e.broker.group_status("GID_i").await.unwrap();
+    assert!(!st.consistent);
+    assert_eq!(st.inconsistent_instances, vec!["c".to_string()]);
+    e.join("GID_i", "c", &[("Trade", "x")]).await;
+    assert!(e.broker.group_status("GID_i").await.unwrap().consistent);
+}
+
+#[tokio::test]
+async fn delivery_status_per_group() {
+    let e = env().await;
+    e.topic("Trade", 1).await;
+    e.group("GID_1", ConsumeModel::Clustering, None).await;
+    e.group("GID_2", ConsumeModel::Clustering, None).await;
+    e.group("GID_3", ConsumeModel::Clustering, None).await;
+    e.join("GID_1", "a", &[("Trade", "*")]).await;
+    e.join("GID_2", "a", &[("Trade", "other")]).await;
+    e.join("GID_3", "a", &[("Trade", "*")]).await;
+    let id = e.send("Trade", Some("order"), "x").await;
+    let d = e.recv_n("GID_1", "a", 1).await;
+    e.ack("GID_1", &d[0]).await;
+    e.broker.unregister_consumer("GID_3", "a").await.unwrap();
+    let view = e.broker.message(&id).await.unwrap();
+    let by: BTreeMap<_, _> = view
+        .deliveries
+        .iter()
+        .map(|d| (d.group.as_str(), d.status))
+        .collect();
+    assert_eq!(by["GID_1"], DeliveryStatus::Consumed);
+    assert_eq!(by["GID_2"], DeliveryStatus::Filtered);
+    assert_eq!(by["GID_3"], DeliveryStatus::Offline);
+    e.join("GID_3", "a", &[("Trade", "*")]).await;
+    let view = e.broker.message(&id).await.unwrap();
+    let g3 = view.deliveries.iter().find(|d| d.group == "GID_3").unwrap();
+    assert_eq!(g3.status, DeliveryStatus::Pending);
+}
+
+#[tokio::test]
+async fn queue_level_pull_and_commit() {
+    let mut e = env().await;
+    e.topic("Trade", 2).await;
+    e.group("GID_q", ConsumeModel::Clustering, None).await;
+    for i in 0..6 {
+        let tag = if i % 2 == 0 { "a" } else { "b" };
+        e.broker
+            .send(
+                "Trade",
+                vec![OutgoingMessage {
+                    tag: Some(tag.into()),
+                    body: Bytes::from(format!("m{i}")),
+                    ..Default::default()
+                }],
+            )
+            .await
+            .unwrap();
+    }
+    let mut got = Vec::new();
+    for q in 0..2 {
+        let p = e
+            .broker
+            .pull_queue("GID_q", "Trade", q, 0, 32, "a", NO_WAIT)
+            .await
+            .unwrap();
+        assert_eq!(p.next_offset, p.bounds.max);
+        got.extend(p.messages);
+    }
+    assert_eq!(got.len(), 3);
+    assert!(got.iter().all(|m| m.tag.as_deref() == Some("a")));
+    let end = e.broker.store().queue_bounds("Trade", 0).await.unwrap().max;
+    // A long poll returns as soon as a matching message arrives.
+    let broker = e.broker.clone();
+    let poll = tokio::spawn(async move {
+        broker
+            .pull_queue("GID_q", "Trade", 0, end, 32, "*", Duration::from_secs(10))
+            .await
+    });
+    tokio::task::yield_now().await;
+    let start = std::time::Instant::now();
+    while !poll.is_finished() && start.elapsed() < Duration::from_secs(5) {
+        e.broker
+            .send(
+                "Trade",
+                vec![OutgoingMessage {
+                    body: Bytes::from_static(b"wake"),
+                    ..Default::default()
+                }],
+            )
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let p = poll.await.unwrap().unwrap();
+    assert!(!p.messages.is_empty());
+    e.broker
+        .commit_queue_offset("GID_q", "Trade", 1, 2)
+        .await
+        .unwrap();
+    e.restart().await;
+    assert_eq!(
+        e.broker
+            .committed_queue_offset("GID_q", "Trade", 1)
+            .await
+            .unwrap(),
+        Some(2)
+    );
+    let err = e
+        .broker
+        .pull_queue("GID_q", "Trade", 9, 0, 1, "*", NO_WAIT)
+        .await
+        .unwrap_err();
+    assert_eq!(err.http_status(), 400);
+}

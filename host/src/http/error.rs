@@ -1,0 +1,266 @@
+//! Every HTTP failure as the contract's JSON error, including malformed requests, and the
+//! extractors that read bodies, paths and queries without axum's plain-text rejections.
+
+use axum::extract::{FromRequest, FromRequestParts, Request};
+use axum::http::request::Parts;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use serde::de::DeserializeOwned;
+
+use crate::error::{ErrorCode, ErrorKind, WharfError};
+
+/// A user-visible error with an optional status that the error kinds do not cover (405, 413).
+#[derive(Debug)]
+pub struct ApiError {
+    /// The error.
+    pub error: WharfError,
+    /// Status to use instead of `error.http_status()`.
+    pub status: Option<StatusCode>,
+}
+
+impl From<WharfError> for ApiError {
+    fn from(error: WharfError) -> Self {
+        ApiError {
+            error,
+            status: None,
+        }
+    }
+}
+
+impl ApiError {
+    /// The HTTP status this error answers with.
+    pub fn status(&self) -> StatusCode {
+        self.status.unwrap_or_else(|| {
+            StatusCode::from_u16(self.error.http_status())
+                .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
+        })
+    }
+
+    /// 413: the request body is over the cap.
+    pub fn too_large(limit: usize) -> ApiError {
+        ApiError {
+            error: WharfError::illegal(format!(
+                "request body is larger than {limit} bytes; send smaller batches or raise [http] max_body_bytes"
+            )),
+            status: Some(StatusCode::PAYLOAD_TOO_LARGE),
+        }
+    }
+
+    /// 404 for a path no route serves.
+    pub fn no_route(method: &str, path: &str) -> ApiError {
+        WharfError::not_found(format!(
+            "no such endpoint: {method} {path}; see the HTTP API in the README"
+        ))
+        .into()
+    }
+
+    /// 405 for a known path with the wrong method.
+    pub fn wrong_method(method: &str, path: &str) -> ApiError {
+        ApiError {
+            error: WharfError::new(
+                ErrorCode::SystemError,
+                ErrorKind::Invalid,
+                format!("{method} is not allowed on {path}; see the HTTP API in the README"),
+            ),
+            status: Some(StatusCode::METHOD_NOT_ALLOWED),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = self.status();
+        if status.is_server_error() {
+            tracing::warn!(code = self.error.code.name(), error = %self.error.message, "request failed");
+        }
+        let body = serde_json::to_vec(&self.error.to_json()).unwrap_or_default();
+        let mut resp = (status, body).into_response();
+        resp.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        resp
+    }
+}
+
+/// Handler result.
+pub type ApiResult<T> = Result<T, ApiError>;
+
+/// Which error code a body that does not parse gets.
+#[derive(Debug, Clone, Copy)]
+pub enum BodyKind {
+    /// A message to send: MESSAGE_ILLEGAL (13).
+    Message,
+    /// Any other request: SYSTEM_ERROR (1), 400.
+    Request,
+}
+
+/// Parses a JSON body, turning serde errors into a 400 that says where and what.
+pub fn parse_json<T: DeserializeOwned>(bytes: &[u8], kind: BodyKind) -> Result<T, WharfError> {
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return Err(bad_body(
+            kind,
+            "request body is empty; send a JSON object".into(),
+        ));
+    }
+    serde_json::from_slice(bytes).map_err(|e| {
+        use serde_json::error::Category;
+        let what = match e.classify() {
+            Category::Syntax | Category::Eof | Category::Io => "malformed JSON",
+            Category::Data => "invalid request",
+        };
+        bad_body(kind, format!("{what}: {e}"))
+    })
+}
+
+fn bad_body(kind: BodyKind, message: String) -> WharfError {
+    match kind {
+        BodyKind::Message => WharfError::illegal(message),
+        BodyKind::Request => WharfError::bad_request(message),
+    }
+}
+
+/// Maximum body size for JSON API requests, kept in request extensions by the router.
+#[derive(Debug, Clone, Copy)]
+pub struct BodyLimit(pub usize);
+
+/// Reads the whole body up to `limit` bytes; 413 beyond it.
+pub async fn read_body(req: Request, limit: usize) -> ApiResult<Bytes> {
+    if let Some(len) = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+        && len > limit as u64
+    {
+        return Err(ApiError::too_large(limit));
+    }
+    match axum::body::to_bytes(req.into_body(), limit).await {
+        Ok(b) => Ok(b),
+        Err(e) => {
+            let over = std::error::Error::source(&e)
+                .is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
+            if over {
+                Err(ApiError::too_large(limit))
+            } else {
+                Err(WharfError::bad_request(format!("could not read the request body: {e}")).into())
+            }
+        }
+    }
+}
+
+/// The raw request body, size-capped by the router's [`BodyLimit`].
+pub struct RawBody(pub Bytes);
+
+impl<S: Send + Sync> FromRequest<S> for RawBody {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, _state: &S) -> Result<Self, Self::Rejection> {
+        let limit = req
+            .extensions()
+            .get::<BodyLimit>()
+            .map(|l| l.0)
+            .unwrap_or(crate::config::HttpConfig::default().max_body_bytes);
+        Ok(RawBody(read_body(req, limit).await?))
+    }
+}
+
+/// A JSON request body (any request but a send) parsed with precise errors.
+pub struct ApiJson<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let RawBody(bytes) = RawBody::from_request(req, state).await?;
+        Ok(ApiJson(parse_json(&bytes, BodyKind::Request)?))
+    }
+}
+
+/// Path parameters, with a JSON error when they do not fit.
+pub struct ApiPath<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned + Send> FromRequestParts<S> for ApiPath<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        axum::extract::Path::<T>::from_request_parts(parts, state)
+            .await
+            .map(|p| ApiPath(p.0))
+            .map_err(|e| WharfError::bad_request(format!("bad path: {}", e.body_text())).into())
+    }
+}
+
+/// Query parameters, with a JSON error when they do not fit.
+pub struct ApiQuery<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for ApiQuery<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
+        axum::extract::Query::<T>::try_from_uri(&parts.uri)
+            .map(|q| ApiQuery(q.0))
+            .map_err(|e| {
+                WharfError::bad_request(format!("bad query string: {}", e.body_text())).into()
+            })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde::Deserialize;
+
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    #[allow(dead_code)]
+    struct Req {
+        name: String,
+        queues: Option<u32>,
+    }
+
+    #[test]
+    fn malformed_json_says_where() {
+        let e = parse_json::<Req>(b"{\"name\": \"a\",\n  \"queues\": }", BodyKind::Request)
+            .unwrap_err();
+        assert_eq!(e.http_status(), 400);
+        assert_eq!(e.code, ErrorCode::SystemError);
+        assert!(e.message.starts_with("malformed JSON"), "{}", e.message);
+        assert!(e.message.contains("line 2 column"), "{}", e.message);
+    }
+
+    #[test]
+    fn unknown_fields_and_wrong_types_are_named() {
+        let e = parse_json::<Req>(br#"{"name":"a","colour":1}"#, BodyKind::Request).unwrap_err();
+        assert!(e.message.contains("unknown field `colour`"), "{}", e.message);
+        let e = parse_json::<Req>(br#"{"name":"a","queues":"8"}"#, BodyKind::Message).unwrap_err();
+        assert_eq!(e.code, ErrorCode::MessageIllegal);
+        assert!(e.message.contains("invalid type"), "{}", e.message);
+        assert!(e.message.contains("column"), "{}", e.message);
+        let e = parse_json::<Req>(b"  ", BodyKind::Request).unwrap_err();
+        assert!(e.message.contains("empty"));
+    }
+
+    #[test]
+    fn special_statuses_keep_the_json_shape() {
+        let e = ApiError::too_large(10);
+        assert_eq!(e.status(), StatusCode::PAYLOAD_TOO_LARGE);
+        assert_eq!(e.error.to_json()["error"]["name"], "MESSAGE_ILLEGAL");
+        assert_eq!(ApiError::wrong_method("PUT", "/v1/topics").status(), 405);
+        assert_eq!(ApiError::no_route("GET", "/nope").status(), 404);
+    }
+
+    #[tokio::test]
+    async fn body_over_the_cap_is_413() {
+        let req = Request::builder()
+            .body(axum::body::Body::from(vec![b'x'; 100]))
+            .unwrap();
+        let e = read_body(req, 10).await.unwrap_err();
+        assert_eq!(e.status(), StatusCode::PAYLOAD_TOO_LARGE);
+        let req = Request::builder()
+            .body(axum::body::Body::from(vec![b'x'; 10]))
+            .unwrap();
+        assert_eq!(read_body(req, 10).await.unwrap().len(), 10);
+    }
+}

@@ -1,0 +1,270 @@
+//! The HTTP API (contract "HTTP API"): axum routes that call the broker and the plugin host.
+//!
+//! One middleware does the per-request work every route shares: a tracing span (method, path,
+//! status, latency), the body cap, signature checks, and request counters. Handlers parse bodies
+//! themselves (see [`error`]) so every failure is the contract's JSON error.
+
+pub mod auth;
+pub mod error;
+pub mod messages;
+
+mod consume;
+mod ops;
+mod plugins;
+mod query;
+mod resources;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+use axum::Router;
+use axum::extract::{FromRequestParts, Request, State};
+use axum::http::request::Parts;
+use axum::http::{HeaderMap, Method, Uri, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use tracing::Instrument;
+
+use self::auth::{Authenticator, Principal, SignedParts};
+use self::error::{ApiError, BodyLimit, read_body};
+use crate::broker::Broker;
+use crate::config::HttpConfig;
+use crate::error::WharfError;
+use crate::metrics::Histogram;
+use crate::plugin::PluginHost;
+
+/// Everything a handler may use.
+pub struct AppState {
+    /// The broker.
+    pub broker: Arc<Broker>,
+    /// The plugin runtime.
+    pub plugins: Arc<PluginHost>,
+    /// Signature checks.
+    pub auth: Arc<Authenticator>,
+    /// `[http]` settings.
+    pub config: HttpConfig,
+    /// Request counters for `/metrics`.
+    pub metrics: HttpMetrics,
+}
+
+/// Shared handler state.
+pub type Shared = Arc<AppState>;
+
+/// Request counts by status class and request latency.
+#[derive(Debug, Default)]
+pub struct HttpMetrics {
+    /// Index = status / 100 (1..=5).
+    by_class: [AtomicU64; 6],
+    /// Whole-request latency, µs.
+    pub latency_us: Histogram,
+}
+
+impl HttpMetrics {
+    fn record(&self, status: u16, micros: u64) {
+        let class = usize::from(status / 100).min(5);
+        self.by_class[class].fetch_add(1, Ordering::Relaxed);
+        self.latency_us.record(micros);
+    }
+
+    /// Appends the counters in Prometheus text format.
+    pub fn render(&self, out: &mut String) {
+        use std::fmt::Write as _;
+        out.push_str("# HELP wharf_http_requests_total HTTP requests answered, by status class.\n");
+        out.push_str("# TYPE wharf_http_requests_total counter\n");
+        for class in 1..=5 {
+            let _ = writeln!(
+                out,
+                "wharf_http_requests_total{{class=\"{class}xx\"}} {}",
+                self.by_class[class].load(Ordering::Relaxed)
+            );
+        }
+        self.latency_us.snapshot().render(
+            out,
+            "wharf_http_request_duration_seconds",
+            "Time from request head to response head.",
+            "",
+        );
+    }
+}
+
+/// The calling principal, put in request extensions by the middleware.
+pub struct Caller(pub Arc<Principal>);
+
+impl<S: Send + Sync> FromRequestParts<S> for Caller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
+        parts
+            .extensions
+            .get::<Arc<Principal>>()
+            .cloned()
+            .map(Caller)
+            .ok_or_else(|| WharfError::internal("request reached a handler unauthenticated").into())
+    }
+}
+
+/// The client's socket address (for default consumer instance ids).
+#[derive(Debug, Clone, Copy)]
+pub struct ClientAddr(pub Option<SocketAddr>);
+
+impl<S: Send + Sync> FromRequestParts<S> for ClientAddr {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
+        Ok(ClientAddr(
+            parts
+                .extensions
+                .get::<axum::extract::ConnectInfo<SocketAddr>>()
+                .map(|c| c.0),
+        ))
+    }
+}
+
+/// Builds the router with every contract route.
+pub fn router(state: Shared) -> Router {
+    Router::new()
+        .route("/healthz", get(ops::healthz))
+        .route("/metrics", get(ops::metrics))
+        .route(
+            "/v1/topics",
+            post(resources::create_topic).get(resources::list_topics),
+        )
+        .route(
+            "/v1/topics/{topic}",
+            get(resources::show_topic).delete(resources::delete_topic),
+        )
+        .route(
+            "/v1/topics/{topic}/messages",
+            post(query::send).get(query::search),
+        )
+        .route("/v1/messages/{message_id}", get(query::by_id))
+        .route(
+            "/v1/groups",
+            post(resources::create_group).get(resources::list_groups),
+        )
+        .route(
+            "/v1/groups/{group}",
+            get(resources::show_group).delete(resources::delete_group),
+        )
+        .route("/v1/groups/{group}/receive", post(consume::receive))
+        .route("/v1/groups/{group}/ack", post(consume::ack))
+        .route("/v1/groups/{group}/nack", post(consume::nack))
+        .route("/v1/groups/{group}/status", get(consume::status))
+        .route("/v1/groups/{group}/offsets", post(consume::reset_offsets))
+        .route("/v1/groups/{group}/dead-letters", get(consume::dead_letters))
+        .route(
+            "/v1/groups/{group}/dead-letters/{message_id}/resend",
+            post(consume::resend_dead_letter),
+        )
+        .route("/v1/plugins", post(plugins::deploy).get(plugins::list))
+        .route(
+            "/v1/plugins/{name}",
+            get(plugins::status).delete(plugins::remove),
+        )
+        .route("/v1/plugins/{name}/rollback", post(plugins::rollback))
+        .route("/t/{*path}", post(plugins::trigger))
+        .fallback(no_route)
+        .method_not_allowed_fallback(wrong_method)
+        .layer(axum::middleware::from_fn_with_state(state.clone(), front))
+        .with_state(state)
+}
+
+async fn no_route(method: Method, uri: Uri) -> ApiError {
+    ApiError::no_route(method.as_str(), uri.path())
+}
+
+async fn wrong_method(method: Method, uri: Uri) -> ApiError {
+    ApiError::wrong_method(method.as_str(), uri.path())
+}
+
+/// Paths served without a signature.
+fn is_open_path(path: &str, metrics_open: bool) -> bool {
+    path == "/healthz" || (metrics_open && path == "/metrics")
+}
+
+fn header_str<'a>(h: &'a HeaderMap, name: &header::HeaderName) -> Option<&'a str> {
+    h.get(name).and_then(|v| v.to_str().ok())
+}
+
+/// Per-request span, body cap, authentication and counters.
+async fn front(State(st): State<Shared>, mut req: Request, next: Next) -> Response {
+    let start = Instant::now();
+    let span = tracing::info_span!(
+        "http",
+        method = %req.method(),
+        path = %req.uri().path(),
+        status = tracing::field::Empty,
+        latency_us = tracing::field::Empty,
+        access_key = tracing::field::Empty,
+    );
+    async move {
+        let resp = match authenticate(&st, &mut req).await {
+            Ok(principal) => {
+                if let Some(ak) = &principal.access_key {
+                    tracing::Span::current().record("access_key", ak.as_str());
+                }
+                req.extensions_mut().insert(principal);
+                let limit = if req.uri().path() == "/v1/plugins" {
+                    st.config.max_upload_bytes
+                } else {
+                    st.config.max_body_bytes
+                };
+                req.extensions_mut().insert(BodyLimit(limit));
+                next.run(req).await
+            }
+            Err(e) => e.into_response(),
+        };
+        let micros = start.elapsed().as_micros() as u64;
+        let status = resp.status().as_u16();
+        st.metrics.record(status, micros);
+        let span = tracing::Span::current();
+        span.record("status", status);
+        span.record("latency_us", micros);
+        tracing::debug!("request done");
+        resp
+    }
+    .instrument(span)
+    .await
+}
+
+/// Checks the signature (and `Content-MD5` against the body when given).
+async fn authenticate(st: &AppState, req: &mut Request) -> Result<Arc<Principal>, ApiError> {
+    if st.auth.is_open() || is_open_path(req.uri().path(), st.auth.metrics_open) {
+        return Ok(st.auth.anonymous());
+    }
+    let h = req.headers();
+    let path_and_query = req
+        .uri()
+        .path_and_query()
+        .map(|p| p.as_str())
+        .unwrap_or("/");
+    let principal = st.auth.authenticate(&SignedParts {
+        method: req.method().as_str(),
+        path_and_query,
+        authorization: header_str(h, &header::AUTHORIZATION),
+        date: header_str(h, &header::DATE),
+        content_md5: header_str(h, &header::HeaderName::from_static("content-md5")),
+        content_type: header_str(h, &header::CONTENT_TYPE),
+    })?;
+    // The signature covers Content-MD5; checking it against the body makes the body signed too.
+    if let Some(md5) = header_str(req.headers(), &header::HeaderName::from_static("content-md5")) {
+        let md5 = md5.trim().to_string();
+        let limit = st.config.max_upload_bytes.max(st.config.max_body_bytes);
+        let taken = std::mem::replace(req, Request::new(axum::body::Body::empty()));
+        let (parts, body) = taken.into_parts();
+        let bytes = read_body(Request::from_parts(parts.clone(), body), limit).await?;
+        if auth::content_md5(&bytes) != md5 {
+            return Err(WharfError::new(
+                crate::error::ErrorCode::NoPermission,
+                crate::error::ErrorKind::Unauthenticated,
+                "Content-MD5 does not match the body; send Base64(MD5(body)) of the exact bytes",
+            )
+            .into());
+        }
+        *req = Request::from_parts(parts, axum::body::Body::from(bytes));
+    }
+    Ok(principal)
+}

@@ -1,0 +1,353 @@
+//! PluginHost over a real broker and embedded store: deploy, consume, retry and dead letters,
+//! version swaps, refusals, HTTP triggers and restart from the artifact cache.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+
+use super::{PluginHost, PluginsConfig, testkit};
+use crate::broker::{Broker, BrokerConfig, OutgoingMessage, TopicSpec};
+use crate::clock::{SharedClock, SystemClock};
+use crate::store::StoreConfig;
+use crate::store::embedded::EmbeddedStore;
+
+struct Env {
+    broker: Arc<Broker>,
+    host: Arc<PluginHost>,
+    dir: tempfile::TempDir,
+}
+
+async fn open(dir: &Path) -> (Arc<Broker>, Arc<PluginHost>) {
+    let clock: SharedClock = Arc::new(SystemClock::default());
+    let sc = StoreConfig {
+        data_dir: dir.to_path_buf(),
+        ..StoreConfig::default()
+    };
+    let store = EmbeddedStore::open(&sc, clock.clone()).await.unwrap();
+    let config = BrokerConfig {
+        retry_delay_scale: 0.0001,
+        ..BrokerConfig::default()
+    };
+    let broker = Broker::open(config, store, clock).await.unwrap();
+    let plugins = PluginsConfig {
+        dir: dir.join("no-plugins-dir"),
+    };
+    let host = PluginHost::start(broker.clone(), plugins, dir.to_path_buf())
+        .await
+        .unwrap();
+    (broker, host)
+}
+
+async fn env() -> Env {
+    let dir = tempfile::tempdir().unwrap();
+    let (broker, host) = open(dir.path()).await;
+    for t in ["Trade", "Notify"] {
+        broker
+            .create_topic(TopicSpec {
+                name: t.into(),
+                topic_type: Default::default(),
+                queues: Some(4),
+            })
+            .await
+            .unwrap();
+    }
+    Env { broker, host, dir }
+}
+
+impl Env {
+    async fn restart(&mut self) {
+        self.host.shutdown().await;
+        self.broker.shutdown().await.unwrap();
+        let (broker, host) = open(self.dir.path()).await;
+        self.broker = broker;
+        self.host = host;
+    }
+
+    async fn send(&self, topic: &str, tag: &str, props: &[(&str, &str)]) -> String {
+        let m = OutgoingMessage {
+            tag: Some(tag.into()),
+            keys: vec!["order-1".into()],
+            properties: props
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            body: Bytes::from_static(b"payload"),
+            ..OutgoingMessage::default()
+        };
+        let r = self.broker.send(topic, vec![m]).await.unwrap();
+        r[0].message_id.to_string()
+    }
+
+    fn counter(&self, plugin: &str, name: &str) -> u64 {
+        self.host.status(plugin).unwrap()["counters"][name]
+            .as_u64()
+            .unwrap()
+    }
+
+    /// Polls until `f` holds or the deadline passes.
+    async fn until(&self, what: &str, f: impl Fn(&Env) -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !f(self) {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+fn manifest(name: &str, group: &str, extra: &str) -> String {
+    format!(
+        r#"name = "{name}"
+version = "1.0.0"
+component = "{name}.wasm"
+
+[consumer]
+group = "{group}"
+max_reconsume_times = 2
+consume_timeout_ms = 2000
+concurrency = 2
+{extra}
+[[subscription]]
+topic = "Trade"
+expression = "*"
+
+[permissions]
+publish = ["Notify"]
+"#
+    )
+}
+
+fn probe() -> Bytes {
+    Bytes::from(testkit::component("probe"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deployed_plugin_consumes_and_reports_counters() {
+    let env = env().await;
+    let r = env
+        .host
+        .deploy(&manifest("probe", "GID_probe", ""), probe())
+        .await
+        .unwrap();
+    assert_eq!((r.version, r.status.as_str()), (1, "running"));
+    for _ in 0..10 {
+        env.send("Trade", "commit", &[]).await;
+    }
+    env.until("10 commits", |e| e.counter("probe", "commits") == 10)
+        .await;
+    let status = env.host.status("probe").unwrap();
+    assert_eq!(status["instances"], 2);
+    assert_eq!(status["group"], "GID_probe");
+    let group = env.broker.group("GID_probe").unwrap();
+    assert_eq!(group.max_reconsume_times, 2, "group created from the manifest");
+    let mut metrics = String::new();
+    env.host.render_metrics(&mut metrics);
+    assert!(metrics.contains("wharf_plugin_commits_total{plugin=\"probe\"} 10"), "{metrics}");
+    assert!(metrics.contains("wharf_plugin_call_duration_seconds_count{plugin=\"probe\"} 10"));
+    let list = env.host.list();
+    assert_eq!(list[0]["name"], "probe");
+    env.host.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn send_from_plugin_lands_and_forbidden_topic_is_refused() {
+    let env = env().await;
+    env.host
+        .deploy(&manifest("probe", "GID_probe", ""), probe())
+        .await
+        .unwrap();
+    env.send("Trade", "send", &[("to", "Notify")]).await;
+    env.send("Trade", "send", &[("to", "Trade"), ("expect_code", "16")])
+        .await;
+    env.until("2 commits", |e| e.counter("probe", "commits") == 2)
+        .await;
+    let ids: Vec<_> = env
+        .broker
+        .by_time("Notify", 0, u64::MAX, 10, None)
+        .await
+        .unwrap()
+        .messages;
+    assert_eq!(ids.len(), 1, "only the permitted send landed");
+    assert_eq!(ids[0].tag.as_deref(), Some("probe"));
+    env.host.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failures_are_retried_then_dead_lettered() {
+    let env = env().await;
+    env.host
+        .deploy(
+            &manifest("flaky", "GID_flaky", ""),
+            Bytes::from(testkit::component("flaky")),
+        )
+        .await
+        .unwrap();
+    env.send("Trade", "x", &[("fail_times", "1")]).await;
+    env.send("Trade", "x", &[("fail_times", "9")]).await;
+    env.until("the retried message to commit", |e| {
+        e.counter("flaky", "commits") == 1
+    })
+    .await;
+    let broker = env.broker.clone();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let dead = broker.dead_letters("GID_flaky", 10, None).await.unwrap();
+        if let Some(m) = dead.messages.first() {
+            assert_eq!(dead.messages.len(), 1);
+            assert_eq!(m.properties.get("fail_times").map(String::as_str), Some("9"));
+            break;
+        }
+        assert!(Instant::now() < deadline, "message never dead-lettered");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // 1 + 1 for the first message, 1 + 2 retries for the doomed one.
+    assert_eq!(env.counter("flaky", "invocations"), 5);
+    assert_eq!(env.counter("flaky", "retries"), 4);
+    env.host.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trap_and_timeout_are_retried_and_other_plugins_keep_working() {
+    let env = env().await;
+    let slow = manifest("probe", "GID_probe", "").replace(
+        "consume_timeout_ms = 2000",
+        "consume_timeout_ms = 100",
+    );
+    env.host.deploy(&slow, probe()).await.unwrap();
+    let other = manifest("other", "GID_other", "");
+    env.host.deploy(&other, probe()).await.unwrap();
+    env.send("Trade", "loop", &[]).await;
+    env.send("Trade", "trap", &[]).await;
+    env.until("a timeout and a trap", |e| {
+        e.counter("probe", "timeouts") >= 1 && e.counter("probe", "traps") >= 1
+    })
+    .await;
+    env.send("Trade", "commit", &[]).await;
+    env.until("both plugins commit the next message", |e| {
+        e.counter("probe", "commits") >= 1 && e.counter("other", "commits") >= 1
+    })
+    .await;
+    assert!(env.counter("probe", "instantiations") >= 2, "failed instances are replaced");
+    env.host.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_deploys_are_refused_and_the_running_version_stays() {
+    let env = env().await;
+    env.host
+        .deploy(&manifest("probe", "GID_probe", ""), probe())
+        .await
+        .unwrap();
+    let e = env
+        .host
+        .deploy(&manifest("probe", "GID_probe", ""), Bytes::from_static(b"junk"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.http_status(), 400);
+    assert!(e.message.contains("does not compile"), "{}", e.message);
+    let e = env
+        .host
+        .deploy(&manifest("probe", "GID_probe", "batch_max = 99\n"), probe())
+        .await
+        .unwrap_err();
+    assert!(e.message.contains("plugin.toml:10:13"), "{}", e.message);
+    let unknown_topic = manifest("probe", "GID_probe", "").replace("topic = \"Trade\"", "topic = \"Nope\"");
+    let e = env.host.deploy(&unknown_topic, probe()).await.unwrap_err();
+    assert_eq!(e.code, crate::error::ErrorCode::TopicNotExist);
+    let shared_group = manifest("thief", "GID_probe", "");
+    let e = env.host.deploy(&shared_group, probe()).await.unwrap_err();
+    assert_eq!(e.http_status(), 409);
+    let status = env.host.status("probe").unwrap();
+    assert_eq!((status["version"].as_u64(), status["status"].as_str()), (Some(1), Some("running")));
+    env.send("Trade", "commit", &[]).await;
+    env.until("the running version to keep consuming", |e| {
+        e.counter("probe", "commits") == 1
+    })
+    .await;
+    env.host.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn version_swaps_under_load_lose_nothing() {
+    let env = env().await;
+    let m = manifest("probe", "GID_probe", "");
+    env.host.deploy(&m, probe()).await.unwrap();
+    let total = 300u64;
+    let sender = {
+        let broker = env.broker.clone();
+        tokio::spawn(async move {
+            for _ in 0..total {
+                let msg = OutgoingMessage {
+                    tag: Some("commit".into()),
+                    body: Bytes::from_static(b"x"),
+                    ..OutgoingMessage::default()
+                };
+                broker.send("Trade", vec![msg]).await.unwrap();
+            }
+        })
+    };
+    let v2 = env.host.deploy(&m.replace("1.0.0", "2.0.0"), probe()).await.unwrap();
+    assert_eq!(v2.version, 2);
+    let back = env.host.rollback("probe").await.unwrap();
+    assert_eq!((back.version, back.manifest_version.as_str()), (1, "1.0.0"));
+    let e = env.host.rollback("probe").await.unwrap_err();
+    assert!(e.message.contains("no earlier version"), "{}", e.message);
+    sender.await.unwrap();
+    env.until("every message committed", |e| e.counter("probe", "commits") >= total)
+        .await;
+    let status = env.broker.group_status("GID_probe").await.unwrap();
+    assert_eq!(status.backlog, 0);
+    let removed = env.host.remove("probe").await.unwrap();
+    assert_eq!(removed.status, "removed");
+    assert!(env.host.status("probe").is_err());
+    assert_eq!(env.host.list().as_array().map(Vec::len), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_triggers_send_and_conflicting_routes_are_refused() {
+    let env = env().await;
+    let route = "[[http]]\npath = \"/hooks/orders\"\ntopic = \"Trade\"\ntag = \"commit\"\nheaders = [\"x-request-id\"]\nkey_header = \"x-order-id\"\n";
+    let with_route = format!("{}\n{route}", manifest("probe", "GID_probe", ""));
+    env.host.deploy(&with_route, probe()).await.unwrap();
+    let headers = vec![
+        ("x-request-id".to_string(), "req-7".to_string()),
+        ("x-order-id".to_string(), "o-42".to_string()),
+    ];
+    let receipt = env
+        .host
+        .trigger("/hooks/orders", &headers, Bytes::from_static(b"{\"order\":42}"))
+        .await
+        .unwrap()
+        .unwrap();
+    let view = env.broker.by_key("Trade", "o-42").await.unwrap();
+    assert_eq!(view.len(), 1);
+    assert_eq!(view[0].id, receipt.message_id);
+    assert_eq!(view[0].properties.get("x-request-id").map(String::as_str), Some("req-7"));
+    assert!(env.host.trigger("/hooks/none", &[], Bytes::new()).await.is_none());
+    let thief = format!("{}\n{route}", manifest("thief", "GID_thief", ""));
+    let e = env.host.deploy(&thief, probe()).await.unwrap_err();
+    assert_eq!(e.http_status(), 409);
+    assert!(e.message.contains("/hooks/orders"), "{}", e.message);
+    env.until("the triggered message to be consumed", |e| e.counter("probe", "commits") == 1)
+        .await;
+    env.host.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_restores_the_running_version_from_the_cache() {
+    let mut env = env().await;
+    let m = manifest("probe", "GID_probe", "");
+    env.host.deploy(&m, probe()).await.unwrap();
+    env.host.deploy(&m.replace("1.0.0", "1.1.0"), probe()).await.unwrap();
+    env.restart().await;
+    let status = env.host.status("probe").unwrap();
+    assert_eq!(status["version"], 2);
+    assert_eq!(status["manifest_version"], "1.1.0");
+    assert_eq!(status["artifact"]["cache_hit"], true, "restart must not recompile");
+    assert_eq!(status["rollback_to"], 1);
+    env.send("Trade", "commit", &[]).await;
+    env.until("consumption after restart", |e| e.counter("probe", "commits") == 1)
+        .await;
+    env.host.shutdown().await;
+}

@@ -1,0 +1,341 @@
+//! Worker threads: each is one consumer instance of the plugin's group that loops
+//! receive → call its own reused wasm instance → settle.
+//!
+//! Workers are OS threads, not async tasks: a plugin call is CPU-bound and may run up to its
+//! consume timeout, and the host imports block on the broker's futures, which is only allowed
+//! outside the async runtime's own threads.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use tracing::{debug, debug_span, warn};
+
+use super::runtime::{ConsumerPre, Failure, HostState, Instance, InstanceConfig};
+use crate::broker::Broker;
+use crate::broker::consume::{Delivered, InstanceSpec, Outcome, Subscription};
+use crate::error::{ErrorCode, Result};
+use crate::metrics::Histogram;
+
+/// How long one receive waits for messages; also how quickly a stop request is noticed.
+const RECEIVE_WAIT: Duration = Duration::from_millis(200);
+/// Pause after a failed receive or instantiation before trying again.
+const ERROR_PAUSE: Duration = Duration::from_millis(200);
+
+/// Counters of one plugin (over all its versions since the host started).
+#[derive(Debug, Default)]
+pub struct PluginStats {
+    /// Calls into the plugin (a batch call counts once per message).
+    pub invocations: AtomicU64,
+    /// Messages answered with commit-message.
+    pub commits: AtomicU64,
+    /// Messages answered with reconsume-later, or failed by trap or timeout.
+    pub retries: AtomicU64,
+    /// Calls that trapped (panic, memory cap, …).
+    pub traps: AtomicU64,
+    /// Calls stopped at the consume timeout.
+    pub timeouts: AtomicU64,
+    /// Settles the broker refused (e.g. the receipt had expired).
+    pub settle_errors: AtomicU64,
+    /// Instances created (the first per worker plus replacements after traps).
+    pub instantiations: AtomicU64,
+    /// Call duration in microseconds.
+    pub duration_us: Histogram,
+}
+
+/// What a set of workers runs.
+pub struct WorkerSpec {
+    /// The broker.
+    pub broker: Arc<Broker>,
+    /// Runtime handle for blocking on broker futures.
+    pub handle: tokio::runtime::Handle,
+    /// Engine instances are created in.
+    pub engine: wasmtime::Engine,
+    /// The version's pre-linked component.
+    pub pre: ConsumerPre<HostState>,
+    /// The version's identity and limits.
+    pub config: Arc<InstanceConfig>,
+    /// Subscriptions from the manifest, nothing else.
+    pub subscriptions: Vec<Subscription>,
+    /// Messages per call.
+    pub batch_max: usize,
+    /// Counters to update.
+    pub stats: Arc<PluginStats>,
+}
+
+/// Running workers of one version.
+pub struct Workers {
+    stop: Arc<AtomicBool>,
+    handles: Vec<JoinHandle<()>>,
+    ids: Vec<String>,
+    group: String,
+    broker: Arc<Broker>,
+    live: Arc<AtomicUsize>,
+}
+
+/// `<plugin>@<host>#<n>`: stable across restarts and versions of the same plugin.
+pub fn instance_id(plugin: &str, n: usize) -> String {
+    format!("{plugin}@{}#{n}", host_name())
+}
+
+fn host_name() -> String {
+    std::env::var("HOSTNAME")
+        .ok()
+        .filter(|h| !h.is_empty())
+        .or_else(|| {
+            std::fs::read_to_string("/etc/hostname")
+                .ok()
+                .map(|h| h.trim().to_string())
+        })
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "localhost".to_string())
+}
+
+impl Workers {
+    /// Registers `count` consumer instances and starts one thread per instance.
+    pub async fn start(spec: WorkerSpec, count: usize) -> Result<Workers> {
+        let spec = Arc::new(spec);
+        let ids: Vec<String> = (0..count)
+            .map(|n| instance_id(&spec.config.plugin, n))
+            .collect();
+        for id in &ids {
+            spec.broker
+                .register_consumer(instance_spec(&spec, id))
+                .await?;
+        }
+        let stop = Arc::new(AtomicBool::new(false));
+        let live = Arc::new(AtomicUsize::new(0));
+        let mut workers = Workers {
+            stop: stop.clone(),
+            handles: Vec::new(),
+            ids: ids.clone(),
+            group: spec.config.group.clone(),
+            broker: spec.broker.clone(),
+            live: live.clone(),
+        };
+        for id in ids {
+            let (spec, stop, live) = (spec.clone(), stop.clone(), live.clone());
+            let name = format!("wharf-plugin-{}", spec.config.plugin);
+            let spawned = std::thread::Builder::new()
+                .name(name)
+                .spawn(move || {
+                    live.fetch_add(1, Ordering::SeqCst);
+                    run(&spec, &id, &stop);
+                    live.fetch_sub(1, Ordering::SeqCst);
+                });
+            match spawned {
+                Ok(h) => workers.handles.push(h),
+                Err(e) => {
+                    workers.stop().await;
+                    return Err(crate::error::WharfError::internal(format!(
+                        "cannot start a plugin worker thread: {e}"
+                    )));
+                }
+            }
+        }
+        Ok(workers)
+    }
+
+    /// Instances (threads) currently running.
+    pub fn live(&self) -> usize {
+        self.live.load(Ordering::SeqCst)
+    }
+
+    /// Consumer instance ids.
+    pub fn ids(&self) -> &[String] {
+        &self.ids
+    }
+
+    /// Stops taking new messages, lets every worker settle what it holds, then unregisters
+    /// the instances so anything still assigned goes back to the group.
+    pub async fn stop(mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        let handles = std::mem::take(&mut self.handles);
+        let joined = tokio::task::spawn_blocking(move || {
+            for h in handles {
+                let _ = h.join();
+            }
+        })
+        .await;
+        if let Err(e) = joined {
+            warn!(error = %e, "plugin worker join failed");
+        }
+        for id in &self.ids {
+            if let Err(e) = self.broker.unregister_consumer(&self.group, id).await {
+                debug!(instance = %id, error = %e, "unregister after stop");
+            }
+        }
+    }
+}
+
+impl Drop for Workers {
+    /// Dropped without `stop` (e.g. the host is torn down): let the threads end on their own.
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+    }
+}
+
+fn instance_spec(spec: &WorkerSpec, id: &str) -> InstanceSpec {
+    InstanceSpec {
+        group: spec.config.group.clone(),
+        instance_id: id.to_string(),
+        address: format!("wasm:{}/v{}", spec.config.plugin, spec.config.version),
+        pid: Some(std::process::id()),
+        subscriptions: spec.subscriptions.clone(),
+    }
+}
+
+/// One worker's loop; returns when `stop` is set and what it holds is settled.
+fn run(spec: &WorkerSpec, id: &str, stop: &AtomicBool) {
+    let group = spec.config.group.as_str();
+    let mut instance: Option<Instance> = None;
+    let mut last_error = String::new();
+    while !stop.load(Ordering::SeqCst) {
+        let receive = || {
+            spec.handle.block_on(spec.broker.receive(
+                group,
+                id,
+                spec.batch_max,
+                RECEIVE_WAIT,
+            ))
+        };
+        // The async runtime going away under us (abnormal teardown) ends the worker.
+        let Ok(received) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(receive)) else {
+            warn!(plugin = %spec.config.plugin, instance = %id, "async runtime gone; worker exits");
+            return;
+        };
+        let batch = match received {
+            Ok(b) => b,
+            Err(e) => {
+                let text = e.to_string();
+                if text != last_error {
+                    warn!(plugin = %spec.config.plugin, instance = %id, error = %text, "receive failed");
+                    last_error = text;
+                }
+                if e.code == ErrorCode::SubscriptionGroupNotExist || e.kind == crate::error::ErrorKind::NotFound {
+                    // The instance expired or the group was recreated: register again.
+                    let _ = spec.handle.block_on(spec.broker.register_consumer(instance_spec(spec, id)));
+                }
+                std::thread::sleep(ERROR_PAUSE);
+                continue;
+            }
+        };
+        if batch.is_empty() {
+            continue;
+        }
+        let inst = match instance.take() {
+            Some(i) => i,
+            None => match Instance::new(&spec.engine, &spec.pre, spec.config.clone()) {
+                Ok(i) => {
+                    spec.stats.instantiations.fetch_add(1, Ordering::Relaxed);
+                    i
+                }
+                Err(e) => {
+                    warn!(plugin = %spec.config.plugin, error = %e, "cannot instantiate; handing messages back");
+                    for d in &batch {
+                        settle(spec, d, Outcome::ReconsumeLater);
+                    }
+                    std::thread::sleep(ERROR_PAUSE);
+                    continue;
+                }
+            },
+        };
+        instance = handle_batch(spec, inst, &batch);
+    }
+}
+
+/// Calls the plugin for a batch and settles each message; returns the instance unless it failed.
+fn handle_batch(spec: &WorkerSpec, mut inst: Instance, batch: &[Delivered]) -> Option<Instance> {
+    let c = &spec.config;
+    let stats = &spec.stats;
+    if spec.batch_max <= 1 {
+        let mut keep = Some(inst);
+        for (i, d) in batch.iter().enumerate() {
+            let Some(mut current) = keep.take() else {
+                // The instance failed on an earlier message of this receive: hand the rest back.
+                for rest in &batch[i..] {
+                    settle(spec, rest, Outcome::ReconsumeLater);
+                }
+                return None;
+            };
+            let span = debug_span!("plugin_call", plugin = %c.plugin, version = c.version, message_id = %d.message.id);
+            let _enter = span.enter();
+            let started = Instant::now();
+            let result = current.consume(&d.message);
+            stats.duration_us.record(started.elapsed().as_micros() as u64);
+            stats.invocations.fetch_add(1, Ordering::Relaxed);
+            let outcome = match result {
+                Ok(o) => {
+                    keep = Some(current);
+                    o
+                }
+                Err(f) => {
+                    note_failure(spec, &d.message.id.to_string(), &f);
+                    Outcome::ReconsumeLater
+                }
+            };
+            count(stats, outcome);
+            settle(spec, d, outcome);
+        }
+        return keep;
+    }
+    let messages: Vec<_> = batch.iter().map(|d| d.message.clone()).collect();
+    let first = messages.first().map(|m| m.id.to_string()).unwrap_or_default();
+    let span = debug_span!("plugin_call", plugin = %c.plugin, version = c.version, message_id = %first, batch = messages.len());
+    let _enter = span.enter();
+    let started = Instant::now();
+    let result = inst.consume_batch(&messages);
+    stats.duration_us.record(started.elapsed().as_micros() as u64);
+    stats
+        .invocations
+        .fetch_add(messages.len() as u64, Ordering::Relaxed);
+    let (outcomes, keep) = match result {
+        Ok(o) => (o, Some(inst)),
+        Err(f) => {
+            note_failure(spec, &first, &f);
+            (vec![Outcome::ReconsumeLater; batch.len()], None)
+        }
+    };
+    for (d, o) in batch.iter().zip(outcomes) {
+        count(stats, o);
+        settle(spec, d, o);
+    }
+    keep
+}
+
+fn count(stats: &PluginStats, outcome: Outcome) {
+    match outcome {
+        Outcome::CommitMessage => stats.commits.fetch_add(1, Ordering::Relaxed),
+        Outcome::ReconsumeLater => stats.retries.fetch_add(1, Ordering::Relaxed),
+    };
+}
+
+fn note_failure(spec: &WorkerSpec, message_id: &str, f: &Failure) {
+    let c = &spec.config;
+    match f {
+        Failure::Timeout => {
+            spec.stats.timeouts.fetch_add(1, Ordering::Relaxed);
+            warn!(plugin = %c.plugin, version = c.version, message_id = %message_id,
+                timeout_ms = c.timeout.as_millis() as u64,
+                "plugin call ran past consume_timeout_ms; stopped, message will be retried, instance replaced");
+        }
+        Failure::Trap(why) => {
+            spec.stats.traps.fetch_add(1, Ordering::Relaxed);
+            warn!(plugin = %c.plugin, version = c.version, message_id = %message_id, error = %why,
+                "plugin trapped; message will be retried, instance replaced");
+        }
+    }
+}
+
+fn settle(spec: &WorkerSpec, d: &Delivered, outcome: Outcome) {
+    let settled = spec.handle.block_on(spec.broker.settle(
+        &spec.config.group,
+        &d.receipt,
+        outcome,
+    ));
+    if let Err(e) = settled {
+        spec.stats.settle_errors.fetch_add(1, Ordering::Relaxed);
+        warn!(plugin = %spec.config.plugin, message_id = %d.message.id, error = %e, "settle refused");
+    }
+}

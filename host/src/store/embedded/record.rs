@@ -1,0 +1,497 @@
+//! Byte layout of log records: a fixed 80-byte header followed by variable fields.
+//!
+//! Every record starts with its total length and a CRC32C over everything after the CRC, so a
+//! torn or corrupted record is detected wherever it is read (recovery scan, `get`, queue reads).
+//! The header also repeats the record's own global position, which lets a reader reject a valid
+//! record that merely happens to sit at a reused position after a crash truncated the log.
+
+use std::collections::BTreeMap;
+
+use bytes::Bytes;
+
+use crate::error::{Result, WharfError};
+use crate::model::{MessageId, NewMessage, StoredMessage, tag_hash};
+
+/// Fixed header size of every record.
+pub const HEADER: usize = 80;
+/// Sanity bound: a length field above this is corruption, not a record.
+pub const MAX_RECORD: usize = 64 * 1024 * 1024;
+
+/// A producer message.
+pub const KIND_MESSAGE: u8 = 1;
+/// A marker that makes a held timer message visible in its consume queue.
+pub const KIND_REVEAL: u8 = 2;
+
+/// `deliver_at_ms` is present.
+pub const F_DELIVER: u8 = 1;
+/// `tag` is present.
+pub const F_TAG: u8 = 2;
+/// The message was held as a timer when stored (no consume-queue entry at append).
+pub const F_HELD: u8 = 4;
+
+pub const O_LEN: usize = 0;
+pub const O_CRC: usize = 4;
+pub const O_KIND: usize = 8;
+pub const O_FLAGS: usize = 9;
+pub const O_TOPIC_LEN: usize = 10;
+pub const O_QUEUE: usize = 12;
+pub const O_POS: usize = 16;
+pub const O_STORED: usize = 24;
+pub const O_QOFF: usize = 32;
+/// Message: born time. Reveal: position of the revealed message.
+pub const O_BORN: usize = 40;
+/// Message: deliver time. Reveal: deliver time of the revealed message.
+pub const O_DELIVER: usize = 48;
+/// Message: reconsume count. Reveal: size of the revealed message record.
+pub const O_RECONSUME: usize = 56;
+pub const O_TAG_HASH: usize = 60;
+pub const O_TAG_LEN: usize = 64;
+pub const O_KEYS: usize = 66;
+pub const O_PROPS: usize = 68;
+pub const O_BODY_LEN: usize = 72;
+
+/// Queue offset stored for a message that has none yet (held timer).
+pub const NO_OFFSET: u64 = u64::MAX;
+
+pub fn get_u16(b: &[u8], o: usize) -> u16 {
+    u16::from_le_bytes([b[o], b[o + 1]])
+}
+
+pub fn get_u32(b: &[u8], o: usize) -> u32 {
+    u32::from_le_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]])
+}
+
+pub fn get_u64(b: &[u8], o: usize) -> u64 {
+    let mut a = [0u8; 8];
+    a.copy_from_slice(&b[o..o + 8]);
+    u64::from_le_bytes(a)
+}
+
+pub fn put_u16(b: &mut [u8], o: usize, v: u16) {
+    b[o..o + 2].copy_from_slice(&v.to_le_bytes());
+}
+
+pub fn put_u32(b: &mut [u8], o: usize, v: u32) {
+    b[o..o + 4].copy_from_slice(&v.to_le_bytes());
+}
+
+pub fn put_u64(b: &mut [u8], o: usize, v: u64) {
+    b[o..o + 8].copy_from_slice(&v.to_le_bytes());
+}
+
+/// Where one encoded (not yet positioned) message sits inside a caller's batch buffer.
+#[derive(Debug, Clone)]
+pub struct EncodedRecord {
+    /// Byte offset in the batch buffer.
+    pub start: usize,
+    /// Record length.
+    pub len: u32,
+    /// Queue id.
+    pub queue_id: u32,
+    /// Tag hash for the consume queue.
+    pub tag_hash: u32,
+    /// Requested deliver time.
+    pub deliver_at: Option<u64>,
+    /// Topic bytes inside the buffer.
+    pub topic: std::ops::Range<usize>,
+    /// Range into the batch's key-hash list.
+    pub keys: std::ops::Range<usize>,
+}
+
+/// A whole append request encoded by the caller, so the writer thread only copies and patches.
+#[derive(Debug, Default)]
+pub struct EncodedBatch {
+    /// All records back to back.
+    pub buf: Vec<u8>,
+    /// One entry per message.
+    pub recs: Vec<EncodedRecord>,
+    /// Key hashes of all messages, ranges in `recs`.
+    pub key_hashes: Vec<u32>,
+}
+
+/// Hash under which `(topic, key)` is filed in the key index.
+pub fn key_hash(topic: &str, key: &str) -> u32 {
+    let h = crc32c::crc32c(topic.as_bytes());
+    let h = crc32c::crc32c_append(h, &[0]);
+    crc32c::crc32c_append(h, key.as_bytes())
+}
+
+fn len16(what: &str, n: usize) -> Result<u16> {
+    u16::try_from(n).map_err(|_| {
+        WharfError::illegal(format!(
+            "{what} is {n} bytes; the store accepts at most 65535 bytes"
+        ))
+    })
+}
+
+impl EncodedBatch {
+    /// Encodes `msgs`; position, store time, queue offset and CRC are filled in by the writer.
+    pub fn encode(msgs: &[NewMessage]) -> Result<EncodedBatch> {
+        let total: usize = msgs
+            .iter()
+            .map(|m| {
+                HEADER
+                    + m.topic.len()
+                    + m.tag.as_ref().map_or(0, |t| t.len())
+                    + m.keys.iter().map(|k| k.len() + 2).sum::<usize>()
+                    + m.properties
+                        .iter()
+                        .map(|(k, v)| k.len() + v.len() + 4)
+                        .sum::<usize>()
+                    + m.body.len()
+            })
+            .sum();
+        let mut b = EncodedBatch {
+            buf: Vec::with_capacity(total),
+            recs: Vec::with_capacity(msgs.len()),
+            key_hashes: Vec::new(),
+        };
+        for m in msgs {
+            b.push(m)?;
+        }
+        Ok(b)
+    }
+
+    fn push(&mut self, m: &NewMessage) -> Result<()> {
+        if m.topic.is_empty() {
+            return Err(WharfError::illegal("a message needs a topic"));
+        }
+        let start = self.buf.len();
+        let topic_len = len16("topic", m.topic.len())?;
+        let tag_len = len16("tag", m.tag.as_ref().map_or(0, |t| t.len()))?;
+        let keys_n = len16("key list", m.keys.len())?;
+        let props_n = len16("property list", m.properties.len())?;
+        let body_len = u32::try_from(m.body.len())
+            .map_err(|_| WharfError::illegal("message body is larger than 4 GiB"))?;
+        let mut flags = 0u8;
+        if m.deliver_at_ms.is_some() {
+            flags |= F_DELIVER;
+        }
+        if m.tag.is_some() {
+            flags |= F_TAG;
+        }
+        let th = tag_hash(m.tag.as_deref());
+        let mut h = [0u8; HEADER];
+        h[O_KIND] = KIND_MESSAGE;
+        h[O_FLAGS] = flags;
+        put_u16(&mut h, O_TOPIC_LEN, topic_len);
+        put_u32(&mut h, O_QUEUE, m.queue_id);
+        put_u64(&mut h, O_QOFF, NO_OFFSET);
+        put_u64(&mut h, O_BORN, m.born_ms);
+        put_u64(&mut h, O_DELIVER, m.deliver_at_ms.unwrap_or(0));
+        put_u32(&mut h, O_RECONSUME, m.reconsume_times);
+        put_u32(&mut h, O_TAG_HASH, th);
+        put_u16(&mut h, O_TAG_LEN, tag_len);
+        put_u16(&mut h, O_KEYS, keys_n);
+        put_u16(&mut h, O_PROPS, props_n);
+        put_u32(&mut h, O_BODY_LEN, body_len);
+        self.buf.extend_from_slice(&h);
+        let topic_start = self.buf.len();
+        self.buf.extend_from_slice(m.topic.as_bytes());
+        if let Some(t) = &m.tag {
+            self.buf.extend_from_slice(t.as_bytes());
+        }
+        let keys_start = self.key_hashes.len();
+        for k in &m.keys {
+            let n = len16("key", k.len())?;
+            self.buf.extend_from_slice(&n.to_le_bytes());
+            self.buf.extend_from_slice(k.as_bytes());
+            self.key_hashes.push(key_hash(&m.topic, k));
+        }
+        for (k, v) in &m.properties {
+            let kn = len16("property name", k.len())?;
+            let vn = len16("property value", v.len())?;
+            self.buf.extend_from_slice(&kn.to_le_bytes());
+            self.buf.extend_from_slice(k.as_bytes());
+            self.buf.extend_from_slice(&vn.to_le_bytes());
+            self.buf.extend_from_slice(v.as_bytes());
+        }
+        self.buf.extend_from_slice(&m.body);
+        let len = self.buf.len() - start;
+        if len > MAX_RECORD {
+            self.buf.truncate(start);
+            return Err(WharfError::illegal(format!(
+                "message is {len} bytes encoded; the store accepts at most {MAX_RECORD}"
+            )));
+        }
+        put_u32(&mut self.buf[start..], O_LEN, len as u32);
+        self.recs.push(EncodedRecord {
+            start,
+            len: len as u32,
+            queue_id: m.queue_id,
+            tag_hash: th,
+            deliver_at: m.deliver_at_ms,
+            topic: topic_start..topic_start + m.topic.len(),
+            keys: keys_start..self.key_hashes.len(),
+        });
+        Ok(())
+    }
+}
+
+/// Fills in the writer-assigned fields of a record and seals it with its CRC.
+pub fn finish(rec: &mut [u8], pos: u64, stored_ms: u64, queue_offset: u64, held: bool) {
+    put_u64(rec, O_POS, pos);
+    put_u64(rec, O_STORED, stored_ms);
+    put_u64(rec, O_QOFF, queue_offset);
+    if held {
+        rec[O_FLAGS] |= F_HELD;
+    }
+    seal(rec);
+}
+
+/// Writes the CRC of `rec[8..]` into the header.
+pub fn seal(rec: &mut [u8]) {
+    let crc = crc32c::crc32c(&rec[O_KIND..]);
+    put_u32(rec, O_CRC, crc);
+}
+
+/// Builds a reveal marker into `out`: it makes the message at `target_pos` visible at `queue_offset`.
+#[allow(clippy::too_many_arguments)]
+pub fn encode_reveal(
+    out: &mut Vec<u8>,
+    pos: u64,
+    stored_ms: u64,
+    topic: &str,
+    queue_id: u32,
+    queue_offset: u64,
+    tag_hash: u32,
+    target_pos: u64,
+    target_deliver_ms: u64,
+    target_size: u32,
+) {
+    let start = out.len();
+    let len = HEADER + topic.len();
+    out.resize(start + HEADER, 0);
+    out.extend_from_slice(topic.as_bytes());
+    let r = &mut out[start..];
+    put_u32(r, O_LEN, len as u32);
+    r[O_KIND] = KIND_REVEAL;
+    put_u16(r, O_TOPIC_LEN, topic.len() as u16);
+    put_u32(r, O_QUEUE, queue_id);
+    put_u64(r, O_POS, pos);
+    put_u64(r, O_STORED, stored_ms);
+    put_u64(r, O_QOFF, queue_offset);
+    put_u64(r, O_BORN, target_pos);
+    put_u64(r, O_DELIVER, target_deliver_ms);
+    put_u32(r, O_RECONSUME, target_size);
+    put_u32(r, O_TAG_HASH, tag_hash);
+    seal(r);
+}
+
+/// Why bytes are not a valid record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Invalid {
+    /// Fewer bytes than the header or the length field says: a torn write.
+    Short,
+    /// Length field out of range, CRC mismatch, or position mismatch.
+    Corrupt,
+}
+
+/// Checks the record at the start of `buf`, expected at global `pos`; returns its length.
+pub fn validate(buf: &[u8], pos: u64) -> std::result::Result<usize, Invalid> {
+    if buf.len() < HEADER {
+        return Err(Invalid::Short);
+    }
+    let len = get_u32(buf, O_LEN) as usize;
+    if !(HEADER..=MAX_RECORD).contains(&len) {
+        return Err(Invalid::Corrupt);
+    }
+    if buf.len() < len {
+        return Err(Invalid::Short);
+    }
+    let r = &buf[..len];
+    if crc32c::crc32c(&r[O_KIND..]) != get_u32(r, O_CRC) || get_u64(r, O_POS) != pos {
+        return Err(Invalid::Corrupt);
+    }
+    let kind = r[O_KIND];
+    if kind != KIND_MESSAGE && kind != KIND_REVEAL {
+        return Err(Invalid::Corrupt);
+    }
+    if HEADER + get_u16(r, O_TOPIC_LEN) as usize > len {
+        return Err(Invalid::Corrupt);
+    }
+    Ok(len)
+}
+
+/// The fixed fields of a validated record.
+#[derive(Debug, Clone, Copy)]
+pub struct Header {
+    pub len: u32,
+    pub kind: u8,
+    pub flags: u8,
+    pub queue_id: u32,
+    pub pos: u64,
+    pub stored_ms: u64,
+    pub queue_offset: u64,
+    pub born_ms: u64,
+    pub deliver_ms: u64,
+    pub reconsume: u32,
+    pub tag_hash: u32,
+}
+
+impl Header {
+    /// Reads the header of a validated record.
+    pub fn parse(r: &[u8]) -> Header {
+        Header {
+            len: get_u32(r, O_LEN),
+            kind: r[O_KIND],
+            flags: r[O_FLAGS],
+            queue_id: get_u32(r, O_QUEUE),
+            pos: get_u64(r, O_POS),
+            stored_ms: get_u64(r, O_STORED),
+            queue_offset: get_u64(r, O_QOFF),
+            born_ms: get_u64(r, O_BORN),
+            deliver_ms: get_u64(r, O_DELIVER),
+            reconsume: get_u32(r, O_RECONSUME),
+            tag_hash: get_u32(r, O_TAG_HASH),
+        }
+    }
+
+    /// True for a message that waited as a timer.
+    pub fn held(&self) -> bool {
+        self.flags & F_HELD != 0
+    }
+}
+
+/// The topic of a validated record.
+pub fn topic_of(r: &[u8]) -> Option<&str> {
+    let n = get_u16(r, O_TOPIC_LEN) as usize;
+    std::str::from_utf8(r.get(HEADER..HEADER + n)?).ok()
+}
+
+struct Cursor<'a> {
+    b: &'a [u8],
+    at: usize,
+}
+
+impl<'a> Cursor<'a> {
+    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+        let s = self.b.get(self.at..self.at.checked_add(n)?)?;
+        self.at += n;
+        Some(s)
+    }
+
+    fn str(&mut self, n: usize) -> Option<String> {
+        self.take(n)
+            .and_then(|s| std::str::from_utf8(s).ok())
+            .map(str::to_owned)
+    }
+
+    fn u16(&mut self) -> Option<usize> {
+        self.take(2)
+            .map(|s| u16::from_le_bytes([s[0], s[1]]) as usize)
+    }
+}
+
+/// Key strings of a validated message record (for rebuilding the key index).
+pub fn keys_of(r: &[u8]) -> Vec<&str> {
+    let mut out = Vec::new();
+    let mut at = HEADER + get_u16(r, O_TOPIC_LEN) as usize + get_u16(r, O_TAG_LEN) as usize;
+    for _ in 0..get_u16(r, O_KEYS) {
+        let Some(n) = r
+            .get(at..at + 2)
+            .map(|b| u16::from_le_bytes([b[0], b[1]]) as usize)
+        else {
+            break;
+        };
+        let Some(k) = r
+            .get(at + 2..at + 2 + n)
+            .and_then(|b| std::str::from_utf8(b).ok())
+        else {
+            break;
+        };
+        out.push(k);
+        at += 2 + n;
+    }
+    out
+}
+
+/// Decodes a validated message record (owned bytes, so the body is shared, not copied).
+/// Returns `None` for a reveal marker or a malformed body.
+pub fn decode_message(rec: Bytes, node: u16) -> Option<StoredMessage> {
+    let r = &rec[..];
+    let h = Header::parse(r);
+    if h.kind != KIND_MESSAGE {
+        return None;
+    }
+    let mut c = Cursor { b: r, at: HEADER };
+    let topic = c.str(get_u16(r, O_TOPIC_LEN) as usize)?;
+    let tag_len = get_u16(r, O_TAG_LEN) as usize;
+    let tag_s = c.str(tag_len)?;
+    let tag = (h.flags & F_TAG != 0).then_some(tag_s);
+    let nkeys = get_u16(r, O_KEYS) as usize;
+    let mut keys = Vec::with_capacity(nkeys);
+    for _ in 0..nkeys {
+        let n = c.u16()?;
+        keys.push(c.str(n)?);
+    }
+    let nprops = get_u16(r, O_PROPS) as usize;
+    let mut properties = BTreeMap::new();
+    for _ in 0..nprops {
+        let kn = c.u16()?;
+        let k = c.str(kn)?;
+        let vn = c.u16()?;
+        let v = c.str(vn)?;
+        properties.insert(k, v);
+    }
+    let body_len = get_u32(r, O_BODY_LEN) as usize;
+    let body_start = c.at;
+    if body_start + body_len != r.len() {
+        return None;
+    }
+    let body = rec.slice(body_start..body_start + body_len);
+    Some(StoredMessage {
+        id: MessageId::new(h.stored_ms, node, h.pos),
+        topic,
+        queue_id: h.queue_id,
+        queue_offset: (h.queue_offset != NO_OFFSET).then_some(h.queue_offset),
+        tag,
+        keys,
+        properties,
+        body,
+        born_ms: h.born_ms,
+        stored_ms: h.stored_ms,
+        deliver_at_ms: (h.flags & F_DELIVER != 0).then_some(h.deliver_ms),
+        reconsume_times: h.reconsume,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn msg() -> NewMessage {
+        NewMessage {
+            topic: "TopicA".into(),
+            queue_id: 3,
+            tag: Some("TagA".into()),
+            keys: vec!["k1".into(), "k2".into()],
+            properties: [("a".to_string(), "b".to_string())].into_iter().collect(),
+            body: Bytes::from_static(b"hello"),
+            born_ms: 10,
+            deliver_at_ms: Some(99),
+            reconsume_times: 2,
+        }
+    }
+
+    #[test]
+    fn round_trips_and_detects_corruption() {
+        let b = EncodedBatch::encode(&[msg()]).unwrap();
+        let mut rec = b.buf.clone();
+        finish(&mut rec, 4096, 77, 5, false);
+        assert_eq!(validate(&rec, 4096), Ok(rec.len()));
+        assert_eq!(validate(&rec, 4097), Err(Invalid::Corrupt));
+        assert_eq!(validate(&rec[..rec.len() - 1], 4096), Err(Invalid::Short));
+        let m = decode_message(Bytes::from(rec.clone()), 7).unwrap();
+        assert_eq!(m.topic, "TopicA");
+        assert_eq!(m.tag.as_deref(), Some("TagA"));
+        assert_eq!(m.keys, vec!["k1", "k2"]);
+        assert_eq!(m.properties["a"], "b");
+        assert_eq!(&m.body[..], b"hello");
+        assert_eq!(m.queue_offset, Some(5));
+        assert_eq!(m.deliver_at_ms, Some(99));
+        assert_eq!(m.id, MessageId::new(77, 7, 4096));
+        rec[HEADER + 2] ^= 1;
+        assert_eq!(validate(&rec, 4096), Err(Invalid::Corrupt));
+    }
+}

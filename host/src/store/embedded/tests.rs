@@ -1,0 +1,916 @@
+//! Tests of the embedded store: behaviour, durability across reopen, crash recovery.
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::{BufRead, BufReader, Write as _};
+use std::path::Path;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use rand::{Rng, SeedableRng};
+
+use super::*;
+use crate::clock::{Clock, ManualClock};
+use crate::error::ErrorCode;
+use crate::model::tag_hash;
+use crate::store::{Backend, FlushMode, open_store};
+
+const T0: u64 = 1_700_000_000_000;
+
+fn cfg(dir: &Path) -> StoreConfig {
+    StoreConfig {
+        data_dir: dir.to_path_buf(),
+        segment_bytes: 16 * 1024,
+        ..StoreConfig::default()
+    }
+}
+
+fn small() -> Tuning {
+    Tuning {
+        cq_entries_per_file: 64,
+        key_slots: 64,
+        key_entries_per_file: 256,
+        timer_bucket_ms: 1_000,
+        timer_prefetch_ms: 2_000,
+        checkpoint_interval_ms: 50,
+        offsets_flush_ms: 50,
+    }
+}
+
+async fn open(dir: &Path, clock: &Arc<ManualClock>) -> Arc<EmbeddedStore> {
+    EmbeddedStore::open_with(&cfg(dir), clock.clone(), small())
+        .await
+        .unwrap()
+}
+
+fn msg(topic: &str, queue_id: u32, tag: Option<&str>, keys: &[&str], body: &str) -> NewMessage {
+    NewMessage {
+        topic: topic.to_string(),
+        queue_id,
+        tag: tag.map(str::to_string),
+        keys: keys.iter().map(|k| k.to_string()).collect(),
+        properties: [("p".to_string(), body.to_string())].into_iter().collect(),
+        body: Bytes::from(body.to_string()),
+        born_ms: 1,
+        deliver_at_ms: None,
+        reconsume_times: 0,
+    }
+}
+
+fn timer(topic: &str, queue_id: u32, body: &str, at: u64) -> NewMessage {
+    NewMessage {
+        deliver_at_ms: Some(at),
+        ..msg(topic, queue_id, None, &[], body)
+    }
+}
+
+fn body(m: &StoredMessage) -> String {
+    String::from_utf8(m.body.to_vec()).unwrap()
+}
+
+async fn read_all(s: &EmbeddedStore, topic: &str, q: u32) -> Vec<StoredMessage> {
+    let mut out = Vec::new();
+    let mut from = 0;
+    loop {
+        let r = s.read_queue(topic, q, from, 100, None).await.unwrap();
+        if r.messages.is_empty() && r.next_offset >= r.bounds.max {
+            return out;
+        }
+        out.extend(r.messages);
+        from = r.next_offset;
+    }
+}
+
+#[tokio::test]
+async fn append_get_and_read_queue_with_tag_filters() {
+    let d = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(T0);
+    let s = open(d.path(), &clock).await;
+    let mut batch = Vec::new();
+    for i in 0..30 {
+        let tag = ["A", "B", "C"][i % 3];
+        batch.push(msg(
+            "TopicA",
+            1,
+            Some(tag),
+            &[&format!("k{i}")],
+            &format!("m{i}"),
+        ));
+    }
+    let acks = s.append(batch).await.unwrap();
+    assert_eq!(acks.len(), 30);
+    for (i, a) in acks.iter().enumerate() {
+        assert_eq!(a.queue_offset, Some(i as u64));
+        assert_eq!(a.stored_ms, T0);
+        assert_eq!(a.id.node(), s.node());
+        let m = s.get(a.id).await.unwrap().unwrap();
+        assert_eq!(body(&m), format!("m{i}"));
+        assert_eq!(m.queue_offset, Some(i as u64));
+        assert_eq!(m.properties["p"], format!("m{i}"));
+    }
+    // A forged id (same position, other time) is not the message.
+    let fake = MessageId::new(T0 + 1, s.node(), acks[3].id.position());
+    assert!(s.get(fake).await.unwrap().is_none());
+    let off_record = MessageId::new(T0, s.node(), acks[3].id.position() + 1);
+    assert!(s.get(off_record).await.unwrap().is_none());
+
+    let b = s.queue_bounds("TopicA", 1).await.unwrap();
+    assert_eq!((b.min, b.max), (0, 30));
+    let filter = [tag_hash(Some("B"))];
+    let r = s
+        .read_queue("TopicA", 1, 0, 4, Some(&filter))
+        .await
+        .unwrap();
+    let got: Vec<u64> = r.messages.iter().map(|m| m.queue_offset.unwrap()).collect();
+    assert_eq!(got, vec![1, 4, 7, 10]);
+    assert_eq!(r.next_offset, 11);
+    let r = s
+        .read_queue("TopicA", 1, 11, 100, Some(&filter))
+        .await
+        .unwrap();
+    assert_eq!(r.messages.len(), 6);
+    assert_eq!(r.next_offset, 30);
+    assert!(r.messages.iter().all(|m| m.tag.as_deref() == Some("B")));
+    let r = s.read_queue("TopicA", 1, 0, 100, None).await.unwrap();
+    assert_eq!(r.messages.len(), 30);
+    let r = s.read_queue("Nope", 0, 0, 10, None).await.unwrap();
+    assert!(r.messages.is_empty());
+    assert_eq!(r.bounds, QueueBounds::default());
+    assert_eq!(s.offset_for_time("TopicA", 1, T0).await.unwrap(), 0);
+    assert_eq!(s.offset_for_time("TopicA", 1, T0 + 1).await.unwrap(), 30);
+    assert_eq!(s.earliest_stored_ms("TopicA").await.unwrap(), Some(T0));
+    let st = s.stats();
+    assert_eq!(st.appended_messages, 30);
+    assert!(st.appended_bytes > 0 && st.disk_bytes >= st.appended_bytes);
+    assert!(st.fsync_latency_us.count >= 1);
+    s.close().await.unwrap();
+    assert!(!s.writable());
+    let e = s
+        .append(vec![msg("TopicA", 1, None, &[], "x")])
+        .await
+        .unwrap_err();
+    assert_eq!(e.code, ErrorCode::ServiceNotAvailable);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn group_commit_serves_many_concurrent_appenders() {
+    let d = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(T0);
+    let s = open(d.path(), &clock).await;
+    let mut changes = s.changes();
+    let mut tasks = Vec::new();
+    for t in 0..64u32 {
+        let s = s.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut acks = Vec::new();
+            for i in 0..20 {
+                let m = msg("Load", t % 4, None, &[], &format!("{t}-{i}"));
+                acks.push((format!("{t}-{i}"), s.append(vec![m]).await.unwrap()[0]));
+            }
+            acks
+        }));
+    }
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await.unwrap());
+    }
+    assert_eq!(all.len(), 1280);
+    for (b, a) in &all {
+        assert_eq!(body(&s.get(a.id).await.unwrap().unwrap()), *b);
+    }
+    for q in 0..4 {
+        let msgs = read_all(&s, "Load", q).await;
+        assert_eq!(msgs.len(), 320);
+        for (i, m) in msgs.iter().enumerate() {
+            assert_eq!(m.queue_offset, Some(i as u64));
+        }
+    }
+    let st = s.stats();
+    // Group commit: far fewer fsyncs than acknowledged appends.
+    assert!(
+        st.fsync_latency_us.count < 1280,
+        "{} fsyncs for 1280 appends",
+        st.fsync_latency_us.count
+    );
+    assert_eq!(st.append_latency_us.count, 1280);
+    assert!(changes.has_changed().unwrap());
+    changes.borrow_and_update();
+    s.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn key_index_returns_newest_64_across_index_files() {
+    let d = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(T0);
+    let s = open(d.path(), &clock).await;
+    let mut want = Vec::new();
+    for i in 0..200 {
+        // 600 key entries overflow the 256-entry index files twice.
+        let keys = if i % 2 == 0 {
+            vec!["order-1", "noise-a"]
+        } else {
+            vec!["noise-b", "noise-c"]
+        };
+        let a = s
+            .append(vec![msg("Keys", 0, None, &keys, &format!("m{i}"))])
+            .await
+            .unwrap();
+        if i % 2 == 0 {
+            want.push(a[0].id);
+        }
+    }
+    // Same key on another topic must not show up.
+    s.append(vec![msg("Other", 0, None, &["order-1"], "x")])
+        .await
+        .unwrap();
+    let got = s.by_key("Keys", "order-1", 64).await.unwrap();
+    let got_ids: Vec<MessageId> = got.iter().map(|m| m.id).collect();
+    let newest: Vec<MessageId> = want.iter().rev().take(64).copied().collect();
+    assert_eq!(got_ids, newest);
+    assert!(s.by_key("Keys", "missing", 64).await.unwrap().is_empty());
+    assert_eq!(s.by_key("Other", "order-1", 64).await.unwrap().len(), 1);
+    s.close().await.unwrap();
+    // Still found after reopen (slot table of the active file rebuilt).
+    let s = open(d.path(), &clock).await;
+    let again: Vec<MessageId> = s
+        .by_key("Keys", "order-1", 64)
+        .await
+        .unwrap()
+        .iter()
+        .map(|m| m.id)
+        .collect();
+    assert_eq!(again, newest);
+    s.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn by_time_pages_across_queues_in_time_order() {
+    let d = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(T0);
+    let s = open(d.path(), &clock).await;
+    let mut expected = Vec::new();
+    for i in 0..50u64 {
+        clock.set(T0 + i * 10);
+        let q = (i % 4) as u32;
+        let a = s
+            .append(vec![msg("Timed", q, None, &[], &format!("m{i}"))])
+            .await
+            .unwrap();
+        if (100..=400).contains(&(i * 10)) {
+            expected.push(a[0].id);
+        }
+    }
+    let mut got = Vec::new();
+    let mut token: Option<String> = None;
+    let mut pages = 0;
+    loop {
+        let p = s
+            .by_time("Timed", T0 + 100, T0 + 400, 7, token.as_deref())
+            .await
+            .unwrap();
+        assert!(p.messages.len() <= 7);
+        got.extend(p.messages.iter().map(|m| m.id));
+        pages += 1;
+        match p.next_page_token {
+            Some(t) => token = Some(t),
+            None => break,
+        }
+    }
+    assert_eq!(got, expected);
+    assert!(pages >= 5);
+    let e = s
+        .by_time("Timed", T0, T0 + 10, 5, Some("garbage"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.http_status(), 400);
+    assert!(
+        s.by_time("Nope", 0, u64::MAX, 5, None)
+            .await
+            .unwrap()
+            .messages
+            .is_empty()
+    );
+    s.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn timers_reveal_in_deliver_order_and_survive_restart() {
+    let d = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(T0);
+    let s = open(d.path(), &clock).await;
+    s.append(vec![msg("Delay", 0, None, &[], "plain")])
+        .await
+        .unwrap();
+    let mut batch = Vec::new();
+    // Deliver times spread over several 1 s buckets, out of order.
+    let times = [5_000u64, 1_500, 3_000, 1_500, 9_000, 2_500, 7_000, 4_000];
+    for (i, t) in times.iter().enumerate() {
+        batch.push(timer("Delay", 0, &format!("t{i}"), T0 + t));
+    }
+    // A deliver time in the past is visible at once.
+    batch.push(timer("Delay", 0, "past", T0 - 5));
+    let acks = s.append(batch).await.unwrap();
+    assert!(acks[..8].iter().all(|a| a.queue_offset.is_none()));
+    assert_eq!(acks[8].queue_offset, Some(1));
+    assert_eq!(s.stats().pending_timers, 8);
+    assert_eq!(s.next_timer_ms(), Some(T0 + 1_500));
+    assert_eq!(s.reveal_due(T0 + 1_000, 100).await.unwrap(), 0);
+    let held = s.get(acks[0].id).await.unwrap().unwrap();
+    assert_eq!(held.queue_offset, None);
+    assert_eq!(held.deliver_at_ms, Some(T0 + 5_000));
+
+    clock.set(T0 + 3_000);
+    assert_eq!(s.reveal_due(T0 + 3_000, 100).await.unwrap(), 4);
+    let visible = read_all(&s, "Delay", 0).await;
+    let names: Vec<String> = visible.iter().map(body).collect();
+    assert_eq!(names, vec!["plain", "past", "t1", "t3", "t5", "t2"]);
+    assert_eq!(visible[2].queue_offset, Some(2));
+    assert_eq!(s.next_timer_ms(), Some(T0 + 4_000));
+    assert_eq!(s.stats().pending_timers, 4);
+
+    // Crash (no checkpoint), then restart: pending timers and revealed entries are rebuilt.
+    s.halt().await;
+    drop(s);
+    let s = open(d.path(), &clock).await;
+    assert_eq!(s.stats().pending_timers, 4);
+    assert_eq!(s.next_timer_ms(), Some(T0 + 4_000));
+    assert_eq!(read_all(&s, "Delay", 0).await.len(), 6);
+    clock.set(T0 + 7_000);
+    assert_eq!(s.reveal_due(T0 + 7_000, 2).await.unwrap(), 2);
+    assert_eq!(s.reveal_due(T0 + 7_000, 100).await.unwrap(), 1);
+    s.close().await.unwrap();
+    let s = open(d.path(), &clock).await;
+    clock.set(T0 + 10_000);
+    assert_eq!(s.reveal_due(T0 + 10_000, 100).await.unwrap(), 1);
+    assert_eq!(s.next_timer_ms(), None);
+    let names: Vec<String> = read_all(&s, "Delay", 0).await.iter().map(body).collect();
+    assert_eq!(
+        names,
+        vec![
+            "plain", "past", "t1", "t3", "t5", "t2", "t7", "t0", "t6", "t4"
+        ]
+    );
+    assert_eq!(s.stats().pending_timers, 0);
+    s.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn offsets_and_metadata_survive_reopen() {
+    let d = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(T0);
+    let s = open(d.path(), &clock).await;
+    s.meta_put("topics", "b", b"2".to_vec()).await.unwrap();
+    s.meta_put("topics", "a", b"1".to_vec()).await.unwrap();
+    s.meta_put("groups", "g", b"x".to_vec()).await.unwrap();
+    s.meta_put("topics", "c", b"3".to_vec()).await.unwrap();
+    s.meta_delete("topics", "c").await.unwrap();
+    s.meta_delete("topics", "never").await.unwrap();
+    let off = |t: &str, q, o| CommittedOffset {
+        topic: t.into(),
+        queue_id: q,
+        offset: o,
+    };
+    s.commit_offsets("G1", &[off("T", 0, 5), off("T", 1, 7)])
+        .await
+        .unwrap();
+    s.commit_offsets("G1", &[off("T", 0, 6)]).await.unwrap();
+    s.commit_offsets("G2", &[off("T", 0, 1)]).await.unwrap();
+    s.delete_offsets("G2").await.unwrap();
+    // Offsets reach disk on the periodic flush even without close: wait for the file.
+    let path = d.path().join("offsets");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let saved = files::read_atomic(&path)
+            .unwrap()
+            .and_then(|b| files::decode_offsets(&b));
+        if saved.is_some_and(|o| {
+            o.get("G1")
+                .is_some_and(|g| g.get(&("T".to_string(), 0)) == Some(&6))
+                && !o.contains_key("G2")
+        }) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "offsets never flushed");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    s.halt().await;
+    drop(s);
+    let s = open(d.path(), &clock).await;
+    assert_eq!(
+        s.meta_list("topics").await.unwrap(),
+        vec![
+            ("a".to_string(), b"1".to_vec()),
+            ("b".to_string(), b"2".to_vec())
+        ]
+    );
+    assert_eq!(s.meta_list("groups").await.unwrap().len(), 1);
+    assert!(s.meta_list("empty").await.unwrap().is_empty());
+    assert_eq!(
+        s.load_offsets("G1").await.unwrap(),
+        vec![off("T", 0, 6), off("T", 1, 7)]
+    );
+    assert!(s.load_offsets("G2").await.unwrap().is_empty());
+    s.commit_offsets("G3", &[off("T", 2, 9)]).await.unwrap();
+    s.close().await.unwrap();
+    let s = open(d.path(), &clock).await;
+    assert_eq!(s.load_offsets("G3").await.unwrap(), vec![off("T", 2, 9)]);
+    s.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn retention_deletes_old_segments_and_moves_queue_min() {
+    let d = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(T0);
+    let s = open(d.path(), &clock).await;
+    let big = "x".repeat(1000);
+    let mut old = Vec::new();
+    for i in 0..40 {
+        let a = s
+            .append(vec![msg("Ret", 0, None, &["k"], &format!("{i}{big}"))])
+            .await
+            .unwrap();
+        old.push(a[0].id);
+    }
+    // A far-away timer in an old segment keeps that segment alive until revealed.
+    let hold = s
+        .append(vec![timer("Ret", 0, "late", T0 + 100 * 3_600_000)])
+        .await
+        .unwrap()[0]
+        .id;
+    let hours = 3_600_000;
+    clock.set(T0 + 80 * hours);
+    let mut fresh = Vec::new();
+    for i in 0..20 {
+        let a = s
+            .append(vec![msg("Ret", 0, None, &["k"], &format!("new{i}{big}"))])
+            .await
+            .unwrap();
+        fresh.push(a[0].id);
+    }
+    let segs_before = s.stats().segments;
+    let r = s.enforce_retention(T0 + 80 * hours).await.unwrap();
+    assert!(r.segments_deleted >= 1, "{r:?}");
+    assert!(r.bytes_freed > 0);
+    assert_eq!(s.stats().segments, segs_before - r.segments_deleted);
+    let b = s.queue_bounds("Ret", 0).await.unwrap();
+    assert!(b.min > 0 && b.max == 60, "{b:?}");
+    for id in &old[..(b.min as usize).min(old.len())] {
+        assert!(s.get(*id).await.unwrap().is_none());
+    }
+    for id in &fresh {
+        assert!(s.get(*id).await.unwrap().is_some());
+    }
+    assert!(
+        s.get(hold).await.unwrap().is_some(),
+        "segment with a pending timer was deleted"
+    );
+    let keyed = s.by_key("Ret", "k", 64).await.unwrap();
+    assert!(keyed.len() >= 20 && keyed.len() < 61);
+    let page = s.by_time("Ret", 0, u64::MAX, 100, None).await.unwrap();
+    assert!(page.messages.len() >= 20);
+    let r = s.read_queue("Ret", 0, 0, 100, None).await.unwrap();
+    assert_eq!(r.messages[0].queue_offset, Some(b.min));
+    assert!(s.earliest_stored_ms("Ret").await.unwrap().is_some());
+    // Reveal the timer; its segment can go at the next pass.
+    clock.set(T0 + 101 * hours);
+    assert_eq!(s.reveal_due(T0 + 101 * hours, 10).await.unwrap(), 1);
+    clock.set(T0 + 200 * hours);
+    let r2 = s.enforce_retention(T0 + 200 * hours).await.unwrap();
+    assert!(r2.segments_deleted >= 1);
+    assert!(s.get(hold).await.unwrap().is_none());
+    s.close().await.unwrap();
+    let s = open(d.path(), &clock).await;
+    let b2 = s.queue_bounds("Ret", 0).await.unwrap();
+    assert!(b2.min >= b.min && b2.max == 61);
+    s.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn full_disk_fails_the_round_and_keeps_stored_data() {
+    let d = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(T0);
+    let s = open(d.path(), &clock).await;
+    let first = s
+        .append(vec![msg("Disk", 0, None, &[], "kept")])
+        .await
+        .unwrap();
+    s.sh.fail_writes.store(1, Ordering::Release);
+    let e = s
+        .append(vec![msg("Disk", 0, None, &[], "lost")])
+        .await
+        .unwrap_err();
+    assert_eq!(e.code, ErrorCode::ServiceNotAvailable);
+    assert!(e.message.contains(&d.path().display().to_string()));
+    assert!(!s.writable());
+    let next = s
+        .append(vec![msg("Disk", 0, None, &[], "after")])
+        .await
+        .unwrap();
+    assert!(s.writable());
+    assert_eq!(next[0].queue_offset, Some(1));
+    assert_eq!(body(&s.get(first[0].id).await.unwrap().unwrap()), "kept");
+    let names: Vec<String> = read_all(&s, "Disk", 0).await.iter().map(body).collect();
+    assert_eq!(names, vec!["kept", "after"]);
+    s.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn unusable_data_dir_fails_with_its_name() {
+    let d = tempfile::tempdir().unwrap();
+    let file = d.path().join("plain-file");
+    std::fs::write(&file, b"x").unwrap();
+    let bad = file.join("data");
+    let clock = ManualClock::new(T0);
+    let e = EmbeddedStore::open_with(&cfg(&bad), clock.clone(), small())
+        .await
+        .unwrap_err();
+    assert_eq!(e.code, ErrorCode::ServiceNotAvailable);
+    assert!(e.message.contains(&bad.display().to_string()), "{e}");
+    // A second host on the same dir is refused while the first runs.
+    let s = open(d.path(), &clock).await;
+    let e = EmbeddedStore::open_with(&cfg(d.path()), clock.clone(), small())
+        .await
+        .unwrap_err();
+    assert!(e.message.contains("in use"), "{e}");
+    s.close().await.unwrap();
+    let pg = StoreConfig {
+        backend: Backend::Postgres,
+        ..cfg(d.path())
+    };
+    let e = open_store(&pg, clock.clone()).await.err().unwrap();
+    assert!(e.message.contains("postgres"), "{e}");
+    let s = open_store(&cfg(d.path()), clock.clone()).await.unwrap();
+    s.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn async_flush_acknowledges_and_syncs_periodically() {
+    let d = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(T0);
+    let c = StoreConfig {
+        flush: FlushMode::Async,
+        flush_interval_ms: 10,
+        ..cfg(d.path())
+    };
+    let s = EmbeddedStore::open_with(&c, clock.clone(), small())
+        .await
+        .unwrap();
+    let a = s
+        .append(vec![msg("Async", 0, None, &[], "m")])
+        .await
+        .unwrap();
+    assert!(s.get(a[0].id).await.unwrap().is_some());
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while s.stats().fsync_latency_us.count == 0 {
+        assert!(Instant::now() < deadline, "no periodic fsync");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    s.close().await.unwrap();
+}
+
+/// Writes `n` messages over several segments and returns (id, body, queue offset) per message.
+async fn fill(s: &EmbeddedStore, n: usize) -> Vec<(MessageId, String, u64)> {
+    let mut out = Vec::new();
+    for i in 0..n {
+        let b = format!("body-{i}-{}", "y".repeat(i % 300));
+        let a = s
+            .append(vec![msg(
+                "Dmg",
+                (i % 2) as u32,
+                None,
+                &[&format!("k{}", i % 5)],
+                &b,
+            )])
+            .await
+            .unwrap();
+        out.push((a[0].id, b, a[0].queue_offset.unwrap()));
+    }
+    out
+}
+
+#[tokio::test]
+async fn random_truncation_and_corruption_keep_everything_before_the_damage() {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0x5EED);
+    for round in 0..12 {
+        let d = tempfile::tempdir().unwrap();
+        let clock = ManualClock::new(T0);
+        let s = open(d.path(), &clock).await;
+        let written = fill(&s, 120).await;
+        // Half the rounds crash (indexes lag the log), half close cleanly.
+        if round % 2 == 0 {
+            s.halt().await;
+        } else {
+            s.close().await.unwrap();
+        }
+        drop(s);
+        let mut segs: Vec<_> = std::fs::read_dir(d.path().join("log"))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        segs.sort();
+        let victim = &segs[rng.random_range(0..segs.len())];
+        let base: u64 = victim
+            .file_stem()
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .parse()
+            .unwrap();
+        let len = std::fs::metadata(victim).unwrap().len();
+        let at = rng.random_range(0..len);
+        let truncate = rng.random_bool(0.5);
+        if truncate {
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open(victim)
+                .unwrap()
+                .set_len(at)
+                .unwrap();
+        } else {
+            let mut bytes = std::fs::read(victim).unwrap();
+            bytes[at as usize] ^= 0x5A;
+            std::fs::write(victim, bytes).unwrap();
+        }
+        let damage = base + at;
+        let s = open(d.path(), &clock).await;
+        let by_id: HashMap<MessageId, &String> = written.iter().map(|(i, b, _)| (*i, b)).collect();
+        for (id, b, _) in &written {
+            let got = s.get(*id).await.unwrap();
+            // A record is intact when the next one starts at or before the damage.
+            let next = written
+                .iter()
+                .map(|w| w.0.position())
+                .filter(|p| *p > id.position())
+                .min()
+                .unwrap_or(u64::MAX);
+            if next <= damage {
+                let m = got.unwrap_or_else(|| {
+                    panic!("round {round}: lost {id} before damage at {damage}")
+                });
+                assert_eq!(&body(&m), b);
+            } else if let Some(m) = got {
+                assert_eq!(&body(&m), b, "round {round}: garbage for {id}");
+            }
+        }
+        let intact = |id: MessageId| {
+            let next = written
+                .iter()
+                .map(|w| w.0.position())
+                .filter(|p| *p > id.position())
+                .min()
+                .unwrap_or(u64::MAX);
+            next <= damage
+        };
+        for q in 0..2u32 {
+            let msgs = read_all(&s, "Dmg", q).await;
+            for m in &msgs {
+                assert_eq!(by_id.get(&m.id).map(|b| b.as_str()), Some(body(m).as_str()));
+            }
+            for (id, _, off) in written.iter() {
+                let in_q = s.get(*id).await.unwrap().is_some_and(|m| m.queue_id == q);
+                if in_q && intact(*id) {
+                    assert!(
+                        msgs.iter()
+                            .any(|m| m.id == *id && m.queue_offset == Some(*off)),
+                        "round {round}: {id} missing from queue {q}"
+                    );
+                }
+            }
+        }
+        // The store keeps working after recovery, without reusing queue offsets of kept data.
+        let a = s
+            .append(vec![msg("Dmg", 0, None, &["k0"], "after")])
+            .await
+            .unwrap();
+        assert!(s.get(a[0].id).await.unwrap().is_some());
+        let q0 = read_all(&s, "Dmg", 0).await;
+        let offs: Vec<u64> = q0.iter().map(|m| m.queue_offset.unwrap()).collect();
+        let mut sorted = offs.clone();
+        sorted.dedup();
+        assert_eq!(offs, sorted, "round {round}: duplicate queue offsets");
+        for m in s.by_key("Dmg", "k0", 64).await.unwrap() {
+            if m.id != a[0].id {
+                assert_eq!(
+                    by_id.get(&m.id).map(|b| b.as_str()),
+                    Some(body(&m).as_str())
+                );
+            }
+        }
+        s.close().await.unwrap();
+    }
+}
+
+const CHILD_ENV: &str = "WHARF_STORE_KILL9_CHILD_DIR";
+
+fn kill9_child(dir: &str) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let clock: SharedClock = Arc::new(crate::clock::SystemClock::default());
+        let c = StoreConfig {
+            data_dir: dir.into(),
+            segment_bytes: 64 * 1024,
+            ..StoreConfig::default()
+        };
+        let s = EmbeddedStore::open_with(&c, clock, small()).await.unwrap();
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        for w in 0..8u32 {
+            let s = s.clone();
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                for i in 0u64.. {
+                    let mut m = msg(
+                        "Crash",
+                        w % 3,
+                        Some("T"),
+                        &[&format!("k{w}")],
+                        &format!("{w}-{i}"),
+                    );
+                    if i % 7 == 0 {
+                        m.deliver_at_ms =
+                            Some(crate::clock::SystemClock::default().now_ms() + 60_000);
+                    }
+                    match s.append(vec![m]).await {
+                        Ok(a) => {
+                            let _ = tx.send(a[0]);
+                        }
+                        Err(_) => return,
+                    }
+                }
+            });
+        }
+        drop(tx);
+        let mut out = std::io::stdout().lock();
+        while let Some(a) = rx.recv().await {
+            let off = a.queue_offset.map_or("-".to_string(), |o| o.to_string());
+            writeln!(out, "ACK {} {} {}", a.id, a.queue_id, off).unwrap();
+            out.flush().unwrap();
+        }
+    });
+}
+
+#[test]
+fn kill9_mid_load_loses_no_acknowledged_message() {
+    if let Ok(dir) = std::env::var(CHILD_ENV) {
+        kill9_child(&dir);
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "store::embedded::tests::kill9_mid_load_loses_no_acknowledged_message",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(CHILD_ENV, d.path())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let mut lines = BufReader::new(stdout).lines();
+    let mut acked: Vec<(MessageId, u32, Option<u64>)> = Vec::new();
+    let parse = |l: &str| -> Option<(MessageId, u32, Option<u64>)> {
+        let mut it = l.strip_prefix("ACK ")?.split(' ');
+        let id: MessageId = it.next()?.parse().ok()?;
+        let q: u32 = it.next()?.parse().ok()?;
+        let off = it.next()?.parse::<u64>().ok();
+        Some((id, q, off))
+    };
+    for l in lines.by_ref() {
+        let l = l.unwrap();
+        if let Some(a) = parse(&l) {
+            acked.push(a);
+            if acked.len() >= 1500 {
+                break;
+            }
+        }
+    }
+    child.kill().unwrap();
+    // Lines already printed were acknowledged before the kill.
+    for l in lines {
+        match l {
+            Ok(l) => acked.extend(parse(&l)),
+            Err(_) => break,
+        }
+    }
+    child.wait().unwrap();
+    assert!(
+        acked.len() >= 1500,
+        "child acknowledged only {}",
+        acked.len()
+    );
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let clock = ManualClock::new(crate::clock::SystemClock::default().now_ms());
+        let c = StoreConfig {
+            data_dir: d.path().into(),
+            segment_bytes: 64 * 1024,
+            ..StoreConfig::default()
+        };
+        let s = EmbeddedStore::open_with(&c, clock.clone(), small())
+            .await
+            .unwrap();
+        let mut by_queue: BTreeMap<u32, Vec<u64>> = BTreeMap::new();
+        let mut timers = 0;
+        for (id, q, off) in &acked {
+            let m = s
+                .get(*id)
+                .await
+                .unwrap()
+                .unwrap_or_else(|| panic!("acknowledged {id} lost"));
+            assert_eq!(m.queue_id, *q);
+            match off {
+                Some(o) => by_queue.entry(*q).or_default().push(*o),
+                None => timers += 1,
+            }
+        }
+        assert!(timers > 0);
+        assert!(s.stats().pending_timers >= timers);
+        for (q, offs) in by_queue {
+            let msgs = read_all(&s, "Crash", q).await;
+            for (i, m) in msgs.iter().enumerate() {
+                assert_eq!(m.queue_offset, Some(i as u64), "queue {q} has a gap");
+            }
+            let max = s.queue_bounds("Crash", q).await.unwrap().max;
+            assert!(
+                offs.iter().all(|o| *o < max),
+                "queue {q} lost acknowledged offsets"
+            );
+        }
+        s.close().await.unwrap();
+    });
+}
+
+#[tokio::test]
+async fn far_timers_wait_on_disk_and_fire_on_time() {
+    let d = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(T0);
+    let s = open(d.path(), &clock).await;
+    // 5,000 timers over 500 s (500 one-second buckets); the prefetch window is 2 s.
+    let mut batch = Vec::new();
+    for i in 0..5_000u64 {
+        batch.push(timer("Far", (i % 4) as u32, &format!("{i}"), T0 + 1_000 + i * 100));
+        if batch.len() == 500 {
+            s.append(std::mem::take(&mut batch)).await.unwrap();
+        }
+    }
+    assert_eq!(s.stats().pending_timers, 5_000);
+    assert!(s.timers_in_memory() <= 40, "{} timers in memory", s.timers_in_memory());
+    // Tick every 10 ms of (manual) time: each timer becomes visible no later than one tick after
+    // its deliver time, in deliver order.
+    let mut seen = 0u64;
+    let mut now = T0;
+    while seen < 5_000 {
+        now += 10;
+        clock.set(now);
+        while s.reveal_due(now, 1_000).await.unwrap() > 0 {}
+        let mut total = 0;
+        for q in 0..4 {
+            total += s.queue_bounds("Far", q).await.unwrap().max;
+        }
+        let due = ((now - T0).saturating_sub(1_000) / 100 + 1).min(5_000);
+        if now >= T0 + 1_000 {
+            assert_eq!(total, due, "at +{} ms", now - T0);
+        }
+        seen = total;
+        assert!(s.timers_in_memory() <= 40);
+        if now == T0 + 200_000 {
+            // Restart in the middle: pending timers come back from disk.
+            s.halt().await;
+        }
+        if now == T0 + 200_000 {
+            break;
+        }
+    }
+    drop(s);
+    let s = open(d.path(), &clock).await;
+    assert_eq!(s.stats().pending_timers, 5_000 - seen);
+    while seen < 5_000 {
+        now += 10;
+        clock.set(now);
+        while s.reveal_due(now, 1_000).await.unwrap() > 0 {}
+        let mut total = 0;
+        for q in 0..4 {
+            total += s.queue_bounds("Far", q).await.unwrap().max;
+        }
+        let due = ((now - T0).saturating_sub(1_000) / 100 + 1).min(5_000);
+        assert_eq!(total, due, "after restart at +{} ms", now - T0);
+        seen = total;
+    }
+    let mut bodies = Vec::new();
+    for q in 0..4 {
+        for m in read_all(&s, "Far", q).await {
+            let i: u64 = body(&m).parse().unwrap();
+            assert_eq!(i % 4, q as u64);
+            bodies.push(i);
+        }
+    }
+    bodies.sort_unstable();
+    assert_eq!(bodies, (0..5_000).collect::<Vec<_>>());
+    assert_eq!(s.next_timer_ms(), None);
+    s.close().await.unwrap();
+}

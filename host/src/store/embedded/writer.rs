@@ -1,0 +1,845 @@
+//! The single writer thread: group commit, index maintenance, checkpoints, retention.
+//!
+//! Callers encode their batch on their own task and queue it; the writer drains everything
+//! queued, copies the records into one buffer (patching position, store time, queue offset and
+//! CRC), issues one write per segment touched and one fsync (sync mode), then updates the
+//! derived indexes (page-cache writes only) and answers every request of the round.
+
+use std::collections::BTreeMap;
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use tokio::sync::oneshot;
+use tracing::{debug, error, info, warn};
+
+use super::Shared;
+use super::cq::{ConsumeQueue, CqEntry};
+use super::files::{Checkpoint, SegmentInfo, encode_offsets, write_atomic};
+use super::log::{self, Segment};
+use super::record::{self, EncodedBatch, Header};
+use super::timers::{Timer, TimerIndex};
+use crate::error::{Result, WharfError};
+use crate::model::{Appended, MessageId};
+use crate::store::{FlushMode, RetentionReport};
+
+/// Work for the writer thread.
+pub enum Request {
+    /// Append an encoded batch.
+    Append {
+        batch: EncodedBatch,
+        started: Instant,
+        reply: oneshot::Sender<Result<Vec<Appended>>>,
+    },
+    /// Reveal due timers.
+    Reveal {
+        now_ms: u64,
+        max: usize,
+        reply: oneshot::Sender<Result<usize>>,
+    },
+    /// Delete expired segments.
+    Retention {
+        now_ms: u64,
+        reply: oneshot::Sender<Result<RetentionReport>>,
+    },
+    /// Flush everything and stop.
+    Close { reply: oneshot::Sender<Result<()>> },
+    /// Stop at once without flushing (crash simulation in tests).
+    #[cfg_attr(not(test), allow(dead_code))]
+    Halt { reply: oneshot::Sender<()> },
+}
+
+enum Outcome {
+    Appended(Vec<Appended>),
+    Revealed(usize),
+}
+
+/// Writer-thread state.
+pub struct Writer {
+    sh: Arc<Shared>,
+    active: Arc<Segment>,
+    /// Bytes written to `active` (published or not).
+    written: u64,
+    wbuf: Vec<u8>,
+    pub(super) timers: TimerIndex,
+    pub(super) seg_info: BTreeMap<u64, SegmentInfo>,
+    last_stored_ms: u64,
+    unsynced: bool,
+    last_fsync: Instant,
+    last_checkpoint: Instant,
+    checkpoint_pos: u64,
+    last_offsets_flush: Instant,
+    index_broken: bool,
+    // Per-round scratch, reused.
+    cq_ops: Vec<(Arc<ConsumeQueue>, u64, CqEntry)>,
+    key_ops: Vec<(u32, u64)>,
+    timer_adds: Vec<(Timer, u64)>,
+    timer_dones: Vec<(Timer, u64)>,
+    popped: Vec<Timer>,
+    touched: Vec<(Arc<Segment>, u64, bool)>,
+    queue_undo: Vec<(Arc<ConsumeQueue>, u64)>,
+    max_ms_updates: Vec<(u64, u64)>,
+}
+
+/// Whatever ends the writer (close, halt, a panic), later requests must fail instead of hanging.
+struct ExitGuard(Arc<Shared>);
+
+impl Drop for ExitGuard {
+    fn drop(&mut self) {
+        self.0.release_lock();
+        if std::thread::panicking() {
+            error!("the store writer thread panicked; the store no longer takes writes");
+            self.0.set_writable(false);
+        }
+        // Dropping queued requests drops their reply senders: callers get an error at once.
+        drop(std::mem::take(&mut *self.0.inbox.lock()));
+    }
+}
+
+fn io_unavailable(sh: &Shared, what: &str, e: &io::Error) -> WharfError {
+    WharfError::unavailable(format!(
+        "the store cannot {what} in data directory {}: {e}; nothing of this request was stored \
+         — free disk space or fix permissions, then retry",
+        sh.dir.display()
+    ))
+}
+
+impl Writer {
+    /// A writer appending to `active` (already validated, `written` = its length).
+    pub fn new(
+        sh: Arc<Shared>,
+        active: Arc<Segment>,
+        timers: TimerIndex,
+        seg_info: BTreeMap<u64, SegmentInfo>,
+        checkpoint_pos: u64,
+    ) -> Writer {
+        let written = active.len.load(Ordering::Acquire);
+        Writer {
+            sh,
+            active,
+            written,
+            wbuf: Vec::with_capacity(1 << 20),
+            timers,
+            seg_info,
+            last_stored_ms: 0,
+            unsynced: false,
+            last_fsync: Instant::now(),
+            last_checkpoint: Instant::now(),
+            checkpoint_pos,
+            last_offsets_flush: Instant::now(),
+            index_broken: false,
+            cq_ops: Vec::new(),
+            key_ops: Vec::new(),
+            timer_adds: Vec::new(),
+            timer_dones: Vec::new(),
+            popped: Vec::new(),
+            touched: Vec::new(),
+            queue_undo: Vec::new(),
+            max_ms_updates: Vec::new(),
+        }
+    }
+
+    fn end_pos(&self) -> u64 {
+        self.active.base + self.written + self.wbuf.len() as u64
+    }
+
+    // ------------------------------------------------------------------ recovery replay
+
+    /// Rebuilds every index from the records in `[from, end)` of the log.
+    pub fn replay(&mut self, from: u64) -> io::Result<()> {
+        let segs = self.sh.log.segments();
+        let mut count = 0u64;
+        for seg in segs {
+            if seg.end() <= from && !(seg.base == from && seg.end() == from) {
+                continue;
+            }
+            let start = from.saturating_sub(seg.base);
+            let mut err = None;
+            log::scan(&seg, start, |pos, rec| {
+                if err.is_some() {
+                    return;
+                }
+                if let Err(e) = self.replay_record(seg.base, pos, rec) {
+                    err = Some(e);
+                }
+                count += 1;
+                if self.cq_ops.len() + self.key_ops.len() > 65536
+                    && let Err(e) = self.apply_indexes()
+                {
+                    err = Some(e);
+                }
+            })?;
+            if let Some(e) = err {
+                return Err(e);
+            }
+        }
+        self.apply_indexes()?;
+        self.timers.ensure_loaded(self.sh.clock.now_ms())?;
+        self.publish_timer_state();
+        if count > 0 {
+            info!(records = count, from, "store indexes rebuilt from the log");
+        }
+        Ok(())
+    }
+
+    fn replay_record(&mut self, seg_base: u64, pos: u64, rec: &[u8]) -> io::Result<()> {
+        let h = Header::parse(rec);
+        let Some(topic) = record::topic_of(rec) else {
+            return Ok(());
+        };
+        self.last_stored_ms = self.last_stored_ms.max(h.stored_ms);
+        self.max_ms_updates.push((seg_base, h.stored_ms));
+        match h.kind {
+            record::KIND_MESSAGE => {
+                if h.held() {
+                    self.timer_adds.push(((h.deliver_ms, pos, h.len), seg_base));
+                } else if h.queue_offset != record::NO_OFFSET {
+                    let q = self.sh.queues.get_or_create(topic, h.queue_id)?;
+                    q.next_assign
+                        .fetch_max(h.queue_offset + 1, Ordering::Relaxed);
+                    q.last_visible_ms.fetch_max(h.stored_ms, Ordering::Relaxed);
+                    self.cq_ops.push((
+                        q,
+                        h.queue_offset,
+                        CqEntry {
+                            pos,
+                            src_pos: pos,
+                            size: h.len,
+                            tag_hash: h.tag_hash,
+                            visible_ms: h.stored_ms,
+                        },
+                    ));
+                }
+                for k in record::keys_of(rec) {
+                    self.key_ops.push((record::key_hash(topic, k), pos));
+                }
+            }
+            _ => {
+                let target = h.born_ms;
+                let q = self.sh.queues.get_or_create(topic, h.queue_id)?;
+                q.next_assign
+                    .fetch_max(h.queue_offset + 1, Ordering::Relaxed);
+                q.last_visible_ms.fetch_max(h.stored_ms, Ordering::Relaxed);
+                self.cq_ops.push((
+                    q,
+                    h.queue_offset,
+                    CqEntry {
+                        pos: target,
+                        src_pos: pos,
+                        size: h.reconsume,
+                        tag_hash: h.tag_hash,
+                        visible_ms: h.stored_ms,
+                    },
+                ));
+                self.timer_dones
+                    .push(((h.deliver_ms, target, h.reconsume), pos));
+            }
+        }
+        Ok(())
+    }
+
+    // ------------------------------------------------------------------ main loop
+
+    /// Serves requests until closed.
+    pub fn run(mut self) {
+        let _guard = ExitGuard(self.sh.clone());
+        let tick = Duration::from_millis(20);
+        loop {
+            let reqs = {
+                let mut inbox = self.sh.inbox.lock();
+                if inbox.is_empty() {
+                    self.sh.inbox_cv.wait_for(&mut inbox, tick);
+                }
+                std::mem::take(&mut *inbox)
+            };
+            let mut data = Vec::with_capacity(reqs.len());
+            let mut control = Vec::new();
+            for r in reqs {
+                match r {
+                    Request::Append { .. } | Request::Reveal { .. } => data.push(r),
+                    other => control.push(other),
+                }
+            }
+            if !data.is_empty() {
+                self.round(data);
+            }
+            for c in control {
+                match c {
+                    Request::Retention { now_ms, reply } => {
+                        let _ = reply.send(self.retention(now_ms));
+                    }
+                    Request::Close { reply } => {
+                        let r = self.shutdown();
+                        self.sh.release_lock();
+                        let _ = reply.send(r);
+                        return;
+                    }
+                    Request::Halt { reply } => {
+                        self.sh.release_lock();
+                        let _ = reply.send(());
+                        return;
+                    }
+                    _ => {}
+                }
+            }
+            self.maintenance(false);
+        }
+    }
+
+    fn shutdown(&mut self) -> Result<()> {
+        self.sh.closed.store(true, Ordering::Release);
+        // Answer anything that raced with close.
+        let late = std::mem::take(&mut *self.sh.inbox.lock());
+        if !late.is_empty() {
+            let data: Vec<Request> = late
+                .into_iter()
+                .filter(|r| matches!(r, Request::Append { .. } | Request::Reveal { .. }))
+                .collect();
+            if !data.is_empty() {
+                self.round(data);
+            }
+        }
+        self.maintenance(true);
+        self.flush_offsets()
+            .map_err(|e| io_unavailable(&self.sh, "save consumer offsets", &e))?;
+        if self.index_broken {
+            return Err(WharfError::internal(
+                "store indexes could not be written; they will be rebuilt from the log on restart",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Periodic work: async fsync, consumer offsets, index checkpoint, timer window.
+    fn maintenance(&mut self, force: bool) {
+        let cfg = &self.sh.config;
+        let interval = Duration::from_millis(cfg.flush_interval_ms.max(1));
+        let due = force || cfg.flush == FlushMode::Sync || self.last_fsync.elapsed() >= interval;
+        if self.unsynced
+            && due
+            && let Err(e) = self.fsync_active()
+        {
+            error!(error = %e, "store fsync failed");
+            self.sh.set_writable(false);
+        }
+        if force || self.last_offsets_flush.elapsed() >= self.sh.tuning.offsets_flush() {
+            if let Err(e) = self.flush_offsets() {
+                error!(error = %e, "saving consumer offsets failed");
+            }
+            self.last_offsets_flush = Instant::now();
+        }
+        let end = self.active.base + self.written;
+        let ck_due = self.last_checkpoint.elapsed() >= self.sh.tuning.checkpoint_interval();
+        if (force || (ck_due && end != self.checkpoint_pos))
+            && let Err(e) = self.checkpoint()
+        {
+            error!(error = %e, "store index checkpoint failed");
+        }
+        if let Err(e) = self.timers.ensure_loaded(self.sh.clock.now_ms()) {
+            error!(error = %e, "loading timer bucket failed");
+        }
+        self.publish_timer_state();
+    }
+
+    fn publish_timer_state(&self) {
+        self.sh.next_timer.store(
+            self.timers.next_due().unwrap_or(u64::MAX),
+            Ordering::Release,
+        );
+        self.sh
+            .pending_timers
+            .store(self.timers.pending(), Ordering::Release);
+        self.sh
+            .loaded_timers
+            .store(self.timers.loaded(), Ordering::Release);
+    }
+
+    fn fsync_active(&mut self) -> io::Result<()> {
+        let t = Instant::now();
+        self.active.file.sync_data()?;
+        self.sh
+            .stats
+            .fsync_latency
+            .record(t.elapsed().as_micros() as u64);
+        self.unsynced = false;
+        self.last_fsync = Instant::now();
+        Ok(())
+    }
+
+    fn flush_offsets(&self) -> io::Result<()> {
+        let bytes = {
+            let mut o = self.sh.offsets.lock();
+            if !o.1 {
+                return Ok(());
+            }
+            o.1 = false;
+            encode_offsets(&o.0)
+        };
+        let r = write_atomic(&self.sh.dir.join("offsets"), &bytes);
+        if r.is_err() {
+            self.sh.offsets.lock().1 = true;
+        }
+        r
+    }
+
+    /// Makes every index durable and records the log position they cover.
+    pub fn checkpoint(&mut self) -> io::Result<()> {
+        if self.index_broken {
+            return Ok(());
+        }
+        if self.unsynced {
+            self.fsync_active()?;
+        }
+        for q in self.sh.queues.all() {
+            q.sync()?;
+        }
+        self.sh.keys.sync()?;
+        self.timers.sync()?;
+        let pos = self.active.base + self.written;
+        let existing: Vec<u64> = self.sh.log.segments().iter().map(|s| s.base).collect();
+        self.seg_info.retain(|b, _| existing.contains(b));
+        let ck = Checkpoint {
+            log_pos: pos,
+            segments: self.seg_info.clone(),
+        };
+        ck.save(&self.sh.dir.join("checkpoint"))?;
+        self.checkpoint_pos = pos;
+        self.last_checkpoint = Instant::now();
+        Ok(())
+    }
+
+    // ------------------------------------------------------------------ one group-commit round
+
+    fn round(&mut self, reqs: Vec<Request>) {
+        let now = self.sh.clock.now_ms().max(self.last_stored_ms);
+        let pre_written = self.written;
+        let pre_active = self.active.clone();
+        let mut outcomes: Vec<std::result::Result<Outcome, WharfError>> =
+            Vec::with_capacity(reqs.len());
+        let mut failure: Option<WharfError> = None;
+        for r in &reqs {
+            if failure.is_some() {
+                break;
+            }
+            let res = match r {
+                Request::Append { batch, .. } => {
+                    self.place_batch(batch, now).map(Outcome::Appended)
+                }
+                Request::Reveal { now_ms, max, .. } => self
+                    .place_reveals(*now_ms, *max, now)
+                    .map(Outcome::Revealed),
+                _ => continue,
+            };
+            match res {
+                Ok(o) => outcomes.push(Ok(o)),
+                Err(e) => failure = Some(io_unavailable(&self.sh, "write the message log", &e)),
+            }
+        }
+        if failure.is_none()
+            && let Err(e) = self.commit()
+        {
+            failure = Some(io_unavailable(&self.sh, "write the message log", &e));
+        }
+        if let Some(err) = failure {
+            self.rollback(pre_active, pre_written);
+            error!(error = %err, "append round failed; nothing of it was acknowledged");
+            self.sh.set_writable(false);
+            for r in reqs {
+                match r {
+                    Request::Append { reply, .. } => {
+                        let _ = reply.send(Err(err.clone()));
+                    }
+                    Request::Reveal { reply, .. } => {
+                        let _ = reply.send(Err(err.clone()));
+                    }
+                    _ => {}
+                }
+            }
+            return;
+        }
+        self.sh.set_writable(true);
+        self.last_stored_ms = now;
+        if let Err(e) = self.apply_indexes() {
+            error!(error = %e, "store index update failed; indexes will be rebuilt from the log on restart");
+            self.index_broken = true;
+        }
+        self.touched.clear();
+        self.queue_undo.clear();
+        self.popped.clear();
+        // Publish timer state before answering so a caller sees its own held timer.
+        if let Err(e) = self.timers.ensure_loaded(now) {
+            error!(error = %e, "loading timer bucket failed");
+        }
+        self.publish_timer_state();
+        let visible = outcomes.iter().any(|o| match o {
+            Ok(Outcome::Appended(a)) => a.iter().any(|a| a.queue_offset.is_some()),
+            Ok(Outcome::Revealed(n)) => *n > 0,
+            Err(_) => false,
+        });
+        if visible {
+            self.sh.changes.send_modify(|c| *c += 1);
+        }
+        for (r, o) in reqs.into_iter().zip(outcomes) {
+            match (r, o) {
+                (Request::Append { reply, started, .. }, Ok(Outcome::Appended(a))) => {
+                    self.sh
+                        .stats
+                        .appended_messages
+                        .fetch_add(a.len() as u64, Ordering::Relaxed);
+                    self.sh
+                        .stats
+                        .append_latency
+                        .record(started.elapsed().as_micros() as u64);
+                    let _ = reply.send(Ok(a));
+                }
+                (Request::Reveal { reply, .. }, Ok(Outcome::Revealed(n))) => {
+                    let _ = reply.send(Ok(n));
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Makes room for a record of `len` bytes, rolling to a new segment when the active one is
+    /// full. Returns the position the record will get.
+    fn reserve(&mut self, len: usize) -> io::Result<u64> {
+        let used = self.written + self.wbuf.len() as u64;
+        if used > 0 && used + len as u64 > self.sh.config.segment_bytes {
+            self.write_out()?;
+            if self.sh.config.flush == FlushMode::Sync {
+                self.fsync_active()?;
+            } else {
+                // The old segment gets no further periodic fsync: do it now.
+                self.active.file.sync_data()?;
+                self.unsynced = false;
+            }
+            let base = self.active.base + self.written;
+            let seg = self.sh.log.create(base)?;
+            self.seg_info.entry(base).or_default();
+            self.touched.push((seg.clone(), 0, true));
+            self.active = seg;
+            self.written = 0;
+        }
+        Ok(self.end_pos())
+    }
+
+    /// Writes the buffer to the active segment (one write call).
+    fn write_out(&mut self) -> io::Result<()> {
+        if self.wbuf.is_empty() {
+            return Ok(());
+        }
+        if !self
+            .touched
+            .iter()
+            .any(|(s, _, _)| Arc::ptr_eq(s, &self.active))
+        {
+            self.touched
+                .push((self.active.clone(), self.written, false));
+        }
+        self.sh.fault_check()?;
+        self.active.file.write_all_at(&self.wbuf, self.written)?;
+        self.written += self.wbuf.len() as u64;
+        self.sh
+            .stats
+            .appended_bytes
+            .fetch_add(self.wbuf.len() as u64, Ordering::Relaxed);
+        self.wbuf.clear();
+        if self.sh.config.flush == FlushMode::Async {
+            self.active.len.store(self.written, Ordering::Release);
+        }
+        self.unsynced = true;
+        Ok(())
+    }
+
+    /// Writes and (sync mode) fsyncs the round, then publishes the new log end.
+    fn commit(&mut self) -> io::Result<()> {
+        self.write_out()?;
+        if self.sh.config.flush == FlushMode::Sync && self.unsynced {
+            self.sh.fault_check()?;
+            self.fsync_active()?;
+        }
+        for (seg, _, _) in &self.touched {
+            if !Arc::ptr_eq(seg, &self.active) {
+                seg.len.store(
+                    seg.file.metadata().map(|m| m.len()).unwrap_or(0),
+                    Ordering::Release,
+                );
+            }
+        }
+        self.active.len.store(self.written, Ordering::Release);
+        Ok(())
+    }
+
+    fn rollback(&mut self, pre_active: Arc<Segment>, pre_written: u64) {
+        self.wbuf.clear();
+        for (seg, pre_len, created) in std::mem::take(&mut self.touched) {
+            if created {
+                if let Err(e) = self.sh.log.remove(seg.base) {
+                    warn!(error = %e, "removing a segment of a failed round");
+                }
+                self.seg_info.remove(&seg.base);
+            } else {
+                let _ = seg.file.set_len(pre_len);
+                seg.len.store(pre_len, Ordering::Release);
+            }
+        }
+        self.active = pre_active;
+        self.written = pre_written;
+        self.active.len.store(pre_written, Ordering::Release);
+        for (q, next) in std::mem::take(&mut self.queue_undo) {
+            q.next_assign.store(next, Ordering::Relaxed);
+        }
+        let popped = std::mem::take(&mut self.popped);
+        self.timers.unpop(&popped);
+        self.cq_ops.clear();
+        self.key_ops.clear();
+        self.timer_adds.clear();
+        self.timer_dones.clear();
+        self.max_ms_updates.clear();
+    }
+
+    fn assign_offset(&mut self, q: &Arc<ConsumeQueue>) -> u64 {
+        let off = q.next_assign.fetch_add(1, Ordering::Relaxed);
+        if !self.queue_undo.iter().any(|(u, _)| Arc::ptr_eq(u, q)) {
+            self.queue_undo.push((q.clone(), off));
+        }
+        off
+    }
+
+    fn place_batch(&mut self, batch: &EncodedBatch, now: u64) -> io::Result<Vec<Appended>> {
+        let mut out = Vec::with_capacity(batch.recs.len());
+        let mut last_q: Option<(std::ops::Range<usize>, u32, Arc<ConsumeQueue>)> = None;
+        for r in &batch.recs {
+            let len = r.len as usize;
+            let pos = self.reserve(len)?;
+            let held = r.deliver_at.is_some_and(|d| d > now);
+            let topic_bytes = &batch.buf[r.topic.clone()];
+            let topic = std::str::from_utf8(topic_bytes).map_err(io::Error::other)?;
+            let qoff = if held {
+                record::NO_OFFSET
+            } else {
+                let q = match &last_q {
+                    Some((range, id, q))
+                        if *id == r.queue_id && &batch.buf[range.clone()] == topic_bytes =>
+                    {
+                        q.clone()
+                    }
+                    _ => {
+                        let q = self.sh.queues.get_or_create(topic, r.queue_id)?;
+                        last_q = Some((r.topic.clone(), r.queue_id, q.clone()));
+                        q
+                    }
+                };
+                let off = self.assign_offset(&q);
+                let visible = now.max(q.last_visible_ms.load(Ordering::Relaxed));
+                q.last_visible_ms.store(visible, Ordering::Relaxed);
+                self.cq_ops.push((
+                    q,
+                    off,
+                    CqEntry {
+                        pos,
+                        src_pos: pos,
+                        size: r.len,
+                        tag_hash: r.tag_hash,
+                        visible_ms: visible,
+                    },
+                ));
+                off
+            };
+            let at = self.wbuf.len();
+            self.wbuf
+                .extend_from_slice(&batch.buf[r.start..r.start + len]);
+            record::finish(&mut self.wbuf[at..at + len], pos, now, qoff, held);
+            for h in &batch.key_hashes[r.keys.clone()] {
+                self.key_ops.push((*h, pos));
+            }
+            if held {
+                let deliver = r.deliver_at.unwrap_or(now);
+                self.timer_adds
+                    .push(((deliver, pos, r.len), self.active.base));
+            }
+            out.push(Appended {
+                id: MessageId::new(now, self.sh.node, pos),
+                queue_id: r.queue_id,
+                queue_offset: (!held).then_some(qoff),
+                stored_ms: now,
+            });
+        }
+        self.max_ms_updates.push((self.active.base, now));
+        Ok(out)
+    }
+
+    fn place_reveals(&mut self, due_ms: u64, max: usize, now: u64) -> io::Result<usize> {
+        let due = self.timers.pop_due(due_ms, max)?;
+        let mut n = 0;
+        for t in due {
+            self.popped.push(t);
+            let (deliver, pos, size) = t;
+            let Some(rec) = self.sh.log.read_record(pos, Some(size)) else {
+                warn!(
+                    position = pos,
+                    "timer message is no longer readable; dropping the timer"
+                );
+                let marker = self.end_pos();
+                self.timer_dones.push((t, marker));
+                continue;
+            };
+            let h = Header::parse(&rec);
+            let topic = record::topic_of(&rec).unwrap_or("");
+            if h.kind != record::KIND_MESSAGE
+                || !h.held()
+                || h.deliver_ms != deliver
+                || topic.is_empty()
+            {
+                warn!(
+                    position = pos,
+                    "timer index entry does not match its message; dropping it"
+                );
+                let marker = self.end_pos();
+                self.timer_dones.push((t, marker));
+                continue;
+            }
+            let q = self.sh.queues.get_or_create(topic, h.queue_id)?;
+            let len = record::HEADER + topic.len();
+            let rpos = self.reserve(len)?;
+            let qoff = self.assign_offset(&q);
+            let visible = now.max(q.last_visible_ms.load(Ordering::Relaxed));
+            q.last_visible_ms.store(visible, Ordering::Relaxed);
+            record::encode_reveal(
+                &mut self.wbuf,
+                rpos,
+                now,
+                topic,
+                h.queue_id,
+                qoff,
+                h.tag_hash,
+                pos,
+                deliver,
+                size,
+            );
+            self.cq_ops.push((
+                q,
+                qoff,
+                CqEntry {
+                    pos,
+                    src_pos: rpos,
+                    size,
+                    tag_hash: h.tag_hash,
+                    visible_ms: visible,
+                },
+            ));
+            self.timer_dones.push((t, rpos));
+            n += 1;
+        }
+        if n > 0 {
+            self.max_ms_updates.push((self.active.base, now));
+        }
+        Ok(n)
+    }
+
+    /// Writes queued index updates (page cache only; the checkpoint fsyncs them).
+    fn apply_indexes(&mut self) -> io::Result<()> {
+        let mut ops = std::mem::take(&mut self.cq_ops);
+        ops.sort_by(|a, b| {
+            (Arc::as_ptr(&a.0) as usize, a.1).cmp(&(Arc::as_ptr(&b.0) as usize, b.1))
+        });
+        let mut buf = Vec::new();
+        let mut i = 0;
+        let mut result = Ok(());
+        while i < ops.len() {
+            let q = ops[i].0.clone();
+            let first = ops[i].1;
+            let mut j = i;
+            buf.clear();
+            while j < ops.len() && Arc::ptr_eq(&ops[j].0, &q) && ops[j].1 == first + (j - i) as u64
+            {
+                ops[j].2.write(&mut buf);
+                j += 1;
+            }
+            if let Err(e) = q.write_run(first, &buf) {
+                result = Err(e);
+                break;
+            }
+            q.publish(first + (j - i) as u64);
+            i = j;
+        }
+        ops.clear();
+        self.cq_ops = ops;
+        result?;
+        if !self.key_ops.is_empty() {
+            let keys = std::mem::take(&mut self.key_ops);
+            let r = self.sh.keys.append(&keys);
+            self.key_ops = keys;
+            self.key_ops.clear();
+            r?;
+        }
+        for ((deliver, pos, size), seg) in std::mem::take(&mut self.timer_adds) {
+            self.timers.add((deliver, pos, size));
+            self.seg_info.entry(seg).or_default().pending_timers += 1;
+        }
+        for ((deliver, pos, _), marker) in std::mem::take(&mut self.timer_dones) {
+            self.timers.mark_done(deliver, pos, marker);
+            if let Some(seg) = self.sh.log.segment_of(pos)
+                && let Some(info) = self.seg_info.get_mut(&seg.base)
+            {
+                info.pending_timers = info.pending_timers.saturating_sub(1);
+            }
+        }
+        for (seg, ms) in self.max_ms_updates.drain(..) {
+            let info = self.seg_info.entry(seg).or_default();
+            info.max_stored_ms = info.max_stored_ms.max(ms);
+        }
+        self.timers.flush_buffers()?;
+        Ok(())
+    }
+
+    // ------------------------------------------------------------------ retention
+
+    fn retention(&mut self, now_ms: u64) -> Result<RetentionReport> {
+        let keep_ms = self.sh.config.retention_hours.saturating_mul(3_600_000);
+        let mut report = RetentionReport::default();
+        for seg in self.sh.log.segments() {
+            if seg.base == self.active.base {
+                continue;
+            }
+            let Some(info) = self.seg_info.get(&seg.base).copied() else {
+                continue;
+            };
+            if info.pending_timers > 0 || info.max_stored_ms.saturating_add(keep_ms) > now_ms {
+                continue;
+            }
+            let bytes = seg.len.load(Ordering::Acquire);
+            self.sh.log.remove(seg.base).map_err(|e| {
+                WharfError::internal(format!("deleting segment {}: {e}", seg.path.display()))
+            })?;
+            self.seg_info.remove(&seg.base);
+            report.segments_deleted += 1;
+            report.bytes_freed += bytes;
+            debug!(segment = seg.base, bytes, "retention deleted a segment");
+        }
+        if report.segments_deleted > 0 {
+            let log = &self.sh.log;
+            for q in self.sh.queues.all() {
+                q.advance_min(|pos| log.segment_of(pos).is_some())
+                    .map_err(|e| {
+                        WharfError::internal(format!("moving a consume queue's min offset: {e}"))
+                    })?;
+            }
+            self.sh
+                .keys
+                .drop_before(log.start())
+                .map_err(|e| WharfError::internal(format!("deleting key index files: {e}")))?;
+            self.checkpoint().map_err(|e| {
+                WharfError::internal(format!("store checkpoint after retention: {e}"))
+            })?;
+            info!(
+                segments = report.segments_deleted,
+                bytes = report.bytes_freed,
+                "retention pass"
+            );
+        }
+        Ok(report)
+    }
+}
