@@ -10,30 +10,19 @@ channel=$(sed -n 's/^channel *= *"\(.*\)"/\1/p' rust-toolchain.toml)
 rustup toolchain install "$channel" --profile minimal --component rustfmt,clippy >/dev/null
 rustup target add --toolchain "$channel" wasm32-wasip2 >/dev/null
 
-target_dir=${CARGO_TARGET_DIR:-target}
+# The example manifests name their components as ../../target/wasm32-wasip2/release/*.wasm.
+export CARGO_TARGET_DIR="$PWD/target"
 
-# Plugins that ship a manifest are deployable examples; build them for the component target and
-# put each component where its manifest's `component = "..."` points.
-crates=()
-dirs=()
+# Every plugin that ships a manifest is a deployable example.
+args=()
 for manifest in plugins/*/plugin.toml; do
     [ -e "$manifest" ] || continue
-    dir=$(dirname "$manifest")
-    crates+=("$(sed -n 's/^name *= *"\(.*\)"/\1/p' "$dir/Cargo.toml" | head -n1)")
-    dirs+=("$dir")
+    crate=$(sed -n 's/^name *= *"\(.*\)"/\1/p' "$(dirname "$manifest")/Cargo.toml" | head -n1)
+    args+=(-p "$crate")
 done
-if [ ${#crates[@]} -gt 0 ]; then
-    args=()
-    for c in "${crates[@]}"; do args+=(-p "$c"); done
+if [ ${#args[@]} -gt 0 ]; then
     cargo build --release --target wasm32-wasip2 "${args[@]}"
-    for i in "${!crates[@]}"; do
-        dir=${dirs[$i]}
-        component=$(sed -n 's/^component *= *"\(.*\)"/\1/p' "$dir/plugin.toml" | head -n1)
-        built="$target_dir/wasm32-wasip2/release/${crates[$i]//-/_}.wasm"
-        cp "$built" "$dir/$component"
-        echo "plugin ${crates[$i]}: $dir/$component"
-    done
 fi
 
 cargo build --release -p wharf
-exec "$target_dir/release/wharf" serve "$@"
+exec target/release/wharf serve "$@"

@@ -310,7 +310,8 @@ impl Config {
                 "broker.retry_delay_scale must be a positive number".into(),
             ));
         }
-        if self.store.backend == crate::store::Backend::Postgres && self.store.postgres.url.is_empty()
+        if self.store.backend == crate::store::Backend::Postgres
+            && self.store.postgres.url.is_empty()
         {
             return Err((
                 "store.postgres.url".into(),
@@ -328,14 +329,20 @@ impl Config {
             if !seen.insert(k.access_key.as_str()) {
                 return Err((
                     "access_key".into(),
-                    format!("access key '{}' is listed twice in [[auth.keys]]", k.access_key),
+                    format!(
+                        "access key '{}' is listed twice in [[auth.keys]]",
+                        k.access_key
+                    ),
                 ));
             }
         }
         tracing_subscriber::EnvFilter::try_new(&self.log.filter).map_err(|e| {
             (
                 "log.filter".into(),
-                format!("log.filter = \"{}\" is not a valid filter: {e}", self.log.filter),
+                format!(
+                    "log.filter = \"{}\" is not a valid filter: {e}",
+                    self.log.filter
+                ),
             )
         })?;
         Ok(())

@@ -6,7 +6,9 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 use wharf::bench::BenchCommand;
-use wharf::cli::{self, ClientOpts, GroupCommand, PluginCommand, QueryCommand, SendArgs, TopicCommand};
+use wharf::cli::{
+    self, ClientOpts, GroupCommand, PluginCommand, QueryCommand, SendArgs, TopicCommand,
+};
 use wharf::config::{Config, LogFormat, Overrides};
 
 /// Message broker, MQTT gateway and WebAssembly consumer runtime in one host.
@@ -87,7 +89,10 @@ struct ServeArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(r) => r,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");

@@ -108,7 +108,8 @@ pub struct TopicSendCounters {
 /// send and looked up under a read lock afterwards, so the hot path takes no write lock.
 #[derive(Debug, Default)]
 pub struct SendCounters {
-    topics: parking_lot::RwLock<std::collections::BTreeMap<String, std::sync::Arc<TopicSendCounters>>>,
+    topics:
+        parking_lot::RwLock<std::collections::BTreeMap<String, std::sync::Arc<TopicSendCounters>>>,
 }
 
 impl SendCounters {
@@ -141,7 +142,10 @@ impl SendCounters {
     /// Appends the counters in Prometheus text format.
     pub fn render(&self, out: &mut String) {
         let topics = self.topics.read();
-        let _ = writeln!(out, "# HELP wharf_sent_messages_total Messages stored by sends, per topic.");
+        let _ = writeln!(
+            out,
+            "# HELP wharf_sent_messages_total Messages stored by sends, per topic."
+        );
         let _ = writeln!(out, "# TYPE wharf_sent_messages_total counter");
         for (t, c) in topics.iter() {
             let _ = writeln!(
@@ -151,7 +155,10 @@ impl SendCounters {
                 c.messages.load(Ordering::Relaxed)
             );
         }
-        let _ = writeln!(out, "# HELP wharf_sent_bytes_total Body bytes stored by sends, per topic.");
+        let _ = writeln!(
+            out,
+            "# HELP wharf_sent_bytes_total Body bytes stored by sends, per topic."
+        );
         let _ = writeln!(out, "# TYPE wharf_sent_bytes_total counter");
         for (t, c) in topics.iter() {
             let _ = writeln!(
@@ -166,12 +173,15 @@ impl SendCounters {
 
 /// Escapes a Prometheus label value.
 pub fn escape_label(v: &str) -> String {
-    v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
 }
 
 /// The process-wide send counters.
 pub fn send_counters() -> &'static SendCounters {
-    static COUNTERS: std::sync::LazyLock<SendCounters> = std::sync::LazyLock::new(SendCounters::default);
+    static COUNTERS: std::sync::LazyLock<SendCounters> =
+        std::sync::LazyLock::new(SendCounters::default);
     &COUNTERS
 }
 
@@ -206,8 +216,14 @@ mod tests {
         assert_eq!(c.get("Trade"), (3, 15));
         let mut out = String::new();
         c.render(&mut out);
-        assert!(out.contains("wharf_sent_messages_total{topic=\"Trade\"} 3"), "{out}");
-        assert!(out.contains("wharf_sent_bytes_total{topic=\"Trade\"} 15"), "{out}");
+        assert!(
+            out.contains("wharf_sent_messages_total{topic=\"Trade\"} 3"),
+            "{out}"
+        );
+        assert!(
+            out.contains("wharf_sent_bytes_total{topic=\"Trade\"} 15"),
+            "{out}"
+        );
         assert!(out.contains("topic=\"a\\\"b\""), "{out}");
     }
 }

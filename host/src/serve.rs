@@ -38,8 +38,8 @@ pub fn init_logging(format: LogFormat, filter: &str) {
             .with_span_list(false)
             .try_init(),
         LogFormat::Human => {
-            let ansi =
-                std::env::var_os("NO_COLOR").is_none() && std::io::IsTerminal::is_terminal(&std::io::stderr());
+            let ansi = std::env::var_os("NO_COLOR").is_none()
+                && std::io::IsTerminal::is_terminal(&std::io::stderr());
             builder.with_ansi(ansi).try_init()
         }
     };
@@ -84,9 +84,14 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         Arc::new(SystemClock::default()),
     ));
     if auth.is_open() {
-        warn!("auth is OPEN: no [[auth.keys]] configured, so every HTTP request is accepted unsigned");
+        warn!(
+            "auth is OPEN: no [[auth.keys]] configured, so every HTTP request is accepted unsigned"
+        );
     } else {
-        info!(keys = config.auth.keys.len(), "auth on: HTTP requests must be signed (GET /healthz stays open)");
+        info!(
+            keys = config.auth.keys.len(),
+            "auth on: HTTP requests must be signed (GET /healthz stays open)"
+        );
     }
 
     let listener = match bind(&config.http.listen).await {
@@ -121,7 +126,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let mut server = tokio::spawn(server.into_future());
 
     info!("listening http={addr}");
-    for (name, listen) in [("mqtt", &config.mqtt.listen), ("remoting", &config.remoting.listen)] {
+    for (name, listen) in [
+        ("mqtt", &config.mqtt.listen),
+        ("remoting", &config.remoting.listen),
+    ] {
         if !listen.is_empty() {
             warn!("{name} listener is not built yet: NOT listening on {listen} ([{name}] listen)");
         }

@@ -119,7 +119,7 @@ macro_rules! export_plugin {
                     $crate::__private::consume_batch::<$plugin>(ms, c)
                 }
             }
-            $crate::bindings::__export_consumer!(__WharfGuest with_types_in $crate::bindings);
+    $crate::bindings::__export_consumer!(__WharfGuest with_types_in $crate::bindings);
         };
     };
 }

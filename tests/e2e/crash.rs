@@ -397,3 +397,32 @@ fn damaged_tail_case(how: Damage, hard_stop: bool) {
     assert!(ids.contains(&after_id), "{how:?}");
     s.stop();
 }
+
+#[test]
+fn sigterm_under_load_exits_zero_and_keeps_every_acknowledged_message() {
+    let mut s = Server::start_default();
+    create_topic(s.api(), "Drain", 4);
+    let t0 = now_ms();
+    let stop = Arc::new(AtomicBool::new(false));
+    let acked = Arc::new(Mutex::new(Vec::new()));
+    let senders = load(
+        s.base_url().to_string(),
+        "Drain",
+        8,
+        "drain".into(),
+        stop.clone(),
+        acked.clone(),
+    );
+    wait_for("some acknowledged sends", Duration::from_secs(60), || {
+        (acked.lock().unwrap().len() >= 200).then_some(())
+    });
+    // Graceful stop in the middle of the load: in-flight sends finish or fail, exit code 0.
+    s.stop();
+    stop.store(true, Ordering::Relaxed);
+    for h in senders {
+        h.join().expect("sender thread");
+    }
+    let acked: Vec<Acked> = acked.lock().unwrap().drain(..).collect();
+    s.restart();
+    verify_all(s.api(), "Drain", &acked, t0);
+}

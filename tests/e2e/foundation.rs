@@ -1007,3 +1007,45 @@ fn retention_deletes_messages_past_three_days() {
     // The topic itself stays.
     api.get("/v1/topics/Aging").expect(200);
 }
+
+#[test]
+fn one_data_dir_one_host() {
+    let s = Server::start_default();
+    let out = std::process::Command::new(crate::harness::wharf_bin())
+        .arg("serve")
+        .arg("--data-dir")
+        .arg(s.data_dir())
+        .args(["--http", "127.0.0.1:0", "--mqtt", "", "--remoting", ""])
+        .current_dir(s.work_dir())
+        .output()
+        .unwrap();
+    assert!(
+        !out.status.success(),
+        "a second host on the same data dir must refuse to start"
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("in use"), "says why: {err}");
+    // The first host is unharmed.
+    assert_eq!(s.api().get("/healthz").status, 200);
+}
+
+#[test]
+fn oversized_requests_and_unknown_routes_get_json_errors() {
+    let s = Server::start(ServerOpts::with_config("[http]\nmax_body_bytes = 65536\n"));
+    create_topic(s.api(), "Big", 1);
+    let r = s.post_json(
+        "/v1/topics/Big/messages",
+        &json!({"body": "x".repeat(70_000)}),
+    );
+    assert_eq!(r.status, 413, "{}", r.text);
+    assert!(r.body["error"]["message"].is_string(), "{}", r.text);
+    let r = s.get("/v1/nothing/here");
+    assert_eq!(r.status, 404, "{}", r.text);
+    assert!(r.body["error"]["message"].is_string(), "{}", r.text);
+    let r = s.delete("/v1/messages/0123456789ABCDEF0123456789ABCDEF");
+    assert_eq!(r.status, 405, "{}", r.text);
+    assert!(r.body["error"]["message"].is_string(), "{}", r.text);
+    // Nothing was stored by the refused send.
+    let all = range_all(s.api(), "Big", 0, now_ms() + 60_000, 100);
+    assert!(all.is_empty());
+}

@@ -3,6 +3,17 @@
 //! Everything here goes through the same doors a user has: the command line, the config file,
 //! the HTTP API and signals. Nothing reaches into the host's internals, so these tests check
 //! the external contract (/work/shared/contract.md) and nothing else.
+//!
+//! ```ignore
+//! let mut s = Server::start(ServerOpts::with_config("[broker]\nretry_delay_scale = 0.001\n"));
+//! create_topic(s.api(), "Trade", 4);
+//! let receipt = s.post_json("/v1/topics/Trade/messages", &json!({"body": "hi"})).expect(200);
+//! s.get("/v1/topics/Nope").expect_error(404, 17, "TOPIC_NOT_EXIST");
+//! let out = s.wharf(&["topic", "list", "--json"]).ok().json();
+//! s.kill9();      // crash
+//! s.restart();    // same data dir, new port
+//! s.stop();       // SIGTERM, asserts exit 0
+//! ```
 
 #![allow(dead_code)] // Each test file uses a different subset of the helpers.
 

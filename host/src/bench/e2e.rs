@@ -286,11 +286,13 @@ async fn latency(broker: &Arc<Broker>, args: &E2eArgs, epoch: Instant) -> anyhow
     let consumers = spawn_consumers(broker, args, &settled, total, epoch);
     // One send per slot of 1/rate s; sends run concurrently so a slow fsync does not delay the
     // schedule (that would hide latency: coordinated omission).
+    let fsync_before = broker.store().stats().fsync_latency_us;
     let started = Instant::now();
     let mut sends = tokio::task::JoinSet::new();
     let mut tick = tokio::time::interval(Duration::from_millis(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
     let mut sent = 0u64;
+    let mut send_lat = Vec::with_capacity(total as usize);
     while sent < total {
         tick.tick().await;
         let due = ((started.elapsed().as_secs_f64() * args.rate as f64) as u64).min(total);
@@ -302,16 +304,18 @@ async fn latency(broker: &Arc<Broker>, args: &E2eArgs, epoch: Instant) -> anyhow
                     body: stamped(size, epoch),
                     ..OutgoingMessage::default()
                 };
-                broker.send(TOPIC, vec![m]).await
+                let t = Instant::now();
+                broker.send(TOPIC, vec![m]).await?;
+                Ok::<u32, crate::error::WharfError>(t.elapsed().as_micros().min(u32::MAX as u128) as u32)
             });
             sent += 1;
         }
         while let Some(r) = sends.try_join_next() {
-            r??;
+            send_lat.push(r??);
         }
     }
     while let Some(r) = sends.join_next().await {
-        r??;
+        send_lat.push(r??);
     }
     let send_secs = started.elapsed().as_secs_f64();
     let mut lat = Vec::new();
@@ -328,6 +332,26 @@ async fn latency(broker: &Arc<Broker>, args: &E2eArgs, epoch: Instant) -> anyhow
         "    send-to-deliver: {}",
         LatencySummary::from_micros(&mut lat)
     );
+    println!(
+        "    send acknowledgement alone: {}",
+        LatencySummary::from_micros(&mut send_lat)
+    );
+    let fsync = broker.store().stats().fsync_latency_us;
+    let mut delta = fsync.clone();
+    for (d, b) in delta.buckets.iter_mut().zip(&fsync_before.buckets) {
+        *d = d.saturating_sub(*b);
+    }
+    delta.count = fsync.count.saturating_sub(fsync_before.count);
+    delta.sum = fsync.sum.saturating_sub(fsync_before.sum);
+    if delta.count > 0 {
+        println!(
+            "    store fsyncs meanwhile: {} ({:.0}/s), p50 ≤ {} µs, p99 ≤ {} µs (bucket bounds)",
+            delta.count,
+            delta.count as f64 / send_secs,
+            delta.quantile(0.5),
+            delta.quantile(0.99)
+        );
+    }
     Ok(())
 }
 

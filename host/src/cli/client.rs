@@ -65,7 +65,9 @@ impl Client {
     /// A client for `server` (e.g. `http://127.0.0.1:8080`).
     pub fn new(server: &str, credentials: Option<Credentials>) -> anyhow::Result<Client> {
         let base = reqwest::Url::parse(server).map_err(|e| {
-            anyhow::anyhow!("--server '{server}' is not a URL ({e}); use e.g. http://127.0.0.1:8080")
+            anyhow::anyhow!(
+                "--server '{server}' is not a URL ({e}); use e.g. http://127.0.0.1:8080"
+            )
         })?;
         let http = reqwest::Client::builder()
             .build()
@@ -85,7 +87,10 @@ impl Client {
             .map_err(|e| anyhow::anyhow!("bad path {path}: {e}"))?;
         let (content_type, bytes) = match body {
             Body::Empty => (None, Vec::new()),
-            Body::Json(v) => (Some("application/json".to_string()), serde_json::to_vec(&v)?),
+            Body::Json(v) => (
+                Some("application/json".to_string()),
+                serde_json::to_vec(&v)?,
+            ),
             Body::Multipart(parts) => {
                 let (ct, b) = encode_multipart(&parts);
                 (Some(ct), b)
@@ -180,8 +185,18 @@ mod tests {
     #[test]
     fn multipart_encoding_is_well_formed() {
         let (ct, body) = encode_multipart(&[
-            ("manifest".into(), "plugin.toml".into(), "text/plain".into(), b"name = \"x\"".to_vec()),
-            ("component".into(), "x.wasm".into(), "application/wasm".into(), vec![0, 97, 115, 109]),
+            (
+                "manifest".into(),
+                "plugin.toml".into(),
+                "text/plain".into(),
+                b"name = \"x\"".to_vec(),
+            ),
+            (
+                "component".into(),
+                "x.wasm".into(),
+                "application/wasm".into(),
+                vec![0, 97, 115, 109],
+            ),
         ]);
         let boundary = ct.strip_prefix("multipart/form-data; boundary=").unwrap();
         let text = String::from_utf8_lossy(&body);

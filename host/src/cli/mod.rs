@@ -20,7 +20,12 @@ use self::client::{Body, Client, Credentials};
 #[derive(Debug, Clone, clap::Args)]
 pub struct ClientOpts {
     /// Base URL of the host's HTTP API.
-    #[arg(long, env = "WHARF_SERVER", default_value = "http://127.0.0.1:8080", global = true)]
+    #[arg(
+        long,
+        env = "WHARF_SERVER",
+        default_value = "http://127.0.0.1:8080",
+        global = true
+    )]
     pub server: String,
     /// Print the host's JSON answer instead of a table.
     #[arg(long, global = true)]
@@ -41,7 +46,9 @@ impl ClientOpts {
                 secret_key: s.clone(),
             }),
             (None, None) => None,
-            _ => bail!("give both --access-key and --secret-key (or WHARF_ACCESS_KEY and WHARF_SECRET_KEY)"),
+            _ => bail!(
+                "give both --access-key and --secret-key (or WHARF_ACCESS_KEY and WHARF_SECRET_KEY)"
+            ),
         };
         Client::new(&self.server, creds)
     }
@@ -326,22 +333,39 @@ pub async fn topic(opts: &ClientOpts, cmd: TopicCommand) -> anyhow::Result<()> {
             }
             let v = c.call(Method::POST, "/v1/topics", Body::Json(body)).await?;
             show(opts, &v, |v| {
-                format!("created topic {} ({}, {} queues)", s(&v["name"]), s(&v["type"]), s(&v["queues"]))
+                format!(
+                    "created topic {} ({}, {} queues)",
+                    s(&v["name"]),
+                    s(&v["type"]),
+                    s(&v["queues"])
+                )
             });
         }
         TopicCommand::List => {
             let v = c.call(Method::GET, "/v1/topics", Body::Empty).await?;
-            show(opts, &v, |v| table(v, &["name", "type", "queues", "created_ms"]));
+            show(opts, &v, |v| {
+                table(v, &["name", "type", "queues", "created_ms"])
+            });
         }
         TopicCommand::Show { name } => {
             let v = c
-                .call(Method::GET, &format!("/v1/topics/{}", enc(&name)), Body::Empty)
+                .call(
+                    Method::GET,
+                    &format!("/v1/topics/{}", enc(&name)),
+                    Body::Empty,
+                )
                 .await?;
-            show(opts, &v, |v| table(&json!([v]), &["name", "type", "queues", "created_ms"]));
+            show(opts, &v, |v| {
+                table(&json!([v]), &["name", "type", "queues", "created_ms"])
+            });
         }
         TopicCommand::Delete { name } => {
             let v = c
-                .call(Method::DELETE, &format!("/v1/topics/{}", enc(&name)), Body::Empty)
+                .call(
+                    Method::DELETE,
+                    &format!("/v1/topics/{}", enc(&name)),
+                    Body::Empty,
+                )
                 .await?;
             show(opts, &v, |_| format!("deleted topic {name}"));
         }
@@ -369,24 +393,46 @@ pub async fn group(opts: &ClientOpts, cmd: GroupCommand) -> anyhow::Result<()> {
             }
             let v = c.call(Method::POST, "/v1/groups", Body::Json(body)).await?;
             show(opts, &v, |v| {
-                format!("created {} group {} ({})", s(&v["kind"]), s(&v["name"]), s(&v["model"]))
+                format!(
+                    "created {} group {} ({})",
+                    s(&v["kind"]),
+                    s(&v["name"]),
+                    s(&v["model"])
+                )
             });
         }
         GroupCommand::List => {
             let v = c.call(Method::GET, "/v1/groups", Body::Empty).await?;
             show(opts, &v, |v| {
-                table(v, &["name", "kind", "model", "max_reconsume_times", "consume_timeout_ms"])
+                table(
+                    v,
+                    &[
+                        "name",
+                        "kind",
+                        "model",
+                        "max_reconsume_times",
+                        "consume_timeout_ms",
+                    ],
+                )
             });
         }
         GroupCommand::Delete { name } => {
             let v = c
-                .call(Method::DELETE, &format!("/v1/groups/{}", enc(&name)), Body::Empty)
+                .call(
+                    Method::DELETE,
+                    &format!("/v1/groups/{}", enc(&name)),
+                    Body::Empty,
+                )
                 .await?;
             show(opts, &v, |_| format!("deleted group {name}"));
         }
         GroupCommand::Status { name } => {
             let v = c
-                .call(Method::GET, &format!("/v1/groups/{}/status", enc(&name)), Body::Empty)
+                .call(
+                    Method::GET,
+                    &format!("/v1/groups/{}/status", enc(&name)),
+                    Body::Empty,
+                )
                 .await?;
             show(opts, &v, |v| {
                 let mut out = format!(
@@ -400,7 +446,10 @@ pub async fn group(opts: &ClientOpts, cmd: GroupCommand) -> anyhow::Result<()> {
                 out.push_str("subscriptions:\n");
                 out.push_str(&table(&v["subscriptions"], &["topic", "expression"]));
                 out.push_str("instances:\n");
-                out.push_str(&table(&v["instances"], &["instance_id", "address", "pid", "backlog"]));
+                out.push_str(&table(
+                    &v["instances"],
+                    &["instance_id", "address", "pid", "backlog"],
+                ));
                 out
             });
         }
@@ -467,7 +516,11 @@ pub async fn query(opts: &ClientOpts, cmd: QueryCommand) -> anyhow::Result<()> {
     match cmd {
         QueryCommand::Id { id } => {
             let v = c
-                .call(Method::GET, &format!("/v1/messages/{}", enc(&id)), Body::Empty)
+                .call(
+                    Method::GET,
+                    &format!("/v1/messages/{}", enc(&id)),
+                    Body::Empty,
+                )
                 .await?;
             show(opts, &v, |v| {
                 let mut out = message_text(v);
@@ -557,7 +610,12 @@ pub async fn plugin(opts: &ClientOpts, cmd: PluginCommand) -> anyhow::Result<()>
                     Method::POST,
                     "/v1/plugins",
                     Body::Multipart(vec![
-                        ("manifest".into(), "plugin.toml".into(), "application/toml".into(), text.into_bytes()),
+                        (
+                            "manifest".into(),
+                            "plugin.toml".into(),
+                            "application/toml".into(),
+                            text.into_bytes(),
+                        ),
                         ("component".into(), file, "application/wasm".into(), bytes),
                     ]),
                 )
@@ -570,10 +628,16 @@ pub async fn plugin(opts: &ClientOpts, cmd: PluginCommand) -> anyhow::Result<()>
         }
         PluginCommand::Status { name } => {
             let v = c
-                .call(Method::GET, &format!("/v1/plugins/{}", enc(&name)), Body::Empty)
+                .call(
+                    Method::GET,
+                    &format!("/v1/plugins/{}", enc(&name)),
+                    Body::Empty,
+                )
                 .await?;
             // Status is nested (versions, instances, counters): pretty JSON reads best.
-            show(opts, &v, |v| serde_json::to_string_pretty(v).unwrap_or_default());
+            show(opts, &v, |v| {
+                serde_json::to_string_pretty(v).unwrap_or_default()
+            });
         }
         PluginCommand::Rollback { name } => {
             let v = c
@@ -587,7 +651,11 @@ pub async fn plugin(opts: &ClientOpts, cmd: PluginCommand) -> anyhow::Result<()>
         }
         PluginCommand::Remove { name } => {
             let v = c
-                .call(Method::DELETE, &format!("/v1/plugins/{}", enc(&name)), Body::Empty)
+                .call(
+                    Method::DELETE,
+                    &format!("/v1/plugins/{}", enc(&name)),
+                    Body::Empty,
+                )
                 .await?;
             show(opts, &v, deploy_text);
         }
@@ -615,7 +683,10 @@ mod tests {
 
     #[test]
     fn tables_align_columns() {
-        let t = table(&json!([{"name":"Trade","queues":8},{"name":"T2"}]), &["name", "queues"]);
+        let t = table(
+            &json!([{"name":"Trade","queues":8},{"name":"T2"}]),
+            &["name", "queues"],
+        );
         assert_eq!(t, "NAME   QUEUES\nTrade  8\nT2     -\n");
     }
 
@@ -623,7 +694,11 @@ mod tests {
     fn plugin_component_is_relative_to_the_manifest() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir(dir.path().join("p")).unwrap();
-        std::fs::write(dir.path().join("p/plugin.toml"), "name = \"x\"\ncomponent = \"x.wasm\"\n").unwrap();
+        std::fs::write(
+            dir.path().join("p/plugin.toml"),
+            "name = \"x\"\ncomponent = \"x.wasm\"\n",
+        )
+        .unwrap();
         std::fs::write(dir.path().join("p/x.wasm"), b"\0asm").unwrap();
         let (_, file, bytes) = read_plugin(&dir.path().join("p/plugin.toml")).unwrap();
         assert_eq!(file, "x.wasm");

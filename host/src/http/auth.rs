@@ -147,7 +147,14 @@ impl Principal {
         if self.admin {
             Ok(())
         } else {
-            Err(self.denied(action, "admin"))
+            Err(WharfError::new(
+                ErrorCode::NoPermission,
+                ErrorKind::Forbidden,
+                format!(
+                    "access key '{}' may not {action}; set admin = true for it in [[auth.keys]]",
+                    self.access_key.as_deref().unwrap_or("")
+                ),
+            ))
         }
     }
 
@@ -173,11 +180,7 @@ pub struct Authenticator {
 }
 
 fn unauthenticated(message: impl Into<String>) -> WharfError {
-    WharfError::new(
-        ErrorCode::NoPermission,
-        ErrorKind::Unauthenticated,
-        message,
-    )
+    WharfError::new(ErrorCode::NoPermission, ErrorKind::Unauthenticated, message)
 }
 
 impl Authenticator {
@@ -339,7 +342,10 @@ mod tests {
     }
 
     fn header_for(secret: &str, date: &str) -> String {
-        let sig = sign(secret, &string_to_sign("GET", "", "", date, "/v1/topics?x=1"));
+        let sig = sign(
+            secret,
+            &string_to_sign("GET", "", "", date, "/v1/topics?x=1"),
+        );
         format!("WHARF AK:{sig}")
     }
 
@@ -360,7 +366,10 @@ mod tests {
         let e = p.check_publish("Other").unwrap_err();
         assert_eq!((e.code.code(), e.http_status()), (16, 403));
         assert!(p.check_subscribe("group", "GID_any").is_ok());
-        assert_eq!(p.check_admin("create topics").unwrap_err().http_status(), 403);
+        assert_eq!(
+            p.check_admin("create topics").unwrap_err().http_status(),
+            403
+        );
     }
 
     #[test]

@@ -51,10 +51,9 @@ pub async fn receive(
     who.check_subscribe("topic", &req.topic)?;
     let max = req.max.unwrap_or(DEFAULT_RECEIVE);
     if !(1..=MAX_RECEIVE).contains(&max) {
-        return Err(WharfError::bad_request(format!(
-            "max must be 1..={MAX_RECEIVE}, got {max}"
-        ))
-        .into());
+        return Err(
+            WharfError::bad_request(format!("max must be 1..={MAX_RECEIVE}, got {max}")).into(),
+        );
     }
     let wait_ms = req.wait_ms.unwrap_or(0);
     if wait_ms > st.config.max_wait_ms {
@@ -139,7 +138,9 @@ async fn settle(
 ) -> ApiResult<Response> {
     who.check_subscribe("group", &group)?;
     if req.receipts.is_empty() {
-        return Err(WharfError::bad_request("receipts is empty; pass the receipts from receive").into());
+        return Err(
+            WharfError::bad_request("receipts is empty; pass the receipts from receive").into(),
+        );
     }
     let mut settled = 0usize;
     let mut failed = Vec::new();
@@ -198,8 +199,10 @@ pub async fn reset_offsets(
     st.broker
         .reset_offset(&group, &req.topic, req.timestamp_ms)
         .await?;
-    Ok(Json(json!({"group": group, "topic": req.topic, "timestamp_ms": req.timestamp_ms}))
-        .into_response())
+    Ok(
+        Json(json!({"group": group, "topic": req.topic, "timestamp_ms": req.timestamp_ms}))
+            .into_response(),
+    )
 }
 
 /// Query of `GET /v1/groups/{group}/dead-letters`.
@@ -225,7 +228,10 @@ pub async fn dead_letters(
         .dead_letters(&group, p.limit.unwrap_or(100), p.page_token.as_deref())
         .await?;
     let messages: Vec<_> = page.messages.iter().map(MessageJson::new).collect();
-    Ok(Json(json!({ "messages": messages, "next_page_token": page.next_page_token })).into_response())
+    Ok(
+        Json(json!({ "messages": messages, "next_page_token": page.next_page_token }))
+            .into_response(),
+    )
 }
 
 /// `POST /v1/groups/{group}/dead-letters/{message_id}/resend`.

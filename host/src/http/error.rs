@@ -114,6 +114,18 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8], kind: BodyKind) -> Result<T
     })
 }
 
+/// Like [`parse_json`], but the body must be a JSON object (serde would also take an array for
+/// a struct, which is never what the caller meant).
+pub fn parse_object<T: DeserializeOwned>(bytes: &[u8], kind: BodyKind) -> Result<T, WharfError> {
+    match bytes.iter().find(|b| !b.is_ascii_whitespace()) {
+        Some(b'{') | None => parse_json(bytes, kind),
+        Some(_) => Err(bad_body(
+            kind,
+            "request body must be a JSON object ({...})".into(),
+        )),
+    }
+}
+
 fn bad_body(kind: BodyKind, message: String) -> WharfError {
     match kind {
         BodyKind::Message => WharfError::illegal(message),
@@ -174,7 +186,7 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
         let RawBody(bytes) = RawBody::from_request(req, state).await?;
-        Ok(ApiJson(parse_json(&bytes, BodyKind::Request)?))
+        Ok(ApiJson(parse_object(&bytes, BodyKind::Request)?))
     }
 }
 
@@ -233,13 +245,20 @@ mod tests {
     #[test]
     fn unknown_fields_and_wrong_types_are_named() {
         let e = parse_json::<Req>(br#"{"name":"a","colour":1}"#, BodyKind::Request).unwrap_err();
-        assert!(e.message.contains("unknown field `colour`"), "{}", e.message);
+        assert!(
+            e.message.contains("unknown field `colour`"),
+            "{}",
+            e.message
+        );
         let e = parse_json::<Req>(br#"{"name":"a","queues":"8"}"#, BodyKind::Message).unwrap_err();
         assert_eq!(e.code, ErrorCode::MessageIllegal);
         assert!(e.message.contains("invalid type"), "{}", e.message);
         assert!(e.message.contains("column"), "{}", e.message);
         let e = parse_json::<Req>(b"  ", BodyKind::Request).unwrap_err();
         assert!(e.message.contains("empty"));
+        let e = parse_object::<Req>(br#"["a", 1]"#, BodyKind::Request).unwrap_err();
+        assert!(e.message.contains("JSON object"), "{}", e.message);
+        assert!(parse_object::<Req>(br#" {"name":"a"}"#, BodyKind::Request).is_ok());
     }
 
     #[test]

@@ -7,7 +7,7 @@ use base64::engine::general_purpose::STANDARD as B64;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
-use super::error::{BodyKind, parse_json};
+use super::error::{BodyKind, parse_json, parse_object};
 use crate::broker::OutgoingMessage;
 use crate::error::{Result, WharfError};
 use crate::model::{MessageId, StoredMessage};
@@ -113,7 +113,7 @@ pub fn parse_send(bytes: &[u8]) -> Result<SendRequest> {
             batch: true,
         })
     } else {
-        let m: SendMessage = parse_json(bytes, BodyKind::Message)?;
+        let m: SendMessage = parse_object(bytes, BodyKind::Message)?;
         Ok(SendRequest {
             messages: vec![m.into_outgoing(None)?],
             batch: false,
@@ -197,8 +197,10 @@ mod tests {
 
     #[test]
     fn single_and_batch_bodies() {
-        let r = parse_send(br#"{"tag":"t","keys":["k1"],"properties":{"a":"b"},"body":"hi","delay_ms":5}"#)
-            .unwrap();
+        let r = parse_send(
+            br#"{"tag":"t","keys":["k1"],"properties":{"a":"b"},"body":"hi","delay_ms":5}"#,
+        )
+        .unwrap();
         assert!(!r.batch);
         assert_eq!(r.messages[0].body, Bytes::from_static(b"hi"));
         assert_eq!(r.messages[0].delay_ms, Some(5));
@@ -213,7 +215,10 @@ mod tests {
             (&br#"{"body":"a","body_base64":"AA=="}"#[..], "not both"),
             (br#"{"tag":"x"}"#, "no body"),
             (br#"{"body_base64":"***"}"#, "Base64"),
-            (br#"{"body":"a","deliver_at_ms":1,"delay_ms":2}"#, "not both"),
+            (
+                br#"{"body":"a","deliver_at_ms":1,"delay_ms":2}"#,
+                "not both",
+            ),
             (br#"{"body":"a","colour":1}"#, "unknown field"),
             (br#"{"body":5}"#, "invalid type"),
             (br#"[]"#, "empty"),
@@ -222,7 +227,12 @@ mod tests {
         ] {
             let e = parse_send(body).unwrap_err();
             assert_eq!(e.code.code(), 13, "{}", String::from_utf8_lossy(body));
-            assert!(e.message.contains(needle), "{} -> {}", String::from_utf8_lossy(body), e.message);
+            assert!(
+                e.message.contains(needle),
+                "{} -> {}",
+                String::from_utf8_lossy(body),
+                e.message
+            );
         }
     }
 
@@ -244,7 +254,9 @@ mod tests {
         };
         let v = serde_json::to_value(MessageJson::new(&m)).unwrap();
         assert_eq!(v["body_base64"], "/wA=");
-        assert!(v.get("body").is_none() && v.get("tag").is_none() && v.get("deliver_at_ms").is_none());
+        assert!(
+            v.get("body").is_none() && v.get("tag").is_none() && v.get("deliver_at_ms").is_none()
+        );
         m.body = Bytes::from_static(b"text");
         m.deliver_at_ms = Some(9);
         let v = serde_json::to_value(ReceivedJson {

@@ -13,6 +13,8 @@ mod ops;
 mod plugins;
 mod query;
 mod resources;
+#[cfg(test)]
+mod tests;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -154,7 +156,10 @@ pub fn router(state: Shared) -> Router {
         .route("/v1/groups/{group}/nack", post(consume::nack))
         .route("/v1/groups/{group}/status", get(consume::status))
         .route("/v1/groups/{group}/offsets", post(consume::reset_offsets))
-        .route("/v1/groups/{group}/dead-letters", get(consume::dead_letters))
+        .route(
+            "/v1/groups/{group}/dead-letters",
+            get(consume::dead_letters),
+        )
         .route(
             "/v1/groups/{group}/dead-letters/{message_id}/resend",
             post(consume::resend_dead_letter),
@@ -169,6 +174,8 @@ pub fn router(state: Shared) -> Router {
         .fallback(no_route)
         .method_not_allowed_fallback(wrong_method)
         .layer(axum::middleware::from_fn_with_state(state.clone(), front))
+        // Bodies are capped by `front` ([http] max_body_bytes / max_upload_bytes) instead.
+        .layer(axum::extract::DefaultBodyLimit::disable())
         .with_state(state)
 }
 
@@ -213,7 +220,16 @@ async fn front(State(st): State<Shared>, mut req: Request, next: Next) -> Respon
                     st.config.max_body_bytes
                 };
                 req.extensions_mut().insert(BodyLimit(limit));
-                next.run(req).await
+                match CatchPanic(Box::pin(next.run(req))).await {
+                    Ok(resp) => resp,
+                    Err(what) => {
+                        tracing::error!(panic = %what, "request handler panicked");
+                        ApiError::from(WharfError::internal(
+                            "the host hit an internal error serving this request; it is logged, please report it",
+                        ))
+                        .into_response()
+                    }
+                }
             }
             Err(e) => e.into_response(),
         };
@@ -250,7 +266,10 @@ async fn authenticate(st: &AppState, req: &mut Request) -> Result<Arc<Principal>
         content_type: header_str(h, &header::CONTENT_TYPE),
     })?;
     // The signature covers Content-MD5; checking it against the body makes the body signed too.
-    if let Some(md5) = header_str(req.headers(), &header::HeaderName::from_static("content-md5")) {
+    if let Some(md5) = header_str(
+        req.headers(),
+        &header::HeaderName::from_static("content-md5"),
+    ) {
         let md5 = md5.trim().to_string();
         let limit = st.config.max_upload_bytes.max(st.config.max_body_bytes);
         let taken = std::mem::replace(req, Request::new(axum::body::Body::empty()));
@@ -267,4 +286,30 @@ async fn authenticate(st: &AppState, req: &mut Request) -> Result<Arc<Principal>
         *req = Request::from_parts(parts, axum::body::Body::from(bytes));
     }
     Ok(principal)
+}
+
+/// Turns a panicking handler into a 500 JSON answer instead of a dropped connection.
+struct CatchPanic<F>(std::pin::Pin<Box<F>>);
+
+impl<F: std::future::Future> std::future::Future for CatchPanic<F> {
+    type Output = Result<F::Output, String>;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        let fut = self.0.as_mut();
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| fut.poll(cx))) {
+            Ok(std::task::Poll::Ready(v)) => std::task::Poll::Ready(Ok(v)),
+            Ok(std::task::Poll::Pending) => std::task::Poll::Pending,
+            Err(payload) => {
+                let what = payload
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| payload.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "unknown panic".into());
+                std::task::Poll::Ready(Err(what))
+            }
+        }
+    }
 }

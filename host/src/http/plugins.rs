@@ -39,7 +39,10 @@ pub async fn deploy(
     })? {
         let name = field.name().unwrap_or("").to_string();
         let data = field.bytes().await.map_err(|e| {
-            WharfError::bad_request(format!("malformed multipart part '{name}': {}", e.body_text()))
+            WharfError::bad_request(format!(
+                "malformed multipart part '{name}': {}",
+                e.body_text()
+            ))
         })?;
         match name.as_str() {
             "manifest" => {

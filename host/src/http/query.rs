@@ -82,7 +82,10 @@ pub async fn search(
         )
         .await?;
     let messages: Vec<_> = page.messages.iter().map(MessageJson::new).collect();
-    Ok(Json(json!({ "messages": messages, "next_page_token": page.next_page_token })).into_response())
+    Ok(
+        Json(json!({ "messages": messages, "next_page_token": page.next_page_token }))
+            .into_response(),
+    )
 }
 
 /// `GET /v1/messages/{message_id}`: the message and per-group delivery status.

@@ -140,10 +140,16 @@ async fn deployed_plugin_consumes_and_reports_counters() {
     assert_eq!(status["instances"], 2);
     assert_eq!(status["group"], "GID_probe");
     let group = env.broker.group("GID_probe").unwrap();
-    assert_eq!(group.max_reconsume_times, 2, "group created from the manifest");
+    assert_eq!(
+        group.max_reconsume_times, 2,
+        "group created from the manifest"
+    );
     let mut metrics = String::new();
     env.host.render_metrics(&mut metrics);
-    assert!(metrics.contains("wharf_plugin_commits_total{plugin=\"probe\"} 10"), "{metrics}");
+    assert!(
+        metrics.contains("wharf_plugin_commits_total{plugin=\"probe\"} 10"),
+        "{metrics}"
+    );
     assert!(metrics.contains("wharf_plugin_call_duration_seconds_count{plugin=\"probe\"} 10"));
     let list = env.host.list();
     assert_eq!(list[0]["name"], "probe");
@@ -195,7 +201,10 @@ async fn failures_are_retried_then_dead_lettered() {
         let dead = broker.dead_letters("GID_flaky", 10, None).await.unwrap();
         if let Some(m) = dead.messages.first() {
             assert_eq!(dead.messages.len(), 1);
-            assert_eq!(m.properties.get("fail_times").map(String::as_str), Some("9"));
+            assert_eq!(
+                m.properties.get("fail_times").map(String::as_str),
+                Some("9")
+            );
             break;
         }
         assert!(Instant::now() < deadline, "message never dead-lettered");
@@ -210,10 +219,8 @@ async fn failures_are_retried_then_dead_lettered() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn trap_and_timeout_are_retried_and_other_plugins_keep_working() {
     let env = env().await;
-    let slow = manifest("probe", "GID_probe", "").replace(
-        "consume_timeout_ms = 2000",
-        "consume_timeout_ms = 100",
-    );
+    let slow = manifest("probe", "GID_probe", "")
+        .replace("consume_timeout_ms = 2000", "consume_timeout_ms = 100");
     env.host.deploy(&slow, probe()).await.unwrap();
     let other = manifest("other", "GID_other", "");
     env.host.deploy(&other, probe()).await.unwrap();
@@ -228,7 +235,10 @@ async fn trap_and_timeout_are_retried_and_other_plugins_keep_working() {
         e.counter("probe", "commits") >= 1 && e.counter("other", "commits") >= 1
     })
     .await;
-    assert!(env.counter("probe", "instantiations") >= 2, "failed instances are replaced");
+    assert!(
+        env.counter("probe", "instantiations") >= 2,
+        "failed instances are replaced"
+    );
     env.host.shutdown().await;
 }
 
@@ -241,7 +251,10 @@ async fn bad_deploys_are_refused_and_the_running_version_stays() {
         .unwrap();
     let e = env
         .host
-        .deploy(&manifest("probe", "GID_probe", ""), Bytes::from_static(b"junk"))
+        .deploy(
+            &manifest("probe", "GID_probe", ""),
+            Bytes::from_static(b"junk"),
+        )
         .await
         .unwrap_err();
     assert_eq!(e.http_status(), 400);
@@ -252,14 +265,18 @@ async fn bad_deploys_are_refused_and_the_running_version_stays() {
         .await
         .unwrap_err();
     assert!(e.message.contains("plugin.toml:10:13"), "{}", e.message);
-    let unknown_topic = manifest("probe", "GID_probe", "").replace("topic = \"Trade\"", "topic = \"Nope\"");
+    let unknown_topic =
+        manifest("probe", "GID_probe", "").replace("topic = \"Trade\"", "topic = \"Nope\"");
     let e = env.host.deploy(&unknown_topic, probe()).await.unwrap_err();
     assert_eq!(e.code, crate::error::ErrorCode::TopicNotExist);
     let shared_group = manifest("thief", "GID_probe", "");
     let e = env.host.deploy(&shared_group, probe()).await.unwrap_err();
     assert_eq!(e.http_status(), 409);
     let status = env.host.status("probe").unwrap();
-    assert_eq!((status["version"].as_u64(), status["status"].as_str()), (Some(1), Some("running")));
+    assert_eq!(
+        (status["version"].as_u64(), status["status"].as_str()),
+        (Some(1), Some("running"))
+    );
     env.send("Trade", "commit", &[]).await;
     env.until("the running version to keep consuming", |e| {
         e.counter("probe", "commits") == 1
@@ -287,15 +304,21 @@ async fn version_swaps_under_load_lose_nothing() {
             }
         })
     };
-    let v2 = env.host.deploy(&m.replace("1.0.0", "2.0.0"), probe()).await.unwrap();
+    let v2 = env
+        .host
+        .deploy(&m.replace("1.0.0", "2.0.0"), probe())
+        .await
+        .unwrap();
     assert_eq!(v2.version, 2);
     let back = env.host.rollback("probe").await.unwrap();
     assert_eq!((back.version, back.manifest_version.as_str()), (1, "1.0.0"));
     let e = env.host.rollback("probe").await.unwrap_err();
     assert!(e.message.contains("no earlier version"), "{}", e.message);
     sender.await.unwrap();
-    env.until("every message committed", |e| e.counter("probe", "commits") >= total)
-        .await;
+    env.until("every message committed", |e| {
+        e.counter("probe", "commits") >= total
+    })
+    .await;
     let status = env.broker.group_status("GID_probe").await.unwrap();
     assert_eq!(status.backlog, 0);
     let removed = env.host.remove("probe").await.unwrap();
@@ -316,21 +339,35 @@ async fn http_triggers_send_and_conflicting_routes_are_refused() {
     ];
     let receipt = env
         .host
-        .trigger("/hooks/orders", &headers, Bytes::from_static(b"{\"order\":42}"))
+        .trigger(
+            "/hooks/orders",
+            &headers,
+            Bytes::from_static(b"{\"order\":42}"),
+        )
         .await
         .unwrap()
         .unwrap();
     let view = env.broker.by_key("Trade", "o-42").await.unwrap();
     assert_eq!(view.len(), 1);
     assert_eq!(view[0].id, receipt.message_id);
-    assert_eq!(view[0].properties.get("x-request-id").map(String::as_str), Some("req-7"));
-    assert!(env.host.trigger("/hooks/none", &[], Bytes::new()).await.is_none());
+    assert_eq!(
+        view[0].properties.get("x-request-id").map(String::as_str),
+        Some("req-7")
+    );
+    assert!(
+        env.host
+            .trigger("/hooks/none", &[], Bytes::new())
+            .await
+            .is_none()
+    );
     let thief = format!("{}\n{route}", manifest("thief", "GID_thief", ""));
     let e = env.host.deploy(&thief, probe()).await.unwrap_err();
     assert_eq!(e.http_status(), 409);
     assert!(e.message.contains("/hooks/orders"), "{}", e.message);
-    env.until("the triggered message to be consumed", |e| e.counter("probe", "commits") == 1)
-        .await;
+    env.until("the triggered message to be consumed", |e| {
+        e.counter("probe", "commits") == 1
+    })
+    .await;
     env.host.shutdown().await;
 }
 
@@ -339,15 +376,69 @@ async fn restart_restores_the_running_version_from_the_cache() {
     let mut env = env().await;
     let m = manifest("probe", "GID_probe", "");
     env.host.deploy(&m, probe()).await.unwrap();
-    env.host.deploy(&m.replace("1.0.0", "1.1.0"), probe()).await.unwrap();
+    env.host
+        .deploy(&m.replace("1.0.0", "1.1.0"), probe())
+        .await
+        .unwrap();
     env.restart().await;
     let status = env.host.status("probe").unwrap();
     assert_eq!(status["version"], 2);
     assert_eq!(status["manifest_version"], "1.1.0");
-    assert_eq!(status["artifact"]["cache_hit"], true, "restart must not recompile");
+    assert_eq!(
+        status["artifact"]["cache_hit"], true,
+        "restart must not recompile"
+    );
     assert_eq!(status["rollback_to"], 1);
     env.send("Trade", "commit", &[]).await;
-    env.until("consumption after restart", |e| e.counter("probe", "commits") == 1)
-        .await;
+    env.until("consumption after restart", |e| {
+        e.counter("probe", "commits") == 1
+    })
+    .await;
+    env.host.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn order_timeout_closes_only_unpaid_orders() {
+    let env = env().await;
+    let text = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../plugins/order-timeout/plugin.toml"),
+    )
+    .unwrap()
+    .replace("concurrency = 20", "concurrency = 2");
+    env.host
+        .deploy(&text, Bytes::from(testkit::component("order-timeout")))
+        .await
+        .unwrap();
+    let order = |id: &str, tag: &str| OutgoingMessage {
+        tag: Some(tag.into()),
+        keys: vec![id.into()],
+        properties: [("timeoutMs".to_string(), "300".to_string())].into(),
+        body: Bytes::from_static(b"{}"),
+        ..OutgoingMessage::default()
+    };
+    env.broker
+        .send(
+            "Trade",
+            vec![order("paid-1", "order"), order("late-2", "order")],
+        )
+        .await
+        .unwrap();
+    env.broker
+        .send("Trade", vec![order("paid-1", "pay")])
+        .await
+        .unwrap();
+    env.until("both checks handled", |e| {
+        e.counter("order-timeout", "commits") >= 5
+    })
+    .await;
+    let notify = env
+        .broker
+        .by_time("Notify", 0, u64::MAX, 10, None)
+        .await
+        .unwrap()
+        .messages;
+    assert_eq!(notify.len(), 1, "only the unpaid order is closed");
+    assert_eq!(notify[0].tag.as_deref(), Some("close"));
+    assert_eq!(notify[0].keys, vec!["late-2".to_string()]);
     env.host.shutdown().await;
 }

@@ -354,7 +354,11 @@ impl Manifest {
                     "http",
                     i,
                     "path",
-                    format!("path \"{}\" is already used by [[http]] #{}", route.path, j + 1),
+                    format!(
+                        "path \"{}\" is already used by [[http]] #{}",
+                        route.path,
+                        j + 1
+                    ),
                 ));
             }
         }
@@ -555,7 +559,10 @@ tag = "order"
         let e = err(&text);
         assert_eq!((e.line, e.column), (Some(12), Some(1)));
         assert!(e.message.contains("unknown field `colour`"), "{e}");
-        assert!(e.message.contains("batch_max"), "lists the allowed keys: {e}");
+        assert!(
+            e.message.contains("batch_max"),
+            "lists the allowed keys: {e}"
+        );
         assert!(e.to_string().starts_with("plugin.toml:12:1: "), "{e}");
     }
 
@@ -585,8 +592,16 @@ tag = "order"
         let e = err(&GOOD.replace("order||pay", "order|||pay"));
         assert_eq!((e.line, e.column), (Some(15), Some(14)));
         assert!(e.message.contains("use \"*\""), "{e}");
-        assert!(err(&GOOD.replace("order||pay", "order|| ||pay")).message.contains("empty tag"));
-        assert!(err(&GOOD.replace("order||pay", "*||pay")).message.contains("'*'"));
+        assert!(
+            err(&GOOD.replace("order||pay", "order|| ||pay"))
+                .message
+                .contains("empty tag")
+        );
+        assert!(
+            err(&GOOD.replace("order||pay", "*||pay"))
+                .message
+                .contains("'*'")
+        );
     }
 
     #[test]

@@ -211,9 +211,16 @@ impl PluginHost {
             if self.is_running(&text, &component) {
                 continue;
             }
-            match self.deploy_named(&path.display().to_string(), &text, component).await {
-                Ok(r) => info!(plugin = %r.name, version = r.version, manifest = %path.display(), "plugin deployed from [plugins] dir"),
-                Err(e) => warn!(manifest = %path.display(), error = %e.message, "plugin in [plugins] dir not deployed"),
+            match self
+                .deploy_named(&path.display().to_string(), &text, component)
+                .await
+            {
+                Ok(r) => {
+                    info!(plugin = %r.name, version = r.version, manifest = %path.display(), "plugin deployed from [plugins] dir")
+                }
+                Err(e) => {
+                    warn!(manifest = %path.display(), error = %e.message, "plugin in [plugins] dir not deployed")
+                }
             }
         }
     }
@@ -246,12 +253,7 @@ impl PluginHost {
             .await
     }
 
-    async fn deploy_named(
-        &self,
-        file: &str,
-        text: &str,
-        component: Bytes,
-    ) -> Result<DeployResult> {
+    async fn deploy_named(&self, file: &str, text: &str, component: Bytes) -> Result<DeployResult> {
         let _ops = self.ops.lock().await;
         let manifest = Manifest::parse(file, text)?;
         self.check_conflicts(&manifest)?;
@@ -305,7 +307,8 @@ impl PluginHost {
         let mut record = previous.clone();
         record.history.pop();
         record.current = target;
-        self.switch(manifest, loaded, record, Some(previous)).await?;
+        self.switch(manifest, loaded, record, Some(previous))
+            .await?;
         info!(plugin = %name, version = target, "plugin rolled back");
         self.result(name, "running")
     }
@@ -383,7 +386,11 @@ impl PluginHost {
     /// Stops and removes a plugin.
     pub async fn remove(&self, name: &str) -> Result<DeployResult> {
         let _ops = self.ops.lock().await;
-        let slot = self.slots.lock().remove(name).ok_or_else(|| not_deployed(name))?;
+        let slot = self
+            .slots
+            .lock()
+            .remove(name)
+            .ok_or_else(|| not_deployed(name))?;
         self.routes.remove(name);
         if let Some(w) = slot.workers {
             w.stop().await;
@@ -523,8 +530,10 @@ impl PluginHost {
         let spec = WorkerSpec {
             broker: self.broker.clone(),
             handle: self.handle.clone(),
-            engine: self.runtime.engine().clone(),
-            pre: loaded.pre.clone(),
+            handler: worker::Handler::Wasm {
+                engine: self.runtime.engine().clone(),
+                pre: loaded.pre.clone(),
+            },
             config,
             subscriptions: m.subscriptions(),
             batch_max: m.consumer.batch_max as usize,
@@ -591,13 +600,39 @@ impl PluginHost {
         }
         type Counter = fn(&PluginStats) -> u64;
         let counters: [(&str, &str, Counter); 7] = [
-            ("wharf_plugin_invocations_total", "Messages handed to the plugin", |s| s.invocations.load(Ordering::Relaxed)),
-            ("wharf_plugin_commits_total", "Messages the plugin committed", |s| s.commits.load(Ordering::Relaxed)),
-            ("wharf_plugin_retries_total", "Messages answered reconsume-later or failed (retried)", |s| s.retries.load(Ordering::Relaxed)),
-            ("wharf_plugin_traps_total", "Calls that trapped", |s| s.traps.load(Ordering::Relaxed)),
-            ("wharf_plugin_timeouts_total", "Calls stopped at consume_timeout_ms", |s| s.timeouts.load(Ordering::Relaxed)),
-            ("wharf_plugin_settle_errors_total", "Settles the broker refused", |s| s.settle_errors.load(Ordering::Relaxed)),
-            ("wharf_plugin_instantiations_total", "Instances created (first per worker and replacements)", |s| s.instantiations.load(Ordering::Relaxed)),
+            (
+                "wharf_plugin_invocations_total",
+                "Messages handed to the plugin",
+                |s| s.invocations.load(Ordering::Relaxed),
+            ),
+            (
+                "wharf_plugin_commits_total",
+                "Messages the plugin committed",
+                |s| s.commits.load(Ordering::Relaxed),
+            ),
+            (
+                "wharf_plugin_retries_total",
+                "Messages answered reconsume-later or failed (retried)",
+                |s| s.retries.load(Ordering::Relaxed),
+            ),
+            ("wharf_plugin_traps_total", "Calls that trapped", |s| {
+                s.traps.load(Ordering::Relaxed)
+            }),
+            (
+                "wharf_plugin_timeouts_total",
+                "Calls stopped at consume_timeout_ms",
+                |s| s.timeouts.load(Ordering::Relaxed),
+            ),
+            (
+                "wharf_plugin_settle_errors_total",
+                "Settles the broker refused",
+                |s| s.settle_errors.load(Ordering::Relaxed),
+            ),
+            (
+                "wharf_plugin_instantiations_total",
+                "Instances created (first per worker and replacements)",
+                |s| s.instantiations.load(Ordering::Relaxed),
+            ),
         ];
         for (metric, help, get) in counters {
             let _ = writeln!(out, "# HELP {metric} {help}");
@@ -606,7 +641,10 @@ impl PluginHost {
                 let _ = writeln!(out, "{metric}{{plugin=\"{name}\"}} {}", get(&slot.stats));
             }
         }
-        let _ = writeln!(out, "# HELP wharf_plugin_instances Running instances (worker threads)");
+        let _ = writeln!(
+            out,
+            "# HELP wharf_plugin_instances Running instances (worker threads)"
+        );
         let _ = writeln!(out, "# TYPE wharf_plugin_instances gauge");
         for (name, slot) in slots.iter() {
             let live = slot.workers.as_ref().map_or(0, |w| w.live());
@@ -615,7 +653,11 @@ impl PluginHost {
         let _ = writeln!(out, "# HELP wharf_plugin_version Running version number");
         let _ = writeln!(out, "# TYPE wharf_plugin_version gauge");
         for (name, slot) in slots.iter() {
-            let _ = writeln!(out, "wharf_plugin_version{{plugin=\"{name}\"}} {}", slot.record.current);
+            let _ = writeln!(
+                out,
+                "wharf_plugin_version{{plugin=\"{name}\"}} {}",
+                slot.record.current
+            );
         }
         for (i, (name, slot)) in slots.iter().enumerate() {
             let mut one = String::new();
@@ -692,8 +734,8 @@ fn summary(slot: &Slot) -> serde_json::Value {
 }
 
 #[cfg(test)]
+mod host_tests;
+#[cfg(test)]
 mod runtime_tests;
 #[cfg(test)]
 pub(crate) mod testkit;
-#[cfg(test)]
-mod host_tests;

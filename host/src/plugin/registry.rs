@@ -79,7 +79,10 @@ impl VersionFiles {
     pub fn write(&self, name: &str, version: u64, manifest: &str, component: &[u8]) -> Result<()> {
         let dir = self.dir(name, version);
         std::fs::create_dir_all(&dir).map_err(|e| io_error("create", &dir, e))?;
-        for (file, bytes) in [(MANIFEST_FILE, manifest.as_bytes()), (COMPONENT_FILE, component)] {
+        for (file, bytes) in [
+            (MANIFEST_FILE, manifest.as_bytes()),
+            (COMPONENT_FILE, component),
+        ] {
             let path = dir.join(file);
             let tmp = dir.join(format!("{file}.tmp"));
             let written = std::fs::File::create(&tmp).and_then(|mut f| {

@@ -22,8 +22,8 @@ use wasmtime::{
 use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
-use crate::broker::{Broker, OutgoingMessage, SendReceipt};
 use crate::broker::consume::Outcome;
+use crate::broker::{Broker, OutgoingMessage, SendReceipt};
 use crate::error::{ErrorCode, Result, WharfError};
 use crate::model::StoredMessage;
 
@@ -144,7 +144,7 @@ impl wit::Host for HostState {}
 impl wharf::plugin::host::Host for HostState {
     fn send(&mut self, m: wit::Outgoing) -> std::result::Result<wit::SendReceipt, wit::HostError> {
         let c = &self.config;
-        if !c.publish.iter().any(|t| *t == m.topic) {
+        if !c.publish.contains(&m.topic) {
             return Err(no_permission(format!(
                 "plugin '{}' may not send to topic '{}'; add it to [permissions] publish in plugin.toml",
                 c.plugin, m.topic
@@ -174,7 +174,7 @@ impl wharf::plugin::host::Host for HostState {
         key: String,
     ) -> std::result::Result<Vec<wit::Found>, wit::HostError> {
         let c = &self.config;
-        if !c.readable.iter().any(|t| *t == topic) {
+        if !c.readable.contains(&topic) {
             return Err(no_permission(format!(
                 "plugin '{}' may not read topic '{topic}'; only subscribed topics and those in [permissions] publish",
                 c.plugin
@@ -484,7 +484,10 @@ impl Instance {
         let ctx = self.context(first);
         self.store.data_mut().current = first.id.to_string();
         self.store.set_epoch_deadline(self.deadline_ticks);
-        match self.bindings.call_consume_batch(&mut self.store, &msgs, &ctx) {
+        match self
+            .bindings
+            .call_consume_batch(&mut self.store, &msgs, &ctx)
+        {
             Ok(actions) if actions.len() == messages.len() => {
                 Ok(actions.into_iter().map(from_wit).collect())
             }

@@ -77,7 +77,12 @@ fn config(api: Arc<Recorder>, timeout_ms: u64, memory_mib: usize) -> Arc<Instanc
 }
 
 fn instance(api: Arc<Recorder>, timeout_ms: u64) -> Instance {
-    Instance::new(runtime().0.engine(), &probe().pre, config(api, timeout_ms, 64)).unwrap()
+    Instance::new(
+        runtime().0.engine(),
+        &probe().pre,
+        config(api, timeout_ms, 64),
+    )
+    .unwrap()
 }
 
 fn message(tag: &str, props: &[(&str, &str)]) -> StoredMessage {
@@ -103,8 +108,14 @@ fn message(tag: &str, props: &[(&str, &str)]) -> StoredMessage {
 #[test]
 fn commit_and_reconsume_later_are_returned() {
     let mut i = instance(Arc::default(), 5_000);
-    assert_eq!(i.consume(&message("commit", &[])), Ok(Outcome::CommitMessage));
-    assert_eq!(i.consume(&message("retry", &[])), Ok(Outcome::ReconsumeLater));
+    assert_eq!(
+        i.consume(&message("commit", &[])),
+        Ok(Outcome::CommitMessage)
+    );
+    assert_eq!(
+        i.consume(&message("retry", &[])),
+        Ok(Outcome::ReconsumeLater)
+    );
 }
 
 #[test]
@@ -141,7 +152,10 @@ fn trap_is_reported_with_the_panic_message() {
     }
     // A fresh instance from the same pre-linked component works.
     let mut fresh = instance(Arc::default(), 5_000);
-    assert_eq!(fresh.consume(&message("commit", &[])), Ok(Outcome::CommitMessage));
+    assert_eq!(
+        fresh.consume(&message("commit", &[])),
+        Ok(Outcome::CommitMessage)
+    );
 }
 
 #[test]
@@ -150,7 +164,10 @@ fn infinite_loop_is_stopped_at_the_deadline() {
     let started = Instant::now();
     assert_eq!(i.consume(&message("loop", &[])), Err(Failure::Timeout));
     let took = started.elapsed();
-    assert!(took >= Duration::from_millis(95), "stopped too early: {took:?}");
+    assert!(
+        took >= Duration::from_millis(95),
+        "stopped too early: {took:?}"
+    );
     assert!(took < Duration::from_secs(5), "stopped too late: {took:?}");
 }
 
@@ -177,9 +194,17 @@ fn send_reaches_only_permitted_topics() {
         "the guest sees NO_PERMISSION (16)"
     );
     let missing = message("send", &[("to", "Missing"), ("expect_code", "17")]);
-    assert_eq!(i.consume(&missing), Ok(Outcome::CommitMessage), "broker errors reach the guest");
+    assert_eq!(
+        i.consume(&missing),
+        Ok(Outcome::CommitMessage),
+        "broker errors reach the guest"
+    );
     let sent = api.sent.lock().unwrap();
-    assert_eq!(sent.len(), 1, "nothing was sent to a topic outside permissions.publish");
+    assert_eq!(
+        sent.len(),
+        1,
+        "nothing was sent to a topic outside permissions.publish"
+    );
     assert_eq!(sent[0].0, "Notify");
     assert_eq!(sent[0].1.tag.as_deref(), Some("probe"));
     assert_eq!(sent[0].1.body, Bytes::from_static(b"hello"));
@@ -192,7 +217,10 @@ fn find_by_key_is_limited_to_readable_topics() {
     pay.keys = vec!["k1".into()];
     api.stored.lock().unwrap().push(pay);
     let mut i = instance(api, 5_000);
-    assert_eq!(i.consume(&message("find", &[("topic", "Trade")])), Ok(Outcome::CommitMessage));
+    assert_eq!(
+        i.consume(&message("find", &[("topic", "Trade")])),
+        Ok(Outcome::CommitMessage)
+    );
     let refused = message("find", &[("topic", "Secret"), ("expect_code", "16")]);
     assert_eq!(i.consume(&refused), Ok(Outcome::CommitMessage));
 }
@@ -200,7 +228,11 @@ fn find_by_key_is_limited_to_readable_topics() {
 #[test]
 fn batch_answers_one_action_per_message() {
     let mut i = instance(Arc::default(), 5_000);
-    let batch = vec![message("commit", &[]), message("retry", &[]), message("commit", &[])];
+    let batch = vec![
+        message("commit", &[]),
+        message("retry", &[]),
+        message("commit", &[]),
+    ];
     assert_eq!(
         i.consume_batch(&batch),
         Ok(vec![
@@ -221,7 +253,10 @@ fn compiled_artifact_is_reused_after_restart() {
     drop(first);
     let second = Runtime::new(dir.path().to_path_buf()).unwrap();
     let warm = second.load(&bytes).unwrap();
-    assert!(warm.cache_hit, "a restarted runtime loads the cached artifact");
+    assert!(
+        warm.cache_hit,
+        "a restarted runtime loads the cached artifact"
+    );
     assert_eq!(warm.hash, cold.hash);
     // A corrupt artifact is detected and recompiled, not trusted.
     let artifact = std::fs::read_dir(dir.path())

@@ -104,11 +104,21 @@ mod tests {
             r.conflict("b", &[route("/hooks/orders")]),
             Some(("/hooks/orders".into(), "a".into()))
         );
-        assert_eq!(r.conflict("a", &[route("/hooks/orders")]), None, "a new version may keep its paths");
+        assert_eq!(
+            r.conflict("a", &[route("/hooks/orders")]),
+            None,
+            "a new version may keep its paths"
+        );
         r.install("a", &[route("/hooks/other")]);
-        assert!(r.message("/hooks/orders", &[], Bytes::from_static(b"x")).is_none());
+        assert!(
+            r.message("/hooks/orders", &[], Bytes::from_static(b"x"))
+                .is_none()
+        );
         r.remove("a");
-        assert!(r.message("/hooks/other", &[], Bytes::from_static(b"x")).is_none());
+        assert!(
+            r.message("/hooks/other", &[], Bytes::from_static(b"x"))
+                .is_none()
+        );
     }
 
     #[test]
@@ -126,7 +136,11 @@ mod tests {
         assert_eq!(topic, "Trade");
         assert_eq!(m.tag.as_deref(), Some("order"));
         assert_eq!(m.keys, vec!["o-9".to_string()]);
-        assert_eq!(m.properties.len(), 1, "only listed headers that are present");
+        assert_eq!(
+            m.properties.len(),
+            1,
+            "only listed headers that are present"
+        );
         assert_eq!(m.properties["x-request-id"], "r-1");
         assert_eq!(m.body, Bytes::from_static(b"{}"));
     }

@@ -17,6 +17,7 @@ use crate::broker::Broker;
 use crate::broker::consume::{Delivered, InstanceSpec, Outcome, Subscription};
 use crate::error::{ErrorCode, Result};
 use crate::metrics::Histogram;
+use crate::model::StoredMessage;
 
 /// How long one receive waits for messages; also how quickly a stop request is noticed.
 const RECEIVE_WAIT: Duration = Duration::from_millis(200);
@@ -44,16 +45,69 @@ pub struct PluginStats {
     pub duration_us: Histogram,
 }
 
+/// A native message handler (the benchmark's baseline through the same worker loop).
+pub type NativeFn = Arc<dyn Fn(&StoredMessage) -> Outcome + Send + Sync>;
+
+/// What answers messages.
+#[derive(Clone)]
+pub enum Handler {
+    /// A wasm component: one reused instance per worker.
+    Wasm {
+        /// Engine instances are created in.
+        engine: wasmtime::Engine,
+        /// The version's pre-linked component.
+        pre: ConsumerPre<HostState>,
+    },
+    /// A Rust closure (benchmarks only).
+    Native(NativeFn),
+}
+
+/// A worker's live handler state.
+enum Live {
+    Wasm(Box<Instance>),
+    Native(NativeFn),
+}
+
+impl Handler {
+    fn instantiate(&self, config: &Arc<InstanceConfig>) -> Result<Live> {
+        match self {
+            Handler::Wasm { engine, pre } => Ok(Live::Wasm(Box::new(Instance::new(
+                engine,
+                pre,
+                config.clone(),
+            )?))),
+            Handler::Native(f) => Ok(Live::Native(f.clone())),
+        }
+    }
+}
+
+impl Live {
+    fn consume(&mut self, m: &StoredMessage) -> std::result::Result<Outcome, Failure> {
+        match self {
+            Live::Wasm(i) => i.consume(m),
+            Live::Native(f) => Ok(f(m)),
+        }
+    }
+
+    fn consume_batch(
+        &mut self,
+        ms: &[StoredMessage],
+    ) -> std::result::Result<Vec<Outcome>, Failure> {
+        match self {
+            Live::Wasm(i) => i.consume_batch(ms),
+            Live::Native(f) => Ok(ms.iter().map(|m| f(m)).collect()),
+        }
+    }
+}
+
 /// What a set of workers runs.
 pub struct WorkerSpec {
     /// The broker.
     pub broker: Arc<Broker>,
     /// Runtime handle for blocking on broker futures.
     pub handle: tokio::runtime::Handle,
-    /// Engine instances are created in.
-    pub engine: wasmtime::Engine,
-    /// The version's pre-linked component.
-    pub pre: ConsumerPre<HostState>,
+    /// What answers messages.
+    pub handler: Handler,
     /// The version's identity and limits.
     pub config: Arc<InstanceConfig>,
     /// Subscriptions from the manifest, nothing else.
@@ -117,13 +171,11 @@ impl Workers {
         for id in ids {
             let (spec, stop, live) = (spec.clone(), stop.clone(), live.clone());
             let name = format!("wharf-plugin-{}", spec.config.plugin);
-            let spawned = std::thread::Builder::new()
-                .name(name)
-                .spawn(move || {
-                    live.fetch_add(1, Ordering::SeqCst);
-                    run(&spec, &id, &stop);
-                    live.fetch_sub(1, Ordering::SeqCst);
-                });
+            let spawned = std::thread::Builder::new().name(name).spawn(move || {
+                live.fetch_add(1, Ordering::SeqCst);
+                run(&spec, &id, &stop);
+                live.fetch_sub(1, Ordering::SeqCst);
+            });
             match spawned {
                 Ok(h) => workers.handles.push(h),
                 Err(e) => {
@@ -189,16 +241,12 @@ fn instance_spec(spec: &WorkerSpec, id: &str) -> InstanceSpec {
 /// One worker's loop; returns when `stop` is set and what it holds is settled.
 fn run(spec: &WorkerSpec, id: &str, stop: &AtomicBool) {
     let group = spec.config.group.as_str();
-    let mut instance: Option<Instance> = None;
+    let mut instance: Option<Live> = None;
     let mut last_error = String::new();
     while !stop.load(Ordering::SeqCst) {
         let receive = || {
-            spec.handle.block_on(spec.broker.receive(
-                group,
-                id,
-                spec.batch_max,
-                RECEIVE_WAIT,
-            ))
+            spec.handle
+                .block_on(spec.broker.receive(group, id, spec.batch_max, RECEIVE_WAIT))
         };
         // The async runtime going away under us (abnormal teardown) ends the worker.
         let Ok(received) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(receive)) else {
@@ -213,9 +261,13 @@ fn run(spec: &WorkerSpec, id: &str, stop: &AtomicBool) {
                     warn!(plugin = %spec.config.plugin, instance = %id, error = %text, "receive failed");
                     last_error = text;
                 }
-                if e.code == ErrorCode::SubscriptionGroupNotExist || e.kind == crate::error::ErrorKind::NotFound {
+                if e.code == ErrorCode::SubscriptionGroupNotExist
+                    || e.kind == crate::error::ErrorKind::NotFound
+                {
                     // The instance expired or the group was recreated: register again.
-                    let _ = spec.handle.block_on(spec.broker.register_consumer(instance_spec(spec, id)));
+                    let _ = spec
+                        .handle
+                        .block_on(spec.broker.register_consumer(instance_spec(spec, id)));
                 }
                 std::thread::sleep(ERROR_PAUSE);
                 continue;
@@ -226,7 +278,7 @@ fn run(spec: &WorkerSpec, id: &str, stop: &AtomicBool) {
         }
         let inst = match instance.take() {
             Some(i) => i,
-            None => match Instance::new(&spec.engine, &spec.pre, spec.config.clone()) {
+            None => match spec.handler.instantiate(&spec.config) {
                 Ok(i) => {
                     spec.stats.instantiations.fetch_add(1, Ordering::Relaxed);
                     i
@@ -246,7 +298,7 @@ fn run(spec: &WorkerSpec, id: &str, stop: &AtomicBool) {
 }
 
 /// Calls the plugin for a batch and settles each message; returns the instance unless it failed.
-fn handle_batch(spec: &WorkerSpec, mut inst: Instance, batch: &[Delivered]) -> Option<Instance> {
+fn handle_batch(spec: &WorkerSpec, mut inst: Live, batch: &[Delivered]) -> Option<Live> {
     let c = &spec.config;
     let stats = &spec.stats;
     if spec.batch_max <= 1 {
@@ -263,7 +315,9 @@ fn handle_batch(spec: &WorkerSpec, mut inst: Instance, batch: &[Delivered]) -> O
             let _enter = span.enter();
             let started = Instant::now();
             let result = current.consume(&d.message);
-            stats.duration_us.record(started.elapsed().as_micros() as u64);
+            stats
+                .duration_us
+                .record(started.elapsed().as_micros() as u64);
             stats.invocations.fetch_add(1, Ordering::Relaxed);
             let outcome = match result {
                 Ok(o) => {
@@ -281,12 +335,17 @@ fn handle_batch(spec: &WorkerSpec, mut inst: Instance, batch: &[Delivered]) -> O
         return keep;
     }
     let messages: Vec<_> = batch.iter().map(|d| d.message.clone()).collect();
-    let first = messages.first().map(|m| m.id.to_string()).unwrap_or_default();
+    let first = messages
+        .first()
+        .map(|m| m.id.to_string())
+        .unwrap_or_default();
     let span = debug_span!("plugin_call", plugin = %c.plugin, version = c.version, message_id = %first, batch = messages.len());
     let _enter = span.enter();
     let started = Instant::now();
     let result = inst.consume_batch(&messages);
-    stats.duration_us.record(started.elapsed().as_micros() as u64);
+    stats
+        .duration_us
+        .record(started.elapsed().as_micros() as u64);
     stats
         .invocations
         .fetch_add(messages.len() as u64, Ordering::Relaxed);
@@ -329,11 +388,9 @@ fn note_failure(spec: &WorkerSpec, message_id: &str, f: &Failure) {
 }
 
 fn settle(spec: &WorkerSpec, d: &Delivered, outcome: Outcome) {
-    let settled = spec.handle.block_on(spec.broker.settle(
-        &spec.config.group,
-        &d.receipt,
-        outcome,
-    ));
+    let settled = spec
+        .handle
+        .block_on(spec.broker.settle(&spec.config.group, &d.receipt, outcome));
     if let Err(e) = settled {
         spec.stats.settle_errors.fetch_add(1, Ordering::Relaxed);
         warn!(plugin = %spec.config.plugin, message_id = %d.message.id, error = %e, "settle refused");

@@ -15,7 +15,11 @@ impl Plugin for Flaky {
         if context.attempt() <= fail_times {
             log(
                 Level::Info,
-                &format!("attempt {} of {}: failing on purpose", context.attempt(), fail_times + 1),
+                &format!(
+                    "attempt {} of {}: failing on purpose",
+                    context.attempt(),
+                    fail_times + 1
+                ),
             );
             Action::ReconsumeLater
         } else {

@@ -39,7 +39,10 @@ impl Plugin for OrderTimeout {
                 match send(check) {
                     Ok(_) => Action::CommitMessage,
                     Err(e) => {
-                        log(Level::Error, &format!("cannot schedule check for {order}: {e}"));
+                        log(
+                            Level::Error,
+                            &format!("cannot schedule check for {order}: {e}"),
+                        );
                         Action::ReconsumeLater
                     }
                 }
@@ -60,7 +63,10 @@ impl Plugin for OrderTimeout {
                 let close = Outgoing::new(NOTIFY, body).tag("close").key(&order);
                 match send(close) {
                     Ok(_) => {
-                        log(Level::Info, &format!("order {order} closed: not paid in time"));
+                        log(
+                            Level::Info,
+                            &format!("order {order} closed: not paid in time"),
+                        );
                         Action::CommitMessage
                     }
                     Err(e) => {

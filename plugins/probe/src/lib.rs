@@ -60,7 +60,11 @@ impl Plugin for Probe {
             }
             "find" => {
                 let topic = message.property("topic").unwrap_or("Trade");
-                let key = message.keys().first().map(|k| k.to_string()).unwrap_or_default();
+                let key = message
+                    .keys()
+                    .first()
+                    .map(|k| k.to_string())
+                    .unwrap_or_default();
                 match wharf_sdk::find_by_key(topic, &key) {
                     Ok(found) => commit_if(found.iter().any(|f| f.tag.as_deref() == Some("pay"))),
                     Err(e) => commit_if(Some(u64::from(e.code)) == wanted(message, "expect_code")),
@@ -71,7 +75,9 @@ impl Plugin for Probe {
                 Action::CommitMessage
             }
             "clock" => commit_if(Some(wharf_sdk::now_ms()) == wanted(message, "now")),
-            "attempt" => commit_if(Some(u64::from(context.attempt())) == wanted(message, "attempt")),
+            "attempt" => {
+                commit_if(Some(u64::from(context.attempt())) == wanted(message, "attempt"))
+            }
             "calls" => commit_if(Some(calls) == wanted(message, "calls")),
             "fields" => commit_if(
                 message.property("color") == Some("blue")

@@ -457,14 +457,25 @@ impl Broker {
                     },
                 );
             }
+            let (cap, cap_bytes) = (
+                self.config.max_in_flight_messages,
+                self.config.max_in_flight_bytes,
+            );
+            // Waking pollers on every settle costs a wasted read each; only freed credit of an
+            // instance at its cap can let a waiting receive make progress.
+            let mut credit_freed = false;
             if let Some(inst) = st.instances.get_mut(&instance) {
+                credit_freed = inst.in_flight >= cap || inst.in_flight_bytes >= cap_bytes;
                 inst.release(weight(&message));
             }
             st.rate.add(now, 1);
             st.last_consume_ms = Some(now);
-            retry.then_some(message)
+            (retry.then_some(message), credit_freed)
         };
-        handle.notify.notify_waiters();
+        let (failed, credit_freed) = failed;
+        if credit_freed {
+            handle.notify.notify_waiters();
+        }
         if let Some(message) = failed {
             self.fail_and_forget(&g, &handle, vec![(r.instance.clone(), key, r.offset, message)])
                 .await?;

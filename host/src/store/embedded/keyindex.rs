@@ -257,8 +257,10 @@ impl KeyIndex {
         let files: Vec<Arc<KeyFile>> = self.files.read().iter().rev().cloned().collect();
         let mut steps = 0;
         for kf in files {
-            let count = kf.count.load(Ordering::Acquire);
+            // Head first: the writer publishes the count before releasing the slot table, so a
+            // count read afterwards always covers the head.
             let mut n = kf.head(hash % kf.slots)?;
+            let count = kf.count.load(Ordering::Acquire);
             while n != 0 && n <= count {
                 steps += 1;
                 if steps > max_steps {

@@ -55,6 +55,11 @@ impl Log {
             let e = e?;
             let name = e.file_name();
             let Some(name) = name.to_str() else { continue };
+            if name.ends_with(PREALLOC_SUFFIX) {
+                // A zero-filled spare segment from the last run: cheap to make again.
+                fs::remove_file(e.path())?;
+                continue;
+            }
             let Some(stem) = name.strip_suffix(".log") else {
                 continue;
             };
@@ -89,6 +94,22 @@ impl Log {
             .truncate(true)
             .open(&path)?;
         sync_dir(&self.dir)?;
+        let seg = Arc::new(Segment {
+            base,
+            file,
+            len: AtomicU64::new(0),
+            path,
+        });
+        self.segs.write().insert(base, seg.clone());
+        Ok(seg)
+    }
+
+    /// Turns a spare zero-filled file (from [`preallocate`]) into the segment starting at `base`.
+    pub fn install(&self, base: u64, spare: &Path) -> io::Result<Arc<Segment>> {
+        let path = segment_path(&self.dir, base);
+        fs::rename(spare, &path)?;
+        sync_dir(&self.dir)?;
+        let file = OpenOptions::new().read(true).write(true).open(&path)?;
         let seg = Arc::new(Segment {
             base,
             file,
@@ -174,6 +195,31 @@ impl Log {
             Err(_) => None,
         }
     }
+}
+
+/// Name suffix of spare segment files.
+pub const PREALLOC_SUFFIX: &str = ".prealloc";
+
+/// Writes a zero-filled spare segment of `bytes` and fsyncs it. Overwriting allocated blocks
+/// changes no file metadata, so each later fdatasync is one data write instead of data plus an
+/// inode (size/extent) update.
+pub fn preallocate(dir: &Path, bytes: u64) -> io::Result<PathBuf> {
+    use std::io::Write;
+    let path = dir.join(format!("next{PREALLOC_SUFFIX}"));
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&path)?;
+    let zeros = vec![0u8; 1 << 20];
+    let mut left = bytes;
+    while left > 0 {
+        let n = left.min(zeros.len() as u64) as usize;
+        f.write_all(&zeros[..n])?;
+        left -= n as u64;
+    }
+    f.sync_all()?;
+    Ok(path)
 }
 
 /// fsyncs a directory so created, renamed or removed entries survive a crash.

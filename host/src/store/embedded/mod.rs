@@ -25,6 +25,7 @@ mod tests;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::{self, File, OpenOptions};
 use std::io;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -68,6 +69,8 @@ pub struct Tuning {
     pub checkpoint_interval_ms: u64,
     /// How often dirty consumer offsets are saved (ms; the contract says ≤ 1 s).
     pub offsets_flush_ms: u64,
+    /// Zero-fill the next segment in the background so appends overwrite allocated blocks.
+    pub preallocate_segments: bool,
 }
 
 impl Default for Tuning {
@@ -80,6 +83,7 @@ impl Default for Tuning {
             timer_prefetch_ms: 120_000,
             checkpoint_interval_ms: 1_000,
             offsets_flush_ms: 500,
+            preallocate_segments: true,
         }
     }
 }
@@ -336,6 +340,7 @@ impl EmbeddedStore {
         }
         w.checkpoint()
             .map_err(|e| fail("writing the index checkpoint", e))?;
+        w.start_spare();
         let handle = std::thread::Builder::new()
             .name("wharf-store-writer".into())
             .spawn(move || w.run())
@@ -415,12 +420,19 @@ fn recover_log(log: &Log, ck: Option<&Checkpoint>) -> io::Result<(u64, bool)> {
                 continue;
             }
             if seg.base == last_base {
-                // Only the newest segment can have a torn tail from a crash: cut it off.
-                warn!(
-                    segment = %seg.path.display(),
-                    offset = end.valid_len,
-                    "torn or corrupt log tail; truncating it"
-                );
+                // Only the newest segment can have a torn tail from a crash: cut it off. Zeros
+                // there are the unused part of a preallocated segment, not damage.
+                let mut next = [0u8; 4];
+                let zeros = seg.file.read_exact_at(&mut next, end.valid_len).is_ok() && next == [0; 4];
+                if zeros {
+                    info!(segment = %seg.path.display(), offset = end.valid_len, "log ends here");
+                } else {
+                    warn!(
+                        segment = %seg.path.display(),
+                        offset = end.valid_len,
+                        "torn or corrupt log tail; truncating it"
+                    );
+                }
                 seg.file.set_len(end.valid_len)?;
                 seg.file.sync_all()?;
                 seg.len.store(end.valid_len, Ordering::Release);

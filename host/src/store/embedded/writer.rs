@@ -72,6 +72,8 @@ pub struct Writer {
     checkpoint_pos: u64,
     last_offsets_flush: Instant,
     index_broken: bool,
+    spare: Option<std::thread::JoinHandle<io::Result<std::path::PathBuf>>>,
+    active_prealloc: bool,
     // Per-round scratch, reused.
     cq_ops: Vec<(Arc<ConsumeQueue>, u64, CqEntry)>,
     key_ops: Vec<(u32, u64)>,
@@ -130,6 +132,8 @@ impl Writer {
             checkpoint_pos,
             last_offsets_flush: Instant::now(),
             index_broken: false,
+            spare: None,
+            active_prealloc: false,
             cq_ops: Vec::new(),
             key_ops: Vec::new(),
             timer_adds: Vec::new(),
@@ -506,8 +510,17 @@ impl Writer {
     /// full. Returns the position the record will get.
     fn reserve(&mut self, len: usize) -> io::Result<u64> {
         let used = self.written + self.wbuf.len() as u64;
-        if used > 0 && used + len as u64 > self.sh.config.segment_bytes {
+        let full = used > 0 && used + len as u64 > self.sh.config.segment_bytes;
+        // Move off an append-mode segment as soon as a zero-filled spare is ready.
+        let upgrade = !self.active_prealloc
+            && used > 0
+            && self.spare.as_ref().is_some_and(|h| h.is_finished());
+        if full || upgrade {
             self.write_out()?;
+            // A spare segment was zero-filled beyond the data: cut it to the data before sealing.
+            if self.active.file.metadata()?.len() != self.written {
+                self.active.file.set_len(self.written)?;
+            }
             if self.sh.config.flush == FlushMode::Sync {
                 self.fsync_active()?;
             } else {
@@ -516,13 +529,56 @@ impl Writer {
                 self.unsynced = false;
             }
             let base = self.active.base + self.written;
-            let seg = self.sh.log.create(base)?;
+            let installed = match self.take_spare() {
+                Some(spare) => match self.sh.log.install(base, &spare) {
+                    Ok(seg) => Some(seg),
+                    Err(e) => {
+                        debug!(error = %e, "installing a spare segment failed; creating one");
+                        None
+                    }
+                },
+                None => None,
+            };
+            self.active_prealloc = installed.is_some();
+            let seg = match installed {
+                Some(seg) => seg,
+                None => self.sh.log.create(base)?,
+            };
+            self.start_spare();
             self.seg_info.entry(base).or_default();
             self.touched.push((seg.clone(), 0, true));
             self.active = seg;
             self.written = 0;
         }
         Ok(self.end_pos())
+    }
+
+    /// Starts zero-filling the next segment in the background (when enabled and not running).
+    pub fn start_spare(&mut self) {
+        if !self.sh.tuning.preallocate_segments || self.spare.is_some() {
+            return;
+        }
+        let dir = self.sh.log.dir.clone();
+        let bytes = self.sh.config.segment_bytes;
+        self.spare = std::thread::Builder::new()
+            .name("wharf-store-prealloc".into())
+            .spawn(move || log::preallocate(&dir, bytes))
+            .ok();
+    }
+
+    /// The spare segment if it is ready (never waits for it).
+    fn take_spare(&mut self) -> Option<std::path::PathBuf> {
+        if !self.spare.as_ref()?.is_finished() {
+            return None;
+        }
+        match self.spare.take()?.join() {
+            Ok(Ok(path)) => Some(path),
+            Ok(Err(e)) => {
+                debug!(error = %e, "preallocating a segment failed");
+                None
+            }
+            Err(_) => None,
+        }
     }
 
     /// Writes the buffer to the active segment (one write call).
@@ -742,7 +798,7 @@ impl Writer {
     /// Writes queued index updates (page cache only; the checkpoint fsyncs them).
     fn apply_indexes(&mut self) -> io::Result<()> {
         let mut ops = std::mem::take(&mut self.cq_ops);
-        ops.sort_by(|a, b| {
+        ops.sort_unstable_by(|a, b| {
             (Arc::as_ptr(&a.0) as usize, a.1).cmp(&(Arc::as_ptr(&b.0) as usize, b.1))
         });
         let mut buf = Vec::new();
