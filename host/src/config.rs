@@ -38,6 +38,9 @@ pub struct Config {
     pub log: LogConfig,
     /// `[testing]`
     pub testing: TestingConfig,
+    /// The file this config came from (`None` = built-in defaults); not a config key.
+    #[serde(skip)]
+    pub source: Option<PathBuf>,
 }
 
 /// `[http]` section.
@@ -210,49 +213,73 @@ impl fmt::Display for ConfigError {
 impl std::error::Error for ConfigError {}
 
 impl Config {
-    /// Parses config text; `file` names it in errors.
+    /// Parses and validates config text; `file` names it in errors.
     pub fn parse(text: &str, file: &str) -> Result<Config, ConfigError> {
-        let config: Config = toml::from_str(text).map_err(|e| ConfigError {
+        let config = Config::parse_unchecked(text, file)?;
+        config.check(Some((text, file)))?;
+        Ok(config)
+    }
+
+    /// Parses config text without the cross-field checks (flags may still fix a value).
+    fn parse_unchecked(text: &str, file: &str) -> Result<Config, ConfigError> {
+        toml::from_str(text).map_err(|e| ConfigError {
             file: file.to_string(),
             position: e.span().map(|s| line_col(text, s.start)),
             message: e.message().trim().to_string(),
-        })?;
-        config.validate().map_err(|(key, message)| ConfigError {
-            file: file.to_string(),
-            position: find_key(text, &key),
-            message,
-        })?;
-        Ok(config)
+        })
     }
 
-    /// Reads a config file.
-    pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let file = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
-            file: file.clone(),
+    /// Reads a config file's text.
+    fn read(path: &Path) -> Result<String, ConfigError> {
+        std::fs::read_to_string(path).map_err(|e| ConfigError {
+            file: path.display().to_string(),
             position: None,
             message: format!("cannot read the config file: {e}"),
-        })?;
-        Config::parse(&text, &file)
+        })
+    }
+
+    /// Reads and validates a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        Config::parse(&Config::read(path)?, &path.display().to_string())
     }
 
     /// The config `wharf serve` uses: `--config FILE` if given (must exist), else
-    /// `config/wharf.toml` if present, else defaults; then flags override.
+    /// `config/wharf.toml` if present, else defaults; then flags override, then validation.
     pub fn resolve(explicit: Option<&Path>, overrides: &Overrides) -> Result<Config, ConfigError> {
-        let mut config = match explicit {
-            Some(p) => Config::load(p)?,
+        let path = match explicit {
+            Some(p) => Some(p.to_path_buf()),
             None if Path::new(DEFAULT_CONFIG_PATH).is_file() => {
-                Config::load(Path::new(DEFAULT_CONFIG_PATH))?
+                Some(PathBuf::from(DEFAULT_CONFIG_PATH))
             }
+            None => None,
+        };
+        let source = match &path {
+            Some(p) => Some((Config::read(p)?, p.display().to_string())),
+            None => None,
+        };
+        let mut config = match &source {
+            Some((text, file)) => Config::parse_unchecked(text, file)?,
             None => Config::default(),
         };
         config.apply(overrides);
-        config.validate().map_err(|(key, message)| ConfigError {
-            file: "<command line>".into(),
-            position: None,
-            message: format!("{key}: {message}"),
-        })?;
+        config.check(source.as_ref().map(|(t, f)| (t.as_str(), f.as_str())))?;
+        config.source = path;
         Ok(config)
+    }
+
+    /// Validates, pointing at the key in `source` when it is written there.
+    fn check(&self, source: Option<(&str, &str)>) -> Result<(), ConfigError> {
+        self.validate().map_err(|(key, message)| {
+            let position = source.and_then(|(text, _)| find_key(text, &key));
+            ConfigError {
+                file: match (position, source) {
+                    (Some(_), Some((_, file))) => file.to_string(),
+                    _ => "<command line or defaults>".into(),
+                },
+                position,
+                message,
+            }
+        })
     }
 
     /// Applies command-line overrides.
@@ -473,5 +500,28 @@ mod tests {
         assert_eq!(c.mqtt.listen, "127.0.0.1:1883");
         assert_eq!(c.remoting.listen, "127.0.0.1:9");
         assert_eq!(c.log.format, LogFormat::Json);
+    }
+
+    #[test]
+    fn a_flag_can_fix_a_bad_file_value() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("w.toml");
+        std::fs::write(&path, "[http]\nlisten = \"nowhere\"\n").unwrap();
+        let e = Config::resolve(Some(&path), &Overrides::default()).unwrap_err();
+        assert_eq!(e.position, Some((2, 1)), "{e}");
+        let o = Overrides {
+            http: Some("127.0.0.1:0".into()),
+            ..Overrides::default()
+        };
+        assert_eq!(
+            Config::resolve(Some(&path), &o).unwrap().http.listen,
+            "127.0.0.1:0"
+        );
+        let o = Overrides {
+            http: Some("bad flag".into()),
+            ..Overrides::default()
+        };
+        let e = Config::resolve(None, &o).unwrap_err();
+        assert!(e.message.contains("bad flag"), "{e}");
     }
 }

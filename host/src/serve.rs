@@ -49,7 +49,21 @@ pub fn init_logging(format: LogFormat, filter: &str) {
 
 /// Runs the host until SIGINT/SIGTERM.
 pub async fn run(config: Config) -> anyhow::Result<()> {
-    info!(version = env!("CARGO_PKG_VERSION"), "wharf starting");
+    match &config.source {
+        Some(p) => {
+            info!(version = env!("CARGO_PKG_VERSION"), config = %p.display(), "wharf starting")
+        }
+        None => info!(
+            version = env!("CARGO_PKG_VERSION"),
+            "wharf starting with built-in defaults (no --config and no config/wharf.toml)"
+        ),
+    }
+    info!(
+        data_dir = %config.store.data_dir.display(),
+        plugins_dir = %config.plugins.dir.display(),
+        flush = ?config.store.flush,
+        "settings"
+    );
     let clock: SharedClock = Arc::new(SystemClock::with_offset(config.testing.clock_offset_ms));
     if config.testing.clock_offset_ms != 0 {
         warn!(
@@ -134,10 +148,12 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             warn!("{name} listener is not built yet: NOT listening on {listen} ([{name}] listen)");
         }
     }
-    println!("wharf: listening http={addr}");
     {
+        // Machine-readable, for scripts and tests that start the host on port 0.
         use std::io::Write as _;
-        let _ = std::io::stdout().flush();
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, "wharf: listening http={addr}");
+        let _ = out.flush();
     }
 
     let early = tokio::select! {

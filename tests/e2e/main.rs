@@ -3,6 +3,7 @@
 //! Build the binary first (`cargo build -p wharf`, same profile as the tests) or point `WHARF_BIN`
 //! at one; `.ci/run` does both.
 
+mod consume;
 mod crash;
 mod foundation;
 mod harness;

@@ -307,7 +307,7 @@ fn bad_deploys_are_refused_and_the_running_version_stays() {
     let bad = write_manifest(&s, "bad-key", &text);
     let out = s.wharf(&["plugin", "deploy", &bad.display().to_string()]);
     assert_ne!(out.code, 0);
-    assert!(out.stderr.contains("plugin.toml:11:1"), "{}", out.stderr);
+    assert!(out.stderr.contains("plugin.toml:10:1"), "{}", out.stderr);
     assert!(
         out.stderr.contains("unknown field `colour`"),
         "{}",

@@ -102,8 +102,8 @@ pub async fn run(args: E2eArgs) -> anyhow::Result<()> {
     let (dir, _scratch) = match &args.data_dir {
         Some(d) => (d.clone(), Scratch(None)),
         None => {
-            let d = std::env::current_dir()?
-                .join(format!("wharf-bench-e2e-{}", std::process::id()));
+            let d =
+                std::env::current_dir()?.join(format!("wharf-bench-e2e-{}", std::process::id()));
             (d.clone(), Scratch(Some(d)))
         }
     };
@@ -306,7 +306,9 @@ async fn latency(broker: &Arc<Broker>, args: &E2eArgs, epoch: Instant) -> anyhow
                 };
                 let t = Instant::now();
                 broker.send(TOPIC, vec![m]).await?;
-                Ok::<u32, crate::error::WharfError>(t.elapsed().as_micros().min(u32::MAX as u128) as u32)
+                Ok::<u32, crate::error::WharfError>(
+                    t.elapsed().as_micros().min(u32::MAX as u128) as u32
+                )
             });
             sent += 1;
         }

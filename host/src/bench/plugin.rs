@@ -47,6 +47,10 @@ pub struct PluginArgs {
     /// Messages per receive (and per call when above 1: `consume-batch`).
     #[arg(long, default_value_t = 1)]
     pub batch: usize,
+    /// Engine runs per handler, alternating wasm and native; the best of each is reported
+    /// (the machine may be shared, and the best run is the least disturbed one).
+    #[arg(long, default_value_t = 3)]
+    pub rounds: usize,
     /// Live instances for the idle-memory figure.
     #[arg(long, default_value_t = 200)]
     pub instances: usize,
@@ -87,6 +91,50 @@ fn message(size: usize, tag: &str) -> StoredMessage {
         deliver_at_ms: None,
         reconsume_times: 0,
     }
+}
+
+/// Consumes the prefilled topic with a fresh group; returns messages per second.
+async fn engine_run(
+    broker: &Arc<Broker>,
+    args: &PluginArgs,
+    group: &str,
+    handler: Handler,
+    config: Arc<InstanceConfig>,
+) -> anyhow::Result<f64> {
+    broker
+        .create_group(GroupSpec {
+            name: group.into(),
+            kind: GroupKind::Consumer,
+            model: Default::default(),
+            max_reconsume_times: None,
+            consume_timeout_ms: None,
+        })
+        .await?;
+    let stats = Arc::new(PluginStats::default());
+    let spec = WorkerSpec {
+        broker: broker.clone(),
+        handle: tokio::runtime::Handle::current(),
+        handler,
+        config,
+        subscriptions: vec![Subscription {
+            topic: "Bench".into(),
+            expression: "*".into(),
+        }],
+        batch_max: args.batch,
+        stats: stats.clone(),
+    };
+    let started = Instant::now();
+    let workers = Workers::start(spec, args.workers).await?;
+    let deadline = started + Duration::from_secs(600);
+    while stats.commits.load(Ordering::Relaxed) < args.messages as u64 {
+        if Instant::now() > deadline {
+            bail!("{group}: consumption stalled");
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let took = started.elapsed().as_secs_f64();
+    workers.stop().await;
+    Ok(args.messages as f64 / took)
 }
 
 fn native_fn() -> NativeFn {
@@ -234,72 +282,38 @@ pub async fn run(args: PluginArgs) -> anyhow::Result<()> {
         broker.send("Bench", batch).await?;
         left -= n;
     }
-    let mut rates = Vec::new();
-    for (label, group, handler) in [
-        (
-            "wasm plugin",
-            "GID_bench_wasm",
-            Handler::Wasm {
-                engine: rt.engine().clone(),
-                pre: warm.pre.clone(),
-            },
-        ),
-        (
-            "native closure",
-            "GID_bench_native",
-            Handler::Native(native_fn()),
-        ),
-    ] {
-        broker
-            .create_group(GroupSpec {
-                name: group.into(),
-                kind: GroupKind::Consumer,
-                model: Default::default(),
-                max_reconsume_times: None,
-                consume_timeout_ms: None,
-            })
-            .await?;
-        let stats = Arc::new(PluginStats::default());
-        let spec = WorkerSpec {
-            broker: broker.clone(),
-            handle: tokio::runtime::Handle::current(),
-            handler,
-            config: config(group),
-            subscriptions: vec![Subscription {
-                topic: "Bench".into(),
-                expression: "*".into(),
-            }],
-            batch_max: args.batch,
-            stats: stats.clone(),
-        };
-        let started = Instant::now();
-        let workers = Workers::start(spec, args.workers).await?;
-        let deadline = started + Duration::from_secs(600);
-        while stats.commits.load(Ordering::Relaxed) < args.messages as u64 {
-            if Instant::now() > deadline {
-                bail!("{label}: consumption stalled");
-            }
-            tokio::time::sleep(Duration::from_millis(2)).await;
+    let mut best = [0f64; 2];
+    for round in 0..args.rounds.max(1) {
+        for (slot, (label, handler)) in [
+            (
+                "wasm plugin",
+                Handler::Wasm {
+                    engine: rt.engine().clone(),
+                    pre: warm.pre.clone(),
+                },
+            ),
+            ("native closure", Handler::Native(native_fn())),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let group = format!("GID_bench_{slot}_{round}");
+            let rate = engine_run(&broker, &args, &group, handler, config(&group)).await?;
+            println!(
+                "  engine round {}, {label:14}: {rate:10.0} msgs/s ({} workers, batch {})",
+                round + 1,
+                args.workers,
+                args.batch
+            );
+            best[slot] = best[slot].max(rate);
         }
-        let took = started.elapsed().as_secs_f64();
-        workers.stop().await;
-        let rate = args.messages as f64 / took;
-        let d = stats.duration_us.snapshot();
-        println!(
-            "  engine, {label:14}: {rate:10.0} msgs/s ({} workers, batch {}; call p50 ≤{} µs, p99 ≤{} µs)",
-            args.workers,
-            args.batch,
-            d.quantile(0.5),
-            d.quantile(0.99)
-        );
-        rates.push(rate);
     }
-    if let [wasm, native] = rates[..] {
-        println!(
-            "  wasm / native through the engine: {:.0}% (target ≥ 50%)",
-            wasm / native * 100.0
-        );
-    }
+    println!(
+        "  best: wasm {:.0} msgs/s, native {:.0} msgs/s → wasm/native {:.0}% (target ≥ 50%)",
+        best[0],
+        best[1],
+        best[0] / best[1] * 100.0
+    );
 
     // 4. Idle memory per live instance (each has handled one message).
     let before = rss_bytes();

@@ -221,13 +221,15 @@ fn enc(s: &str) -> String {
 
 /// Prints the answer as JSON (`--json`) or through `human`.
 fn show(opts: &ClientOpts, v: &Value, human: impl FnOnce(&Value) -> String) {
-    if opts.json {
-        println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+    let text = if opts.json {
+        serde_json::to_string_pretty(v).unwrap_or_default()
     } else {
-        let text = human(v);
-        if !text.is_empty() {
-            println!("{}", text.trim_end());
-        }
+        human(v)
+    };
+    if !text.is_empty() {
+        // A closed pipe (`wharf topic list | head`) is not an error worth a panic.
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout().lock(), "{}", text.trim_end());
     }
 }
 

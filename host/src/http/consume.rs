@@ -24,10 +24,14 @@ pub const DEFAULT_RECEIVE: usize = 16;
 #[serde(deny_unknown_fields)]
 pub struct ReceiveRequest {
     /// Topic to consume.
-    topic: String,
+    #[serde(default)]
+    topic: Option<String>,
     /// Tag expression; default `*`.
     #[serde(default)]
     expression: Option<String>,
+    /// Several (topic, expression) pairs at once, instead of `topic` and `expression`.
+    #[serde(default)]
+    subscriptions: Option<Vec<SubscriptionJson>>,
     /// Most messages to return; default 16, at most 256.
     #[serde(default)]
     max: Option<usize>,
@@ -39,6 +43,21 @@ pub struct ReceiveRequest {
     instance_id: Option<String>,
 }
 
+/// One entry of `subscriptions` in a receive.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SubscriptionJson {
+    /// Topic.
+    topic: String,
+    /// Tag expression; default `*`.
+    #[serde(default = "all_tags")]
+    expression: String,
+}
+
+fn all_tags() -> String {
+    "*".into()
+}
+
 /// `POST /v1/groups/{group}/receive`: register (or refresh) this consumer and long-poll.
 pub async fn receive(
     State(st): State<Shared>,
@@ -48,7 +67,28 @@ pub async fn receive(
     ApiJson(req): ApiJson<ReceiveRequest>,
 ) -> ApiResult<Response> {
     who.check_subscribe("group", &group)?;
-    who.check_subscribe("topic", &req.topic)?;
+    let subscriptions = match (req.topic, req.subscriptions) {
+        (Some(topic), None) => vec![Subscription {
+            topic,
+            expression: req.expression.unwrap_or_else(|| "*".into()),
+        }],
+        (None, Some(subs)) if !subs.is_empty() && req.expression.is_none() => subs
+            .into_iter()
+            .map(|s| Subscription {
+                topic: s.topic,
+                expression: s.expression,
+            })
+            .collect(),
+        _ => {
+            return Err(WharfError::bad_request(
+                "say what to consume: either `topic` (with an optional `expression`, default \"*\") or a non-empty `subscriptions` list of {\"topic\",\"expression\"}",
+            )
+            .into());
+        }
+    };
+    for sub in &subscriptions {
+        who.check_subscribe("topic", &sub.topic)?;
+    }
     let max = req.max.unwrap_or(DEFAULT_RECEIVE);
     if !(1..=MAX_RECEIVE).contains(&max) {
         return Err(
@@ -79,10 +119,7 @@ pub async fn receive(
             instance_id: instance_id.clone(),
             address,
             pid: None,
-            subscriptions: vec![Subscription {
-                topic: req.topic,
-                expression: req.expression.unwrap_or_else(|| "*".into()),
-            }],
+            subscriptions,
         })
         .await?;
     let delivered = st

@@ -277,3 +277,82 @@ async fn signatures_and_permissions_are_enforced() {
     let hd = signed("GET", "/v1/topics?a=1", "ADMIN", "s1", "");
     assert_eq!(h.call("GET", "/v1/topics?a=2", "", &hd).await.0, 401);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pull_consumer_receives_acks_and_reports_status() {
+    let h = start(AuthConfig::default()).await;
+    let ok = |s: u16, want: u16, v: &Value| assert_eq!(s, want, "{v}");
+    let (s, v) = h
+        .call("POST", "/v1/topics", r#"{"name":"Trade","queues":1}"#, &[])
+        .await;
+    ok(s, 201, &v);
+    let (s, v) = h
+        .call("POST", "/v1/groups", r#"{"name":"GID_pull"}"#, &[])
+        .await;
+    ok(s, 201, &v);
+    let batch = r#"[{"tag":"a","body":"one"},{"tag":"b","body":"two"}]"#;
+    let (s, v) = h
+        .call("POST", "/v1/topics/Trade/messages", batch, &[])
+        .await;
+    ok(s, 200, &v);
+    // Neither topic nor subscriptions, or both forms at once: a clear 400.
+    for bad in [
+        json!({"max": 1}),
+        json!({"topic": "Trade", "subscriptions": [{"topic": "Trade"}]}),
+        json!({"subscriptions": []}),
+        json!({"topic": "Trade", "max": 0}),
+    ] {
+        let (s, v) = h
+            .call("POST", "/v1/groups/GID_pull/receive", &bad.to_string(), &[])
+            .await;
+        ok(s, 400, &v);
+    }
+    let body = json!({"topic": "Trade", "expression": "a", "max": 8, "wait_ms": 2000, "instance_id": "i1"});
+    let (s, v) = h
+        .call(
+            "POST",
+            "/v1/groups/GID_pull/receive",
+            &body.to_string(),
+            &[],
+        )
+        .await;
+    ok(s, 200, &v);
+    let msgs = v["messages"].as_array().unwrap();
+    assert_eq!(msgs.len(), 1, "the expression filters out tag b: {v}");
+    assert_eq!(msgs[0]["body"], "one");
+    let receipt = msgs[0]["receipt"].as_str().unwrap().to_string();
+    let (s, v) = h
+        .call(
+            "POST",
+            "/v1/groups/GID_pull/ack",
+            &json!({"receipts": [receipt]}).to_string(),
+            &[],
+        )
+        .await;
+    ok(s, 200, &v);
+    assert_eq!(v["settled"], 1);
+    // Settling it again names the failed receipt.
+    let (s, v) = h
+        .call(
+            "POST",
+            "/v1/groups/GID_pull/ack",
+            &json!({"receipts": [receipt]}).to_string(),
+            &[],
+        )
+        .await;
+    assert!(s >= 400, "{v}");
+    assert_eq!(v["failed"][0]["receipt"], receipt.as_str());
+    let (s, v) = h.call("GET", "/v1/groups/GID_pull/status", "", &[]).await;
+    ok(s, 200, &v);
+    assert_eq!(v["online"], true);
+    assert_eq!(v["instances"][0]["instance_id"], "i1");
+    let (s, v) = h
+        .call(
+            "POST",
+            "/v1/groups/GID_none/receive",
+            r#"{"topic":"Trade"}"#,
+            &[],
+        )
+        .await;
+    assert_eq!((s, v["error"]["code"].as_i64()), (404, Some(26)));
+}

@@ -442,3 +442,41 @@ async fn order_timeout_closes_only_unpaid_orders() {
     assert_eq!(notify[0].keys, vec!["late-2".to_string()]);
     env.host.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plugins_dir_is_deployed_at_start_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let plugins = dir.path().join("plugins");
+    let p = plugins.join("probe");
+    std::fs::create_dir_all(&p).unwrap();
+    std::fs::write(p.join("probe.wasm"), testkit::component("probe")).unwrap();
+    std::fs::write(p.join("plugin.toml"), manifest("probe", "GID_probe", "")).unwrap();
+    // A broken neighbour is reported in the log and skipped; it does not stop the host.
+    std::fs::create_dir_all(plugins.join("broken")).unwrap();
+    std::fs::write(plugins.join("broken/plugin.toml"), "name = 1\n").unwrap();
+    let start = |broker: Arc<Broker>| {
+        let cfg = PluginsConfig {
+            dir: plugins.clone(),
+        };
+        PluginHost::start(broker, cfg, dir.path().to_path_buf())
+    };
+    let (broker, host) = open(dir.path()).await;
+    host.shutdown().await;
+    broker
+        .create_topic(TopicSpec {
+            name: "Trade".into(),
+            topic_type: Default::default(),
+            queues: Some(2),
+        })
+        .await
+        .unwrap();
+    let host = start(broker.clone()).await.unwrap();
+    assert_eq!(host.status("probe").unwrap()["version"], 1);
+    host.shutdown().await;
+    let host = start(broker.clone()).await.unwrap();
+    let status = host.status("probe").unwrap();
+    assert_eq!(status["version"], 1, "an unchanged manifest is not redeployed");
+    assert_eq!(status["status"], "running");
+    assert!(host.status("broken").is_err());
+    host.shutdown().await;
+}

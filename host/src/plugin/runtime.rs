@@ -248,7 +248,9 @@ impl Runtime {
         let mut pool = PoolingAllocationConfig::default();
         pool.total_component_instances(POOL_INSTANCES)
             .total_core_instances(POOL_INSTANCES * 8)
-            .total_memories(POOL_INSTANCES * 2)
+            // One linear memory per Rust component; each slot reserves 4 GiB of address space
+            // (so bounds checks compile away), which bounds how many we keep.
+            .total_memories(POOL_INSTANCES)
             .total_tables(POOL_INSTANCES * 8)
             .max_core_instances_per_component(32)
             .max_memories_per_component(4)

@@ -142,7 +142,15 @@ impl Broker {
                 if budget == 0 {
                     break;
                 }
-                self.take_ready(&mut st, g, instance, key, deadline_ms, &mut budget, &mut out);
+                self.take_ready(
+                    &mut st,
+                    g,
+                    instance,
+                    key,
+                    deadline_ms,
+                    &mut budget,
+                    &mut out,
+                );
             }
             (plan, budget)
         };
@@ -150,8 +158,16 @@ impl Broker {
             if budget == 0 {
                 break;
             }
-            self.read_queue_into(g, handle, instance, &key, deadline_ms, &mut budget, &mut out)
-                .await?;
+            self.read_queue_into(
+                g,
+                handle,
+                instance,
+                &key,
+                deadline_ms,
+                &mut budget,
+                &mut out,
+            )
+            .await?;
         }
         Ok(out)
     }
@@ -229,7 +245,8 @@ impl Broker {
         }
         let now = self.clock.now_ms();
         let earliest = self.store.earliest_stored_ms(&key.0).await?;
-        let recent = earliest.is_some_and(|t| now.saturating_sub(t) <= START_FROM_EARLIEST_MAX_AGE_MS);
+        let recent =
+            earliest.is_some_and(|t| now.saturating_sub(t) <= START_FROM_EARLIEST_MAX_AGE_MS);
         Ok((if recent { bounds.min } else { bounds.max }, false))
     }
 
@@ -341,8 +358,7 @@ impl Broker {
         };
         q.reading = false;
         let read = read?;
-        if q.epoch != job.epoch || q.next_read != job.from || q.owner.as_deref() != Some(instance)
-        {
+        if q.epoch != job.epoch || q.next_read != job.from || q.owner.as_deref() != Some(instance) {
             // Ownership moved or the offset was reset while reading: the new state wins.
             return Ok(());
         }
@@ -477,8 +493,12 @@ impl Broker {
             handle.notify.notify_waiters();
         }
         if let Some(message) = failed {
-            self.fail_and_forget(&g, &handle, vec![(r.instance.clone(), key, r.offset, message)])
-                .await?;
+            self.fail_and_forget(
+                &g,
+                &handle,
+                vec![(r.instance.clone(), key, r.offset, message)],
+            )
+            .await?;
         } else if outcome == Outcome::ReconsumeLater {
             debug!("broadcasting: failed message is not retried");
         }

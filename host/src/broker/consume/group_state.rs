@@ -116,6 +116,8 @@ impl RateWindow {
 pub struct GroupState {
     /// Clustering or broadcasting (fixed when the state is built).
     pub model: ConsumeModel,
+    /// Creation time of the group this state belongs to (a re-created group starts afresh).
+    pub created_ms: u64,
     /// Live instances by id (sorted: the allocation relies on it).
     pub instances: BTreeMap<String, Instance>,
     /// Clustering: shared progress per queue.
@@ -141,6 +143,7 @@ impl GroupState {
     pub fn new(model: ConsumeModel, offsets: Vec<CommittedOffset>) -> GroupState {
         GroupState {
             model,
+            created_ms: 0,
             instances: BTreeMap::new(),
             queues: BTreeMap::new(),
             loaded: offsets
@@ -335,7 +338,8 @@ mod tests {
     fn broadcasting_gives_everyone_everything() {
         let mut g = GroupState::new(ConsumeModel::Broadcasting, vec![]);
         g.instances.insert("a".into(), inst(&[("T", "*")]));
-        g.instances.insert("b".into(), inst(&[("T", "*"), ("U", "x")]));
+        g.instances
+            .insert("b".into(), inst(&[("T", "*"), ("U", "x")]));
         g.rebalance(&|t| if t == "T" { 4 } else { 2 }, "%RETRY%G");
         assert_eq!(g.instances["a"].assigned.len(), 4);
         assert_eq!(g.instances["b"].assigned.len(), 6);
@@ -347,7 +351,10 @@ mod tests {
         g.instances.insert("a".into(), inst(&[("T", "x||y")]));
         g.instances.insert("b".into(), inst(&[("T", "y||x")]));
         g.instances.insert("c".into(), inst(&[("T", "x || y")]));
-        assert!(g.inconsistent_instances().is_empty(), "tag order and spaces do not matter");
+        assert!(
+            g.inconsistent_instances().is_empty(),
+            "tag order and spaces do not matter"
+        );
         g.instances.insert("d".into(), inst(&[("T", "*")]));
         let odd = g.inconsistent_instances();
         assert!(odd.contains(&"d".to_string()), "{odd:?}");

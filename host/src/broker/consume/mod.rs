@@ -46,7 +46,7 @@ use crate::store::{Store, TimePage};
 use filter::TagFilter;
 use group_state::{GroupState, Instance};
 
-pub use queue_api::QueuePull;
+pub use queue_api::{PullRequest, QueuePull};
 
 /// One (topic, tag expression) pair a consumer subscribes.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -178,7 +178,9 @@ impl Engine {
         Engine {
             store,
             groups: RwLock::new(HashMap::new()),
-            deliveries_seq: AtomicU64::new(1),
+            // A random start per process, so receipts from before a restart never match a new
+            // delivery of the same offset.
+            deliveries_seq: AtomicU64::new(u64::from(rand::random::<u32>()) << 32),
             stop: watch::channel(false).0,
             tasks: Mutex::new(Vec::new()),
         }
@@ -229,31 +231,39 @@ impl Engine {
     }
 
     /// The group's handle, building it (offsets and subscriptions from the store) on first use.
-    async fn handle(&self, group: &str, model: ConsumeModel) -> Result<Arc<GroupHandle>> {
-        if let Some(h) = self.existing(group)
-            && h.state.lock().model == model
+    /// A group deleted and created again under the same name gets fresh state.
+    async fn handle(&self, group: &super::Group) -> Result<Arc<GroupHandle>> {
+        let current = |h: &GroupHandle| {
+            let st = h.state.lock();
+            st.model == group.model && st.created_ms == group.created_ms
+        };
+        if let Some(h) = self.existing(&group.name)
+            && current(&h)
         {
             return Ok(h);
         }
-        let offsets = self.store.load_offsets(group).await?;
+        let offsets = self.store.load_offsets(&group.name).await?;
         let subs = self
             .store
             .meta_list(SUBSCRIPTIONS_NS)
             .await?
             .into_iter()
-            .find(|(k, _)| k == group)
+            .find(|(k, _)| *k == group.name)
             .and_then(|(_, v)| serde_json::from_slice::<Vec<Subscription>>(&v).ok());
-        let mut state = GroupState::new(model, offsets);
+        let mut state = GroupState::new(group.model, offsets);
+        state.created_ms = group.created_ms;
         state.persisted_subscriptions = subs;
         let mut groups = self.groups.write();
-        match groups.get(group) {
-            Some(h) if h.state.lock().model == model => Ok(h.clone()),
+        match groups.get(&group.name) {
+            Some(h) if current(h) => Ok(h.clone()),
             _ => {
                 let h = Arc::new(GroupHandle {
                     state: Mutex::new(state),
                     notify: Notify::new(),
                 });
-                groups.insert(group.to_string(), h.clone());
+                if let Some(old) = groups.insert(group.name.clone(), h.clone()) {
+                    old.notify.notify_waiters();
+                }
                 Ok(h)
             }
         }
@@ -263,6 +273,15 @@ impl Engine {
     fn forget(&self, group: &str) {
         if let Some(h) = self.groups.write().remove(group) {
             h.notify.notify_waiters();
+        }
+    }
+
+    /// Forgets `handle` if it is still the group's current state.
+    fn forget_stale(&self, group: &str, handle: &Arc<GroupHandle>) {
+        let mut groups = self.groups.write();
+        if groups.get(group).is_some_and(|h| Arc::ptr_eq(h, handle)) {
+            groups.remove(group);
+            handle.notify.notify_waiters();
         }
     }
 }
@@ -350,7 +369,7 @@ impl Broker {
             by_topic.insert(sub.topic.clone(), sub.clone());
         }
         let subscriptions: Vec<Subscription> = by_topic.into_values().collect();
-        let handle = self.engine.handle(&g.name, g.model).await?;
+        let handle = self.engine.handle(&g).await?;
         let own_loaded = if g.model == ConsumeModel::Broadcasting {
             self.store
                 .load_offsets(&broadcast_offsets_key(&g.name, id))

@@ -24,6 +24,23 @@ pub struct QueuePull {
     pub bounds: QueueBounds,
 }
 
+/// What a queue pull asks for.
+#[derive(Debug, Clone, Copy)]
+pub struct PullRequest<'a> {
+    /// Topic (or the group's `%RETRY%` topic).
+    pub topic: &'a str,
+    /// Queue id.
+    pub queue_id: u32,
+    /// First offset to read.
+    pub offset: u64,
+    /// Most messages to return.
+    pub max: usize,
+    /// Tag expression.
+    pub expression: &'a str,
+    /// Long-poll wait when nothing matches yet.
+    pub wait: Duration,
+}
+
 impl Broker {
     /// Checks that `topic` (or the group's retry topic) has queue `queue_id`.
     fn check_queue(&self, group: &str, topic: &str, queue_id: u32) -> Result<()> {
@@ -42,17 +59,16 @@ impl Broker {
 
     /// Reads up to `max` messages of one queue from `offset` that match `expression`, waiting up
     /// to `wait` for new ones when the queue has nothing more.
-    #[instrument(skip(self), fields(group = %group, topic = %topic, queue = queue_id))]
-    pub async fn pull_queue(
-        &self,
-        group: &str,
-        topic: &str,
-        queue_id: u32,
-        offset: u64,
-        max: usize,
-        expression: &str,
-        wait: Duration,
-    ) -> Result<QueuePull> {
+    #[instrument(skip(self, req), fields(group = %group, topic = %req.topic, queue = req.queue_id))]
+    pub async fn pull_queue(&self, group: &str, req: PullRequest<'_>) -> Result<QueuePull> {
+        let PullRequest {
+            topic,
+            queue_id,
+            offset,
+            max,
+            expression,
+            wait,
+        } = req;
         self.check_queue(group, topic, queue_id)?;
         let filter = TagFilter::parse(expression)?;
         let max = max.clamp(1, super::MAX_RECEIVE_BATCH);
@@ -72,7 +88,9 @@ impl Broker {
                 .collect();
             // Past entries were all filtered out: keep scanning instead of answering empty-handed.
             let caught_up = read.next_offset >= read.bounds.max;
-            if !messages.is_empty() || Instant::now() >= deadline || (!caught_up && read.next_offset > from)
+            if !messages.is_empty()
+                || Instant::now() >= deadline
+                || (!caught_up && read.next_offset > from)
             {
                 return Ok(QueuePull {
                     messages,
@@ -112,8 +130,10 @@ impl Broker {
             queue_id,
             offset,
         };
-        self.store.commit_offsets(group, std::slice::from_ref(&o)).await?;
-        let handle = self.engine.handle(&g.name, g.model).await?;
+        self.store
+            .commit_offsets(group, std::slice::from_ref(&o))
+            .await?;
+        let handle = self.engine.handle(&g).await?;
         handle
             .state
             .lock()
@@ -131,7 +151,7 @@ impl Broker {
     ) -> Result<Option<u64>> {
         self.check_queue(group, topic, queue_id)?;
         let g = self.group(group)?;
-        let handle = self.engine.handle(&g.name, g.model).await?;
+        let handle = self.engine.handle(&g).await?;
         let st = handle.state.lock();
         let key = (topic.to_string(), queue_id);
         Ok(st

@@ -53,7 +53,17 @@ impl Receipt {
         let bytes = URL_SAFE_NO_PAD.decode(text.trim()).map_err(|_| bad())?;
         let raw = String::from_utf8(bytes).map_err(|_| bad())?;
         let parts: Vec<&str> = raw.split('\n').collect();
-        let [version, group, instance, topic, queue, offset, epoch, delivery] = parts[..] else {
+        let [
+            version,
+            group,
+            instance,
+            topic,
+            queue,
+            offset,
+            epoch,
+            delivery,
+        ] = parts[..]
+        else {
             return Err(bad());
         };
         if version != VERSION {

@@ -175,8 +175,7 @@ mod tests {
     #[test]
     fn out_of_retries_goes_to_the_dead_letter_topic() {
         let mut m = stored("%RETRY%G1", 3);
-        m.properties
-            .insert(PROP_RETRY_TOPIC.into(), "Trade".into());
+        m.properties.insert(PROP_RETRY_TOPIC.into(), "Trade".into());
         let c = failure_copy("G1", &m, 3, 1.0, 0);
         assert_eq!(c.topic, "%DLQ%G1");
         assert_eq!(c.deliver_at_ms, None);

@@ -6,9 +6,7 @@ use tracing::info;
 
 use super::filter::TagFilter;
 use super::progress::QueueKey;
-use super::{
-    GroupStatus, InstanceStatus, Subscription, broadcast_offsets_key, retry_topic,
-};
+use super::{GroupStatus, InstanceStatus, Subscription, broadcast_offsets_key, retry_topic};
 use crate::broker::{Broker, ConsumeModel, Delivery, DeliveryStatus, GroupKind};
 use crate::error::{Result, WharfError};
 use crate::model::StoredMessage;
@@ -20,7 +18,7 @@ type Positions = BTreeMap<QueueKey, Option<u64>>;
 /// `GET /v1/groups/{group}/status`.
 pub async fn group_status(b: &Broker, group: &str) -> Result<GroupStatus> {
     let g = b.consumer_group(group)?;
-    let handle = b.engine.handle(&g.name, g.model).await?;
+    let handle = b.engine.handle(&g).await?;
     let now = b.clock.now_ms();
     let retry = retry_topic(group);
     struct Inst {
@@ -142,7 +140,7 @@ pub async fn deliveries(b: &Broker, message: &StoredMessage) -> Result<Vec<Deliv
         if g.kind == GroupKind::Producer {
             continue;
         }
-        let handle = b.engine.handle(&g.name, g.model).await?;
+        let handle = b.engine.handle(&g).await?;
         let st = handle.state.lock();
         let subs = if st.instances.is_empty() {
             st.persisted_subscriptions.clone().unwrap_or_default()
@@ -163,9 +161,10 @@ pub async fn deliveries(b: &Broker, message: &StoredMessage) -> Result<Vec<Deliv
                     },
                     ConsumeModel::Broadcasting => {
                         !st.instances.is_empty()
-                            && st.instances.values().all(|i| {
-                                i.own.get(&key).is_some_and(|q| q.is_consumed(o))
-                            })
+                            && st
+                                .instances
+                                .values()
+                                .all(|i| i.own.get(&key).is_some_and(|q| q.is_consumed(o)))
                     }
                 });
                 if consumed {
@@ -206,7 +205,7 @@ pub async fn reset_offset(b: &Broker, group: &str, topic: &str, timestamp_ms: u6
             "topic '{topic}' has no queues to reset"
         )));
     }
-    let handle = b.engine.handle(&g.name, g.model).await?;
+    let handle = b.engine.handle(&g).await?;
     let mut writes: Vec<(String, Vec<CommittedOffset>)> = Vec::new();
     {
         let mut st = handle.state.lock();

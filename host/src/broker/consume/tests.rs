@@ -35,7 +35,9 @@ async fn open_broker(dir: &Path, clock: &Arc<ManualClock>, config: &BrokerConfig
         ..StoreConfig::default()
     };
     let store = EmbeddedStore::open(&sc, clock.clone()).await.unwrap();
-    Broker::open(config.clone(), store, clock.clone()).await.unwrap()
+    Broker::open(config.clone(), store, clock.clone())
+        .await
+        .unwrap()
 }
 
 async fn env_with(config: BrokerConfig) -> Env {
@@ -205,7 +207,11 @@ async fn clustering_filters_by_tag_and_splits_work() {
     let mut all = bodies(&a);
     all.extend(bodies(&b));
     assert_eq!(all, expected);
-    assert_eq!(a.len() + b.len(), expected.len(), "each message to exactly one instance");
+    assert_eq!(
+        a.len() + b.len(),
+        expected.len(),
+        "each message to exactly one instance"
+    );
     for d in a.iter().chain(&b) {
         e.ack("GID_c", d).await;
     }
@@ -239,7 +245,11 @@ async fn bad_expression_is_subscription_parse_failed() {
         .await
         .unwrap_err();
     assert_eq!(err.code, ErrorCode::SubscriptionParseFailed);
-    let err = e.broker.receive("GID_x", "a", 1, NO_WAIT).await.unwrap_err();
+    let err = e
+        .broker
+        .receive("GID_x", "a", 1, NO_WAIT)
+        .await
+        .unwrap_err();
     assert_eq!(err.code, ErrorCode::SubscriptionNotExist);
 }
 
@@ -304,7 +314,10 @@ async fn timers_are_never_early_and_survive_restart() {
         .await;
     }
     e.advance(59_999).await;
-    assert!(e.recv("GID_t", "a", 10).await.is_empty(), "not before its time");
+    assert!(
+        e.recv("GID_t", "a", 10).await.is_empty(),
+        "not before its time"
+    );
     e.advance(1).await;
     let got = e.recv_n("GID_t", "a", 1).await;
     assert_eq!(bodies(&got), BTreeSet::from(["t0".to_string()]));
@@ -314,10 +327,17 @@ async fn timers_are_never_early_and_survive_restart() {
     e.restart().await;
     e.join("GID_t", "a", &[("Delay", "*")]).await;
     e.advance(59_999).await;
-    assert!(e.recv("GID_t", "a", 10).await.is_empty(), "second timer still pending");
+    assert!(
+        e.recv("GID_t", "a", 10).await.is_empty(),
+        "second timer still pending"
+    );
     e.advance(1).await;
     let got = e.recv_n("GID_t", "a", 1).await;
-    assert_eq!(bodies(&got), BTreeSet::from(["t1".to_string()]), "t0 not redelivered");
+    assert_eq!(
+        bodies(&got),
+        BTreeSet::from(["t1".to_string()]),
+        "t0 not redelivered"
+    );
 }
 
 #[tokio::test]
@@ -362,11 +382,7 @@ async fn full_retry_schedule_then_dead_letter_then_resend() {
     assert_eq!(again[0].message.id, r.message_id);
     assert_eq!(again[0].message.reconsume_times, 0);
     assert_eq!(again[0].message.tag.as_deref(), Some("order"));
-    let err = e
-        .broker
-        .resend_dead_letter("GID_d", &id)
-        .await
-        .unwrap_err();
+    let err = e.broker.resend_dead_letter("GID_d", &id).await.unwrap_err();
     assert_eq!(err.http_status(), 404);
 }
 
@@ -405,7 +421,10 @@ async fn restart_in_the_middle_of_retries() {
     e.nack("GID_k", &d).await;
     e.restart().await;
     e.join("GID_k", "a", &[("Trade", "*")]).await;
-    assert!(e.recv("GID_k", "a", 10).await.is_empty(), "retry 4 waits for its back-off");
+    assert!(
+        e.recv("GID_k", "a", 10).await.is_empty(),
+        "retry 4 waits for its back-off"
+    );
     e.advance(RETRY_DELAYS_MS[3] / 1000).await;
     let d = e.recv_n("GID_k", "a", 1).await;
     assert_eq!(d.len(), 1);
@@ -413,7 +432,10 @@ async fn restart_in_the_middle_of_retries() {
     assert_eq!(String::from_utf8_lossy(&d[0].message.body), "x");
     e.ack("GID_k", &d[0]).await;
     e.advance(100_000_000).await;
-    assert!(e.recv("GID_k", "a", 10).await.is_empty(), "nothing more after the commit");
+    assert!(
+        e.recv("GID_k", "a", 10).await.is_empty(),
+        "nothing more after the commit"
+    );
 }
 
 #[tokio::test]
@@ -473,7 +495,10 @@ async fn broadcasting_delivers_everything_to_everyone_without_retries() {
         e.ack("GID_b", d).await;
     }
     e.advance(100_000_000).await;
-    assert!(e.recv("GID_b", "a", 10).await.is_empty(), "no retries when broadcasting");
+    assert!(
+        e.recv("GID_b", "a", 10).await.is_empty(),
+        "no retries when broadcasting"
+    );
     // A new instance starts at the newest message.
     e.join("GID_b", "c", &[("News", "*")]).await;
     assert!(e.recv("GID_b", "c", 10).await.is_empty());
@@ -497,7 +522,10 @@ async fn new_group_start_position_follows_the_three_day_rule() {
     e.clock.advance(2 * 24 * 3600 * 1000);
     e.group("GID_late", ConsumeModel::Clustering, None).await;
     e.join("GID_late", "a", &[("Old", "*")]).await;
-    assert!(e.recv("GID_late", "a", 10).await.is_empty(), "starts at the newest");
+    assert!(
+        e.recv("GID_late", "a", 10).await.is_empty(),
+        "starts at the newest"
+    );
     e.send("Old", None, "fresh").await;
     let got = e.recv_n("GID_late", "a", 1).await;
     assert_eq!(bodies(&got), BTreeSet::from(["fresh".to_string()]));
@@ -531,7 +559,10 @@ async fn offsets_survive_restart_and_reset_to_time() {
     e.restart().await;
     e.join("GID_s", "a", &[("Trade", "*")]).await;
     // At-least-once: the queue holding m3 resumes at m3; the other queue was fully acked.
-    let (q3, o3) = (unacked.message.queue_id, unacked.message.queue_offset.unwrap());
+    let (q3, o3) = (
+        unacked.message.queue_id,
+        unacked.message.queue_offset.unwrap(),
+    );
     let expected: BTreeSet<String> = first
         .iter()
         .filter(|d| d.message.queue_id == q3 && d.message.queue_offset.unwrap() >= o3)
@@ -619,6 +650,23 @@ async fn delivery_status_per_group() {
     assert_eq!(g3.status, DeliveryStatus::Pending);
 }
 
+fn pull<'a>(
+    topic: &'a str,
+    queue_id: u32,
+    offset: u64,
+    expr: &'a str,
+    wait: Duration,
+) -> PullRequest<'a> {
+    PullRequest {
+        topic,
+        queue_id,
+        offset,
+        max: 32,
+        expression: expr,
+        wait,
+    }
+}
+
 #[tokio::test]
 async fn queue_level_pull_and_commit() {
     let mut e = env().await;
@@ -642,7 +690,7 @@ async fn queue_level_pull_and_commit() {
     for q in 0..2 {
         let p = e
             .broker
-            .pull_queue("GID_q", "Trade", q, 0, 32, "a", NO_WAIT)
+            .pull_queue("GID_q", pull("Trade", q, 0, "a", NO_WAIT))
             .await
             .unwrap();
         assert_eq!(p.next_offset, p.bounds.max);
@@ -655,7 +703,7 @@ async fn queue_level_pull_and_commit() {
     let broker = e.broker.clone();
     let poll = tokio::spawn(async move {
         broker
-            .pull_queue("GID_q", "Trade", 0, end, 32, "*", Duration::from_secs(10))
+            .pull_queue("GID_q", pull("Trade", 0, end, "*", Duration::from_secs(10)))
             .await
     });
     tokio::task::yield_now().await;
@@ -689,7 +737,7 @@ async fn queue_level_pull_and_commit() {
     );
     let err = e
         .broker
-        .pull_queue("GID_q", "Trade", 9, 0, 1, "*", NO_WAIT)
+        .pull_queue("GID_q", pull("Trade", 9, 0, "*", NO_WAIT))
         .await
         .unwrap_err();
     assert_eq!(err.http_status(), 400);

@@ -132,9 +132,13 @@ impl Broker {
         let now = self.clock.now_ms();
         let timeout = self.config.consumer_heartbeat_timeout_ms;
         for (name, handle) in self.engine.all_handles() {
-            let Ok(g) = self.group(&name) else {
-                self.engine.forget(&name);
-                continue;
+            let g = match self.group(&name) {
+                Ok(g) if g.created_ms == handle.state.lock().created_ms => g,
+                // Deleted (or deleted and created again): its instances must register anew.
+                _ => {
+                    self.engine.forget_stale(&name, &handle);
+                    continue;
+                }
             };
             let silent: Vec<String> = {
                 let mut st = handle.state.lock();
@@ -178,15 +182,16 @@ fn expire_in_flight(
     }
     let model = st.model;
     let mut found: Vec<(String, QueueKey, u64)> = Vec::new();
-    let mut scan = |owner: &str, key: &QueueKey, pending: &std::collections::BTreeMap<u64, Entry>| {
-        for (offset, e) in pending {
-            if let Entry::InFlight { deadline_ms, .. } = e
-                && *deadline_ms <= now
-            {
-                found.push((owner.to_string(), key.clone(), *offset));
+    let mut scan =
+        |owner: &str, key: &QueueKey, pending: &std::collections::BTreeMap<u64, Entry>| {
+            for (offset, e) in pending {
+                if let Entry::InFlight { deadline_ms, .. } = e
+                    && *deadline_ms <= now
+                {
+                    found.push((owner.to_string(), key.clone(), *offset));
+                }
             }
-        }
-    };
+        };
     for (key, q) in &st.queues {
         scan("", key, &q.pending);
     }
@@ -231,17 +236,18 @@ impl Engine {
                 let mut st = handle.state.lock();
                 let mut batches: Vec<(String, Vec<CommittedOffset>)> =
                     std::mem::take(&mut st.unflushed);
-                let changed = |queues: &std::collections::BTreeMap<QueueKey, super::progress::QueueState>| {
-                    queues
-                        .iter()
-                        .filter(|(_, q)| q.persisted != Some(q.committed()))
-                        .map(|((topic, queue_id), q)| CommittedOffset {
-                            topic: topic.clone(),
-                            queue_id: *queue_id,
-                            offset: q.committed(),
-                        })
-                        .collect::<Vec<_>>()
-                };
+                let changed =
+                    |queues: &std::collections::BTreeMap<QueueKey, super::progress::QueueState>| {
+                        queues
+                            .iter()
+                            .filter(|(_, q)| q.persisted != Some(q.committed()))
+                            .map(|((topic, queue_id), q)| CommittedOffset {
+                                topic: topic.clone(),
+                                queue_id: *queue_id,
+                                offset: q.committed(),
+                            })
+                            .collect::<Vec<_>>()
+                    };
                 let shared = changed(&st.queues);
                 if !shared.is_empty() {
                     batches.push((name.clone(), shared));

@@ -202,6 +202,8 @@ impl ConsumeQueue {
                 .truncate(false)
                 .open(self.dir.join(file_name(first)))?,
         );
+        // The checkpoint fsyncs file contents; the new name must be durable too.
+        super::log::sync_dir(&self.dir)?;
         self.files.write().insert(first, f.clone());
         Ok(f)
     }
@@ -422,6 +424,10 @@ impl Queues {
             .join(topic_dir_name(topic))
             .join(queue_id.to_string());
         let q = Arc::new(ConsumeQueue::open(&dir, self.per_file, u64::MAX)?);
+        if let Some(topic_dir) = dir.parent() {
+            super::log::sync_dir(topic_dir)?;
+        }
+        super::log::sync_dir(&self.dir)?;
         t.insert(queue_id, q.clone());
         Ok(q)
     }

@@ -175,6 +175,7 @@ impl KeyIndex {
         h[12..16].copy_from_slice(&self.cap.to_le_bytes());
         file.write_all_at(&h, 0)?;
         file.set_len(HDR + self.slots as u64 * 4)?;
+        super::log::sync_dir(&self.dir)?;
         let kf = Arc::new(KeyFile {
             first_pos,
             file,

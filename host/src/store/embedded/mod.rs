@@ -83,7 +83,10 @@ impl Default for Tuning {
             timer_prefetch_ms: 120_000,
             checkpoint_interval_ms: 1_000,
             offsets_flush_ms: 500,
-            preallocate_segments: true,
+            // Operators can turn zero-filling off (e.g. on copy-on-write file systems where it
+            // buys nothing) with WHARF_STORE_PREALLOCATE=0.
+            preallocate_segments: std::env::var("WHARF_STORE_PREALLOCATE")
+                .map_or(true, |v| v != "0"),
         }
     }
 }
@@ -423,7 +426,8 @@ fn recover_log(log: &Log, ck: Option<&Checkpoint>) -> io::Result<(u64, bool)> {
                 // Only the newest segment can have a torn tail from a crash: cut it off. Zeros
                 // there are the unused part of a preallocated segment, not damage.
                 let mut next = [0u8; 4];
-                let zeros = seg.file.read_exact_at(&mut next, end.valid_len).is_ok() && next == [0; 4];
+                let zeros =
+                    seg.file.read_exact_at(&mut next, end.valid_len).is_ok() && next == [0; 4];
                 if zeros {
                     info!(segment = %seg.path.display(), offset = end.valid_len, "log ends here");
                 } else {

@@ -258,6 +258,7 @@ pub fn encode_reveal(
     target_pos: u64,
     target_deliver_ms: u64,
     target_size: u32,
+    target_tier: u8,
 ) {
     let start = out.len();
     let len = HEADER + topic.len();
@@ -266,6 +267,8 @@ pub fn encode_reveal(
     let r = &mut out[start..];
     put_u32(r, O_LEN, len as u32);
     r[O_KIND] = KIND_REVEAL;
+    // Reveal markers carry the timer's bucket tier in the flags byte.
+    r[O_FLAGS] = target_tier;
     put_u16(r, O_TOPIC_LEN, topic.len() as u16);
     put_u32(r, O_QUEUE, queue_id);
     put_u64(r, O_POS, pos);

@@ -934,3 +934,59 @@ async fn far_timers_wait_on_disk_and_fire_on_time() {
     assert_eq!(s.next_timer_ms(), None);
     s.close().await.unwrap();
 }
+
+#[tokio::test]
+async fn far_future_timers_share_coarse_buckets_and_keep_order() {
+    let d = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(T0);
+    let s = open(d.path(), &clock).await;
+    let h = 3_600_000u64;
+    // Near (minute tier), hours ahead (hour tier) and days ahead (day tier), interleaved so a
+    // coarse bucket holds timers due before timers of finer buckets.
+    let plan = [
+        ("d10", 10 * 24 * h),
+        ("h3", 3 * h),
+        ("d4", 4 * 24 * h + 5),
+        ("m1", 60_000),
+        ("h30", 30 * h),
+        ("d4b", 4 * 24 * h + 1),
+        ("h3b", 3 * h + 7),
+    ];
+    let batch: Vec<NewMessage> = plan
+        .iter()
+        .map(|(n, at)| timer("Tiers", 0, n, T0 + at))
+        .collect();
+    s.append(batch).await.unwrap();
+    // 200 more timers spread over 20 days land in few files (day tier).
+    let spread: Vec<NewMessage> = (0..200u64)
+        .map(|i| timer("Spread", 0, &i.to_string(), T0 + 11 * 24 * h + i * 2 * h))
+        .collect();
+    s.append(spread).await.unwrap();
+    s.close().await.unwrap();
+    let files = std::fs::read_dir(d.path().join("timers")).unwrap().count();
+    assert!(files <= 2 * 30, "{files} timer files");
+    let s = open(d.path(), &clock).await;
+    assert_eq!(s.next_timer_ms(), Some(T0 + 60_000));
+    let mut order = Vec::new();
+    let mut due: Vec<u64> = plan.iter().map(|p| p.1).collect();
+    due.sort_unstable();
+    for t in due {
+        assert_eq!(s.next_timer_ms(), Some(T0 + t));
+        clock.set(T0 + t);
+        assert_eq!(s.reveal_due(T0 + t, 100).await.unwrap(), 1);
+    }
+    for m in read_all(&s, "Tiers", 0).await {
+        order.push(body(&m));
+    }
+    assert_eq!(order, vec!["m1", "h3", "h3b", "h30", "d4b", "d4", "d10"]);
+    clock.set(T0 + 40 * 24 * h);
+    while s.reveal_due(T0 + 40 * 24 * h, 64).await.unwrap() > 0 {}
+    let spread: Vec<u64> = read_all(&s, "Spread", 0)
+        .await
+        .iter()
+        .map(|m| body(m).parse().unwrap())
+        .collect();
+    assert_eq!(spread, (0..200).collect::<Vec<_>>());
+    assert_eq!(s.stats().pending_timers, 0);
+    s.close().await.unwrap();
+}

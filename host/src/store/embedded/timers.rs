@@ -1,13 +1,18 @@
 //! Timer index: held timer messages filed on disk by deliver-time bucket; only buckets that are
-//! due soon are loaded into an in-memory heap (24 bytes per loaded timer, nothing per timer in
+//! due soon are loaded into an in-memory heap (24 bytes per loaded timer; nothing per timer in
 //! buckets further out, one map entry per non-empty bucket).
 //!
-//! Per bucket `b` (deliver_ms / bucket_ms) there are two append-only files:
-//! `{b}.tmr` — 24-byte entries: deliver ms u64 | message position u64 | record size u32 | magic u32;
-//! `{b}.done` — 16-byte entries: message position u64 | reveal-marker position u64.
-//! Both are in log order, so recovery trims their tails to the index checkpoint and replays the
-//! log from there. A bucket's files are deleted once every timer in it is revealed and the reveal
-//! markers are durable (at the next checkpoint).
+//! Bucket width depends on how far ahead a timer was when stored (its tier): one bucket per
+//! `bucket_ms` for near timers, one per hour within three days, one per day beyond. Far timers
+//! thus share few files, so a checkpoint fsyncs a bounded number of files even when inserts are
+//! spread over weeks. The tier is a function of the record (deliver time minus store time), so
+//! replaying the log files every timer exactly where it was filed before.
+//!
+//! Per bucket there are two append-only files, `{start}.{tier}.tmr` with 24-byte entries
+//! (deliver ms u64 | message position u64 | record size u32 | magic u32) and `{start}.{tier}.done`
+//! with 16-byte entries (message position u64 | marker position u64). Both are in log order, so
+//! recovery trims their tails to the index checkpoint and replays the log from there. A bucket's
+//! files are deleted once every timer in it is finished and the markers are durable.
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap, HashMap, HashSet};
@@ -21,9 +26,42 @@ use super::record::{get_u32, get_u64};
 const TMR: u64 = 24;
 const DONE: u64 = 16;
 const TMR_MAGIC: u32 = 0x524D_4954; // "TIMR"
+const HOUR: u64 = 3_600_000;
+const DAY: u64 = 24 * HOUR;
 
-/// A timer: (deliver ms, message position, record size).
-pub type Timer = (u64, u64, u32);
+/// A pending timer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Timer {
+    /// Deliver time (ms).
+    pub deliver: u64,
+    /// Position of the message record.
+    pub pos: u64,
+    /// Size of the message record.
+    pub size: u32,
+    /// Bucket tier it is filed under.
+    pub tier: u8,
+}
+
+/// Tier of a timer due at `deliver_ms`, stored at `stored_ms`.
+pub fn tier_for(deliver_ms: u64, stored_ms: u64) -> u8 {
+    let ahead = deliver_ms.saturating_sub(stored_ms);
+    if ahead < 2 * HOUR {
+        0
+    } else if ahead < 3 * DAY {
+        1
+    } else {
+        2
+    }
+}
+
+/// Bucket key: (start ms, tier).
+type BucketId = (u64, u8);
+
+#[derive(Debug, Default, Clone, Copy)]
+struct Bucket {
+    pending: u64,
+    loaded: bool,
+}
 
 /// The timer index (owned by the writer thread).
 #[derive(Debug)]
@@ -31,15 +69,12 @@ pub struct TimerIndex {
     dir: PathBuf,
     bucket_ms: u64,
     prefetch_ms: u64,
-    /// Pending timers per non-empty bucket.
-    buckets: BTreeMap<u64, u64>,
-    /// Buckets below this id are loaded into `heap`.
-    loaded_upto: u64,
+    buckets: BTreeMap<BucketId, Bucket>,
     heap: BinaryHeap<Reverse<Timer>>,
-    tmr_buf: HashMap<u64, Vec<u8>>,
-    done_buf: HashMap<u64, Vec<u8>>,
-    dirty: HashSet<PathBuf>,
-    deferred_deletes: Vec<u64>,
+    tmr_buf: HashMap<BucketId, Vec<u8>>,
+    done_buf: HashMap<BucketId, Vec<u8>>,
+    dirty: HashSet<BucketId>,
+    deferred_deletes: Vec<BucketId>,
     pending: u64,
 }
 
@@ -49,6 +84,14 @@ fn read_all(path: &Path) -> io::Result<Vec<u8>> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Vec::new()),
         Err(e) => Err(e),
     }
+}
+
+fn parse_name(name: &str) -> Option<BucketId> {
+    let stem = name
+        .strip_suffix(".tmr")
+        .or_else(|| name.strip_suffix(".done"))?;
+    let (start, tier) = stem.split_once('.')?;
+    Some((start.parse().ok()?, tier.parse().ok()?))
 }
 
 impl TimerIndex {
@@ -63,12 +106,7 @@ impl TimerIndex {
         let mut ids = HashSet::new();
         for e in fs::read_dir(dir)? {
             let e = e?;
-            let name = e.file_name();
-            let Some(name) = name.to_str() else { continue };
-            let stem = name
-                .strip_suffix(".tmr")
-                .or_else(|| name.strip_suffix(".done"));
-            if let Some(id) = stem.and_then(|s| s.parse::<u64>().ok()) {
+            if let Some(id) = e.file_name().to_str().and_then(parse_name) {
                 ids.insert(id);
             }
         }
@@ -77,7 +115,6 @@ impl TimerIndex {
             bucket_ms: bucket_ms.max(1),
             prefetch_ms,
             buckets: BTreeMap::new(),
-            loaded_upto: 0,
             heap: BinaryHeap::new(),
             tmr_buf: HashMap::new(),
             done_buf: HashMap::new(),
@@ -94,22 +131,41 @@ impl TimerIndex {
             if n == 0 {
                 t.delete_bucket_files(id)?;
             } else {
-                t.buckets.insert(id, n);
+                t.buckets.insert(
+                    id,
+                    Bucket {
+                        pending: n,
+                        loaded: false,
+                    },
+                );
                 t.pending += n;
             }
         }
         Ok(t)
     }
 
-    fn tmr_path(&self, id: u64) -> PathBuf {
-        self.dir.join(format!("{id:012}.tmr"))
+    fn width(&self, tier: u8) -> u64 {
+        match tier {
+            0 => self.bucket_ms,
+            1 => HOUR,
+            _ => DAY,
+        }
     }
 
-    fn done_path(&self, id: u64) -> PathBuf {
-        self.dir.join(format!("{id:012}.done"))
+    fn bucket_of(&self, t: &Timer) -> BucketId {
+        let w = self.width(t.tier);
+        (t.deliver - t.deliver % w, t.tier)
     }
 
-    fn delete_bucket_files(&self, id: u64) -> io::Result<()> {
+    fn tmr_path(&self, id: BucketId) -> PathBuf {
+        self.dir.join(format!("{:015}.{}.tmr", id.0, id.1))
+    }
+
+    fn done_path(&self, id: BucketId) -> PathBuf {
+        self.dir.join(format!("{:015}.{}.done", id.0, id.1))
+    }
+
+    fn delete_bucket_files(&self, id: BucketId) -> io::Result<()> {
         for p in [self.tmr_path(id), self.done_path(id)] {
             match fs::remove_file(&p) {
                 Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
@@ -131,72 +187,76 @@ impl TimerIndex {
 
     /// Files a held timer.
     pub fn add(&mut self, t: Timer) {
-        let id = t.0 / self.bucket_ms;
+        let id = self.bucket_of(&t);
         let b = self.tmr_buf.entry(id).or_default();
-        b.extend_from_slice(&t.0.to_le_bytes());
-        b.extend_from_slice(&t.1.to_le_bytes());
-        b.extend_from_slice(&t.2.to_le_bytes());
+        b.extend_from_slice(&t.deliver.to_le_bytes());
+        b.extend_from_slice(&t.pos.to_le_bytes());
+        b.extend_from_slice(&t.size.to_le_bytes());
         b.extend_from_slice(&TMR_MAGIC.to_le_bytes());
-        *self.buckets.entry(id).or_default() += 1;
+        let bucket = self.buckets.entry(id).or_default();
+        bucket.pending += 1;
         self.pending += 1;
-        if id < self.loaded_upto {
+        if bucket.loaded {
             self.heap.push(Reverse(t));
         }
     }
 
-    /// Records that the timer for the message at `pos` (due `deliver_ms`) is finished: revealed
-    /// by the marker at `marker_pos`, or dropped because its message is unreadable (then
-    /// `marker_pos` is the log end at that moment, keeping done entries in log order).
-    pub fn mark_done(&mut self, deliver_ms: u64, pos: u64, marker_pos: u64) {
-        let id = deliver_ms / self.bucket_ms;
-        let Some(n) = self.buckets.get_mut(&id) else {
+    /// Records that a timer is finished: revealed by the marker at `marker_pos`, or dropped
+    /// because its message is unreadable (then `marker_pos` is the log end at that moment,
+    /// keeping done entries in log order).
+    pub fn mark_done(&mut self, t: Timer, marker_pos: u64) {
+        let id = self.bucket_of(&t);
+        let Some(b) = self.buckets.get_mut(&id) else {
             return;
         };
-        *n -= 1;
+        b.pending -= 1;
         self.pending = self.pending.saturating_sub(1);
-        if *n == 0 {
+        if b.pending == 0 {
             self.buckets.remove(&id);
             self.deferred_deletes.push(id);
         }
-        let b = self.done_buf.entry(id).or_default();
-        b.extend_from_slice(&pos.to_le_bytes());
-        b.extend_from_slice(&marker_pos.to_le_bytes());
+        let buf = self.done_buf.entry(id).or_default();
+        buf.extend_from_slice(&t.pos.to_le_bytes());
+        buf.extend_from_slice(&marker_pos.to_le_bytes());
     }
 
     /// Writes buffered entries to their bucket files (no fsync).
     pub fn flush_buffers(&mut self) -> io::Result<()> {
-        let tmr: Vec<(u64, Vec<u8>)> = self.tmr_buf.drain().collect();
+        let tmr: Vec<(BucketId, Vec<u8>)> = self.tmr_buf.drain().collect();
         for (id, b) in tmr {
-            let p = self.tmr_path(id);
-            append(&p, &b)?;
-            self.dirty.insert(p);
+            append(&self.tmr_path(id), &b)?;
+            self.dirty.insert(id);
         }
-        let done: Vec<(u64, Vec<u8>)> = self.done_buf.drain().collect();
+        let done: Vec<(BucketId, Vec<u8>)> = self.done_buf.drain().collect();
         for (id, b) in done {
-            let p = self.done_path(id);
-            append(&p, &b)?;
-            self.dirty.insert(p);
+            append(&self.done_path(id), &b)?;
+            self.dirty.insert(id);
         }
         Ok(())
     }
 
-    /// Loads buckets into memory: the next one whenever nothing is loaded, and every bucket
-    /// starting within the prefetch window of `now_ms`.
+    /// Loads buckets into memory: the earliest one whenever nothing is loaded, any bucket that
+    /// starts within the prefetch window of `now_ms`, and any bucket that could hold a timer due
+    /// before the earliest loaded one (so `next_due` is exact).
     pub fn ensure_loaded(&mut self, now_ms: u64) -> io::Result<()> {
         loop {
-            let Some((&id, _)) = self.buckets.range(self.loaded_upto..).next() else {
-                return Ok(());
-            };
-            let soon = id.saturating_mul(self.bucket_ms) <= now_ms.saturating_add(self.prefetch_ms);
-            if !(self.heap.is_empty() || soon) {
+            let next = self
+                .buckets
+                .iter()
+                .find(|(_, b)| !b.loaded)
+                .map(|(id, _)| *id);
+            let Some(id) = next else { return Ok(()) };
+            let top = self.heap.peek().map(|Reverse(t)| t.deliver);
+            let soon = id.0 <= now_ms.saturating_add(self.prefetch_ms);
+            let before_top = top.is_some_and(|d| id.0 <= d);
+            if !(top.is_none() || soon || before_top) {
                 return Ok(());
             }
             self.load(id)?;
-            self.loaded_upto = id + 1;
         }
     }
 
-    fn load(&mut self, id: u64) -> io::Result<()> {
+    fn load(&mut self, id: BucketId) -> io::Result<()> {
         self.flush_buffers()?;
         let done_bytes = read_all(&self.done_path(id))?;
         let done: HashSet<u64> = done_bytes
@@ -214,15 +274,22 @@ impl TimerIndex {
             if done.contains(&pos) {
                 continue;
             }
-            self.heap
-                .push(Reverse((get_u64(e, 0), pos, get_u32(e, 16))));
+            self.heap.push(Reverse(Timer {
+                deliver: get_u64(e, 0),
+                pos,
+                size: get_u32(e, 16),
+                tier: id.1,
+            }));
+        }
+        if let Some(b) = self.buckets.get_mut(&id) {
+            b.loaded = true;
         }
         Ok(())
     }
 
     /// Deliver time of the earliest pending timer (exact once `ensure_loaded` ran).
     pub fn next_due(&self) -> Option<u64> {
-        self.heap.peek().map(|Reverse(t)| t.0)
+        self.heap.peek().map(|Reverse(t)| t.deliver)
     }
 
     /// Takes up to `max` timers due at or before `now_ms`, earliest first.
@@ -231,7 +298,7 @@ impl TimerIndex {
         let mut out = Vec::new();
         while out.len() < max {
             match self.heap.peek() {
-                Some(Reverse(t)) if t.0 <= now_ms => {
+                Some(Reverse(t)) if t.deliver <= now_ms => {
                     out.push(*t);
                     self.heap.pop();
                 }
@@ -248,16 +315,23 @@ impl TimerIndex {
         }
     }
 
-    /// fsyncs bucket files written since the last call, then deletes fully revealed buckets
-    /// (their reveal markers are durable by now: the caller synced the log first).
+    /// fsyncs bucket files written since the last call, then deletes finished buckets (their
+    /// markers are durable by now: the caller synced the log first).
     pub fn sync(&mut self) -> io::Result<()> {
         self.flush_buffers()?;
-        for p in self.dirty.drain() {
-            match File::open(&p) {
-                Ok(f) => f.sync_data()?,
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                Err(e) => return Err(e),
+        let dirty: Vec<BucketId> = self.dirty.drain().collect();
+        for id in &dirty {
+            for p in [self.tmr_path(*id), self.done_path(*id)] {
+                match File::open(&p) {
+                    Ok(f) => f.sync_data()?,
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(e),
+                }
             }
+        }
+        if !dirty.is_empty() {
+            // Bucket files may be new: make their names durable with their contents.
+            super::log::sync_dir(&self.dir)?;
         }
         for id in std::mem::take(&mut self.deferred_deletes) {
             if !self.buckets.contains_key(&id) {

@@ -20,7 +20,7 @@ use super::cq::{ConsumeQueue, CqEntry};
 use super::files::{Checkpoint, SegmentInfo, encode_offsets, write_atomic};
 use super::log::{self, Segment};
 use super::record::{self, EncodedBatch, Header};
-use super::timers::{Timer, TimerIndex};
+use super::timers::{Timer, TimerIndex, tier_for};
 use crate::error::{Result, WharfError};
 use crate::model::{Appended, MessageId};
 use crate::store::{FlushMode, RetentionReport};
@@ -74,6 +74,9 @@ pub struct Writer {
     index_broken: bool,
     spare: Option<std::thread::JoinHandle<io::Result<std::path::PathBuf>>>,
     active_prealloc: bool,
+    last_round_appends: usize,
+    last_reply_at: Instant,
+    fsync_ema_us: u64,
     // Per-round scratch, reused.
     cq_ops: Vec<(Arc<ConsumeQueue>, u64, CqEntry)>,
     key_ops: Vec<(u32, u64)>,
@@ -134,6 +137,9 @@ impl Writer {
             index_broken: false,
             spare: None,
             active_prealloc: false,
+            last_round_appends: 0,
+            last_reply_at: Instant::now(),
+            fsync_ema_us: 0,
             cq_ops: Vec::new(),
             key_ops: Vec::new(),
             timer_adds: Vec::new(),
@@ -198,7 +204,13 @@ impl Writer {
         match h.kind {
             record::KIND_MESSAGE => {
                 if h.held() {
-                    self.timer_adds.push(((h.deliver_ms, pos, h.len), seg_base));
+                    let t = Timer {
+                        deliver: h.deliver_ms,
+                        pos,
+                        size: h.len,
+                        tier: tier_for(h.deliver_ms, h.stored_ms),
+                    };
+                    self.timer_adds.push((t, seg_base));
                 } else if h.queue_offset != record::NO_OFFSET {
                     let q = self.sh.queues.get_or_create(topic, h.queue_id)?;
                     q.next_assign
@@ -237,8 +249,13 @@ impl Writer {
                         visible_ms: h.stored_ms,
                     },
                 ));
-                self.timer_dones
-                    .push(((h.deliver_ms, target, h.reconsume), pos));
+                let t = Timer {
+                    deliver: h.deliver_ms,
+                    pos: target,
+                    size: h.reconsume,
+                    tier: h.flags,
+                };
+                self.timer_dones.push((t, pos));
             }
         }
         Ok(())
@@ -265,6 +282,9 @@ impl Writer {
                     Request::Append { .. } | Request::Reveal { .. } => data.push(r),
                     other => control.push(other),
                 }
+            }
+            if !data.is_empty() && control.is_empty() {
+                self.linger(&mut data, &mut control);
             }
             if !data.is_empty() {
                 self.round(data);
@@ -360,13 +380,47 @@ impl Writer {
             .store(self.timers.loaded(), Ordering::Release);
     }
 
+    /// Senders answered by the previous round usually come straight back; when only some of
+    /// them are here yet, waiting a fraction of an fsync for the rest lets one fsync cover them
+    /// all instead of splitting the senders into two alternating half-size rounds.
+    fn linger(&mut self, data: &mut Vec<Request>, control: &mut Vec<Request>) {
+        if self.sh.config.flush != FlushMode::Sync || self.last_round_appends < 2 {
+            return;
+        }
+        let since = self.last_reply_at;
+        let returned =
+            |r: &Request| matches!(r, Request::Append { started, .. } if *started >= since);
+        let mut back = data.iter().filter(|r| returned(r)).count();
+        if back >= self.last_round_appends {
+            return;
+        }
+        let budget = Duration::from_micros((self.fsync_ema_us / 4).min(250));
+        let deadline = Instant::now() + budget;
+        let mut inbox = self.sh.inbox.lock();
+        loop {
+            for r in inbox.drain(..) {
+                match r {
+                    Request::Append { .. } | Request::Reveal { .. } => {
+                        back += usize::from(returned(&r));
+                        data.push(r);
+                    }
+                    other => control.push(other),
+                }
+            }
+            if back >= self.last_round_appends || !control.is_empty() || Instant::now() >= deadline
+            {
+                return;
+            }
+            self.sh.inbox_cv.wait_until(&mut inbox, deadline);
+        }
+    }
+
     fn fsync_active(&mut self) -> io::Result<()> {
         let t = Instant::now();
         self.active.file.sync_data()?;
-        self.sh
-            .stats
-            .fsync_latency
-            .record(t.elapsed().as_micros() as u64);
+        let us = t.elapsed().as_micros() as u64;
+        self.fsync_ema_us = (self.fsync_ema_us * 7 + us) / 8;
+        self.sh.stats.fsync_latency.record(us);
         self.unsynced = false;
         self.last_fsync = Instant::now();
         Ok(())
@@ -485,6 +539,11 @@ impl Writer {
         if visible {
             self.sh.changes.send_modify(|c| *c += 1);
         }
+        self.last_round_appends = reqs
+            .iter()
+            .filter(|r| matches!(r, Request::Append { .. }))
+            .count();
+        self.last_reply_at = Instant::now();
         for (r, o) in reqs.into_iter().zip(outcomes) {
             match (r, o) {
                 (Request::Append { reply, started, .. }, Ok(Outcome::Appended(a))) => {
@@ -713,8 +772,13 @@ impl Writer {
             }
             if held {
                 let deliver = r.deliver_at.unwrap_or(now);
-                self.timer_adds
-                    .push(((deliver, pos, r.len), self.active.base));
+                let t = Timer {
+                    deliver,
+                    pos,
+                    size: r.len,
+                    tier: tier_for(deliver, now),
+                };
+                self.timer_adds.push((t, self.active.base));
             }
             out.push(Appended {
                 id: MessageId::new(now, self.sh.node, pos),
@@ -732,7 +796,9 @@ impl Writer {
         let mut n = 0;
         for t in due {
             self.popped.push(t);
-            let (deliver, pos, size) = t;
+            let Timer {
+                deliver, pos, size, ..
+            } = t;
             let Some(rec) = self.sh.log.read_record(pos, Some(size)) else {
                 warn!(
                     position = pos,
@@ -774,6 +840,7 @@ impl Writer {
                 pos,
                 deliver,
                 size,
+                t.tier,
             );
             self.cq_ops.push((
                 q,
@@ -831,13 +898,13 @@ impl Writer {
             self.key_ops.clear();
             r?;
         }
-        for ((deliver, pos, size), seg) in std::mem::take(&mut self.timer_adds) {
-            self.timers.add((deliver, pos, size));
+        for (t, seg) in std::mem::take(&mut self.timer_adds) {
+            self.timers.add(t);
             self.seg_info.entry(seg).or_default().pending_timers += 1;
         }
-        for ((deliver, pos, _), marker) in std::mem::take(&mut self.timer_dones) {
-            self.timers.mark_done(deliver, pos, marker);
-            if let Some(seg) = self.sh.log.segment_of(pos)
+        for (t, marker) in std::mem::take(&mut self.timer_dones) {
+            self.timers.mark_done(t, marker);
+            if let Some(seg) = self.sh.log.segment_of(t.pos)
                 && let Some(info) = self.seg_info.get_mut(&seg.base)
             {
                 info.pending_timers = info.pending_timers.saturating_sub(1);
