@@ -443,6 +443,40 @@ mod tests {
         );
     }
 
+    /// Every key the code knows, as dotted paths (arrays of tables count as one key).
+    fn key_paths(v: &toml::Value, prefix: &str, out: &mut Vec<String>) {
+        if let toml::Value::Table(t) = v {
+            for (k, child) in t {
+                let path = if prefix.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{prefix}.{k}")
+                };
+                if child.is_table() {
+                    key_paths(child, &path, out);
+                } else {
+                    out.push(path);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn shipped_config_lists_every_key() {
+        let text = include_str!("../../config/wharf.toml");
+        let shipped: toml::Value = toml::from_str(text).unwrap();
+        let defaults = toml::Value::try_from(Config::default()).unwrap();
+        let (mut want, mut have) = (Vec::new(), Vec::new());
+        key_paths(&defaults, "", &mut want);
+        key_paths(&shipped, "", &mut have);
+        want.sort();
+        have.sort();
+        assert_eq!(
+            have, want,
+            "config/wharf.toml must list every key with its default"
+        );
+    }
+
     #[test]
     fn unknown_key_points_at_line_and_column() {
         let text = "[http]\nlisten = \"127.0.0.1:1\"\n\n[store]\n  segmnt_bytes = 5\n";

@@ -117,16 +117,18 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         }
     };
     let addr = listener.local_addr()?;
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let state = Arc::new(AppState {
         broker: broker.clone(),
         plugins: plugins.clone(),
         auth,
         config: config.http.clone(),
         metrics: HttpMetrics::default(),
+        shutdown: stop_rx.clone(),
     });
     let app = crate::http::router(state);
 
-    let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
+    let mut stop_rx = stop_rx;
     let server = axum::serve(
         listener.tap_io(|tcp| {
             // Small request/response pairs: without NODELAY, Nagle adds up to 40 ms per answer.

@@ -57,6 +57,12 @@ pub struct E2eArgs {
     /// Timer messages to insert (use 10000000 for the spec's 10 M).
     #[arg(long, default_value_t = 1_000_000)]
     pub timers: u64,
+    /// Earliest deliver time of timer messages, ms ahead of now.
+    #[arg(long, default_value_t = 3_600_000)]
+    pub timer_min_ahead_ms: u64,
+    /// Deliver times are spread over this many ms after the earliest (default ≈ 7 days).
+    #[arg(long, default_value_t = 7 * 24 * 3_600_000 - 3_600_000)]
+    pub timer_span_ms: u64,
     /// Body size of timer messages, bytes.
     #[arg(long, default_value_t = 64)]
     pub timer_size: usize,
@@ -381,8 +387,8 @@ async fn timers(broker: &Arc<Broker>, args: &E2eArgs, clock: &dyn Clock) -> anyh
     let rss_before = rss_bytes();
     let body = Bytes::from(vec![b't'; args.timer_size.max(1)]);
     let now = clock.now_ms();
-    // Spread over 1 h .. 7 days ahead so no timer fires during the run.
-    let span = 7 * 24 * 3_600_000 - 3_600_000;
+    // By default 1 h .. 7 days ahead, so no timer fires during the run.
+    let (ahead, span) = (args.timer_min_ahead_ms, args.timer_span_ms.max(1));
     let next = Arc::new(AtomicU64::new(0));
     let batch = 256u64;
     let started = Instant::now();
@@ -400,7 +406,7 @@ async fn timers(broker: &Arc<Broker>, args: &E2eArgs, clock: &dyn Clock) -> anyh
                     .map(|i| OutgoingMessage {
                         body: body.clone(),
                         // A fixed stride scatters deliver times over the span.
-                        deliver_at_ms: Some(now + 3_600_000 + (i * 7_919_993) % span),
+                        deliver_at_ms: Some(now + ahead + (i * 7_919_993) % span),
                         ..OutgoingMessage::default()
                     })
                     .collect();
@@ -415,11 +421,13 @@ async fn timers(broker: &Arc<Broker>, args: &E2eArgs, clock: &dyn Clock) -> anyh
     let rss_after = rss_bytes();
     let pending = broker.store().stats().pending_timers - before_pending;
     println!(
-        "  timers: {} inserted in {:.2}s = {:.0} timers/s (batches of {batch}, body {} B); store reports {} pending",
+        "  timers: {} inserted in {:.2}s = {:.0} timers/s (batches of {batch}, body {} B, due {}..{} ms ahead); store reports {} pending",
         args.timers,
         secs,
         args.timers as f64 / secs,
         args.timer_size,
+        ahead,
+        ahead + span,
         pending
     );
     match (rss_before, rss_after) {

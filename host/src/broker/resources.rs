@@ -293,6 +293,7 @@ impl Broker {
         self.store.meta_delete(GROUPS, name).await?;
         self.store.delete_offsets(name).await?;
         self.registry.write().groups.remove(name);
+        self.forget_group(name);
         info!(group = %name, "group deleted");
         Ok(())
     }

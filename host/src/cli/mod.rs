@@ -125,16 +125,16 @@ pub struct SendArgs {
     #[arg(long)]
     pub tag: Option<String>,
     /// Business key (repeatable).
-    #[arg(long = "key")]
+    #[arg(long = "key", value_name = "K")]
     pub keys: Vec<String>,
     /// User property `k=v` (repeatable).
-    #[arg(long = "prop", value_parser = parse_prop)]
+    #[arg(long = "prop", value_name = "k=v", value_parser = parse_prop)]
     pub props: Vec<(String, String)>,
     /// Absolute start-deliver time (epoch ms).
-    #[arg(long, conflicts_with = "delay")]
+    #[arg(long, value_name = "MS", conflicts_with = "delay")]
     pub deliver_at: Option<u64>,
     /// Delay before delivery (ms).
-    #[arg(long)]
+    #[arg(long, value_name = "MS")]
     pub delay: Option<u64>,
     /// Body text; `-` reads the body from stdin (sent as binary when it is not UTF-8).
     pub body: String,

@@ -3,6 +3,24 @@
 //! One middleware does the per-request work every route shares: a tracing span (method, path,
 //! status, latency), the body cap, signature checks, and request counters. Handlers parse bodies
 //! themselves (see [`error`]) so every failure is the contract's JSON error.
+//!
+//! Choices where the contract is silent:
+//! - Lists (`GET /v1/topics`, `/v1/groups`, `/v1/plugins`) answer a JSON array; queries answer
+//!   `{"messages":[...]}` plus `"next_page_token"` (null on the last page) for ranges and dead letters.
+//! - Send answers 200; creates answer 201; deletes answer 200 `{"name","deleted":true}`.
+//! - Receive answers `{"instance_id","messages":[...]}`; `max` defaults to 16 (1..=256), `wait_ms`
+//!   to 0 (at most `[http] max_wait_ms`), `expression` to `*`; `subscriptions:[{topic,expression}]`
+//!   may replace `topic`/`expression`. Without `instance_id` the instance is `http@<client IP>`, so
+//!   keep-alive reconnects do not rebalance. Long polls end early (empty) when the host stops.
+//! - Ack/nack settle every receipt; if any fails, the answer is the first failure's error plus
+//!   `"settled"` and `"failed":[{"receipt","error"}]`.
+//! - Auth: `GET /healthz` is always open, `/metrics` when `[auth] metrics_open`. A key's
+//!   `allow_publish` lists topics it may send to; `allow_subscribe` lists topics *and* groups it may
+//!   read (receive needs both the group and the topic, ack/nack/status/offsets/dead letters the
+//!   group, queries the topic); `"*"` allows all; `admin` (default true) allows managing topics,
+//!   groups and plugins. Plugin HTTP triggers (`/t/...`) need a valid signature only. When a
+//!   `Content-MD5` header is sent it must match the body, which makes the body part of the
+//!   signature. Failed authentication is 401 NO_PERMISSION (16); missing rights are 403.
 
 pub mod auth;
 pub mod error;
@@ -50,6 +68,8 @@ pub struct AppState {
     pub config: HttpConfig,
     /// Request counters for `/metrics`.
     pub metrics: HttpMetrics,
+    /// Turns true when the host starts shutting down; long polls end early then.
+    pub shutdown: tokio::sync::watch::Receiver<bool>,
 }
 
 /// Shared handler state.

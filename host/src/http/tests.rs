@@ -53,6 +53,7 @@ async fn start(auth: AuthConfig) -> Host {
             ..HttpConfig::default()
         },
         metrics: HttpMetrics::default(),
+        shutdown: tokio::sync::watch::channel(false).1,
     });
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();

@@ -269,6 +269,12 @@ async fn bad_deploys_are_refused_and_the_running_version_stays() {
         manifest("probe", "GID_probe", "").replace("topic = \"Trade\"", "topic = \"Nope\"");
     let e = env.host.deploy(&unknown_topic, probe()).await.unwrap_err();
     assert_eq!(e.code, crate::error::ErrorCode::TopicNotExist);
+    let tiny = format!(
+        "{}\n[limits]\nmemory_mib = 1\n",
+        manifest("probe", "GID_probe", "")
+    );
+    let e = env.host.deploy(&tiny, probe()).await.unwrap_err();
+    assert!(e.message.contains("memory_mib = 1"), "{}", e.message);
     let shared_group = manifest("thief", "GID_probe", "");
     let e = env.host.deploy(&shared_group, probe()).await.unwrap_err();
     assert_eq!(e.http_status(), 409);
@@ -475,8 +481,30 @@ async fn plugins_dir_is_deployed_at_start_once() {
     host.shutdown().await;
     let host = start(broker.clone()).await.unwrap();
     let status = host.status("probe").unwrap();
-    assert_eq!(status["version"], 1, "an unchanged manifest is not redeployed");
+    assert_eq!(
+        status["version"], 1,
+        "an unchanged manifest is not redeployed"
+    );
     assert_eq!(status["status"], "running");
     assert!(host.status("broken").is_err());
     host.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batches_are_handed_to_consume_batch() {
+    let env = env().await;
+    env.host
+        .deploy(&manifest("probe", "GID_probe", "batch_max = 8\n"), probe())
+        .await
+        .unwrap();
+    for i in 0..40 {
+        let tag = if i % 10 == 0 { "retry" } else { "commit" };
+        env.send("Trade", tag, &[]).await;
+    }
+    env.until("36 commits and 4 retries", |e| {
+        e.counter("probe", "commits") >= 36 && e.counter("probe", "retries") >= 4
+    })
+    .await;
+    assert_eq!(env.counter("probe", "traps"), 0);
+    env.host.shutdown().await;
 }

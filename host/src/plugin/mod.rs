@@ -258,6 +258,7 @@ impl PluginHost {
         let manifest = Manifest::parse(file, text)?;
         self.check_conflicts(&manifest)?;
         let loaded = self.load_component(component.to_vec()).await?;
+        self.check_instantiates(&manifest, &loaded).await?;
         self.ensure_group(&manifest).await?;
         let name = manifest.name.clone();
         let previous = self.slots.lock().get(&name).map(|s| s.record.clone());
@@ -500,16 +501,10 @@ impl PluginHost {
             .map_err(|e| WharfError::internal(format!("component load panicked: {e}")))?
     }
 
-    async fn start_workers(
-        &self,
-        m: &Manifest,
-        version: u64,
-        loaded: &Loaded,
-        stats: Arc<PluginStats>,
-    ) -> Result<Workers> {
+    fn instance_config(&self, m: &Manifest, version: u64) -> Arc<InstanceConfig> {
         let mut readable: Vec<String> = m.subscription.iter().map(|s| s.topic.clone()).collect();
         readable.extend(m.permissions.publish.iter().cloned());
-        let config = Arc::new(InstanceConfig {
+        Arc::new(InstanceConfig {
             plugin: m.name.clone(),
             version,
             group: m.consumer.group.clone(),
@@ -521,7 +516,34 @@ impl PluginHost {
                 broker: self.broker.clone(),
                 handle: self.handle.clone(),
             }),
-        });
+        })
+    }
+
+    /// Instantiates once with the manifest's limits, so a component whose start-up traps or
+    /// needs more than `memory_mib` is refused at deploy instead of failing every message.
+    async fn check_instantiates(&self, m: &Manifest, loaded: &Loaded) -> Result<()> {
+        let config = self.instance_config(m, 0);
+        let (engine, pre) = (self.runtime.engine().clone(), loaded.pre.clone());
+        let memory_mib = m.limits.memory_mib;
+        tokio::task::spawn_blocking(move || runtime::Instance::new(&engine, &pre, config).map(drop))
+            .await
+            .map_err(|e| WharfError::internal(format!("instantiation check panicked: {e}")))?
+            .map_err(|e| {
+                WharfError::bad_request(format!(
+                    "the component does not start within its limits ({}); check [limits] memory_mib = {memory_mib} and the plugin's start-up code",
+                    e.message
+                ))
+            })
+    }
+
+    async fn start_workers(
+        &self,
+        m: &Manifest,
+        version: u64,
+        loaded: &Loaded,
+        stats: Arc<PluginStats>,
+    ) -> Result<Workers> {
+        let config = self.instance_config(m, version);
         let count = match m.consumer.model {
             // Every instance of a broadcasting group gets every message: one per host.
             ConsumeModel::Broadcasting => 1,

@@ -25,7 +25,7 @@ use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 use crate::broker::consume::Outcome;
 use crate::broker::{Broker, OutgoingMessage, SendReceipt};
 use crate::error::{ErrorCode, Result, WharfError};
-use crate::model::StoredMessage;
+use crate::model::{MessageId, StoredMessage};
 
 wasmtime::component::bindgen!({
     world: "consumer",
@@ -110,8 +110,8 @@ pub struct HostState {
     limits: StoreLimits,
     stderr: MemoryOutputPipe,
     config: Arc<InstanceConfig>,
-    /// Id of the message being handled, for log lines.
-    current: String,
+    /// Id of the message being handled, for log lines (formatted only when a line is written).
+    current: Option<MessageId>,
 }
 
 impl WasiView for HostState {
@@ -195,7 +195,8 @@ impl wharf::plugin::host::Host for HostState {
 
     fn log(&mut self, level: wit::Level, message: String) {
         let c = &self.config;
-        let (plugin, version, id) = (&c.plugin, c.version, &self.current);
+        let (plugin, version) = (&c.plugin, c.version);
+        let id = self.current.map(|m| m.to_string()).unwrap_or_default();
         match level {
             wit::Level::Trace => {
                 tracing::trace!(target: "wharf::plugin::guest", plugin = %plugin, version, message_id = %id, "{message}")
@@ -439,7 +440,7 @@ impl Instance {
             limits,
             stderr,
             config: config.clone(),
-            current: String::new(),
+            current: None,
         };
         let mut store = Store::new(engine, state);
         store.limiter(|s| &mut s.limits);
@@ -465,7 +466,7 @@ impl Instance {
     pub fn consume(&mut self, message: &StoredMessage) -> std::result::Result<Outcome, Failure> {
         let msg = to_wit(message);
         let ctx = self.context(message);
-        self.store.data_mut().current = message.id.to_string();
+        self.store.data_mut().current = Some(message.id);
         self.store.set_epoch_deadline(self.deadline_ticks);
         let res = self.bindings.call_consume(&mut self.store, &msg, &ctx);
         match res {
@@ -484,7 +485,7 @@ impl Instance {
         };
         let msgs: Vec<wit::Message> = messages.iter().map(to_wit).collect();
         let ctx = self.context(first);
-        self.store.data_mut().current = first.id.to_string();
+        self.store.data_mut().current = Some(first.id);
         self.store.set_epoch_deadline(self.deadline_ticks);
         match self
             .bindings

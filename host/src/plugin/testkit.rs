@@ -24,7 +24,10 @@ pub fn component(package: &str) -> Vec<u8> {
     static BUILT: OnceLock<PathBuf> = OnceLock::new();
     let dir = BUILT.get_or_init(|| {
         let root = workspace_root();
-        let ci = root.join("target/wasm32-wasip2/release");
+        let target_dir = std::env::var_os("CARGO_TARGET_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| root.join("target"));
+        let ci = target_dir.join("wasm32-wasip2/release");
         if std::env::var_os("CI").is_some()
             && PACKAGES
                 .iter()

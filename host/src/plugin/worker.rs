@@ -160,6 +160,7 @@ impl Workers {
         }
         let stop = Arc::new(AtomicBool::new(false));
         let live = Arc::new(AtomicUsize::new(0));
+        spawn_heartbeats(&spec, &ids, &stop);
         let mut workers = Workers {
             stop: stop.clone(),
             handles: Vec::new(),
@@ -219,6 +220,28 @@ impl Workers {
             }
         }
     }
+}
+
+/// Keeps the instances alive in the engine while a long call blocks their receive loop (a call
+/// may run up to `consume_timeout_ms`, far longer than the heartbeat timeout).
+fn spawn_heartbeats(spec: &Arc<WorkerSpec>, ids: &[String], stop: &Arc<AtomicBool>) {
+    let every = Duration::from_millis(
+        (spec.broker.config().consumer_heartbeat_timeout_ms / 3).clamp(50, 10_000),
+    );
+    let (broker, group, ids, stop) = (
+        spec.broker.clone(),
+        spec.config.group.clone(),
+        ids.to_vec(),
+        stop.clone(),
+    );
+    spec.handle.spawn(async move {
+        while !stop.load(Ordering::SeqCst) {
+            for id in &ids {
+                broker.heartbeat(&group, id);
+            }
+            tokio::time::sleep(every).await;
+        }
+    });
 }
 
 impl Drop for Workers {

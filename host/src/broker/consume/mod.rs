@@ -193,6 +193,14 @@ impl Engine {
 
     /// Stops background tasks and persists offsets.
     pub async fn shutdown(&self) {
+        self.stop_tasks().await;
+        if let Err(e) = self.flush_offsets().await {
+            warn!(error = %e, "could not persist consumer offsets at shutdown");
+        }
+    }
+
+    /// Signals every background task and long poll to stop, and waits for the tasks.
+    pub(crate) async fn stop_tasks(&self) {
         self.stop.send_replace(true);
         let tasks: Vec<JoinHandle<()>> = std::mem::take(&mut *self.tasks.lock());
         for t in tasks {
@@ -201,9 +209,6 @@ impl Engine {
             {
                 warn!(error = %e, "engine task panicked");
             }
-        }
-        if let Err(e) = self.flush_offsets().await {
-            warn!(error = %e, "could not persist consumer offsets at shutdown");
         }
     }
 

@@ -24,28 +24,35 @@ const NO_WAIT: Duration = Duration::ZERO;
 
 struct Env {
     broker: Arc<Broker>,
+    store: Arc<EmbeddedStore>,
     clock: Arc<ManualClock>,
     config: BrokerConfig,
     dir: tempfile::TempDir,
 }
 
-async fn open_broker(dir: &Path, clock: &Arc<ManualClock>, config: &BrokerConfig) -> Arc<Broker> {
+async fn open_broker(
+    dir: &Path,
+    clock: &Arc<ManualClock>,
+    config: &BrokerConfig,
+) -> (Arc<Broker>, Arc<EmbeddedStore>) {
     let sc = StoreConfig {
         data_dir: dir.to_path_buf(),
         ..StoreConfig::default()
     };
     let store = EmbeddedStore::open(&sc, clock.clone()).await.unwrap();
-    Broker::open(config.clone(), store, clock.clone())
+    let broker = Broker::open(config.clone(), store.clone(), clock.clone())
         .await
-        .unwrap()
+        .unwrap();
+    (broker, store)
 }
 
 async fn env_with(config: BrokerConfig) -> Env {
     let dir = tempfile::tempdir().unwrap();
     let clock = ManualClock::new(T0);
-    let broker = open_broker(dir.path(), &clock, &config).await;
+    let (broker, store) = open_broker(dir.path(), &clock, &config).await;
     Env {
         broker,
+        store,
         clock,
         config,
         dir,
@@ -66,7 +73,21 @@ impl Env {
     /// Clean restart over the same data dir.
     async fn restart(&mut self) {
         self.broker.shutdown().await.unwrap();
-        self.broker = open_broker(self.dir.path(), &self.clock, &self.config).await;
+        self.reopen().await;
+    }
+
+    /// As if the process were killed: the store stops without flushing, the engine without
+    /// saving offsets.
+    async fn crash(&mut self) {
+        self.store.halt().await;
+        self.broker.engine().stop_tasks().await;
+        self.reopen().await;
+    }
+
+    async fn reopen(&mut self) {
+        let (broker, store) = open_broker(self.dir.path(), &self.clock, &self.config).await;
+        self.broker = broker;
+        self.store = store;
     }
 
     async fn topic(&self, name: &str, queues: u32) {
@@ -741,4 +762,63 @@ async fn queue_level_pull_and_commit() {
         .await
         .unwrap_err();
     assert_eq!(err.http_status(), 400);
+}
+
+#[tokio::test]
+async fn crash_mid_flight_loses_nothing() {
+    let mut e = env().await;
+    e.topic("Trade", 2).await;
+    e.group("GID_z", ConsumeModel::Clustering, None).await;
+    e.join("GID_z", "a", &[("Trade", "*")]).await;
+    for i in 0..6 {
+        e.send("Trade", None, &format!("m{i}")).await;
+    }
+    e.send_msg(
+        "Trade",
+        OutgoingMessage {
+            body: Bytes::from_static(b"timer"),
+            delay_ms: Some(30_000),
+            ..Default::default()
+        },
+    )
+    .await;
+    let got = e.recv_n("GID_z", "a", 6).await;
+    let by_body = |b: &str| {
+        got.iter()
+            .find(|d| d.message.body.as_ref() == b.as_bytes())
+            .unwrap()
+    };
+    e.ack("GID_z", by_body("m0")).await;
+    e.nack("GID_z", by_body("m1")).await;
+    // m2..m5 are in flight when the process dies.
+    e.crash().await;
+    e.join("GID_z", "a", &[("Trade", "*")]).await;
+    let mut seen = BTreeSet::new();
+    let mut retried = false;
+    e.advance(29_999).await;
+    let before_timer = e.recv_n("GID_z", "a", 4).await;
+    for d in &before_timer {
+        assert_ne!(d.message.body.as_ref(), b"timer", "timer came early");
+        retried |= d.message.reconsume_times > 0;
+        seen.insert(String::from_utf8_lossy(&d.message.body).into_owned());
+        e.ack("GID_z", d).await;
+    }
+    e.advance(1).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !(seen.contains("timer") && retried) && std::time::Instant::now() < deadline {
+        for d in e
+            .broker
+            .receive("GID_z", "a", 32, Duration::from_millis(100))
+            .await
+            .unwrap()
+        {
+            retried |= d.message.reconsume_times > 0 && d.message.body.as_ref() == b"m1";
+            seen.insert(String::from_utf8_lossy(&d.message.body).into_owned());
+            e.ack("GID_z", &d).await;
+        }
+    }
+    for b in ["m1", "m2", "m3", "m4", "m5", "timer"] {
+        assert!(seen.contains(b), "{b} lost: {seen:?}");
+    }
+    assert!(retried, "m1's retry survived the crash");
 }

@@ -205,7 +205,10 @@ pub const PREALLOC_SUFFIX: &str = ".prealloc";
 /// inode (size/extent) update.
 pub fn preallocate(dir: &Path, bytes: u64) -> io::Result<PathBuf> {
     use std::io::Write;
-    let path = dir.join(format!("next{PREALLOC_SUFFIX}"));
+    // A unique name: a spare still being written by a store instance that has since closed
+    // must never be the file a newer instance installs.
+    let nonce: u64 = rand::random();
+    let path = dir.join(format!("next-{nonce:016x}{PREALLOC_SUFFIX}"));
     let mut f = OpenOptions::new()
         .write(true)
         .create(true)

@@ -631,6 +631,8 @@ impl Store for EmbeddedStore {
             // Queue entries are ordered by visible time; a revealed timer's store time is earlier.
             if let Some(mut m) = self.read_message(e.pos, Some(e.size))
                 && (begin_ms..=end_ms).contains(&m.stored_ms)
+                && m.topic == topic
+                && m.queue_id == k.1
             {
                 m.queue_offset = Some(k.2);
                 messages.push(m);
@@ -691,7 +693,13 @@ impl Store for EmbeddedStore {
                 if !e.is_set() || tag_hashes.is_some_and(|t| !t.contains(&e.tag_hash)) {
                     continue;
                 }
-                if let Some(mut m) = self.read_message(e.pos, Some(e.size)) {
+                // The entry is derived data: accept the record only if it really is this
+                // queue's message (a revealed timer carries no offset of its own).
+                if let Some(mut m) = self.read_message(e.pos, Some(e.size))
+                    && m.queue_id == queue_id
+                    && m.topic == topic
+                    && m.queue_offset.is_none_or(|o| o == this)
+                {
                     m.queue_offset = Some(this);
                     messages.push(m);
                     if messages.len() == max {

@@ -590,8 +590,17 @@ async fn fill(s: &EmbeddedStore, n: usize) -> Vec<(MessageId, String, u64)> {
 
 #[tokio::test]
 async fn random_truncation_and_corruption_keep_everything_before_the_damage() {
-    let mut rng = rand::rngs::StdRng::seed_from_u64(0x5EED);
-    for round in 0..12 {
+    // WHARF_STORE_DAMAGE_ROUNDS / _SEED widen the search when hunting a recovery bug.
+    let rounds: u64 = std::env::var("WHARF_STORE_DAMAGE_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(12);
+    let seed: u64 = std::env::var("WHARF_STORE_DAMAGE_SEED")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0x5EED);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    for round in 0..rounds {
         let d = tempfile::tempdir().unwrap();
         let clock = ManualClock::new(T0);
         let s = open(d.path(), &clock).await;

@@ -88,6 +88,17 @@ pub struct Writer {
     max_ms_updates: Vec<(u64, u64)>,
 }
 
+impl Drop for Writer {
+    fn drop(&mut self) {
+        // Finish (or abandon) the spare before the thread ends; its file is unused either way.
+        if let Some(h) = self.spare.take()
+            && let Ok(Ok(path)) = h.join()
+        {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
 /// Whatever ends the writer (close, halt, a panic), later requests must fail instead of hanging.
 struct ExitGuard(Arc<Shared>);
 
@@ -526,6 +537,10 @@ impl Writer {
         self.touched.clear();
         self.queue_undo.clear();
         self.popped.clear();
+        if self.wbuf.capacity() > 16 << 20 {
+            // One huge round must not pin its buffer for the life of the process.
+            self.wbuf = Vec::with_capacity(1 << 20);
+        }
         // Publish timer state before answering so a caller sees its own held timer.
         if let Err(e) = self.timers.ensure_loaded(now) {
             error!(error = %e, "loading timer bucket failed");
@@ -702,6 +717,8 @@ impl Writer {
         }
         self.active = pre_active;
         self.written = pre_written;
+        // Truncation dropped any zero-filled space: the segment appends from here on.
+        self.active_prealloc = false;
         self.active.len.store(pre_written, Ordering::Release);
         for (q, next) in std::mem::take(&mut self.queue_undo) {
             q.next_assign.store(next, Ordering::Relaxed);
