@@ -351,13 +351,22 @@ async fn latency(broker: &Arc<Broker>, args: &E2eArgs, epoch: Instant) -> anyhow
     }
     delta.count = fsync.count.saturating_sub(fsync_before.count);
     delta.sum = fsync.sum.saturating_sub(fsync_before.sum);
+    let slow: u64 = crate::metrics::LATENCY_BUCKETS_US
+        .iter()
+        .zip(&delta.buckets)
+        .filter(|(bound, _)| **bound > 25_000)
+        .map(|(_, n)| n)
+        .sum::<u64>()
+        + delta.buckets.last().copied().unwrap_or(0);
     if delta.count > 0 {
         println!(
-            "    store fsyncs meanwhile: {} ({:.0}/s), p50 ≤ {} µs, p99 ≤ {} µs (bucket bounds)",
+            "    store fsyncs meanwhile: {} ({:.0}/s), p50 ≤ {} µs, p99 ≤ {} µs, p99.9 ≤ {} µs (bucket bounds); {} took over 25 ms",
             delta.count,
             delta.count as f64 / send_secs,
             delta.quantile(0.5),
-            delta.quantile(0.99)
+            delta.quantile(0.99),
+            delta.quantile(0.999),
+            slow
         );
     }
     Ok(())

@@ -508,3 +508,24 @@ async fn batches_are_handed_to_consume_batch() {
     assert_eq!(env.counter("probe", "traps"), 0);
     env.host.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broadcasting_runs_one_instance_per_host() {
+    let env = env().await;
+    let m = manifest("probe", "GID_probe", "").replace(
+        "concurrency = 2",
+        "concurrency = 2\nmodel = \"broadcasting\"",
+    );
+    env.host.deploy(&m, probe()).await.unwrap();
+    assert_eq!(env.host.status("probe").unwrap()["instances"], 1);
+    assert_eq!(
+        env.broker.group("GID_probe").unwrap().model,
+        crate::broker::ConsumeModel::Broadcasting
+    );
+    for _ in 0..5 {
+        env.send("Trade", "commit", &[]).await;
+    }
+    env.until("5 commits", |e| e.counter("probe", "commits") == 5)
+        .await;
+    env.host.shutdown().await;
+}

@@ -170,16 +170,18 @@ impl Workers {
             live: live.clone(),
         };
         for id in ids {
-            let (spec, stop, live) = (spec.clone(), stop.clone(), live.clone());
+            let (spec, stop, running) = (spec.clone(), stop.clone(), live.clone());
             let name = format!("wharf-plugin-{}", spec.config.plugin);
+            // Counted from spawn, so a status right after a deploy shows the instances.
+            live.fetch_add(1, Ordering::SeqCst);
             let spawned = std::thread::Builder::new().name(name).spawn(move || {
-                live.fetch_add(1, Ordering::SeqCst);
                 run(&spec, &id, &stop);
-                live.fetch_sub(1, Ordering::SeqCst);
+                running.fetch_sub(1, Ordering::SeqCst);
             });
             match spawned {
                 Ok(h) => workers.handles.push(h),
                 Err(e) => {
+                    live.fetch_sub(1, Ordering::SeqCst);
                     workers.stop().await;
                     return Err(crate::error::WharfError::internal(format!(
                         "cannot start a plugin worker thread: {e}"

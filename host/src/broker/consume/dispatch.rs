@@ -50,6 +50,35 @@ pub fn progress_mut<'a>(
     }
 }
 
+/// Flow-control credit of one receive call.
+#[derive(Debug)]
+struct Budget {
+    /// Messages it may still hand out.
+    count: usize,
+    /// Body bytes it may still hand out.
+    bytes: usize,
+    /// The instance holds nothing: the first message may exceed the byte credit.
+    oversize_ok: bool,
+}
+
+impl Budget {
+    /// Takes credit for one message of `weight` bytes, if there is enough.
+    fn admit(&mut self, weight: usize) -> bool {
+        if self.count == 0 || (weight > self.bytes && !self.oversize_ok) {
+            return false;
+        }
+        self.count -= 1;
+        self.bytes = self.bytes.saturating_sub(weight);
+        self.oversize_ok = false;
+        true
+    }
+
+    /// Nothing more can be handed out.
+    fn is_spent(&self) -> bool {
+        self.count == 0 || (self.bytes == 0 && !self.oversize_ok)
+    }
+}
+
 /// What one read of a queue needs, taken under the lock.
 struct ReadJob {
     from: u64,
@@ -129,7 +158,12 @@ impl Broker {
                 );
                 return Ok(out);
             }
-            let mut budget = max.min(cap - inst.in_flight);
+            let mut budget = Budget {
+                count: max.min(cap - inst.in_flight),
+                bytes: self.config.max_in_flight_bytes - inst.in_flight_bytes,
+                // One message larger than the whole byte cap must still get through, alone.
+                oversize_ok: inst.in_flight == 0,
+            };
             let n = inst.assigned.len();
             let start = if n == 0 { 0 } else { inst.cursor % n };
             inst.cursor = inst.cursor.wrapping_add(1);
@@ -139,7 +173,7 @@ impl Broker {
                 .cloned()
                 .collect();
             for key in &plan {
-                if budget == 0 {
+                if budget.is_spent() {
                     break;
                 }
                 self.take_ready(
@@ -155,7 +189,7 @@ impl Broker {
             (plan, budget)
         };
         for key in plan {
-            if budget == 0 {
+            if budget.is_spent() {
                 break;
             }
             self.read_queue_into(
@@ -181,7 +215,7 @@ impl Broker {
         instance: &str,
         key: &QueueKey,
         deadline_ms: u64,
-        budget: &mut usize,
+        budget: &mut Budget,
         out: &mut Vec<Delivered>,
     ) {
         let seq = &self.engine.deliveries_seq;
@@ -190,10 +224,10 @@ impl Broker {
             && q.owner.as_deref() == Some(instance)
         {
             for (offset, entry) in q.pending.iter_mut() {
-                if *budget == 0 {
-                    break;
-                }
                 if let Entry::Ready { message } = entry {
+                    if !budget.admit(weight(message)) {
+                        break;
+                    }
                     let delivery = seq.fetch_add(1, Ordering::Relaxed);
                     let receipt = Receipt {
                         group: g.name.clone(),
@@ -216,7 +250,6 @@ impl Broker {
                         deadline_ms,
                         message: message.clone(),
                     };
-                    *budget -= 1;
                 }
             }
         }
@@ -300,7 +333,7 @@ impl Broker {
         instance: &str,
         key: &QueueKey,
         deadline_ms: u64,
-        budget: &mut usize,
+        budget: &mut Budget,
         out: &mut Vec<Delivered>,
     ) -> Result<()> {
         let mut initialised = false;
@@ -348,7 +381,7 @@ impl Broker {
         };
         let read = self
             .store
-            .read_queue(&key.0, key.1, job.from, *budget, job.filter.hashes())
+            .read_queue(&key.0, key.1, job.from, budget.count, job.filter.hashes())
             .await;
         guard.armed = false;
         let mut st = handle.state.lock();
@@ -363,12 +396,17 @@ impl Broker {
             return Ok(());
         }
         let mut taken = (0usize, 0usize);
+        let mut stopped_at = None;
         for m in read.messages {
             let Some(offset) = m.queue_offset else {
                 continue;
             };
             if !job.filter.matches(m.tag.as_deref()) {
                 continue;
+            }
+            if !budget.admit(weight(&m)) {
+                stopped_at = Some(offset);
+                break;
             }
             let delivery = seq.fetch_add(1, Ordering::Relaxed);
             let receipt = Receipt {
@@ -397,8 +435,11 @@ impl Broker {
             );
         }
         // Retention may have removed what we had not read yet: continue from the oldest kept.
-        q.next_read = read.next_offset.max(job.from).max(read.bounds.min);
-        *budget = budget.saturating_sub(taken.0);
+        q.next_read = match stopped_at {
+            // Out of credit: the rest is read again next time.
+            Some(offset) => offset,
+            None => read.next_offset.max(job.from).max(read.bounds.min),
+        };
         if taken.0 > 0 {
             if let Some(inst) = st.instances.get_mut(instance) {
                 inst.in_flight += taken.0;

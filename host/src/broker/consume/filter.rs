@@ -127,4 +127,31 @@ mod tests {
         assert!(TagFilter::All.matches(None));
         assert!(TagFilter::All.matches(Some("x")));
     }
+
+    proptest::proptest! {
+        #[test]
+        fn any_input_parses_or_fails_with_code_23(input in "\\PC{0,40}") {
+            match TagFilter::parse(&input) {
+                Ok(f) => {
+                    // Canonical forms parse back to the same filter (up to tag order).
+                    let again = TagFilter::parse(&f.canonical()).unwrap();
+                    proptest::prop_assert_eq!(again.canonical(), f.canonical());
+                }
+                Err(e) => proptest::prop_assert_eq!(e.code, ErrorCode::SubscriptionParseFailed),
+            }
+        }
+
+        #[test]
+        fn joined_tags_match_exactly_their_members(
+            tags in proptest::collection::vec("[A-Za-z0-9_]{1,8}", 1..6),
+            probe in "[A-Za-z0-9_]{1,8}",
+        ) {
+            let f = TagFilter::parse(&tags.join("||")).unwrap();
+            for t in &tags {
+                proptest::prop_assert!(f.matches(Some(t)));
+            }
+            proptest::prop_assert_eq!(f.matches(Some(&probe)), tags.contains(&probe));
+            proptest::prop_assert!(!f.matches(None));
+        }
+    }
 }

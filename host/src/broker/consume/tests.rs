@@ -628,6 +628,36 @@ async fn flow_control_caps_unsettled_messages() {
 }
 
 #[tokio::test]
+async fn flow_control_caps_unsettled_bytes() {
+    let e = env_with(BrokerConfig {
+        max_in_flight_bytes: 10,
+        consumer_heartbeat_timeout_ms: 1 << 60,
+        ..BrokerConfig::default()
+    })
+    .await;
+    e.topic("Trade", 1).await;
+    e.group("GID_fb", ConsumeModel::Clustering, None).await;
+    e.join("GID_fb", "a", &[("Trade", "*")]).await;
+    for i in 0..4 {
+        e.send("Trade", None, &format!("body-{i}")).await; // 6 bytes each
+    }
+    let first = e.recv("GID_fb", "a", 10).await;
+    assert_eq!(
+        first.len(),
+        1,
+        "a second 6-byte message would pass the 10-byte cap"
+    );
+    assert!(
+        e.recv("GID_fb", "a", 10).await.is_empty(),
+        "over the byte cap"
+    );
+    e.ack("GID_fb", &first[0]).await;
+    let second = e.recv("GID_fb", "a", 10).await;
+    assert_eq!(second.len(), 1, "credit back after settling");
+    assert_ne!(second[0].message.body, first[0].message.body);
+}
+
+#[tokio::test]
 async fn inconsistent_subscriptions_are_reported() {
     let e = env().await;
     e.topic("Trade", 2).await;

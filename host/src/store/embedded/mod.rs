@@ -10,9 +10,22 @@
 //!
 //! One writer thread owns appends (group commit), reveals, checkpoints and retention; reads go
 //! straight to the files with positional reads from the calling task.
+//!
+//! Durability: in `flush = "sync"` mode a round of requests is written with one write call per
+//! segment and made durable with one fdatasync before any of them is answered. Derived indexes
+//! are written to the page cache in the same round and fsynced only at the checkpoint (≤ 1 s);
+//! after a crash they are trimmed to the checkpoint and rebuilt from the log. Segments are
+//! zero-filled ahead of use by a background thread (`WHARF_STORE_PREALLOCATE=0` turns this
+//! off), so the per-round fdatasync writes data only, not file-size metadata.
+//!
+//! Time queries (`by_time`, `offset_for_time`) order entries by the time they became visible
+//! (store time; for a timer message, the time it was revealed), and `by_time` returns only
+//! messages whose store time lies in the range — so a timer message stored in the range but
+//! revealed after its end is not listed.
 
 mod cq;
 mod files;
+mod flusher;
 mod keyindex;
 mod log;
 mod record;
@@ -131,6 +144,8 @@ pub(crate) struct Shared {
     writable: AtomicBool,
     closed: AtomicBool,
     lock: Mutex<Option<File>>,
+    /// The segment being appended to (for the flusher's periodic async fsync).
+    active: Mutex<Option<Arc<log::Segment>>>,
     #[cfg(test)]
     fail_writes: std::sync::atomic::AtomicU32,
 }
@@ -331,6 +346,7 @@ impl EmbeddedStore {
             writable: AtomicBool::new(true),
             closed: AtomicBool::new(false),
             lock: Mutex::new(Some(lock)),
+            active: Mutex::new(None),
             #[cfg(test)]
             fail_writes: std::sync::atomic::AtomicU32::new(0),
         });

@@ -55,7 +55,7 @@ pub fn tier_for(deliver_ms: u64, stored_ms: u64) -> u8 {
 }
 
 /// Bucket key: (start ms, tier).
-type BucketId = (u64, u8);
+pub type BucketId = (u64, u8);
 
 #[derive(Debug, Default, Clone, Copy)]
 struct Bucket {
@@ -313,6 +313,28 @@ impl TimerIndex {
         for t in timers {
             self.heap.push(Reverse(*t));
         }
+    }
+
+    /// Hands over the work of a checkpoint: files to fsync, and finished buckets to delete once
+    /// the checkpoint is durable (via [`TimerIndex::finish_deletes`]).
+    pub fn take_sync_work(&mut self) -> io::Result<(Vec<PathBuf>, Vec<BucketId>)> {
+        self.flush_buffers()?;
+        let mut files = Vec::new();
+        for id in self.dirty.drain() {
+            files.push(self.dir.join(format!("{:015}.{}.tmr", id.0, id.1)));
+            files.push(self.dir.join(format!("{:015}.{}.done", id.0, id.1)));
+        }
+        Ok((files, std::mem::take(&mut self.deferred_deletes)))
+    }
+
+    /// Deletes the files of finished buckets that are still empty.
+    pub fn finish_deletes(&mut self, ids: Vec<BucketId>) -> io::Result<()> {
+        for id in ids {
+            if !self.buckets.contains_key(&id) {
+                self.delete_bucket_files(id)?;
+            }
+        }
+        Ok(())
     }
 
     /// fsyncs bucket files written since the last call, then deletes finished buckets (their

@@ -17,7 +17,8 @@ use tracing::{debug, error, info, warn};
 
 use super::Shared;
 use super::cq::{ConsumeQueue, CqEntry};
-use super::files::{Checkpoint, SegmentInfo, encode_offsets, write_atomic};
+use super::files::{Checkpoint, SegmentInfo};
+use super::flusher::{CheckpointJob, Flusher, flush_offsets};
 use super::log::{self, Segment};
 use super::record::{self, EncodedBatch, Header};
 use super::timers::{Timer, TimerIndex, tier_for};
@@ -70,9 +71,11 @@ pub struct Writer {
     last_fsync: Instant,
     last_checkpoint: Instant,
     checkpoint_pos: u64,
-    last_offsets_flush: Instant,
     index_broken: bool,
     spare: Option<std::thread::JoinHandle<io::Result<std::path::PathBuf>>>,
+    flusher: Option<Flusher>,
+    checkpoint_in_flight: bool,
+    force_checkpoint: bool,
     active_prealloc: bool,
     last_round_appends: usize,
     last_reply_at: Instant,
@@ -144,9 +147,11 @@ impl Writer {
             last_fsync: Instant::now(),
             last_checkpoint: Instant::now(),
             checkpoint_pos,
-            last_offsets_flush: Instant::now(),
             index_broken: false,
             spare: None,
+            flusher: None,
+            checkpoint_in_flight: false,
+            force_checkpoint: false,
             active_prealloc: false,
             last_round_appends: 0,
             last_reply_at: Instant::now(),
@@ -277,6 +282,13 @@ impl Writer {
     /// Serves requests until closed.
     pub fn run(mut self) {
         let _guard = ExitGuard(self.sh.clone());
+        match Flusher::start(self.sh.clone()) {
+            Ok(f) => self.flusher = Some(f),
+            Err(e) => {
+                error!(error = %e, "starting the store flusher failed; checkpoints run inline")
+            }
+        }
+        *self.sh.active.lock() = Some(self.active.clone());
         let tick = Duration::from_millis(20);
         loop {
             let reqs = {
@@ -312,6 +324,9 @@ impl Writer {
                         return;
                     }
                     Request::Halt { reply } => {
+                        if let Some(mut f) = self.flusher.take() {
+                            f.stop();
+                        }
                         self.sh.release_lock();
                         let _ = reply.send(());
                         return;
@@ -336,8 +351,12 @@ impl Writer {
                 self.round(data);
             }
         }
+        if let Some(mut f) = self.flusher.take() {
+            let done = f.stop();
+            self.absorb_checkpoint(done);
+        }
         self.maintenance(true);
-        self.flush_offsets()
+        flush_offsets(&self.sh)
             .map_err(|e| io_unavailable(&self.sh, "save consumer offsets", &e))?;
         if self.index_broken {
             return Err(WharfError::internal(
@@ -347,35 +366,82 @@ impl Writer {
         Ok(())
     }
 
-    /// Periodic work: async fsync, consumer offsets, index checkpoint, timer window.
+    /// Periodic work: index checkpoint (handed to the flusher), timer window. With `force`
+    /// (shutdown, flusher stopped) everything is made durable inline.
     fn maintenance(&mut self, force: bool) {
-        let cfg = &self.sh.config;
-        let interval = Duration::from_millis(cfg.flush_interval_ms.max(1));
-        let due = force || cfg.flush == FlushMode::Sync || self.last_fsync.elapsed() >= interval;
-        if self.unsynced
-            && due
-            && let Err(e) = self.fsync_active()
-        {
-            error!(error = %e, "store fsync failed");
-            self.sh.set_writable(false);
-        }
-        if force || self.last_offsets_flush.elapsed() >= self.sh.tuning.offsets_flush() {
-            if let Err(e) = self.flush_offsets() {
-                error!(error = %e, "saving consumer offsets failed");
-            }
-            self.last_offsets_flush = Instant::now();
+        if let Some(done) = self.flusher.as_ref().and_then(|f| f.take_done()) {
+            self.absorb_checkpoint(Some(done));
         }
         let end = self.active.base + self.written;
-        let ck_due = self.last_checkpoint.elapsed() >= self.sh.tuning.checkpoint_interval();
-        if (force || (ck_due && end != self.checkpoint_pos))
-            && let Err(e) = self.checkpoint()
-        {
-            error!(error = %e, "store index checkpoint failed");
+        if force {
+            if self.unsynced
+                && let Err(e) = self.fsync_active()
+            {
+                error!(error = %e, "store fsync failed");
+                self.sh.set_writable(false);
+            }
+            if let Err(e) = self.checkpoint() {
+                error!(error = %e, "store index checkpoint failed");
+            }
+        } else {
+            let due = self.force_checkpoint
+                || (self.last_checkpoint.elapsed() >= self.sh.tuning.checkpoint_interval()
+                    && end != self.checkpoint_pos);
+            if due && !self.checkpoint_in_flight && !self.index_broken {
+                self.start_checkpoint();
+            }
         }
         if let Err(e) = self.timers.ensure_loaded(self.sh.clock.now_ms()) {
             error!(error = %e, "loading timer bucket failed");
         }
         self.publish_timer_state();
+    }
+
+    fn start_checkpoint(&mut self) {
+        let Some(flusher) = self.flusher.as_ref() else {
+            if let Err(e) = self.checkpoint() {
+                error!(error = %e, "store index checkpoint failed");
+            }
+            return;
+        };
+        let (timer_files, deletes) = match self.timers.take_sync_work() {
+            Ok(w) => w,
+            Err(e) => {
+                error!(error = %e, "writing timer index failed; indexes will be rebuilt on restart");
+                self.index_broken = true;
+                return;
+            }
+        };
+        let existing: Vec<u64> = self.sh.log.segments().iter().map(|s| s.base).collect();
+        self.seg_info.retain(|b, _| existing.contains(b));
+        flusher.checkpoint(CheckpointJob {
+            pos: self.active.base + self.written,
+            segments: self.seg_info.clone(),
+            segment: self.active.clone(),
+            timer_files,
+            deletes,
+        });
+        self.checkpoint_in_flight = true;
+        self.force_checkpoint = false;
+        self.last_checkpoint = Instant::now();
+    }
+
+    fn absorb_checkpoint(&mut self, done: Option<super::flusher::Done>) {
+        let Some(done) = done else { return };
+        self.checkpoint_in_flight = false;
+        match done {
+            Ok((pos, deletes)) => {
+                self.checkpoint_pos = pos;
+                if let Err(e) = self.timers.finish_deletes(deletes) {
+                    warn!(error = %e, "deleting finished timer buckets failed");
+                }
+            }
+            Err(_) => {
+                // fsync errors may have dropped index pages: never claim coverage again in
+                // this process; the next start replays the log from the last good checkpoint.
+                self.index_broken = true;
+            }
+        }
     }
 
     fn publish_timer_state(&self) {
@@ -435,22 +501,6 @@ impl Writer {
         self.unsynced = false;
         self.last_fsync = Instant::now();
         Ok(())
-    }
-
-    fn flush_offsets(&self) -> io::Result<()> {
-        let bytes = {
-            let mut o = self.sh.offsets.lock();
-            if !o.1 {
-                return Ok(());
-            }
-            o.1 = false;
-            encode_offsets(&o.0)
-        };
-        let r = write_atomic(&self.sh.dir.join("offsets"), &bytes);
-        if r.is_err() {
-            self.sh.offsets.lock().1 = true;
-        }
-        r
     }
 
     /// Makes every index durable and records the log position they cover.
@@ -589,11 +639,18 @@ impl Writer {
         let upgrade = !self.active_prealloc
             && used > 0
             && self.spare.as_ref().is_some_and(|h| h.is_finished());
-        if full || upgrade {
+        let spare = if full || upgrade {
+            self.take_spare()
+        } else {
+            None
+        };
+        // A failed spare (e.g. disk full) is no reason to roll early.
+        if full || spare.is_some() {
             self.write_out()?;
             // A spare segment was zero-filled beyond the data: cut it to the data before sealing.
             if self.active.file.metadata()?.len() != self.written {
                 self.active.file.set_len(self.written)?;
+                self.active.file.sync_all()?;
             }
             if self.sh.config.flush == FlushMode::Sync {
                 self.fsync_active()?;
@@ -603,7 +660,7 @@ impl Writer {
                 self.unsynced = false;
             }
             let base = self.active.base + self.written;
-            let installed = match self.take_spare() {
+            let installed = match spare {
                 Some(spare) => match self.sh.log.install(base, &spare) {
                     Ok(seg) => Some(seg),
                     Err(e) => {
@@ -621,6 +678,7 @@ impl Writer {
             self.start_spare();
             self.seg_info.entry(base).or_default();
             self.touched.push((seg.clone(), 0, true));
+            *self.sh.active.lock() = Some(seg.clone());
             self.active = seg;
             self.written = 0;
         }
@@ -715,6 +773,7 @@ impl Writer {
                 seg.len.store(pre_len, Ordering::Release);
             }
         }
+        *self.sh.active.lock() = Some(pre_active.clone());
         self.active = pre_active;
         self.written = pre_written;
         // Truncation dropped any zero-filled space: the segment appends from here on.
@@ -971,9 +1030,8 @@ impl Writer {
                 .keys
                 .drop_before(log.start())
                 .map_err(|e| WharfError::internal(format!("deleting key index files: {e}")))?;
-            self.checkpoint().map_err(|e| {
-                WharfError::internal(format!("store checkpoint after retention: {e}"))
-            })?;
+            // The next checkpoint records the smaller segment set.
+            self.force_checkpoint = true;
             info!(
                 segments = report.segments_deleted,
                 bytes = report.bytes_freed,
