@@ -450,6 +450,40 @@ impl Broker {
         Ok(())
     }
 
+    /// Registers the instance, or adds (replaces) one topic's subscription while keeping its
+    /// other topics: for front ends whose requests name one topic at a time (HTTP pull), so
+    /// alternating topics does not rebalance and expire receipts on every request.
+    pub async fn subscribe_one(
+        &self,
+        group: &str,
+        instance_id: &str,
+        address: &str,
+        pid: Option<u32>,
+        subscription: Subscription,
+    ) -> Result<()> {
+        let mut subscriptions: Vec<Subscription> = self
+            .engine
+            .existing(group)
+            .and_then(|h| {
+                h.state
+                    .lock()
+                    .instances
+                    .get(instance_id)
+                    .map(|i| i.subscriptions.clone())
+            })
+            .unwrap_or_default();
+        subscriptions.retain(|s| s.topic != subscription.topic);
+        subscriptions.push(subscription);
+        self.register_consumer(InstanceSpec {
+            group: group.to_string(),
+            instance_id: instance_id.to_string(),
+            address: address.to_string(),
+            pid,
+            subscriptions,
+        })
+        .await
+    }
+
     /// Marks an instance alive without changing its subscriptions.
     pub fn heartbeat(&self, group: &str, instance_id: &str) {
         if let Some(h) = self.engine.existing(group)

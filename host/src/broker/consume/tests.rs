@@ -852,3 +852,32 @@ async fn crash_mid_flight_loses_nothing() {
     }
     assert!(retried, "m1's retry survived the crash");
 }
+
+#[tokio::test]
+async fn subscribe_one_keeps_other_topics_and_receipts() {
+    let e = env().await;
+    e.topic("TopicA", 1).await;
+    e.topic("TopicB", 1).await;
+    e.group("GID_one", ConsumeModel::Clustering, None).await;
+    let sub = |t: &str| Subscription {
+        topic: t.into(),
+        expression: "*".into(),
+    };
+    e.broker
+        .subscribe_one("GID_one", "http@1", "1.2.3.4", None, sub("TopicA"))
+        .await
+        .unwrap();
+    e.send("TopicA", None, "a").await;
+    let a = e.recv_n("GID_one", "http@1", 1).await;
+    e.broker
+        .subscribe_one("GID_one", "http@1", "1.2.3.4", None, sub("TopicB"))
+        .await
+        .unwrap();
+    e.send("TopicB", None, "b").await;
+    let b = e.recv_n("GID_one", "http@1", 1).await;
+    assert_eq!(bodies(&b), BTreeSet::from(["b".to_string()]));
+    // The receipt from TopicA is still good: adding TopicB did not move TopicA's queue.
+    e.ack("GID_one", &a[0]).await;
+    let st = e.broker.group_status("GID_one").await.unwrap();
+    assert_eq!(st.instances[0].subscriptions.len(), 2);
+}
