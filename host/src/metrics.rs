@@ -109,24 +109,21 @@ pub struct TopicSendCounters {
 #[derive(Debug, Default)]
 pub struct SendCounters {
     topics:
-        parking_lot::RwLock<std::collections::BTreeMap<String, std::sync::Arc<TopicSendCounters>>>,
+        parking_lot::RwLock<std::collections::BTreeMap<String, TopicSendCounters>>,
 }
 
 impl SendCounters {
     /// Counts `messages` stored messages of `bytes` body bytes in all for `topic`.
     pub fn record(&self, topic: &str, messages: u64, bytes: u64) {
-        let existing = self.topics.read().get(topic).cloned();
-        let c = match existing {
-            Some(c) => c,
-            None => self
-                .topics
-                .write()
-                .entry(topic.to_string())
-                .or_default()
-                .clone(),
+        let add = |c: &TopicSendCounters| {
+            c.messages.fetch_add(messages, Ordering::Relaxed);
+            c.bytes.fetch_add(bytes, Ordering::Relaxed);
         };
-        c.messages.fetch_add(messages, Ordering::Relaxed);
-        c.bytes.fetch_add(bytes, Ordering::Relaxed);
+        if let Some(c) = self.topics.read().get(topic) {
+            add(c);
+            return;
+        }
+        add(self.topics.write().entry(topic.to_string()).or_default());
     }
 
     /// `(messages, bytes)` sent to `topic` so far.
@@ -141,32 +138,31 @@ impl SendCounters {
 
     /// Appends the counters in Prometheus text format.
     pub fn render(&self, out: &mut String) {
+        type Field = fn(&TopicSendCounters) -> &AtomicU64;
+        let families: [(&str, &str, Field); 2] = [
+            (
+                "wharf_sent_messages_total",
+                "Messages stored by sends, per topic.",
+                |c| &c.messages,
+            ),
+            (
+                "wharf_sent_bytes_total",
+                "Body bytes stored by sends, per topic.",
+                |c| &c.bytes,
+            ),
+        ];
         let topics = self.topics.read();
-        let _ = writeln!(
-            out,
-            "# HELP wharf_sent_messages_total Messages stored by sends, per topic."
-        );
-        let _ = writeln!(out, "# TYPE wharf_sent_messages_total counter");
-        for (t, c) in topics.iter() {
-            let _ = writeln!(
-                out,
-                "wharf_sent_messages_total{{topic=\"{}\"}} {}",
-                escape_label(t),
-                c.messages.load(Ordering::Relaxed)
-            );
-        }
-        let _ = writeln!(
-            out,
-            "# HELP wharf_sent_bytes_total Body bytes stored by sends, per topic."
-        );
-        let _ = writeln!(out, "# TYPE wharf_sent_bytes_total counter");
-        for (t, c) in topics.iter() {
-            let _ = writeln!(
-                out,
-                "wharf_sent_bytes_total{{topic=\"{}\"}} {}",
-                escape_label(t),
-                c.bytes.load(Ordering::Relaxed)
-            );
+        for (metric, help, field) in families {
+            let _ = writeln!(out, "# HELP {metric} {help}");
+            let _ = writeln!(out, "# TYPE {metric} counter");
+            for (t, c) in topics.iter() {
+                let _ = writeln!(
+                    out,
+                    "{metric}{{topic=\"{}\"}} {}",
+                    escape_label(t),
+                    field(c).load(Ordering::Relaxed)
+                );
+            }
         }
     }
 }

@@ -154,8 +154,10 @@ fn kill9_under_load_loses_no_acknowledged_message() {
             (acked.lock().unwrap().len() >= 50).then_some(())
         });
         // Kill at a random moment of the load, not at a quiet point.
-        thread::sleep(Duration::from_millis(rng.random_range(0..800)));
+        let delay_ms = rng.random_range(0..800);
+        thread::sleep(Duration::from_millis(delay_ms));
         s.kill9();
+        eprintln!("round {round}: killed {delay_ms} ms after the 50th acknowledgement");
         stop.store(true, Ordering::Relaxed);
         for h in senders {
             h.join().expect("sender thread");

@@ -713,6 +713,7 @@ fn signed_requests_and_permissions() {
     // A body changed after signing fails the check (Content-MD5 no longer matches the signature).
     let tampered = tamper_send(&s, "AK_PUB", "pub-secret");
     assert_eq!(tampered, 401);
+    assert_eq!(tamper_body(&s, "AK_PUB", "pub-secret"), 401);
     // Nothing the publisher was refused got stored.
     // The CLI signs too.
     let out = s.wharf(&["topic", "list", "--json"]);
@@ -760,6 +761,29 @@ fn signed_requests_and_permissions() {
         "messages",
     );
     assert_eq!(ledger.len(), 1);
+}
+
+/// Signs a send with the Content-MD5 of one body and sends another; returns the status.
+fn tamper_body(s: &Server, ak: &str, sk: &str) -> u16 {
+    use md5::{Digest, Md5};
+    let signed_body = br#"{"body":"small"}"#;
+    let sent_body = br#"{"body":"SMALL"}"#;
+    let md5 = base64::engine::general_purpose::STANDARD.encode(Md5::digest(signed_body));
+    let date = httpdate::fmt_http_date(SystemTime::now());
+    let path = "/v1/topics/Trade/messages";
+    let sts = crate::harness::string_to_sign("POST", &md5, "application/json", &date, path);
+    let sig = crate::harness::sign(sk, &sts);
+    reqwest::blocking::Client::new()
+        .post(s.url(path))
+        .header("Content-Type", "application/json")
+        .header("Content-MD5", md5)
+        .header("Date", date)
+        .header("Authorization", format!("WHARF {ak}:{sig}"))
+        .body(sent_body.to_vec())
+        .send()
+        .unwrap()
+        .status()
+        .as_u16()
 }
 
 /// Signs a send for one path and sends it to another; returns the status.
@@ -1048,4 +1072,64 @@ fn oversized_requests_and_unknown_routes_get_json_errors() {
     // Nothing was stored by the refused send.
     let all = range_all(s.api(), "Big", 0, now_ms() + 60_000, 100);
     assert!(all.is_empty());
+}
+
+#[test]
+fn cli_sends_binary_stdin() {
+    let s = Server::start_default();
+    create_topic(s.api(), "Blobs", 1);
+    let bytes: Vec<u8> = (0..=255u8).rev().chain([0xff, 0x00, 0xc0]).collect();
+    let out = s
+        .wharf_with_stdin(&["send", "Blobs", "--key", "blob", "--json", "-"], &bytes)
+        .ok();
+    let m = get_message(s.api(), &id_of(&out.json()));
+    assert_eq!(
+        m["body_base64"],
+        base64::engine::general_purpose::STANDARD.encode(&bytes),
+        "{m}"
+    );
+    let out = s
+        .wharf_with_stdin(
+            &["send", "Blobs", "--json", "-"],
+            "text from stdin".as_bytes(),
+        )
+        .ok();
+    assert_eq!(
+        get_message(s.api(), &id_of(&out.json()))["body"],
+        "text from stdin"
+    );
+}
+
+#[test]
+fn bad_config_is_refused_with_file_line_and_column() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("wharf.toml");
+    std::fs::write(
+        &cfg,
+        "[http]\nlisten = \"127.0.0.1:0\"\n\n[store]\n  segmnt_bytes = 5\n",
+    )
+    .unwrap();
+    let out = std::process::Command::new(crate::harness::wharf_bin())
+        .arg("serve")
+        .arg("--config")
+        .arg(&cfg)
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .args(["--mqtt", "", "--remoting", ""])
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    assert!(
+        !out.status.success(),
+        "a typo in the config must stop the host"
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("wharf.toml:5:3") && err.contains("segmnt_bytes"),
+        "names file, line, column and key: {err}"
+    );
+    assert!(
+        !dir.path().join("data").join("log").exists(),
+        "nothing is written before the config is valid"
+    );
 }

@@ -424,16 +424,34 @@ impl Server {
 
     /// Runs the `wharf` CLI against this server (via `WHARF_SERVER`).
     pub fn wharf(&self, args: &[&str]) -> CliOutput {
-        let out = Command::new(&self.bin)
+        self.wharf_with_stdin(args, &[])
+    }
+
+    /// Runs the `wharf` CLI with `input` on its standard input (e.g. `wharf send T -`).
+    pub fn wharf_with_stdin(&self, args: &[&str], input: &[u8]) -> CliOutput {
+        let mut child = Command::new(&self.bin)
             .args(args)
             .env("WHARF_SERVER", &self.api.base)
             .env_remove("WHARF_ACCESS_KEY")
             .env_remove("WHARF_SECRET_KEY")
             .env("NO_COLOR", "1")
             .current_dir(self.work.path())
-            .stdin(Stdio::null())
-            .output()
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
             .unwrap_or_else(|e| panic!("run wharf {args:?}: {e}"));
+        let mut stdin = child.stdin.take().expect("stdin");
+        let input = input.to_vec();
+        // Written from a thread so a CLI that does not read stdin cannot block us.
+        let writer = thread::spawn(move || {
+            use std::io::Write as _;
+            let _ = stdin.write_all(&input);
+        });
+        let out = child
+            .wait_with_output()
+            .unwrap_or_else(|e| panic!("run wharf {args:?}: {e}"));
+        let _ = writer.join();
         CliOutput {
             code: out.status.code().unwrap_or(-1),
             stdout: String::from_utf8_lossy(&out.stdout).into_owned(),

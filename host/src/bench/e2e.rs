@@ -13,16 +13,17 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, bail};
+use anyhow::bail;
 use bytes::Bytes;
 
 use super::send::LatencySummary;
+use super::util::{ScratchDir, open_broker, parse_flush, rss_bytes};
 use crate::broker::consume::{InstanceSpec, Outcome, Subscription};
 use crate::broker::{
-    Broker, BrokerConfig, ConsumeModel, GroupKind, GroupSpec, OutgoingMessage, TopicSpec, TopicType,
+    Broker, ConsumeModel, GroupKind, GroupSpec, OutgoingMessage, TopicSpec, TopicType,
 };
-use crate::clock::{Clock, SharedClock, SystemClock};
-use crate::store::{FlushMode, Store, StoreConfig, open_store};
+use crate::clock::Clock;
+use crate::store::FlushMode;
 
 /// Options of `wharf bench e2e`.
 #[derive(Debug, clap::Args)]
@@ -78,25 +79,6 @@ pub struct E2eArgs {
     pub data_dir: Option<PathBuf>,
 }
 
-fn parse_flush(s: &str) -> Result<FlushMode, String> {
-    match s {
-        "sync" => Ok(FlushMode::Sync),
-        "async" => Ok(FlushMode::Async),
-        _ => Err(format!("'{s}' is not a flush mode; use sync or async")),
-    }
-}
-
-/// Deletes the bench's own scratch directory however the run ends.
-struct Scratch(Option<PathBuf>);
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        if let Some(d) = self.0.take() {
-            let _ = std::fs::remove_dir_all(d);
-        }
-    }
-}
-
 const TOPIC: &str = "BenchE2e";
 const GROUP: &str = "GID_bench_e2e";
 
@@ -105,26 +87,9 @@ pub async fn run(args: E2eArgs) -> anyhow::Result<()> {
     if args.size < 8 || args.instances == 0 || args.producers == 0 || args.batch == 0 {
         bail!("--size must be at least 8; --instances, --producers and --batch at least 1");
     }
-    let (dir, _scratch) = match &args.data_dir {
-        Some(d) => (d.clone(), Scratch(None)),
-        None => {
-            let d =
-                std::env::current_dir()?.join(format!("wharf-bench-e2e-{}", std::process::id()));
-            (d.clone(), Scratch(Some(d)))
-        }
-    };
-    let store_config = StoreConfig {
-        data_dir: dir.clone(),
-        flush: args.flush,
-        ..StoreConfig::default()
-    };
-    let clock: SharedClock = Arc::new(SystemClock::default());
-    let store: Arc<dyn Store> = open_store(&store_config, clock.clone())
-        .await
-        .with_context(|| format!("open the store in {}", dir.display()))?;
-    let broker = Broker::open(BrokerConfig::default(), store, clock.clone())
-        .await
-        .context("open the broker")?;
+    let scratch = ScratchDir::new(args.data_dir.as_deref(), "wharf-bench-e2e")?;
+    let dir = scratch.path();
+    let (broker, _store, clock) = open_broker(dir, args.flush).await?;
     broker
         .create_topic(TopicSpec {
             name: TOPIC.into(),
@@ -370,14 +335,6 @@ async fn latency(broker: &Arc<Broker>, args: &E2eArgs, epoch: Instant) -> anyhow
         );
     }
     Ok(())
-}
-
-/// Resident set size of this process in bytes (Linux `/proc/self/status` VmRSS).
-fn rss_bytes() -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
-    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb * 1024)
 }
 
 async fn timers(broker: &Arc<Broker>, args: &E2eArgs, clock: &dyn Clock) -> anyhow::Result<()> {

@@ -4,6 +4,7 @@ pub mod e2e;
 pub mod http;
 pub mod plugin;
 pub mod send;
+pub mod util;
 
 /// Which benchmark to run.
 #[derive(Debug, clap::Subcommand)]

@@ -18,12 +18,12 @@ use anyhow::{Context, bail};
 use bytes::Bytes;
 
 use crate::broker::consume::{Outcome, Subscription};
-use crate::broker::{Broker, BrokerConfig, GroupKind, GroupSpec, OutgoingMessage, TopicSpec};
-use crate::clock::{SharedClock, SystemClock};
+use super::util::{ScratchDir, open_broker, rss_bytes};
+use crate::broker::{Broker, GroupKind, GroupSpec, OutgoingMessage, TopicSpec};
 use crate::model::{MessageId, StoredMessage};
 use crate::plugin::runtime::{BrokerApi, Instance, InstanceConfig, Runtime};
 use crate::plugin::worker::{Handler, NativeFn, PluginStats, WorkerSpec, Workers};
-use crate::store::{FlushMode, StoreConfig, open_store};
+use crate::store::FlushMode;
 
 /// Options of `wharf bench plugin`.
 #[derive(Debug, clap::Args)]
@@ -57,23 +57,6 @@ pub struct PluginArgs {
     /// Data directory; default a fresh `./wharf-bench-plugin-<pid>`, deleted afterwards.
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
-}
-
-struct TempDir(PathBuf, bool);
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        if self.1 {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
-}
-
-fn rss_bytes() -> u64 {
-    std::fs::read_to_string("/proc/self/statm")
-        .ok()
-        .and_then(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
-        .map_or(0, |pages| pages * 4096)
 }
 
 fn message(size: usize, tag: &str) -> StoredMessage {
@@ -155,14 +138,8 @@ pub async fn run(args: PluginArgs) -> anyhow::Result<()> {
             args.component.display()
         )
     })?;
-    let (dir, owned) = match &args.data_dir {
-        Some(d) => (d.clone(), false),
-        None => (
-            PathBuf::from(format!("./wharf-bench-plugin-{}", std::process::id())),
-            true,
-        ),
-    };
-    let _cleanup = TempDir(dir.clone(), owned);
+    let scratch = ScratchDir::new(args.data_dir.as_deref(), "wharf-bench-plugin")?;
+    let dir = scratch.path();
     let cache = dir.join("plugin-cache");
     let _ = std::fs::remove_dir_all(&cache);
     println!(
@@ -195,14 +172,7 @@ pub async fn run(args: PluginArgs) -> anyhow::Result<()> {
         warm.took.as_secs_f64() * 1e3
     );
 
-    let clock: SharedClock = Arc::new(SystemClock::default());
-    let store_config = StoreConfig {
-        data_dir: dir.join("store"),
-        flush: FlushMode::Async,
-        ..StoreConfig::default()
-    };
-    let store = open_store(&store_config, clock.clone()).await?;
-    let broker = Broker::open(BrokerConfig::default(), store, clock).await?;
+    let (broker, _store, _clock) = open_broker(&dir.join("store"), FlushMode::Async).await?;
     let api = Arc::new(BrokerApi {
         broker: broker.clone(),
         handle: tokio::runtime::Handle::current(),
@@ -241,7 +211,7 @@ pub async fn run(args: PluginArgs) -> anyhow::Result<()> {
         }
     }
     let wasm_call = started.elapsed().as_secs_f64() * 1e6 / args.calls as f64;
-    let batch: Vec<StoredMessage> = (0..args.batch.max(2)).map(|_| msg.clone()).collect();
+    let batch: Vec<&StoredMessage> = (0..args.batch.max(2)).map(|_| &msg).collect();
     let rounds = (args.calls / batch.len()).max(1);
     let started = Instant::now();
     for _ in 0..rounds {
@@ -316,14 +286,14 @@ pub async fn run(args: PluginArgs) -> anyhow::Result<()> {
     );
 
     // 4. Idle memory per live instance (each has handled one message).
-    let before = rss_bytes();
+    let before = rss_bytes().unwrap_or(0);
     let mut live = Vec::with_capacity(args.instances);
     for _ in 0..args.instances {
         let mut i = Instance::new(rt.engine(), &warm.pre, config("GID_bench"))?;
         let _ = i.consume(&msg);
         live.push(i);
     }
-    let after = rss_bytes();
+    let after = rss_bytes().unwrap_or(0);
     println!(
         "  idle memory: {:.0} KiB resident per instance ({} instances)",
         after.saturating_sub(before) as f64 / 1024.0 / args.instances as f64,

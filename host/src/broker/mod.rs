@@ -28,6 +28,10 @@ pub struct Broker {
     clock: SharedClock,
     config: BrokerConfig,
     registry: RwLock<resources::Registry>,
+    /// Serialises topic and group writes, so "exists?" and "store it" are one step: two
+    /// concurrent creates of one name must give one 201 and one 409, and a delete must not
+    /// race an update into resurrecting the resource.
+    registry_writes: tokio::sync::Mutex<()>,
     engine: consume::Engine,
 }
 
@@ -50,6 +54,7 @@ impl Broker {
             clock,
             config,
             registry: RwLock::new(registry),
+            registry_writes: tokio::sync::Mutex::new(()),
             engine,
         });
         consume::Engine::start(&broker);

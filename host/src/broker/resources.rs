@@ -158,7 +158,72 @@ fn to_json<T: Serialize>(v: &T) -> Result<Vec<u8>> {
     serde_json::to_vec(v).map_err(|e| WharfError::internal(format!("cannot encode metadata: {e}")))
 }
 
+/// Which registry map a resource lives in, and its store namespace.
+trait Resource: Clone + Serialize {
+    /// Store metadata namespace.
+    const NAMESPACE: &'static str;
+    /// Word used in messages ("topic", "group").
+    const WHAT: &'static str;
+    /// The resource's name.
+    fn name(&self) -> &str;
+    /// Its map in the registry.
+    fn map(reg: &mut Registry) -> &mut BTreeMap<String, Self>;
+    /// The error for a missing resource of this kind.
+    fn missing(name: &str) -> WharfError;
+}
+
+impl Resource for Topic {
+    const NAMESPACE: &'static str = TOPICS;
+    const WHAT: &'static str = "topic";
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn map(reg: &mut Registry) -> &mut BTreeMap<String, Self> {
+        &mut reg.topics
+    }
+    fn missing(name: &str) -> WharfError {
+        WharfError::topic_not_exist(name)
+    }
+}
+
+impl Resource for Group {
+    const NAMESPACE: &'static str = GROUPS;
+    const WHAT: &'static str = "group";
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn map(reg: &mut Registry) -> &mut BTreeMap<String, Self> {
+        &mut reg.groups
+    }
+    fn missing(name: &str) -> WharfError {
+        WharfError::group_not_exist(name)
+    }
+}
+
 impl Broker {
+    /// Writes `value` through to the store, then the registry. With `must_be_new` a resource of
+    /// that name is a 409, otherwise it must already exist. Writes are serialised so the
+    /// existence check and the write cannot interleave with another create, update or delete.
+    async fn put_resource<T: Resource>(&self, value: T, must_be_new: bool) -> Result<T> {
+        let _writes = self.registry_writes.lock().await;
+        let exists = T::map(&mut self.registry.write()).contains_key(value.name());
+        if must_be_new && exists {
+            return Err(WharfError::conflict(format!(
+                "{} '{}' already exists",
+                T::WHAT,
+                value.name()
+            )));
+        }
+        if !must_be_new && !exists {
+            return Err(T::missing(value.name()));
+        }
+        self.store
+            .meta_put(T::NAMESPACE, value.name(), to_json(&value)?)
+            .await?;
+        T::map(&mut self.registry.write()).insert(value.name().to_string(), value.clone());
+        Ok(value)
+    }
+
     /// Creates a topic; 409 if it exists.
     pub async fn create_topic(&self, spec: TopicSpec) -> Result<Topic> {
         validate_name("topic", &spec.name)?;
@@ -174,25 +239,13 @@ impl Broker {
                 "queues must be 1..={MAX_QUEUES}, got {queues}"
             )));
         }
-        if self.registry.read().topics.contains_key(&spec.name) {
-            return Err(WharfError::conflict(format!(
-                "topic '{}' already exists",
-                spec.name
-            )));
-        }
         let topic = Topic {
             name: spec.name,
             topic_type: spec.topic_type,
             queues,
             created_ms: self.clock.now_ms(),
         };
-        self.store
-            .meta_put(TOPICS, &topic.name, to_json(&topic)?)
-            .await?;
-        self.registry
-            .write()
-            .topics
-            .insert(topic.name.clone(), topic.clone());
+        let topic = self.put_resource(topic, true).await?;
         info!(topic = %topic.name, queues, "topic created");
         Ok(topic)
     }
@@ -214,6 +267,7 @@ impl Broker {
 
     /// Deletes a topic (its stored messages age out with retention).
     pub async fn delete_topic(&self, name: &str) -> Result<()> {
+        let _writes = self.registry_writes.lock().await;
         self.topic(name)?;
         self.store.meta_delete(TOPICS, name).await?;
         self.registry.write().topics.remove(name);
@@ -231,12 +285,6 @@ impl Broker {
             .max_reconsume_times
             .unwrap_or(DEFAULT_MAX_RECONSUME_TIMES);
         validate_group_settings(max_reconsume_times, spec.consume_timeout_ms)?;
-        if self.registry.read().groups.contains_key(&spec.name) {
-            return Err(WharfError::conflict(format!(
-                "group '{}' already exists",
-                spec.name
-            )));
-        }
         let group = Group {
             name: spec.name,
             kind: spec.kind,
@@ -247,13 +295,7 @@ impl Broker {
                 .unwrap_or(DEFAULT_CONSUME_TIMEOUT_MS),
             created_ms: self.clock.now_ms(),
         };
-        self.store
-            .meta_put(GROUPS, &group.name, to_json(&group)?)
-            .await?;
-        self.registry
-            .write()
-            .groups
-            .insert(group.name.clone(), group.clone());
+        let group = self.put_resource(group, true).await?;
         info!(group = %group.name, "group created");
         Ok(group)
     }
@@ -261,15 +303,7 @@ impl Broker {
     /// Replaces a group's settings (the latest setting wins for all instances).
     pub async fn update_group(&self, group: Group) -> Result<Group> {
         validate_group_settings(group.max_reconsume_times, Some(group.consume_timeout_ms))?;
-        self.group(&group.name)?;
-        self.store
-            .meta_put(GROUPS, &group.name, to_json(&group)?)
-            .await?;
-        self.registry
-            .write()
-            .groups
-            .insert(group.name.clone(), group.clone());
-        Ok(group)
+        self.put_resource(group, false).await
     }
 
     /// Every group, sorted by name.
@@ -287,11 +321,16 @@ impl Broker {
             .ok_or_else(|| WharfError::group_not_exist(name))
     }
 
-    /// Deletes a group and its offsets.
+    /// Deletes a group, its offsets and its remembered subscriptions, so a group created again
+    /// under the same name starts clean.
     pub async fn delete_group(&self, name: &str) -> Result<()> {
+        let _writes = self.registry_writes.lock().await;
         self.group(name)?;
         self.store.meta_delete(GROUPS, name).await?;
         self.store.delete_offsets(name).await?;
+        self.store
+            .meta_delete(super::consume::SUBSCRIPTIONS_NS, name)
+            .await?;
         self.registry.write().groups.remove(name);
         self.forget_group(name);
         info!(group = %name, "group deleted");

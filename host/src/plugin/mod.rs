@@ -16,7 +16,6 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -620,67 +619,28 @@ impl PluginHost {
         if slots.is_empty() {
             return;
         }
-        type Counter = fn(&PluginStats) -> u64;
-        let counters: [(&str, &str, Counter); 7] = [
-            (
-                "wharf_plugin_invocations_total",
-                "Messages handed to the plugin",
-                |s| s.invocations.load(Ordering::Relaxed),
-            ),
-            (
-                "wharf_plugin_commits_total",
-                "Messages the plugin committed",
-                |s| s.commits.load(Ordering::Relaxed),
-            ),
-            (
-                "wharf_plugin_retries_total",
-                "Messages answered reconsume-later or failed (retried)",
-                |s| s.retries.load(Ordering::Relaxed),
-            ),
-            ("wharf_plugin_traps_total", "Calls that trapped", |s| {
-                s.traps.load(Ordering::Relaxed)
-            }),
-            (
-                "wharf_plugin_timeouts_total",
-                "Calls stopped at consume_timeout_ms",
-                |s| s.timeouts.load(Ordering::Relaxed),
-            ),
-            (
-                "wharf_plugin_settle_errors_total",
-                "Settles the broker refused",
-                |s| s.settle_errors.load(Ordering::Relaxed),
-            ),
-            (
-                "wharf_plugin_instantiations_total",
-                "Instances created (first per worker and replacements)",
-                |s| s.instantiations.load(Ordering::Relaxed),
-            ),
-        ];
-        for (metric, help, get) in counters {
-            let _ = writeln!(out, "# HELP {metric} {help}");
-            let _ = writeln!(out, "# TYPE {metric} counter");
-            for (name, slot) in slots.iter() {
-                let _ = writeln!(out, "{metric}{{plugin=\"{name}\"}} {}", get(&slot.stats));
-            }
+        for (i, (counter, help, _)) in PluginStats::default().counters().into_iter().enumerate() {
+            let metric = format!("wharf_plugin_{counter}_total");
+            family(out, &slots, &metric, "counter", help, |s| {
+                s.stats.counters()[i].2
+            });
         }
-        let _ = writeln!(
+        family(
             out,
-            "# HELP wharf_plugin_instances Running instances (worker threads)"
+            &slots,
+            "wharf_plugin_instances",
+            "gauge",
+            "Running instances (worker threads)",
+            |s| s.workers.as_ref().map_or(0, |w| w.live() as u64),
         );
-        let _ = writeln!(out, "# TYPE wharf_plugin_instances gauge");
-        for (name, slot) in slots.iter() {
-            let live = slot.workers.as_ref().map_or(0, |w| w.live());
-            let _ = writeln!(out, "wharf_plugin_instances{{plugin=\"{name}\"}} {live}");
-        }
-        let _ = writeln!(out, "# HELP wharf_plugin_version Running version number");
-        let _ = writeln!(out, "# TYPE wharf_plugin_version gauge");
-        for (name, slot) in slots.iter() {
-            let _ = writeln!(
-                out,
-                "wharf_plugin_version{{plugin=\"{name}\"}} {}",
-                slot.record.current
-            );
-        }
+        family(
+            out,
+            &slots,
+            "wharf_plugin_version",
+            "gauge",
+            "Running version number",
+            |s| s.record.current,
+        );
         for (i, (name, slot)) in slots.iter().enumerate() {
             let mut one = String::new();
             slot.stats.duration_us.snapshot().render(
@@ -721,6 +681,22 @@ impl PluginHost {
     }
 }
 
+/// Writes one Prometheus metric family with a sample per plugin.
+fn family(
+    out: &mut String,
+    slots: &BTreeMap<String, Slot>,
+    metric: &str,
+    kind: &str,
+    help: &str,
+    value: impl Fn(&Slot) -> u64,
+) {
+    let _ = writeln!(out, "# HELP {metric} {help}");
+    let _ = writeln!(out, "# TYPE {metric} {kind}");
+    for (name, slot) in slots {
+        let _ = writeln!(out, "{metric}{{plugin=\"{name}\"}} {}", value(slot));
+    }
+}
+
 fn not_deployed(name: &str) -> WharfError {
     WharfError::not_found(format!(
         "plugin '{name}' is not deployed; see `wharf plugin list`, deploy with `wharf plugin deploy MANIFEST`"
@@ -742,15 +718,11 @@ fn summary(slot: &Slot) -> serde_json::Value {
         "manifest_version": slot.manifest.version,
         "group": slot.manifest.consumer.group,
         "instances": slot.workers.as_ref().map_or(0, |w| w.live()),
-        "counters": {
-            "invocations": s.invocations.load(Ordering::Relaxed),
-            "commits": s.commits.load(Ordering::Relaxed),
-            "retries": s.retries.load(Ordering::Relaxed),
-            "traps": s.traps.load(Ordering::Relaxed),
-            "timeouts": s.timeouts.load(Ordering::Relaxed),
-            "settle_errors": s.settle_errors.load(Ordering::Relaxed),
-            "instantiations": s.instantiations.load(Ordering::Relaxed),
-        },
+        "counters": s
+            .counters()
+            .iter()
+            .map(|(name, _, v)| (name.to_string(), serde_json::json!(v)))
+            .collect::<serde_json::Map<_, _>>(),
         "duration_us": {"p50": d.quantile(0.5), "p99": d.quantile(0.99), "count": d.count},
     })
 }

@@ -123,6 +123,19 @@ impl WasiView for HostState {
     }
 }
 
+/// The message being handled, for guest log lines: formatted only when a line is written, and
+/// empty outside a call (start-up code may log too).
+struct CurrentId(Option<MessageId>);
+
+impl std::fmt::Display for CurrentId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            Some(id) => id.fmt(f),
+            None => Ok(()),
+        }
+    }
+}
+
 fn host_error(e: WharfError) -> wit::HostError {
     wit::HostError {
         code: e.code.code() as u32,
@@ -196,7 +209,7 @@ impl wharf::plugin::host::Host for HostState {
     fn log(&mut self, level: wit::Level, message: String) {
         let c = &self.config;
         let (plugin, version) = (&c.plugin, c.version);
-        let id = self.current.map(|m| m.to_string()).unwrap_or_default();
+        let id = CurrentId(self.current);
         match level {
             wit::Level::Trace => {
                 tracing::trace!(target: "wharf::plugin::guest", plugin = %plugin, version, message_id = %id, "{message}")
@@ -478,12 +491,12 @@ impl Instance {
     /// Calls `consume-batch`; a wrong-length answer counts as reconsume-later for every message.
     pub fn consume_batch(
         &mut self,
-        messages: &[StoredMessage],
+        messages: &[&StoredMessage],
     ) -> std::result::Result<Vec<Outcome>, Failure> {
-        let Some(first) = messages.first() else {
+        let Some(&first) = messages.first() else {
             return Ok(Vec::new());
         };
-        let msgs: Vec<wit::Message> = messages.iter().map(to_wit).collect();
+        let msgs: Vec<wit::Message> = messages.iter().map(|m| to_wit(m)).collect();
         let ctx = self.context(first);
         self.store.data_mut().current = Some(first.id);
         self.store.set_epoch_deadline(self.deadline_ticks);

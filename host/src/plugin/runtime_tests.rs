@@ -234,7 +234,7 @@ fn batch_answers_one_action_per_message() {
         message("commit", &[]),
     ];
     assert_eq!(
-        i.consume_batch(&batch),
+        i.consume_batch(&batch.iter().collect::<Vec<_>>()),
         Ok(vec![
             Outcome::CommitMessage,
             Outcome::ReconsumeLater,

@@ -17,7 +17,7 @@ use crate::broker::Broker;
 use crate::broker::consume::{Delivered, InstanceSpec, Outcome, Subscription};
 use crate::error::{ErrorCode, Result};
 use crate::metrics::Histogram;
-use crate::model::StoredMessage;
+use crate::model::{MessageId, StoredMessage};
 
 /// How long one receive waits for messages; also how quickly a stop request is noticed.
 const RECEIVE_WAIT: Duration = Duration::from_millis(200);
@@ -43,6 +43,47 @@ pub struct PluginStats {
     pub instantiations: AtomicU64,
     /// Call duration in microseconds.
     pub duration_us: Histogram,
+}
+
+impl PluginStats {
+    /// Every counter as (name, help, value), in one fixed order: `/metrics` names them
+    /// `wharf_plugin_<name>_total` and plugin status shows them under `counters`.
+    pub fn counters(&self) -> [(&'static str, &'static str, u64); 7] {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        [
+            (
+                "invocations",
+                "Messages handed to the plugin",
+                get(&self.invocations),
+            ),
+            (
+                "commits",
+                "Messages the plugin committed",
+                get(&self.commits),
+            ),
+            (
+                "retries",
+                "Messages answered reconsume-later or failed (retried)",
+                get(&self.retries),
+            ),
+            ("traps", "Calls that trapped", get(&self.traps)),
+            (
+                "timeouts",
+                "Calls stopped at consume_timeout_ms",
+                get(&self.timeouts),
+            ),
+            (
+                "settle_errors",
+                "Settles the broker refused",
+                get(&self.settle_errors),
+            ),
+            (
+                "instantiations",
+                "Instances created (first per worker and replacements)",
+                get(&self.instantiations),
+            ),
+        ]
+    }
 }
 
 /// A native message handler (the benchmark's baseline through the same worker loop).
@@ -91,7 +132,7 @@ impl Live {
 
     fn consume_batch(
         &mut self,
-        ms: &[StoredMessage],
+        ms: &[&StoredMessage],
     ) -> std::result::Result<Vec<Outcome>, Failure> {
         match self {
             Live::Wasm(i) => i.consume_batch(ms),
@@ -350,7 +391,7 @@ fn handle_batch(spec: &WorkerSpec, mut inst: Live, batch: &[Delivered]) -> Optio
                     o
                 }
                 Err(f) => {
-                    note_failure(spec, &d.message.id.to_string(), &f);
+                    note_failure(spec, d.message.id, &f);
                     Outcome::ReconsumeLater
                 }
             };
@@ -359,11 +400,10 @@ fn handle_batch(spec: &WorkerSpec, mut inst: Live, batch: &[Delivered]) -> Optio
         }
         return keep;
     }
-    let messages: Vec<_> = batch.iter().map(|d| d.message.clone()).collect();
-    let first = messages
-        .first()
-        .map(|m| m.id.to_string())
-        .unwrap_or_default();
+    let messages: Vec<&StoredMessage> = batch.iter().map(|d| &d.message).collect();
+    let Some(first) = messages.first().map(|m| m.id) else {
+        return Some(inst);
+    };
     let span = debug_span!("plugin_call", plugin = %c.plugin, version = c.version, message_id = %first, batch = messages.len());
     let _enter = span.enter();
     let started = Instant::now();
@@ -377,7 +417,7 @@ fn handle_batch(spec: &WorkerSpec, mut inst: Live, batch: &[Delivered]) -> Optio
     let (outcomes, keep) = match result {
         Ok(o) => (o, Some(inst)),
         Err(f) => {
-            note_failure(spec, &first, &f);
+            note_failure(spec, first, &f);
             (vec![Outcome::ReconsumeLater; batch.len()], None)
         }
     };
@@ -395,7 +435,7 @@ fn count(stats: &PluginStats, outcome: Outcome) {
     };
 }
 
-fn note_failure(spec: &WorkerSpec, message_id: &str, f: &Failure) {
+fn note_failure(spec: &WorkerSpec, message_id: MessageId, f: &Failure) {
     let c = &spec.config;
     match f {
         Failure::Timeout => {

@@ -2,7 +2,7 @@
 
 use std::str::FromStr;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -14,7 +14,7 @@ use super::progress::{Entry, QueueKey, QueueState, weight};
 use super::receipt::Receipt;
 use super::{
     Delivered, GroupHandle, Outcome, PROP_ORIGIN_MESSAGE_ID, PROP_RETRY_TOPIC,
-    START_FROM_EARLIEST_MAX_AGE_MS, not_registered, retry_topic,
+    START_FROM_EARLIEST_MAX_AGE_MS, is_retry_topic_of, not_registered,
 };
 use crate::broker::{Broker, ConsumeModel, Group};
 use crate::error::{Result, WharfError};
@@ -228,38 +228,20 @@ impl Broker {
                     if !budget.admit(weight(message)) {
                         break;
                     }
-                    let delivery = seq.fetch_add(1, Ordering::Relaxed);
-                    let receipt = Receipt {
-                        group: g.name.clone(),
-                        instance: instance.to_string(),
-                        topic: key.0.clone(),
-                        queue_id: key.1,
-                        offset: *offset,
-                        epoch: q.epoch,
-                        delivery,
-                    };
-                    out.push(Delivered {
-                        message: present(message),
-                        receipt: receipt.encode(),
-                    });
                     taken.0 += 1;
                     taken.1 += weight(message);
-                    *entry = Entry::InFlight {
-                        instance: instance.to_string(),
-                        delivery,
+                    let to = Recipient {
+                        group: &g.name,
+                        instance,
+                        key,
+                        epoch: q.epoch,
                         deadline_ms,
-                        message: message.clone(),
                     };
+                    *entry = to.hand_out(seq, *offset, message.clone(), out);
                 }
             }
         }
-        if taken.0 > 0 {
-            if let Some(inst) = st.instances.get_mut(instance) {
-                inst.in_flight += taken.0;
-                inst.in_flight_bytes += taken.1;
-            }
-            st.next_deadline_ms = st.next_deadline_ms.min(deadline_ms);
-        }
+        charge(st, instance, taken, deadline_ms);
     }
 
     /// Where a queue without progress starts: its committed offset, else the start rule.
@@ -340,7 +322,7 @@ impl Broker {
         let job = loop {
             let needs_init = {
                 let mut st = handle.state.lock();
-                let filter = if key.0 == retry_topic(&g.name) {
+                let filter = if is_retry_topic_of(&key.0, &g.name) {
                     Some(TagFilter::All)
                 } else {
                     st.instances
@@ -408,31 +390,17 @@ impl Broker {
                 stopped_at = Some(offset);
                 break;
             }
-            let delivery = seq.fetch_add(1, Ordering::Relaxed);
-            let receipt = Receipt {
-                group: g.name.clone(),
-                instance: instance.to_string(),
-                topic: key.0.clone(),
-                queue_id: key.1,
-                offset,
-                epoch: q.epoch,
-                delivery,
-            };
-            out.push(Delivered {
-                message: present(&m),
-                receipt: receipt.encode(),
-            });
             taken.0 += 1;
             taken.1 += weight(&m);
-            q.pending.insert(
-                offset,
-                Entry::InFlight {
-                    instance: instance.to_string(),
-                    delivery,
-                    deadline_ms,
-                    message: Arc::new(m),
-                },
-            );
+            let to = Recipient {
+                group: &g.name,
+                instance,
+                key,
+                epoch: q.epoch,
+                deadline_ms,
+            };
+            let entry = to.hand_out(seq, offset, Arc::new(m), out);
+            q.pending.insert(offset, entry);
         }
         // Retention may have removed what we had not read yet: continue from the oldest kept.
         q.next_read = match stopped_at {
@@ -440,13 +408,7 @@ impl Broker {
             Some(offset) => offset,
             None => read.next_offset.max(job.from).max(read.bounds.min),
         };
-        if taken.0 > 0 {
-            if let Some(inst) = st.instances.get_mut(instance) {
-                inst.in_flight += taken.0;
-                inst.in_flight_bytes += taken.1;
-            }
-            st.next_deadline_ms = st.next_deadline_ms.min(deadline_ms);
-        }
+        charge(&mut st, instance, taken, deadline_ms);
         Ok(())
     }
 
@@ -584,6 +546,61 @@ impl Broker {
         handle.notify.notify_waiters();
         res
     }
+}
+
+/// Who a message is handed to, and on which queue and ownership epoch.
+struct Recipient<'a> {
+    group: &'a str,
+    instance: &'a str,
+    key: &'a QueueKey,
+    epoch: u64,
+    deadline_ms: u64,
+}
+
+impl Recipient<'_> {
+    /// Gives `message` (at `offset`) a fresh delivery number and receipt, pushes it to `out`,
+    /// and returns the in-flight entry that waits for its settle or consume timeout.
+    fn hand_out(
+        &self,
+        seq: &AtomicU64,
+        offset: u64,
+        message: Arc<StoredMessage>,
+        out: &mut Vec<Delivered>,
+    ) -> Entry {
+        let delivery = seq.fetch_add(1, Ordering::Relaxed);
+        let receipt = Receipt {
+            group: self.group.to_string(),
+            instance: self.instance.to_string(),
+            topic: self.key.0.clone(),
+            queue_id: self.key.1,
+            offset,
+            epoch: self.epoch,
+            delivery,
+        };
+        out.push(Delivered {
+            message: present(&message),
+            receipt: receipt.encode(),
+        });
+        Entry::InFlight {
+            instance: self.instance.to_string(),
+            delivery,
+            deadline_ms: self.deadline_ms,
+            message,
+        }
+    }
+}
+
+/// Counts `taken` (messages, body bytes) against the instance's flow-control credit and makes
+/// the consume-timeout pass look no later than `deadline_ms`.
+fn charge(st: &mut GroupState, instance: &str, taken: (usize, usize), deadline_ms: u64) {
+    if taken.0 == 0 {
+        return;
+    }
+    if let Some(inst) = st.instances.get_mut(instance) {
+        inst.in_flight += taken.0;
+        inst.in_flight_bytes += taken.1;
+    }
+    st.next_deadline_ms = st.next_deadline_ms.min(deadline_ms);
 }
 
 /// Ends the poll count even when the caller gives up on a receive (client disconnected).

@@ -136,11 +136,17 @@ pub const START_FROM_EARLIEST_MAX_AGE_MS: u64 = 3 * 24 * 3600 * 1000;
 /// Most messages one receive hands out.
 pub const MAX_RECEIVE_BATCH: usize = 1024;
 /// Store metadata namespace holding each group's last known subscriptions.
-const SUBSCRIPTIONS_NS: &str = "consumer_subscriptions";
+pub(super) const SUBSCRIPTIONS_NS: &str = "consumer_subscriptions";
 
 /// The per-group retry topic.
 pub fn retry_topic(group: &str) -> String {
     format!("%RETRY%{group}")
+}
+
+/// True when `topic` is `group`'s retry topic; checked without building the name, since
+/// receive asks on every queue read.
+pub fn is_retry_topic_of(topic: &str, group: &str) -> bool {
+    topic.strip_prefix("%RETRY%") == Some(group)
 }
 
 /// The per-group dead-letter topic.
@@ -370,7 +376,7 @@ impl Broker {
         let mut by_topic: BTreeMap<String, Subscription> = BTreeMap::new();
         for sub in &spec.subscriptions {
             // SDK clients name the group's retry topic explicitly; every other topic must exist.
-            if sub.topic != retry_topic(&g.name) {
+            if !is_retry_topic_of(&sub.topic, &g.name) {
                 self.topic(&sub.topic)?;
             }
             filters.insert(sub.topic.clone(), TagFilter::parse(&sub.expression)?);

@@ -7,7 +7,7 @@ use tokio::time::Instant;
 use tracing::instrument;
 
 use super::filter::TagFilter;
-use super::retry_topic;
+use super::{is_retry_topic_of, retry_topic};
 use crate::broker::Broker;
 use crate::error::{Result, WharfError};
 use crate::model::StoredMessage;
@@ -45,7 +45,7 @@ impl Broker {
     /// Checks that `topic` (or the group's retry topic) has queue `queue_id`.
     fn check_queue(&self, group: &str, topic: &str, queue_id: u32) -> Result<()> {
         self.consumer_group(group)?;
-        if topic != retry_topic(group) {
+        if !is_retry_topic_of(topic, group) {
             self.topic(topic)?;
         }
         let n = self.engine_queue_count(topic);

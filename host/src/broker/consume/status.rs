@@ -6,7 +6,9 @@ use tracing::info;
 
 use super::filter::TagFilter;
 use super::progress::QueueKey;
-use super::{GroupStatus, InstanceStatus, Subscription, broadcast_offsets_key, retry_topic};
+use super::{
+    GroupStatus, InstanceStatus, Subscription, broadcast_offsets_key, is_retry_topic_of, retry_topic,
+};
 use crate::broker::{Broker, ConsumeModel, Delivery, DeliveryStatus, GroupKind};
 use crate::error::{Result, WharfError};
 use crate::model::StoredMessage;
@@ -188,7 +190,7 @@ pub async fn deliveries(b: &Broker, message: &StoredMessage) -> Result<Vec<Deliv
 /// `timestamp_ms`; in-flight deliveries on those queues are forgotten (their receipts go stale).
 pub async fn reset_offset(b: &Broker, group: &str, topic: &str, timestamp_ms: u64) -> Result<()> {
     let g = b.consumer_group(group)?;
-    if topic != retry_topic(group) {
+    if !is_retry_topic_of(topic, group) {
         b.topic(topic)?;
     }
     let queues = b.engine_queue_count(topic);

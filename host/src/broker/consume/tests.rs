@@ -881,3 +881,66 @@ async fn subscribe_one_keeps_other_topics_and_receipts() {
     let st = e.broker.group_status("GID_one").await.unwrap();
     assert_eq!(st.instances[0].subscriptions.len(), 2);
 }
+
+#[tokio::test]
+async fn concurrent_creates_of_one_name_give_one_conflict() {
+    let e = env().await;
+    let spec = || TopicSpec {
+        name: "Race".into(),
+        topic_type: Default::default(),
+        queues: Some(2),
+    };
+    let (a, b) = tokio::join!(e.broker.create_topic(spec()), e.broker.create_topic(spec()));
+    assert_eq!(
+        [a.is_ok(), b.is_ok()].iter().filter(|ok| **ok).count(),
+        1,
+        "exactly one create may succeed"
+    );
+    let lost = a.err().or(b.err()).unwrap();
+    assert_eq!(lost.kind, crate::error::ErrorKind::Conflict);
+    let gspec = || GroupSpec {
+        name: "GID_race".into(),
+        kind: GroupKind::Consumer,
+        model: ConsumeModel::Clustering,
+        max_reconsume_times: None,
+        consume_timeout_ms: None,
+    };
+    let (a, b) = tokio::join!(
+        e.broker.create_group(gspec()),
+        e.broker.create_group(gspec())
+    );
+    assert!(
+        a.is_ok() != b.is_ok(),
+        "exactly one group create may succeed"
+    );
+}
+
+#[tokio::test]
+async fn a_group_created_again_forgets_the_old_subscriptions() {
+    let e = env().await;
+    e.topic("Trade", 2).await;
+    e.group("GID_again", ConsumeModel::Clustering, None).await;
+    e.join("GID_again", "i1", &[("Trade", "order")]).await;
+    let id = e.send("Trade", Some("order"), "x").await;
+    e.broker
+        .unregister_consumer("GID_again", "i1")
+        .await
+        .unwrap();
+    let before = e.broker.message(&id).await.unwrap();
+    assert_eq!(
+        before.deliveries.len(),
+        1,
+        "the old group still remembers its subscription"
+    );
+
+    e.broker.delete_group("GID_again").await.unwrap();
+    e.group("GID_again", ConsumeModel::Clustering, None).await;
+    let status = e.broker.group_status("GID_again").await.unwrap();
+    assert!(
+        status.subscriptions.is_empty(),
+        "{:?}",
+        status.subscriptions
+    );
+    let after = e.broker.message(&id).await.unwrap();
+    assert!(after.deliveries.is_empty(), "{:?}", after.deliveries);
+}

@@ -203,7 +203,12 @@ pub const PREALLOC_SUFFIX: &str = ".prealloc";
 /// Writes a zero-filled spare segment of `bytes` and fsyncs it. Overwriting allocated blocks
 /// changes no file metadata, so each later fdatasync is one data write instead of data plus an
 /// inode (size/extent) update.
-pub fn preallocate(dir: &Path, bytes: u64) -> io::Result<PathBuf> {
+/// `cancel` stops it early (the partial file is removed).
+pub fn preallocate(
+    dir: &Path,
+    bytes: u64,
+    cancel: &std::sync::atomic::AtomicBool,
+) -> io::Result<PathBuf> {
     use std::io::Write;
     // A unique name: a spare still being written by a store instance that has since closed
     // must never be the file a newer instance installs.
@@ -216,10 +221,26 @@ pub fn preallocate(dir: &Path, bytes: u64) -> io::Result<PathBuf> {
         .open(&path)?;
     let zeros = vec![0u8; 1 << 20];
     let mut left = bytes;
+    let mut since_sync = 0u64;
     while left > 0 {
+        if cancel.load(Ordering::Relaxed) {
+            drop(f);
+            fs::remove_file(&path)?;
+            return Err(io::Error::new(
+                io::ErrorKind::Interrupted,
+                "preallocation cancelled",
+            ));
+        }
         let n = left.min(zeros.len() as u64) as usize;
         f.write_all(&zeros[..n])?;
         left -= n as u64;
+        since_sync += n as u64;
+        // Flush in small steps: one 256 MiB writeback burst would queue ahead of (and stall)
+        // the appenders' fdatasyncs for a long moment.
+        if since_sync >= 4 << 20 {
+            f.sync_data()?;
+            since_sync = 0;
+        }
     }
     f.sync_all()?;
     Ok(path)

@@ -359,7 +359,6 @@ impl EmbeddedStore {
         }
         w.checkpoint()
             .map_err(|e| fail("writing the index checkpoint", e))?;
-        w.start_spare();
         let handle = std::thread::Builder::new()
             .name("wharf-store-writer".into())
             .spawn(move || w.run())

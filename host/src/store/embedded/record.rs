@@ -29,14 +29,23 @@ pub const F_TAG: u8 = 2;
 /// The message was held as a timer when stored (no consume-queue entry at append).
 pub const F_HELD: u8 = 4;
 
+/// Offset of the total record length (u32).
 pub const O_LEN: usize = 0;
+/// Offset of the CRC32C of bytes from `O_KIND` to the end (u32).
 pub const O_CRC: usize = 4;
+/// Offset of the record kind (u8).
 pub const O_KIND: usize = 8;
+/// Offset of the flags (u8; for a reveal marker: the timer's bucket tier).
 pub const O_FLAGS: usize = 9;
+/// Offset of the topic length (u16).
 pub const O_TOPIC_LEN: usize = 10;
+/// Offset of the queue id (u32).
 pub const O_QUEUE: usize = 12;
+/// Offset of the record's own global position (u64).
 pub const O_POS: usize = 16;
+/// Offset of the store time (u64).
 pub const O_STORED: usize = 24;
+/// Offset of the queue offset (u64; `NO_OFFSET` for a held timer).
 pub const O_QOFF: usize = 32;
 /// Message: born time. Reveal: position of the revealed message.
 pub const O_BORN: usize = 40;
@@ -44,37 +53,48 @@ pub const O_BORN: usize = 40;
 pub const O_DELIVER: usize = 48;
 /// Message: reconsume count. Reveal: size of the revealed message record.
 pub const O_RECONSUME: usize = 56;
+/// Offset of the tag hash (u32).
 pub const O_TAG_HASH: usize = 60;
+/// Offset of the tag length (u16).
 pub const O_TAG_LEN: usize = 64;
+/// Offset of the key count (u16).
 pub const O_KEYS: usize = 66;
+/// Offset of the property count (u16).
 pub const O_PROPS: usize = 68;
+/// Offset of the body length (u32).
 pub const O_BODY_LEN: usize = 72;
 
 /// Queue offset stored for a message that has none yet (held timer).
 pub const NO_OFFSET: u64 = u64::MAX;
 
+/// Little-endian u16 at `o`.
 pub fn get_u16(b: &[u8], o: usize) -> u16 {
     u16::from_le_bytes([b[o], b[o + 1]])
 }
 
+/// Little-endian u32 at `o`.
 pub fn get_u32(b: &[u8], o: usize) -> u32 {
     u32::from_le_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]])
 }
 
+/// Little-endian u64 at `o`.
 pub fn get_u64(b: &[u8], o: usize) -> u64 {
     let mut a = [0u8; 8];
     a.copy_from_slice(&b[o..o + 8]);
     u64::from_le_bytes(a)
 }
 
+/// Writes a little-endian u16 at `o`.
 pub fn put_u16(b: &mut [u8], o: usize, v: u16) {
     b[o..o + 2].copy_from_slice(&v.to_le_bytes());
 }
 
+/// Writes a little-endian u32 at `o`.
 pub fn put_u32(b: &mut [u8], o: usize, v: u32) {
     b[o..o + 4].copy_from_slice(&v.to_le_bytes());
 }
 
+/// Writes a little-endian u64 at `o`.
 pub fn put_u64(b: &mut [u8], o: usize, v: u64) {
     b[o..o + 8].copy_from_slice(&v.to_le_bytes());
 }
@@ -319,16 +339,27 @@ pub fn validate(buf: &[u8], pos: u64) -> std::result::Result<usize, Invalid> {
 /// The fixed fields of a validated record.
 #[derive(Debug, Clone, Copy)]
 pub struct Header {
+    /// Total length.
     pub len: u32,
+    /// `KIND_MESSAGE` or `KIND_REVEAL`.
     pub kind: u8,
+    /// Flags (`F_*`; a reveal marker's tier).
     pub flags: u8,
+    /// Queue id.
     pub queue_id: u32,
+    /// Own global position.
     pub pos: u64,
+    /// Store time.
     pub stored_ms: u64,
+    /// Queue offset (`NO_OFFSET` when held).
     pub queue_offset: u64,
+    /// Message: born time. Reveal: position of the revealed message.
     pub born_ms: u64,
+    /// Message: deliver time. Reveal: the revealed message's deliver time.
     pub deliver_ms: u64,
+    /// Message: reconsume count. Reveal: the revealed message's record size.
     pub reconsume: u32,
+    /// Tag hash.
     pub tag_hash: u32,
 }
 

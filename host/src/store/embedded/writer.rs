@@ -73,6 +73,7 @@ pub struct Writer {
     checkpoint_pos: u64,
     index_broken: bool,
     spare: Option<std::thread::JoinHandle<io::Result<std::path::PathBuf>>>,
+    spare_cancel: Arc<std::sync::atomic::AtomicBool>,
     flusher: Option<Flusher>,
     checkpoint_in_flight: bool,
     force_checkpoint: bool,
@@ -93,7 +94,8 @@ pub struct Writer {
 
 impl Drop for Writer {
     fn drop(&mut self) {
-        // Finish (or abandon) the spare before the thread ends; its file is unused either way.
+        // Abandon the spare before the thread ends; its file is unused either way.
+        self.spare_cancel.store(true, Ordering::Relaxed);
         if let Some(h) = self.spare.take()
             && let Ok(Ok(path)) = h.join()
         {
@@ -149,6 +151,7 @@ impl Writer {
             checkpoint_pos,
             index_broken: false,
             spare: None,
+            spare_cancel: Arc::new(std::sync::atomic::AtomicBool::new(false)),
             flusher: None,
             checkpoint_in_flight: false,
             force_checkpoint: false,
@@ -635,6 +638,14 @@ impl Writer {
     fn reserve(&mut self, len: usize) -> io::Result<u64> {
         let used = self.written + self.wbuf.len() as u64;
         let full = used > 0 && used + len as u64 > self.sh.config.segment_bytes;
+        // An append-mode segment (fresh start) asks for a spare only once real traffic shows
+        // up, so idle hosts and short-lived test stores never zero-fill a whole segment.
+        if !self.active_prealloc
+            && self.spare.is_none()
+            && used >= (self.sh.config.segment_bytes / 16).min(16 << 20)
+        {
+            self.start_spare();
+        }
         // Move off an append-mode segment as soon as a zero-filled spare is ready.
         let upgrade = !self.active_prealloc
             && used > 0
@@ -692,9 +703,10 @@ impl Writer {
         }
         let dir = self.sh.log.dir.clone();
         let bytes = self.sh.config.segment_bytes;
+        let cancel = self.spare_cancel.clone();
         self.spare = std::thread::Builder::new()
             .name("wharf-store-prealloc".into())
-            .spawn(move || log::preallocate(&dir, bytes))
+            .spawn(move || log::preallocate(&dir, bytes, &cancel))
             .ok();
     }
 

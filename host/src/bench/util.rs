@@ -1,0 +1,120 @@
+//! Pieces every in-process benchmark needs: flush-mode parsing, a scratch store directory that
+//! is removed however the run ends, a broker over a fresh store, and resident memory.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::Context;
+
+use crate::broker::{Broker, BrokerConfig};
+use crate::clock::{SharedClock, SystemClock};
+use crate::store::{FlushMode, Store, StoreConfig, open_store};
+
+/// Parses `--flush`: `sync` (acknowledge after fsync) or `async` (after write).
+pub fn parse_flush(s: &str) -> Result<FlushMode, String> {
+    match s {
+        "sync" => Ok(FlushMode::Sync),
+        "async" => Ok(FlushMode::Async),
+        _ => Err(format!("'{s}' is not a flush mode; use sync or async")),
+    }
+}
+
+/// A bench's data directory; removed on drop when the bench created it itself.
+pub struct ScratchDir {
+    path: PathBuf,
+    owned: bool,
+}
+
+impl ScratchDir {
+    /// `given` as is (kept afterwards), else a fresh `./<prefix>-<pid>` in the current
+    /// directory — on the current disk, not /tmp, which is often tmpfs where fsync is free.
+    pub fn new(given: Option<&Path>, prefix: &str) -> anyhow::Result<ScratchDir> {
+        Ok(match given {
+            Some(d) => ScratchDir {
+                path: d.to_path_buf(),
+                owned: false,
+            },
+            None => ScratchDir {
+                path: std::env::current_dir()
+                    .context("read the current directory")?
+                    .join(format!("{prefix}-{}", std::process::id())),
+                owned: true,
+            },
+        })
+    }
+
+    /// The directory.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for ScratchDir {
+    fn drop(&mut self) {
+        if self.owned {
+            let _ = std::fs::remove_dir_all(&self.path);
+        }
+    }
+}
+
+/// Opens the store in `dir` with `flush` and a broker over it, on the system clock.
+pub async fn open_broker(
+    dir: &Path,
+    flush: FlushMode,
+) -> anyhow::Result<(Arc<Broker>, Arc<dyn Store>, SharedClock)> {
+    let config = StoreConfig {
+        data_dir: dir.to_path_buf(),
+        flush,
+        ..StoreConfig::default()
+    };
+    let clock: SharedClock = Arc::new(SystemClock::default());
+    let store: Arc<dyn Store> = open_store(&config, clock.clone())
+        .await
+        .with_context(|| format!("open the store in {}", dir.display()))?;
+    let broker = Broker::open(BrokerConfig::default(), store.clone(), clock.clone())
+        .await
+        .context("open the broker")?;
+    Ok((broker, store, clock))
+}
+
+/// Resident set size of this process in bytes (Linux `/proc/self/status` VmRSS).
+pub fn rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flush_modes_parse() {
+        assert_eq!(parse_flush("sync"), Ok(FlushMode::Sync));
+        assert_eq!(parse_flush("async"), Ok(FlushMode::Async));
+        assert!(parse_flush("fast").is_err());
+    }
+
+    #[test]
+    fn scratch_dir_is_removed_only_when_owned() {
+        let kept = std::env::temp_dir().join(format!("wharf-util-kept-{}", std::process::id()));
+        std::fs::create_dir_all(&kept).unwrap();
+        drop(ScratchDir::new(Some(&kept), "unused").unwrap());
+        assert!(kept.exists());
+        std::fs::remove_dir_all(&kept).unwrap();
+
+        let owned = ScratchDir::new(None, "wharf-util-test").unwrap();
+        let path = owned.path().to_path_buf();
+        std::fs::create_dir_all(&path).unwrap();
+        drop(owned);
+        assert!(!path.exists());
+    }
+
+    #[test]
+    fn rss_is_read_on_linux() {
+        if cfg!(target_os = "linux") {
+            assert!(rss_bytes().is_some_and(|b| b > 0));
+        }
+    }
+}
