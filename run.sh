@@ -25,4 +25,38 @@ if [ ${#args[@]} -gt 0 ]; then
 fi
 
 cargo build --release -p wharf
-exec target/release/wharf serve "$@"
+wharf=target/release/wharf
+
+# The host address `serve` will bind (default, or --http ADDR among the arguments).
+http=127.0.0.1:8080
+prev=""
+for a in "$@"; do
+    [ "$prev" = "--http" ] && http=$a
+    case "$a" in --http=*) http=${a#--http=} ;; esac
+    prev=$a
+done
+export WHARF_SERVER="http://${http/0.0.0.0/127.0.0.1}"
+
+"$wharf" serve "$@" &
+pid=$!
+trap 'kill -TERM "$pid" 2>/dev/null || true; wait "$pid"' INT TERM
+
+# Topics must exist before anything is sent to them (spec: TOPIC_NOT_EXIST). On a fresh data
+# dir, create the ones the example plugins use, then deploy the plugins the host skipped at
+# start for want of them. Both steps are no-ops when already done.
+for _ in $(seq 1 100); do
+    curl -fs "$WHARF_SERVER/healthz" >/dev/null 2>&1 && break
+    kill -0 "$pid" 2>/dev/null || wait "$pid"
+    sleep 0.1
+done
+for topic in Trade Notify Flaky; do
+    "$wharf" topic create "$topic" >/dev/null 2>&1 || true
+done
+for manifest in plugins/*/plugin.toml; do
+    name=$(sed -n 's/^name *= *"\(.*\)"/\1/p' "$manifest" | head -n1)
+    if ! "$wharf" plugin status "$name" >/dev/null 2>&1; then
+        "$wharf" plugin deploy "$manifest"
+    fi
+done
+echo "run.sh: host ready at $WHARF_SERVER with the example plugins; Ctrl-C stops it"
+wait "$pid"

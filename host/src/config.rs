@@ -331,6 +331,29 @@ impl Config {
                 "broker.max_body_bytes must be 1..=4194304 (4 MiB)".into(),
             ));
         }
+        let b = &self.broker;
+        if !(1..=crate::broker::resources::MAX_QUEUES).contains(&b.default_queues) {
+            return Err((
+                "broker.default_queues".into(),
+                format!(
+                    "broker.default_queues must be 1..={}",
+                    crate::broker::resources::MAX_QUEUES
+                ),
+            ));
+        }
+        // The spec fixes these ceilings; the config may only tighten them.
+        if !(1..=32_767).contains(&b.max_properties_bytes) {
+            return Err((
+                "broker.max_properties_bytes".into(),
+                "broker.max_properties_bytes must be 1..=32767".into(),
+            ));
+        }
+        if !(1..=40 * 24 * 3_600_000).contains(&b.max_delay_ms) {
+            return Err((
+                "broker.max_delay_ms".into(),
+                "broker.max_delay_ms must be 1..=3456000000 (40 days)".into(),
+            ));
+        }
         if !(self.broker.retry_delay_scale > 0.0 && self.broker.retry_delay_scale.is_finite()) {
             return Err((
                 "broker.retry_delay_scale".into(),
@@ -503,6 +526,25 @@ mod tests {
         assert!(e.message.contains("IP:PORT"), "{e}");
         let text = "[[auth.keys]]\naccess_key = \"a\"\nsecret_key = \"\"\n";
         assert!(Config::parse(text, "w.toml").is_err());
+    }
+
+    #[test]
+    fn broker_limits_cannot_pass_the_spec_ceilings() {
+        for (text, key) in [
+            ("[broker]\ndefault_queues = 0\n", "default_queues"),
+            ("[broker]\ndefault_queues = 257\n", "default_queues"),
+            (
+                "[broker]\nmax_properties_bytes = 32768\n",
+                "max_properties_bytes",
+            ),
+            ("[broker]\nmax_delay_ms = 3456000001\n", "max_delay_ms"),
+        ] {
+            let e = Config::parse(text, "w.toml").unwrap_err();
+            assert!(e.message.contains(key), "{text} -> {e}");
+        }
+        let ok =
+            "[broker]\ndefault_queues = 256\nmax_properties_bytes = 1024\nmax_delay_ms = 60000\n";
+        assert!(Config::parse(ok, "w.toml").is_ok());
     }
 
     #[test]

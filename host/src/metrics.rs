@@ -108,8 +108,7 @@ pub struct TopicSendCounters {
 /// send and looked up under a read lock afterwards, so the hot path takes no write lock.
 #[derive(Debug, Default)]
 pub struct SendCounters {
-    topics:
-        parking_lot::RwLock<std::collections::BTreeMap<String, TopicSendCounters>>,
+    topics: parking_lot::RwLock<std::collections::BTreeMap<String, TopicSendCounters>>,
 }
 
 impl SendCounters {

@@ -17,8 +17,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use bytes::Bytes;
 
-use crate::broker::consume::{Outcome, Subscription};
 use super::util::{ScratchDir, open_broker, rss_bytes};
+use crate::broker::consume::{Outcome, Subscription};
 use crate::broker::{Broker, GroupKind, GroupSpec, OutgoingMessage, TopicSpec};
 use crate::model::{MessageId, StoredMessage};
 use crate::plugin::runtime::{BrokerApi, Instance, InstanceConfig, Runtime};

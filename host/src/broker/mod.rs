@@ -48,7 +48,7 @@ impl Broker {
             groups = registry.groups.len(),
             "broker registry loaded"
         );
-        let engine = consume::Engine::new(config.clone(), store.clone(), clock.clone());
+        let engine = consume::Engine::new(store.clone());
         let broker = Arc::new(Broker {
             store,
             clock,

@@ -43,14 +43,17 @@ pub struct SendReceipt {
 }
 
 /// Size of properties as RocketMQ encodes them (`k\x01v\x02`), tag and keys included.
+/// Computed without building the encoding: this runs for every message sent.
 pub fn encoded_properties_len(msg: &OutgoingMessage) -> usize {
-    let pair = |k: &str, v: &str| k.len() + v.len() + 2;
-    let mut n: usize = msg.properties.iter().map(|(k, v)| pair(k, v)).sum();
+    let pair = |k: &str, value_len: usize| k.len() + value_len + 2;
+    let mut n: usize = msg.properties.iter().map(|(k, v)| pair(k, v.len())).sum();
     if let Some(tag) = &msg.tag {
-        n += pair("TAGS", tag);
+        n += pair("TAGS", tag.len());
     }
     if !msg.keys.is_empty() {
-        n += pair("KEYS", &msg.keys.join(" "));
+        // Keys travel space-separated in one `KEYS` value.
+        let keys_len = msg.keys.iter().map(String::len).sum::<usize>() + msg.keys.len() - 1;
+        n += pair("KEYS", keys_len);
     }
     n
 }
@@ -162,5 +165,44 @@ impl Broker {
             // A time in the past means deliver now.
             _ => Ok(None),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The encoding itself, to check the length arithmetic against.
+    fn encode(m: &OutgoingMessage) -> Vec<u8> {
+        let mut out = Vec::new();
+        let mut put = |k: &str, v: &str| {
+            out.extend_from_slice(k.as_bytes());
+            out.push(1);
+            out.extend_from_slice(v.as_bytes());
+            out.push(2);
+        };
+        for (k, v) in &m.properties {
+            put(k, v);
+        }
+        if let Some(tag) = &m.tag {
+            put("TAGS", tag);
+        }
+        if !m.keys.is_empty() {
+            put("KEYS", &m.keys.join(" "));
+        }
+        out
+    }
+
+    #[test]
+    fn properties_length_matches_the_encoding() {
+        let mut m = OutgoingMessage::default();
+        assert_eq!(encoded_properties_len(&m), 0);
+        m.tag = Some("order".into());
+        m.keys = vec!["k1".into()];
+        assert_eq!(encoded_properties_len(&m), encode(&m).len());
+        m.keys = vec!["k1".into(), "key-two".into(), "3".into()];
+        m.properties.insert("region".into(), "eu-west".into());
+        m.properties.insert("é".into(), String::new());
+        assert_eq!(encoded_properties_len(&m), encode(&m).len());
     }
 }

@@ -270,13 +270,13 @@ pub async fn dead_letters(
     who.check_subscribe("group", &group)?;
     let page = st
         .broker
-        .dead_letters(&group, p.limit.unwrap_or(100), p.page_token.as_deref())
+        .dead_letters(
+            &group,
+            p.limit.unwrap_or(super::query::DEFAULT_PAGE),
+            p.page_token.as_deref(),
+        )
         .await?;
-    let messages: Vec<_> = page.messages.iter().map(MessageJson::new).collect();
-    Ok(
-        Json(json!({ "messages": messages, "next_page_token": page.next_page_token }))
-            .into_response(),
-    )
+    Ok(super::query::page_response(&page))
 }
 
 /// `POST /v1/groups/{group}/dead-letters/{message_id}/resend`.

@@ -10,6 +10,7 @@ use super::error::{ApiPath, ApiQuery, ApiResult, RawBody};
 use super::messages::{MessageJson, parse_send};
 use super::{Caller, Shared};
 use crate::error::WharfError;
+use crate::store::TimePage;
 
 /// `POST /v1/topics/{topic}/messages`: one message or a batch; answers once durably stored.
 pub async fn send(
@@ -48,7 +49,7 @@ pub struct SearchParams {
 }
 
 /// Default page size of a time-range query.
-const DEFAULT_PAGE: usize = 100;
+pub(super) const DEFAULT_PAGE: usize = 100;
 
 /// `GET /v1/topics/{topic}/messages?key=K` or `?begin_ms=&end_ms=&limit=&page_token=`.
 pub async fn search(
@@ -81,11 +82,13 @@ pub async fn search(
             p.page_token.as_deref(),
         )
         .await?;
+    Ok(page_response(&page))
+}
+
+/// One page of messages: `{"messages":[...],"next_page_token"}` (null on the last page).
+pub fn page_response(page: &TimePage) -> Response {
     let messages: Vec<_> = page.messages.iter().map(MessageJson::new).collect();
-    Ok(
-        Json(json!({ "messages": messages, "next_page_token": page.next_page_token }))
-            .into_response(),
-    )
+    Json(json!({ "messages": messages, "next_page_token": page.next_page_token })).into_response()
 }
 
 /// `GET /v1/messages/{message_id}`: the message and per-group delivery status.

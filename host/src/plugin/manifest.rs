@@ -237,51 +237,31 @@ impl Manifest {
         if let Err(e) = validate_name("group", &c.group) {
             return Err(locate.at(&["consumer", "group"], e.message));
         }
-        if !(1..=MAX_BATCH).contains(&c.batch_max) {
-            return Err(locate.at(
-                &["consumer", "batch_max"],
-                format!(
-                    "batch_max = {} is out of range; allowed 1..={MAX_BATCH}",
-                    c.batch_max
-                ),
-            ));
-        }
-        if !(1..=MAX_CONCURRENCY).contains(&c.concurrency) {
-            return Err(locate.at(
-                &["consumer", "concurrency"],
-                format!(
-                    "concurrency = {} is out of range; allowed 1..={MAX_CONCURRENCY}",
-                    c.concurrency
-                ),
-            ));
-        }
-        if c.max_reconsume_times > MAX_RECONSUME_TIMES {
-            return Err(locate.at(
-                &["consumer", "max_reconsume_times"],
-                format!(
-                    "max_reconsume_times = {} is out of range; allowed 0..={MAX_RECONSUME_TIMES}",
-                    c.max_reconsume_times
-                ),
-            ));
-        }
-        if !(1..=MAX_CONSUME_TIMEOUT_MS).contains(&c.consume_timeout_ms) {
-            return Err(locate.at(
-                &["consumer", "consume_timeout_ms"],
-                format!(
-                    "consume_timeout_ms = {} is out of range; allowed 1..={MAX_CONSUME_TIMEOUT_MS} (1 ms to 24 h)",
-                    c.consume_timeout_ms
-                ),
-            ));
-        }
-        if !(1..=MAX_MEMORY_MIB).contains(&self.limits.memory_mib) {
-            return Err(locate.at(
-                &["limits", "memory_mib"],
-                format!(
-                    "memory_mib = {} is out of range; allowed 1..={MAX_MEMORY_MIB}",
-                    self.limits.memory_mib
-                ),
-            ));
-        }
+        locate.in_range(&["consumer", "batch_max"], c.batch_max, 1..=MAX_BATCH, "")?;
+        locate.in_range(
+            &["consumer", "concurrency"],
+            c.concurrency,
+            1..=MAX_CONCURRENCY,
+            "",
+        )?;
+        locate.in_range(
+            &["consumer", "max_reconsume_times"],
+            c.max_reconsume_times,
+            0..=MAX_RECONSUME_TIMES,
+            "",
+        )?;
+        locate.in_range(
+            &["consumer", "consume_timeout_ms"],
+            c.consume_timeout_ms,
+            1..=MAX_CONSUME_TIMEOUT_MS,
+            " (1 ms to 24 h)",
+        )?;
+        locate.in_range(
+            &["limits", "memory_mib"],
+            self.limits.memory_mib,
+            1..=MAX_MEMORY_MIB,
+            "",
+        )?;
         if self.subscription.is_empty() {
             return Err(locate.whole(
                 "no [[subscription]]: add at least one with topic and expression".to_string(),
@@ -478,6 +458,28 @@ impl<'a> Locator<'a> {
     }
 
     /// The value at a dotted key path (falls back to the whole file).
+    /// `key = value is out of range; allowed a..=b` at `path` unless `range` holds `value`.
+    fn in_range<T: PartialOrd + fmt::Display>(
+        &self,
+        path: &[&str],
+        value: T,
+        range: std::ops::RangeInclusive<T>,
+        note: &str,
+    ) -> Result<(), ManifestError> {
+        if range.contains(&value) {
+            return Ok(());
+        }
+        let key = path.last().copied().unwrap_or_default();
+        Err(self.at(
+            path,
+            format!(
+                "{key} = {value} is out of range; allowed {}..={}{note}",
+                range.start(),
+                range.end()
+            ),
+        ))
+    }
+
     fn at(&self, path: &[&str], message: String) -> ManifestError {
         self.error(self.value(path).map(|v| v.span()), message)
     }

@@ -178,7 +178,7 @@ impl PluginHost {
     ) -> Result<(Manifest, Loaded, Workers)> {
         let (text, component) = self.files.read(&record.name, record.current)?;
         let manifest = Manifest::parse("plugin.toml", &text)?;
-        let loaded = self.load_component(component).await?;
+        let loaded = self.load_component(component.into()).await?;
         self.ensure_group(&manifest).await?;
         let workers = self
             .start_workers(&manifest, record.current, &loaded, stats.clone())
@@ -256,7 +256,7 @@ impl PluginHost {
         let _ops = self.ops.lock().await;
         let manifest = Manifest::parse(file, text)?;
         self.check_conflicts(&manifest)?;
-        let loaded = self.load_component(component.to_vec()).await?;
+        let loaded = self.load_component(component.clone()).await?;
         self.check_instantiates(&manifest, &loaded).await?;
         self.ensure_group(&manifest).await?;
         let name = manifest.name.clone();
@@ -302,7 +302,7 @@ impl PluginHost {
         let (text, component) = self.files.read(name, target)?;
         let manifest = Manifest::parse("plugin.toml", &text)?;
         self.check_conflicts(&manifest)?;
-        let loaded = self.load_component(component).await?;
+        let loaded = self.load_component(component.into()).await?;
         self.ensure_group(&manifest).await?;
         let mut record = previous.clone();
         record.history.pop();
@@ -493,7 +493,7 @@ impl PluginHost {
     }
 
     /// Compiles or loads the cached artifact, off the async threads.
-    async fn load_component(&self, bytes: Vec<u8>) -> Result<Loaded> {
+    async fn load_component(&self, bytes: Bytes) -> Result<Loaded> {
         let rt = self.runtime.clone();
         tokio::task::spawn_blocking(move || rt.load(&bytes))
             .await

@@ -228,13 +228,9 @@ fn find_by_key_is_limited_to_readable_topics() {
 #[test]
 fn batch_answers_one_action_per_message() {
     let mut i = instance(Arc::default(), 5_000);
-    let batch = vec![
-        message("commit", &[]),
-        message("retry", &[]),
-        message("commit", &[]),
-    ];
+    let (commit, retry) = (message("commit", &[]), message("retry", &[]));
     assert_eq!(
-        i.consume_batch(&batch.iter().collect::<Vec<_>>()),
+        i.consume_batch(&[&commit, &retry, &commit]),
         Ok(vec![
             Outcome::CommitMessage,
             Outcome::ReconsumeLater,

@@ -400,7 +400,7 @@ fn handle_batch(spec: &WorkerSpec, mut inst: Live, batch: &[Delivered]) -> Optio
         }
         return keep;
     }
-    let messages: Vec<&StoredMessage> = batch.iter().map(|d| &d.message).collect();
+    let messages: Vec<&StoredMessage> = batch.iter().map(|d| &*d.message).collect();
     let Some(first) = messages.first().map(|m| m.id) else {
         return Some(inst);
     };

@@ -21,21 +21,23 @@ use crate::error::{Result, WharfError};
 use crate::model::{MessageId, StoredMessage};
 
 /// How a retry looks to consumers: the original topic and id, with its reconsume count.
-pub fn present(stored: &StoredMessage) -> StoredMessage {
-    let mut m = stored.clone();
-    if m.topic.starts_with("%RETRY%") {
-        if let Some(t) = m.properties.get(PROP_RETRY_TOPIC) {
-            m.topic = t.clone();
-        }
-        if let Some(id) = m
-            .properties
-            .get(PROP_ORIGIN_MESSAGE_ID)
-            .and_then(|s| MessageId::from_str(s).ok())
-        {
-            m.id = id;
-        }
+/// Any other message is handed out as stored, shared rather than copied.
+pub fn present(stored: &Arc<StoredMessage>) -> Arc<StoredMessage> {
+    if !stored.topic.starts_with("%RETRY%") {
+        return stored.clone();
     }
-    m
+    let mut m = StoredMessage::clone(stored);
+    if let Some(t) = m.properties.get(PROP_RETRY_TOPIC) {
+        m.topic = t.clone();
+    }
+    if let Some(id) = m
+        .properties
+        .get(PROP_ORIGIN_MESSAGE_ID)
+        .and_then(|s| MessageId::from_str(s).ok())
+    {
+        m.id = id;
+    }
+    Arc::new(m)
 }
 
 /// Progress of `key` for `instance`: the group's (clustering) or the instance's (broadcasting).
@@ -223,6 +225,13 @@ impl Broker {
         if let Some(q) = progress_mut(st, instance, key)
             && q.owner.as_deref() == Some(instance)
         {
+            let to = Recipient {
+                group: &g.name,
+                instance,
+                key,
+                epoch: q.epoch,
+                deadline_ms,
+            };
             for (offset, entry) in q.pending.iter_mut() {
                 if let Entry::Ready { message } = entry {
                     if !budget.admit(weight(message)) {
@@ -230,13 +239,6 @@ impl Broker {
                     }
                     taken.0 += 1;
                     taken.1 += weight(message);
-                    let to = Recipient {
-                        group: &g.name,
-                        instance,
-                        key,
-                        epoch: q.epoch,
-                        deadline_ms,
-                    };
                     *entry = to.hand_out(seq, *offset, message.clone(), out);
                 }
             }
@@ -377,6 +379,13 @@ impl Broker {
             // Ownership moved or the offset was reset while reading: the new state wins.
             return Ok(());
         }
+        let to = Recipient {
+            group: &g.name,
+            instance,
+            key,
+            epoch: q.epoch,
+            deadline_ms,
+        };
         let mut taken = (0usize, 0usize);
         let mut stopped_at = None;
         for m in read.messages {
@@ -392,13 +401,6 @@ impl Broker {
             }
             taken.0 += 1;
             taken.1 += weight(&m);
-            let to = Recipient {
-                group: &g.name,
-                instance,
-                key,
-                epoch: q.epoch,
-                deadline_ms,
-            };
             let entry = to.hand_out(seq, offset, Arc::new(m), out);
             q.pending.insert(offset, entry);
         }

@@ -38,8 +38,7 @@ use tokio::sync::{Notify, watch};
 use tokio::task::JoinHandle;
 use tracing::{info, instrument, warn};
 
-use super::{Broker, BrokerConfig, ConsumeModel, Delivery, GroupKind, SendReceipt};
-use crate::clock::SharedClock;
+use super::{Broker, ConsumeModel, Delivery, GroupKind, SendReceipt};
 use crate::error::{ErrorCode, ErrorKind, Result, WharfError};
 use crate::model::StoredMessage;
 use crate::store::{Store, TimePage};
@@ -75,8 +74,9 @@ pub struct InstanceSpec {
 /// A message handed to a consumer instance.
 #[derive(Debug, Clone)]
 pub struct Delivered {
-    /// The message (for a retry: `reconsume_times` already counts earlier attempts).
-    pub message: StoredMessage,
+    /// The message (for a retry: `reconsume_times` already counts earlier attempts); shared
+    /// with the engine's in-flight entry, so handing it out copies nothing.
+    pub message: Arc<StoredMessage>,
     /// Opaque handle to settle it with.
     pub receipt: String,
 }
@@ -177,10 +177,9 @@ pub struct Engine {
 }
 
 impl Engine {
-    /// Builds the engine (no tasks yet).
-    pub fn new(config: BrokerConfig, store: Arc<dyn Store>, clock: SharedClock) -> Engine {
-        // Settings and time are read through the owning `Broker`, which holds the same values.
-        let _ = (config, clock);
+    /// Builds the engine (no tasks yet). Settings and time are read through the owning
+    /// [`Broker`], so the engine keeps no copy that could drift from them.
+    pub fn new(store: Arc<dyn Store>) -> Engine {
         Engine {
             store,
             groups: RwLock::new(HashMap::new()),
@@ -355,10 +354,16 @@ impl Broker {
     #[instrument(skip_all, fields(group = %spec.group, instance = %spec.instance_id))]
     pub async fn register_consumer(&self, spec: InstanceSpec) -> Result<()> {
         let g = self.consumer_group(&spec.group)?;
-        let id = spec.instance_id.trim();
-        if id.is_empty() || id.len() > 255 || id.chars().any(char::is_control) {
+        let id = spec.instance_id.as_str();
+        // Surrounding spaces are refused rather than trimmed: receive and settle look the
+        // instance up by the id exactly as the caller sends it.
+        if id.trim().is_empty()
+            || id.trim() != id
+            || id.len() > 255
+            || id.chars().any(char::is_control)
+        {
             return Err(WharfError::bad_request(format!(
-                "instance id '{}' is invalid: use 1-255 printable characters",
+                "instance id '{}' is invalid: use 1-255 printable characters, without spaces at the ends",
                 spec.instance_id.escape_debug()
             )));
         }

@@ -7,7 +7,7 @@ use tokio::time::Instant;
 use tracing::instrument;
 
 use super::filter::TagFilter;
-use super::{is_retry_topic_of, retry_topic};
+use super::is_retry_topic_of;
 use crate::broker::Broker;
 use crate::error::{Result, WharfError};
 use crate::model::StoredMessage;

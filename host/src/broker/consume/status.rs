@@ -1,13 +1,14 @@
 //! Group status, per-message delivery status, and operator offset resets.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use tracing::info;
 
 use super::filter::TagFilter;
-use super::progress::QueueKey;
+use super::progress::{QueueKey, QueueState};
 use super::{
-    GroupStatus, InstanceStatus, Subscription, broadcast_offsets_key, is_retry_topic_of, retry_topic,
+    GroupStatus, InstanceStatus, Subscription, broadcast_offsets_key, is_retry_topic_of,
+    retry_topic,
 };
 use crate::broker::{Broker, ConsumeModel, Delivery, DeliveryStatus, GroupKind};
 use crate::error::{Result, WharfError};
@@ -213,15 +214,8 @@ pub async fn reset_offset(b: &Broker, group: &str, topic: &str, timestamp_ms: u6
         let mut st = handle.state.lock();
         match st.model {
             ConsumeModel::Clustering => {
-                let mut released = Vec::new();
-                for o in &offsets {
-                    let key = (o.topic.clone(), o.queue_id);
-                    st.loaded.insert(key.clone(), o.offset);
-                    if let Some(q) = st.queues.get_mut(&key) {
-                        released.extend(q.reset_to(o.offset));
-                        q.persisted = Some(o.offset);
-                    }
-                }
+                let st = &mut *st;
+                let released = reset_queues(&mut st.queues, &mut st.loaded, &offsets);
                 for (who, bytes) in released {
                     if let Some(i) = st.instances.get_mut(&who) {
                         i.release(bytes);
@@ -231,15 +225,7 @@ pub async fn reset_offset(b: &Broker, group: &str, topic: &str, timestamp_ms: u6
             }
             ConsumeModel::Broadcasting => {
                 for (id, inst) in st.instances.iter_mut() {
-                    let mut released = Vec::new();
-                    for o in &offsets {
-                        let key = (o.topic.clone(), o.queue_id);
-                        inst.own_loaded.insert(key.clone(), o.offset);
-                        if let Some(q) = inst.own.get_mut(&key) {
-                            released.extend(q.reset_to(o.offset));
-                            q.persisted = Some(o.offset);
-                        }
-                    }
+                    let released = reset_queues(&mut inst.own, &mut inst.own_loaded, &offsets);
                     for (_, bytes) in released {
                         inst.release(bytes);
                     }
@@ -255,4 +241,25 @@ pub async fn reset_offset(b: &Broker, group: &str, topic: &str, timestamp_ms: u6
     handle.notify.notify_waiters();
     info!(group, topic, timestamp_ms, "consumer offset reset");
     Ok(())
+}
+
+/// Moves each queue in `offsets` to its new position: queues with progress forget what they had
+/// in flight (returned as (holder, body bytes) so credit can be released); queues without
+/// progress start there when first read. The new positions count as persisted, since the caller
+/// writes them.
+fn reset_queues(
+    queues: &mut BTreeMap<QueueKey, QueueState>,
+    loaded: &mut HashMap<QueueKey, u64>,
+    offsets: &[CommittedOffset],
+) -> Vec<(String, usize)> {
+    let mut released = Vec::new();
+    for o in offsets {
+        let key = (o.topic.clone(), o.queue_id);
+        if let Some(q) = queues.get_mut(&key) {
+            released.extend(q.reset_to(o.offset));
+            q.persisted = Some(o.offset);
+        }
+        loaded.insert(key, o.offset);
+    }
+    released
 }

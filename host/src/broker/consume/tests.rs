@@ -13,7 +13,9 @@ use bytes::Bytes;
 use super::schedule::RETRY_DELAYS_MS;
 use super::timers::reveal_due;
 use super::*;
-use crate::broker::{ConsumeModel, DeliveryStatus, GroupSpec, OutgoingMessage, TopicSpec};
+use crate::broker::{
+    BrokerConfig, ConsumeModel, DeliveryStatus, GroupSpec, OutgoingMessage, TopicSpec,
+};
 use crate::clock::{Clock, ManualClock};
 use crate::error::ErrorCode;
 use crate::store::StoreConfig;
@@ -205,7 +207,9 @@ async fn clustering_filters_by_tag_and_splits_work() {
     e.join("GID_c", "b", &[("Trade", "pay||order")]).await;
     let mut expected = BTreeSet::new();
     for i in 0..60 {
-        let tag = ["order", "pay", "refund", ""][i % 4];
+        // Sends go round-robin over the 4 queues; change tags every 4 messages so each tag
+        // lands in every queue instead of one tag per queue.
+        let tag = ["order", "pay", "refund", ""][(i / 4) % 4];
         let tag = (!tag.is_empty()).then_some(tag);
         e.send("Trade", tag, &format!("m{i}")).await;
         if matches!(tag, Some("order" | "pay")) {
@@ -943,4 +947,35 @@ async fn a_group_created_again_forgets_the_old_subscriptions() {
     );
     let after = e.broker.message(&id).await.unwrap();
     assert!(after.deliveries.is_empty(), "{:?}", after.deliveries);
+}
+
+#[test]
+fn retry_topic_names_are_recognised_without_building_them() {
+    assert!(is_retry_topic_of(&retry_topic("GID_a"), "GID_a"));
+    assert!(!is_retry_topic_of(&retry_topic("GID_a"), "GID_ab"));
+    assert!(!is_retry_topic_of("GID_a", "GID_a"));
+    assert!(!is_retry_topic_of(&dlq_topic("GID_a"), "GID_a"));
+}
+
+#[tokio::test]
+async fn instance_ids_with_surrounding_spaces_are_refused() {
+    let e = env().await;
+    e.topic("Trade", 1).await;
+    e.group("GID_ids", ConsumeModel::Clustering, None).await;
+    let spec = |id: &str| InstanceSpec {
+        group: "GID_ids".into(),
+        instance_id: id.into(),
+        address: "test".into(),
+        pid: None,
+        subscriptions: vec![Subscription {
+            topic: "Trade".into(),
+            expression: "*".into(),
+        }],
+    };
+    for bad in [" a", "a ", "  ", ""] {
+        let err = e.broker.register_consumer(spec(bad)).await.unwrap_err();
+        assert!(err.message.contains("instance id"), "{bad:?}: {err}");
+    }
+    e.broker.register_consumer(spec("a b")).await.unwrap();
+    assert!(e.broker.is_registered("GID_ids", "a b"));
 }

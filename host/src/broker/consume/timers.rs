@@ -260,8 +260,16 @@ impl Engine {
                 }
                 batches
             };
-            for (owner, offsets) in batches {
-                self.store.commit_offsets(&owner, &offsets).await?;
+            let mut batches = batches.into_iter();
+            while let Some((owner, offsets)) = batches.next() {
+                if let Err(e) = self.store.commit_offsets(&owner, &offsets).await {
+                    // A departed broadcasting instance's offsets exist only in this batch list;
+                    // keep every unwritten batch for the next pass instead of dropping it.
+                    let mut st = handle.state.lock();
+                    st.unflushed.push((owner, offsets));
+                    st.unflushed.extend(batches);
+                    return Err(e);
+                }
                 let mut st = handle.state.lock();
                 let broadcast_instance = owner
                     .strip_prefix(&broadcast_offsets_key(&name, ""))
