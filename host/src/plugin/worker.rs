@@ -395,8 +395,8 @@ fn handle_batch(spec: &WorkerSpec, mut inst: Live, batch: &[Delivered]) -> Optio
                     Outcome::ReconsumeLater
                 }
             };
-            count(stats, outcome);
             settle(spec, d, outcome);
+            count(stats, outcome);
         }
         return keep;
     }
@@ -422,12 +422,14 @@ fn handle_batch(spec: &WorkerSpec, mut inst: Live, batch: &[Delivered]) -> Optio
         }
     };
     for (d, o) in batch.iter().zip(outcomes) {
-        count(stats, o);
         settle(spec, d, o);
+        count(stats, o);
     }
     keep
 }
 
+/// Counts an answer once its settle has been tried, so whoever watches the counters never sees
+/// a commit the broker has not yet applied (status and backlog would lag behind them).
 fn count(stats: &PluginStats, outcome: Outcome) {
     match outcome {
         Outcome::CommitMessage => stats.commits.fetch_add(1, Ordering::Relaxed),
