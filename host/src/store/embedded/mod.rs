@@ -397,6 +397,37 @@ impl EmbeddedStore {
         }
     }
 
+    /// Queue offset a timer message got when it was revealed, if it has been. Reveals happen at
+    /// or after the deliver time and consume queues are in visibility order, so the entry lies
+    /// at or shortly after the first one visible at `deliver_at_ms`; the scan is bounded so a
+    /// huge backlog of reveals costs a `None`, never a long stall.
+    fn revealed_offset(
+        &self,
+        topic: &str,
+        queue_id: u32,
+        deliver_at_ms: u64,
+        pos: u64,
+    ) -> io::Result<Option<u64>> {
+        const CHUNK: usize = 512;
+        const MAX_SCAN: u64 = 16 * CHUNK as u64;
+        let Some(q) = self.sh.queues.get(topic, queue_id) else {
+            return Ok(None);
+        };
+        let start = q.search_time(deliver_at_ms)?;
+        let mut off = start;
+        while off < start + MAX_SCAN {
+            let entries = q.read(off, CHUNK)?;
+            if entries.is_empty() {
+                break;
+            }
+            if let Some(i) = entries.iter().position(|e| e.is_set() && e.pos == pos) {
+                return Ok(Some(off + i as u64));
+            }
+            off += entries.len() as u64;
+        }
+        Ok(None)
+    }
+
     fn read_message(&self, pos: u64, size: Option<u32>) -> Option<StoredMessage> {
         let rec = self.sh.log.read_record(pos, size)?;
         record::decode_message(rec, self.sh.node)
@@ -558,9 +589,20 @@ impl Store for EmbeddedStore {
         if id.node() != self.sh.node {
             return Ok(None);
         }
-        Ok(self
+        let Some(mut m) = self
             .read_message(id.position(), None)
-            .filter(|m| m.stored_ms == id.stored_ms()))
+            .filter(|m| m.stored_ms == id.stored_ms())
+        else {
+            return Ok(None);
+        };
+        if m.queue_offset.is_none()
+            && let Some(at) = m.deliver_at_ms
+        {
+            m.queue_offset = self
+                .revealed_offset(&m.topic, m.queue_id, at, id.position())
+                .map_err(|e| read_err("a consume queue", e))?;
+        }
+        Ok(Some(m))
     }
 
     async fn by_key(&self, topic: &str, key: &str, limit: usize) -> Result<Vec<StoredMessage>> {

@@ -325,6 +325,16 @@ async fn timers_reveal_in_deliver_order_and_survive_restart() {
     let names: Vec<String> = visible.iter().map(body).collect();
     assert_eq!(names, vec!["plain", "past", "t1", "t3", "t5", "t2"]);
     assert_eq!(visible[2].queue_offset, Some(2));
+    // Query by id reports the offset a revealed timer got; a held one still has none.
+    assert_eq!(
+        s.get(acks[1].id).await.unwrap().unwrap().queue_offset,
+        Some(2)
+    );
+    assert_eq!(
+        s.get(acks[2].id).await.unwrap().unwrap().queue_offset,
+        Some(5)
+    );
+    assert_eq!(s.get(acks[0].id).await.unwrap().unwrap().queue_offset, None);
     assert_eq!(s.next_timer_ms(), Some(T0 + 4_000));
     assert_eq!(s.stats().pending_timers, 4);
 
@@ -351,6 +361,11 @@ async fn timers_reveal_in_deliver_order_and_survive_restart() {
         ]
     );
     assert_eq!(s.stats().pending_timers, 0);
+    // After restarts the lookup still finds the offset from the rebuilt consume queue.
+    assert_eq!(
+        s.get(acks[0].id).await.unwrap().unwrap().queue_offset,
+        Some(7)
+    );
     s.close().await.unwrap();
 }
 
