@@ -3,6 +3,7 @@
 use serde::Serialize;
 
 use super::Broker;
+use super::consume::retry;
 use crate::error::{Result, WharfError};
 use crate::model::{MessageId, StoredMessage};
 use crate::store::TimePage;
@@ -14,16 +15,19 @@ pub const MAX_PAGE: usize = 1000;
 
 /// Where a message stands for one consumer group.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
+#[serde(rename_all = "snake_case")]
 pub enum DeliveryStatus {
     /// The group has consumed it.
     Consumed,
     /// The group's tag expression excludes it.
     Filtered,
-    /// Not yet consumed.
+    /// Not yet consumed, or a retry of it is waiting for its back-off or its consumer.
     Pending,
-    /// The group has no online instance.
+    /// Not yet consumed (or a retry is outstanding) and the group has no online instance.
     Offline,
+    /// `dead_letter`: every retry failed, so it sits in `%DLQ%<group>` unconsumed; an operator
+    /// re-sends it with `POST /v1/groups/{group}/dead-letters/{message_id}/resend`.
+    DeadLetter,
 }
 
 /// One group's status for a message.
@@ -48,12 +52,15 @@ impl Broker {
     /// Finds a message by id.
     pub async fn message(&self, id: &str) -> Result<MessageView> {
         let parsed: MessageId = id.parse()?;
-        let message = self.store.get(parsed).await?.ok_or_else(|| {
+        let mut message = self.store.get(parsed).await?.ok_or_else(|| {
             WharfError::not_found(format!(
                 "message '{id}' not found; it may be past retention or never stored"
             ))
         })?;
         let deliveries = self.engine.deliveries(self, &message).await?;
+        if retry::is_copy_topic(&message.topic) {
+            retry::strip_origin_key(&mut message);
+        }
         Ok(MessageView {
             message,
             deliveries,

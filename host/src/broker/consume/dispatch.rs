@@ -12,6 +12,7 @@ use super::filter::TagFilter;
 use super::group_state::GroupState;
 use super::progress::{Entry, QueueKey, QueueState, weight};
 use super::receipt::Receipt;
+use super::retry::strip_origin_key;
 use super::{
     Delivered, GroupHandle, Outcome, PROP_ORIGIN_MESSAGE_ID, PROP_RETRY_TOPIC,
     START_FROM_EARLIEST_MAX_AGE_MS, is_retry_topic_of, not_registered,
@@ -20,13 +21,14 @@ use crate::broker::{Broker, ConsumeModel, Group};
 use crate::error::{Result, WharfError};
 use crate::model::{MessageId, StoredMessage};
 
-/// How a retry looks to consumers: the original topic and id, with its reconsume count.
-/// Any other message is handed out as stored, shared rather than copied.
+/// How a retry looks to consumers: the original topic, id and business keys, with its
+/// reconsume count. Any other message is handed out as stored, shared rather than copied.
 pub fn present(stored: &Arc<StoredMessage>) -> Arc<StoredMessage> {
     if !stored.topic.starts_with("%RETRY%") {
         return stored.clone();
     }
     let mut m = StoredMessage::clone(stored);
+    strip_origin_key(&mut m);
     if let Some(t) = m.properties.get(PROP_RETRY_TOPIC) {
         m.topic = t.clone();
     }

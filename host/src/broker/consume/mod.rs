@@ -586,9 +586,12 @@ impl Broker {
     ) -> Result<TimePage> {
         self.consumer_group(group)?;
         let limit = limit.clamp(1, super::query::MAX_PAGE);
-        self.store
+        let mut page = self
+            .store
             .by_time(&dlq_topic(group), 0, u64::MAX, limit, page_token)
-            .await
+            .await?;
+        page.messages.iter_mut().for_each(retry::strip_origin_key);
+        Ok(page)
     }
 
     /// Re-sends one dead letter to its original topic.

@@ -8,6 +8,7 @@ use tracing::instrument;
 
 use super::filter::TagFilter;
 use super::is_retry_topic_of;
+use super::retry::{is_copy_topic, strip_origin_key};
 use crate::broker::Broker;
 use crate::error::{Result, WharfError};
 use crate::model::StoredMessage;
@@ -16,7 +17,8 @@ use crate::store::{CommittedOffset, QueueBounds};
 /// Answer to a queue pull.
 #[derive(Debug, Clone, Default)]
 pub struct QueuePull {
-    /// Matching messages in offset order (stored form: retries keep their `%RETRY%` topic).
+    /// Matching messages in offset order (stored form: retries keep their `%RETRY%` topic and
+    /// properties; only the engine's system key is left out).
     pub messages: Vec<StoredMessage>,
     /// Where the next pull starts (after every entry examined, matched or not).
     pub next_offset: u64,
@@ -81,10 +83,17 @@ impl Broker {
                 .store
                 .read_queue(topic, queue_id, from, max, filter.hashes())
                 .await?;
+            let copies = is_copy_topic(topic);
             let messages: Vec<StoredMessage> = read
                 .messages
                 .into_iter()
                 .filter(|m| filter.matches(m.tag.as_deref()))
+                .map(|mut m| {
+                    if copies {
+                        strip_origin_key(&mut m);
+                    }
+                    m
+                })
                 .collect();
             // Past entries were all filtered out: keep scanning instead of answering empty-handed.
             let caught_up = read.next_offset >= read.bounds.max;

@@ -11,9 +11,34 @@ use crate::broker::{Broker, Group, OutgoingMessage, SendReceipt};
 use crate::error::{Result, WharfError};
 use crate::model::{MessageId, NewMessage, StoredMessage};
 
+/// Starts the system key every retry and dead-letter copy carries, followed by the origin
+/// message id. The key index then finds a message's copies without scanning (delivery status);
+/// business keys cannot contain spaces, so no user key ever looks like one.
+const ORIGIN_KEY_PREFIX: &str = "ORIGIN_MESSAGE_ID ";
+
+/// The system key under which every retry and dead-letter copy of `origin_id` is indexed.
+pub fn origin_key(origin_id: &str) -> String {
+    format!("{ORIGIN_KEY_PREFIX}{origin_id}")
+}
+
+/// True for the system key [`origin_key`] builds (never a business key).
+pub fn is_origin_key(key: &str) -> bool {
+    key.starts_with(ORIGIN_KEY_PREFIX)
+}
+
+/// True when `topic` holds retry or dead-letter copies.
+pub fn is_copy_topic(topic: &str) -> bool {
+    topic.starts_with("%RETRY%") || topic.starts_with("%DLQ%")
+}
+
+/// Drops the system key from a copy, so consumers and operators see only business keys.
+pub fn strip_origin_key(m: &mut StoredMessage) {
+    m.keys.retain(|k| !is_origin_key(k));
+}
+
 /// The original topic and id of a message, looking through retry copies.
 pub fn origin(m: &StoredMessage) -> (String, String) {
-    let copy = m.topic.starts_with("%RETRY%") || m.topic.starts_with("%DLQ%");
+    let copy = is_copy_topic(&m.topic);
     let topic = copy
         .then(|| m.properties.get(PROP_RETRY_TOPIC).cloned())
         .flatten()
@@ -34,6 +59,14 @@ pub fn failure_copy(
     now_ms: u64,
 ) -> NewMessage {
     let (orig_topic, orig_id) = origin(m);
+    // A copy of a copy is indexed under the very first id, like its ORIGIN_MESSAGE_ID.
+    let mut keys: Vec<String> = m
+        .keys
+        .iter()
+        .filter(|k| !is_origin_key(k))
+        .cloned()
+        .collect();
+    keys.push(origin_key(&orig_id));
     let mut properties = m.properties.clone();
     properties.insert(PROP_RETRY_TOPIC.to_string(), orig_topic);
     properties.insert(PROP_ORIGIN_MESSAGE_ID.to_string(), orig_id);
@@ -50,7 +83,7 @@ pub fn failure_copy(
         topic,
         queue_id: 0,
         tag: m.tag.clone(),
-        keys: m.keys.clone(),
+        keys,
         properties,
         body: m.body.clone(),
         born_ms: m.born_ms,
@@ -107,7 +140,13 @@ pub async fn resend_dead_letter(
     properties.insert(PROP_ORIGIN_MESSAGE_ID.to_string(), orig_id);
     let out = OutgoingMessage {
         tag: m.tag.clone(),
-        keys: m.keys.clone(),
+        // The re-sent message starts a chain of its own: only the business keys go with it.
+        keys: m
+            .keys
+            .iter()
+            .filter(|k| !is_origin_key(k))
+            .cloned()
+            .collect(),
         properties,
         body: m.body.clone(),
         deliver_at_ms: None,
@@ -156,6 +195,10 @@ mod tests {
         assert_eq!(c.properties[PROP_RETRY_TOPIC], "Trade");
         assert_eq!(c.properties[PROP_ORIGIN_MESSAGE_ID], m.id.to_string());
         assert_eq!(c.tag.as_deref(), Some("order"));
+        assert_eq!(
+            c.keys,
+            vec!["k1".to_string(), origin_key(&m.id.to_string())]
+        );
     }
 
     #[test]
@@ -164,9 +207,15 @@ mod tests {
         let c = failure_copy("G1", &first, 16, 1.0, 0);
         let mut second = stored("%RETRY%G1", 1);
         second.properties = c.properties;
+        second.keys = c.keys;
         second.id = MessageId::new(6, 1, 99);
         let c2 = failure_copy("G1", &second, 16, 1.0, 0);
         assert_eq!(c2.properties[PROP_ORIGIN_MESSAGE_ID], first.id.to_string());
+        assert_eq!(
+            c2.keys,
+            vec!["k1".to_string(), origin_key(&first.id.to_string())],
+            "one system key, naming the first id"
+        );
         assert_eq!(c2.properties[PROP_RETRY_TOPIC], "Trade");
         assert_eq!(c2.deliver_at_ms, Some(30_000));
         assert_eq!(c2.reconsume_times, 2);
@@ -180,6 +229,23 @@ mod tests {
         assert_eq!(c.topic, "%DLQ%G1");
         assert_eq!(c.deliver_at_ms, None);
         assert_eq!(c.properties[PROP_RETRY_TOPIC], "Trade");
+        assert!(
+            c.keys.iter().any(|k| is_origin_key(k)),
+            "dead letters are indexed too"
+        );
+    }
+
+    #[test]
+    fn the_system_key_is_stripped_and_never_a_business_key() {
+        let first = stored("Trade", 0);
+        let c = failure_copy("G1", &first, 16, 1.0, 0);
+        let mut copy = stored("%RETRY%G1", 1);
+        copy.keys = c.keys;
+        strip_origin_key(&mut copy);
+        assert_eq!(copy.keys, vec!["k1".to_string()]);
+        // Business keys are refused when they hold a space; the system key always does.
+        assert!(origin_key("X").contains(' '));
+        assert!(!is_origin_key("ORIGIN_MESSAGE_ID"));
     }
 
     #[test]

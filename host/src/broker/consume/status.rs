@@ -5,10 +5,12 @@ use std::collections::{BTreeMap, HashMap};
 use tracing::info;
 
 use super::filter::TagFilter;
+use super::group_state::GroupState;
 use super::progress::{QueueKey, QueueState};
+use super::retry;
 use super::{
-    GroupStatus, InstanceStatus, Subscription, broadcast_offsets_key, is_retry_topic_of,
-    retry_topic,
+    GroupHandle, GroupStatus, InstanceStatus, Subscription, broadcast_offsets_key, dlq_topic,
+    is_retry_topic_of, retry_topic,
 };
 use crate::broker::{Broker, ConsumeModel, Delivery, DeliveryStatus, GroupKind};
 use crate::error::{Result, WharfError};
@@ -136,48 +138,69 @@ async fn backlog_of(b: &Broker, model: ConsumeModel, positions: &Positions) -> R
     Ok(total)
 }
 
-/// Per consumer group subscribed to the message's topic: consumed / filtered / pending / offline.
+/// Most retry copies of one message examined (newest first). Each copy of a chain is written
+/// only after the one before it failed, so only the newest can be outstanding; a second chain
+/// exists only after a redelivery, so copies older than this are long settled.
+const MAX_COPIES_EXAMINED: usize = 64;
+
+/// Per consumer group subscribed to the message's topic: consumed / filtered / pending /
+/// offline / dead_letter.
+///
+/// A clustering group commits a failed message's offset once its retry copy is stored, so a
+/// committed offset alone does not mean consumed: the message's copies in `%RETRY%<group>` and
+/// `%DLQ%<group>` (found through their system key, see [`retry::origin_key`]) decide.
 pub async fn deliveries(b: &Broker, message: &StoredMessage) -> Result<Vec<Delivery>> {
+    let key = retry::origin_key(&retry::origin(message).1);
     let mut out = Vec::new();
     for g in b.list_groups() {
         if g.kind == GroupKind::Producer {
             continue;
         }
         let handle = b.engine.handle(&g).await?;
-        let st = handle.state.lock();
-        let subs = if st.instances.is_empty() {
-            st.persisted_subscriptions.clone().unwrap_or_default()
-        } else {
-            st.majority_subscriptions()
-        };
-        let Some(sub) = subs.iter().find(|s| s.topic == message.topic) else {
-            continue;
-        };
-        let status = match TagFilter::parse(&sub.expression) {
-            Ok(f) if !f.matches(message.tag.as_deref()) => DeliveryStatus::Filtered,
-            _ => {
-                let key = (message.topic.clone(), message.queue_id);
-                let consumed = message.queue_offset.is_some_and(|o| match st.model {
-                    ConsumeModel::Clustering => match st.queues.get(&key) {
-                        Some(q) => q.is_consumed(o),
-                        None => st.loaded.get(&key).is_some_and(|c| o < *c),
-                    },
-                    ConsumeModel::Broadcasting => {
-                        !st.instances.is_empty()
-                            && st
-                                .instances
-                                .values()
-                                .all(|i| i.own.get(&key).is_some_and(|q| q.is_consumed(o)))
+        let (status, check_copies) = {
+            let st = handle.state.lock();
+            let subs = if st.instances.is_empty() {
+                st.persisted_subscriptions.clone().unwrap_or_default()
+            } else {
+                st.majority_subscriptions()
+            };
+            let Some(sub) = subs.iter().find(|s| s.topic == message.topic) else {
+                continue;
+            };
+            match TagFilter::parse(&sub.expression) {
+                Ok(f) if !f.matches(message.tag.as_deref()) => (DeliveryStatus::Filtered, false),
+                _ => {
+                    let queue = (message.topic.clone(), message.queue_id);
+                    let consumed = message.queue_offset.is_some_and(|o| match st.model {
+                        ConsumeModel::Clustering => clustering_consumed(&st, &queue, o),
+                        ConsumeModel::Broadcasting => {
+                            !st.instances.is_empty()
+                                && st
+                                    .instances
+                                    .values()
+                                    .all(|i| i.own.get(&queue).is_some_and(|q| q.is_consumed(o)))
+                        }
+                    });
+                    if consumed {
+                        // Broadcasting never retries, so only clustering has copies to look at.
+                        (
+                            DeliveryStatus::Consumed,
+                            st.model == ConsumeModel::Clustering,
+                        )
+                    } else {
+                        (unsettled(&st), false)
                     }
-                });
-                if consumed {
-                    DeliveryStatus::Consumed
-                } else if st.instances.is_empty() {
-                    DeliveryStatus::Offline
-                } else {
-                    DeliveryStatus::Pending
                 }
             }
+        };
+        let status = if check_copies {
+            match copies_state(b, &handle, &g.name, &key).await? {
+                Copies::Settled => DeliveryStatus::Consumed,
+                Copies::RetryOutstanding => unsettled(&handle.state.lock()),
+                Copies::DeadLettered => DeliveryStatus::DeadLetter,
+            }
+        } else {
+            status
         };
         out.push(Delivery {
             group: g.name.clone(),
@@ -185,6 +208,64 @@ pub async fn deliveries(b: &Broker, message: &StoredMessage) -> Result<Vec<Deliv
         });
     }
     Ok(out)
+}
+
+/// Status of a message the group has not finished with: pending, or offline without instances.
+fn unsettled(st: &GroupState) -> DeliveryStatus {
+    if st.instances.is_empty() {
+        DeliveryStatus::Offline
+    } else {
+        DeliveryStatus::Pending
+    }
+}
+
+/// True when a clustering group has settled `offset` of queue `key`.
+fn clustering_consumed(st: &GroupState, key: &QueueKey, offset: u64) -> bool {
+    match st.queues.get(key) {
+        Some(q) => q.is_consumed(offset),
+        None => st.loaded.get(key).is_some_and(|c| offset < *c),
+    }
+}
+
+/// Where the failure copies of a message whose own offset a clustering group committed stand.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Copies {
+    /// No copy, or every retry copy was consumed: the message was consumed.
+    Settled,
+    /// A retry copy is held for its back-off, or visible and not yet consumed.
+    RetryOutstanding,
+    /// Its last retry failed too: the copy sits in the dead-letter topic.
+    DeadLettered,
+}
+
+/// Looks up the copies indexed under `key` in the group's retry and dead-letter topics.
+///
+/// Retry copies are examined before the dead-letter topic: the engine stores a dead letter
+/// before it commits the failed retry, so a retry seen as settled here already has its dead
+/// letter visible, and the answer never flips to consumed in between.
+async fn copies_state(b: &Broker, handle: &GroupHandle, group: &str, key: &str) -> Result<Copies> {
+    let retry = retry_topic(group);
+    for copy in b.store.by_key(&retry, key, MAX_COPIES_EXAMINED).await? {
+        let offset = match copy.queue_offset {
+            Some(o) => Some(o),
+            // The key index returns a timer copy as appended; the lookup by id finds the
+            // offset it was revealed at, and none while it is still held.
+            None => b.store.get(copy.id).await?.and_then(|m| m.queue_offset),
+        };
+        // A copy whose offset cannot be found is counted as outstanding: claiming consumed
+        // without evidence is the mistake this check exists to prevent.
+        let consumed = offset.is_some_and(|o| {
+            clustering_consumed(&handle.state.lock(), &(retry.clone(), copy.queue_id), o)
+        });
+        if !consumed {
+            return Ok(Copies::RetryOutstanding);
+        }
+    }
+    if b.store.by_key(&dlq_topic(group), key, 1).await?.is_empty() {
+        Ok(Copies::Settled)
+    } else {
+        Ok(Copies::DeadLettered)
+    }
 }
 
 /// Moves the group's position on every queue of `topic` to the first message stored at or after

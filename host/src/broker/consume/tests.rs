@@ -417,7 +417,7 @@ async fn group_max_reconsume_times_latest_setting_wins() {
     e.topic("Trade", 1).await;
     e.group("GID_m", ConsumeModel::Clustering, Some(5)).await;
     e.join("GID_m", "a", &[("Trade", "*")]).await;
-    e.send("Trade", None, "x").await;
+    let id = e.send("Trade", None, "x").await;
     let d = e.recv_n("GID_m", "a", 1).await.remove(0);
     let mut g = e.broker.group("GID_m").unwrap();
     g.max_reconsume_times = 0;
@@ -427,6 +427,10 @@ async fn group_max_reconsume_times_latest_setting_wins() {
     assert!(e.recv("GID_m", "a", 1).await.is_empty());
     let dead = e.broker.dead_letters("GID_m", 10, None).await.unwrap();
     assert_eq!(dead.messages.len(), 1);
+    assert_eq!(
+        status_of(&e, &id, "GID_m").await,
+        DeliveryStatus::DeadLetter
+    );
 }
 
 #[tokio::test]
@@ -703,6 +707,161 @@ async fn delivery_status_per_group() {
     let view = e.broker.message(&id).await.unwrap();
     let g3 = view.deliveries.iter().find(|d| d.group == "GID_3").unwrap();
     assert_eq!(g3.status, DeliveryStatus::Pending);
+}
+
+/// `group`'s delivery status of message `id`, as `GET /v1/messages/{id}` reports it.
+async fn status_of(e: &Env, id: &str, group: &str) -> DeliveryStatus {
+    let view = e.broker.message(id).await.unwrap();
+    view.deliveries
+        .iter()
+        .find(|d| d.group == group)
+        .unwrap_or_else(|| panic!("no delivery entry for {group}: {:?}", view.deliveries))
+        .status
+}
+
+/// A keyed message (keys must survive the retry path unchanged).
+async fn send_keyed(e: &Env, topic: &str, key: &str, body: &str) -> String {
+    e.send_msg(
+        topic,
+        OutgoingMessage {
+            keys: vec![key.to_string()],
+            body: Bytes::from(body.to_string()),
+            ..Default::default()
+        },
+    )
+    .await
+}
+
+#[tokio::test]
+async fn a_failed_message_is_pending_until_a_retry_of_it_is_consumed() {
+    let e = env().await;
+    e.topic("Trade", 1).await;
+    e.group("GID_s", ConsumeModel::Clustering, None).await;
+    e.join("GID_s", "a", &[("Trade", "*")]).await;
+    let id = send_keyed(&e, "Trade", "order-7", "x").await;
+    let d = e.recv_n("GID_s", "a", 1).await.remove(0);
+    assert_eq!(status_of(&e, &id, "GID_s").await, DeliveryStatus::Pending);
+    e.nack("GID_s", &d).await;
+    assert_eq!(
+        status_of(&e, &id, "GID_s").await,
+        DeliveryStatus::Pending,
+        "the original's offset is committed, but its retry is held for the back-off"
+    );
+    e.broker.unregister_consumer("GID_s", "a").await.unwrap();
+    assert_eq!(
+        status_of(&e, &id, "GID_s").await,
+        DeliveryStatus::Offline,
+        "a retry is outstanding and nobody is there to take it"
+    );
+    e.join("GID_s", "a", &[("Trade", "*")]).await;
+
+    // First retry: visible, then in flight, then failed again.
+    e.advance(RETRY_DELAYS_MS[0] / 1000).await;
+    assert_eq!(status_of(&e, &id, "GID_s").await, DeliveryStatus::Pending);
+    let r1 = e.recv_n("GID_s", "a", 1).await.remove(0);
+    assert_eq!(r1.message.id.to_string(), id);
+    assert_eq!(r1.message.reconsume_times, 1);
+    assert_eq!(
+        r1.message.keys,
+        vec!["order-7".to_string()],
+        "consumers see only the business keys"
+    );
+    assert_eq!(status_of(&e, &id, "GID_s").await, DeliveryStatus::Pending);
+    e.nack("GID_s", &r1).await;
+    assert_eq!(status_of(&e, &id, "GID_s").await, DeliveryStatus::Pending);
+
+    // Second retry (a copy of a copy) succeeds.
+    e.advance(RETRY_DELAYS_MS[1] / 1000).await;
+    let r2 = e.recv_n("GID_s", "a", 1).await.remove(0);
+    assert_eq!(r2.message.id.to_string(), id);
+    assert_eq!(r2.message.reconsume_times, 2);
+    assert_eq!(r2.message.keys, vec!["order-7".to_string()]);
+    assert_eq!(status_of(&e, &id, "GID_s").await, DeliveryStatus::Pending);
+    e.ack("GID_s", &r2).await;
+    assert_eq!(status_of(&e, &id, "GID_s").await, DeliveryStatus::Consumed);
+    assert!(
+        e.broker
+            .dead_letters("GID_s", 10, None)
+            .await
+            .unwrap()
+            .messages
+            .is_empty()
+    );
+
+    // The answer comes from stored state, so it holds across a restart too.
+    let mut e = e;
+    e.restart().await;
+    assert_eq!(status_of(&e, &id, "GID_s").await, DeliveryStatus::Consumed);
+}
+
+#[tokio::test]
+async fn a_dead_lettered_message_is_reported_as_dead_letter() {
+    let e = env().await;
+    e.topic("Trade", 1).await;
+    e.group("GID_z", ConsumeModel::Clustering, Some(1)).await;
+    e.group("GID_y", ConsumeModel::Clustering, None).await;
+    e.join("GID_z", "a", &[("Trade", "*")]).await;
+    e.join("GID_y", "b", &[("Trade", "*")]).await;
+    let id = send_keyed(&e, "Trade", "order-9", "x").await;
+    let ok = e.recv_n("GID_y", "b", 1).await.remove(0);
+    e.ack("GID_y", &ok).await;
+
+    let d = e.recv_n("GID_z", "a", 1).await.remove(0);
+    e.nack("GID_z", &d).await;
+    e.advance(RETRY_DELAYS_MS[0] / 1000).await;
+    let r1 = e.recv_n("GID_z", "a", 1).await.remove(0);
+    assert_eq!(r1.message.reconsume_times, 1);
+    e.nack("GID_z", &r1).await;
+    e.advance(10_000_000).await;
+    assert!(
+        e.recv("GID_z", "a", 10).await.is_empty(),
+        "retries exhausted"
+    );
+
+    assert_eq!(
+        status_of(&e, &id, "GID_z").await,
+        DeliveryStatus::DeadLetter
+    );
+    assert_eq!(
+        status_of(&e, &id, "GID_y").await,
+        DeliveryStatus::Consumed,
+        "each group's own outcome"
+    );
+    e.broker.unregister_consumer("GID_z", "a").await.unwrap();
+    assert_eq!(
+        status_of(&e, &id, "GID_z").await,
+        DeliveryStatus::DeadLetter,
+        "final whether or not the group is online"
+    );
+    assert_eq!(
+        serde_json::to_value(DeliveryStatus::DeadLetter).unwrap(),
+        "dead_letter"
+    );
+
+    let dead = e.broker.dead_letters("GID_z", 10, None).await.unwrap();
+    assert_eq!(dead.messages.len(), 1);
+    let dl = &dead.messages[0];
+    assert_eq!(dl.keys, vec!["order-9".to_string()]);
+    let dl_id = dl.id.to_string();
+    let view = e.broker.message(&dl_id).await.unwrap();
+    assert_eq!(view.message.keys, vec!["order-9".to_string()]);
+
+    // A re-sent dead letter is a new message with a fate of its own.
+    e.join("GID_z", "a", &[("Trade", "*")]).await;
+    let again = e.broker.resend_dead_letter("GID_z", &dl_id).await.unwrap();
+    let again_id = again.message_id.to_string();
+    let got = e.recv_n("GID_z", "a", 1).await.remove(0);
+    assert_eq!(got.message.id, again.message_id);
+    assert_eq!(got.message.keys, vec!["order-9".to_string()]);
+    e.ack("GID_z", &got).await;
+    assert_eq!(
+        status_of(&e, &again_id, "GID_z").await,
+        DeliveryStatus::Consumed
+    );
+    assert_eq!(
+        status_of(&e, &id, "GID_z").await,
+        DeliveryStatus::DeadLetter
+    );
 }
 
 fn pull<'a>(
