@@ -231,43 +231,16 @@ impl Writer {
                     };
                     self.timer_adds.push((t, seg_base));
                 } else if h.queue_offset != record::NO_OFFSET {
-                    let q = self.sh.queues.get_or_create(topic, h.queue_id)?;
-                    q.next_assign
-                        .fetch_max(h.queue_offset + 1, Ordering::Relaxed);
-                    q.last_visible_ms.fetch_max(h.stored_ms, Ordering::Relaxed);
-                    self.cq_ops.push((
-                        q,
-                        h.queue_offset,
-                        CqEntry {
-                            pos,
-                            src_pos: pos,
-                            size: h.len,
-                            tag_hash: h.tag_hash,
-                            visible_ms: h.stored_ms,
-                        },
-                    ));
+                    self.replay_visible(topic, &h, pos, pos, h.len)?;
                 }
                 for k in record::keys_of(rec) {
                     self.key_ops.push((record::key_hash(topic, k), pos));
                 }
             }
             _ => {
+                // A reveal marker: its consume-queue entry points at the timer message it reveals.
                 let target = h.born_ms;
-                let q = self.sh.queues.get_or_create(topic, h.queue_id)?;
-                q.next_assign
-                    .fetch_max(h.queue_offset + 1, Ordering::Relaxed);
-                q.last_visible_ms.fetch_max(h.stored_ms, Ordering::Relaxed);
-                self.cq_ops.push((
-                    q,
-                    h.queue_offset,
-                    CqEntry {
-                        pos: target,
-                        src_pos: pos,
-                        size: h.reconsume,
-                        tag_hash: h.tag_hash,
-                        visible_ms: h.stored_ms,
-                    },
-                ));
+                self.replay_visible(topic, &h, target, pos, h.reconsume)?;
                 let t = Timer {
                     deliver: h.deliver_ms,
                     pos: target,
@@ -277,6 +250,34 @@ impl Writer {
                 self.timer_dones.push((t, pos));
             }
         }
+        Ok(())
+    }
+
+    /// Queues the consume-queue entry a replayed record made visible at `h.queue_offset`:
+    /// the message at `target` (`size` bytes), created by the record at `src`.
+    fn replay_visible(
+        &mut self,
+        topic: &str,
+        h: &Header,
+        target: u64,
+        src: u64,
+        size: u32,
+    ) -> io::Result<()> {
+        let q = self.sh.queues.get_or_create(topic, h.queue_id)?;
+        q.next_assign
+            .fetch_max(h.queue_offset + 1, Ordering::Relaxed);
+        q.last_visible_ms.fetch_max(h.stored_ms, Ordering::Relaxed);
+        self.cq_ops.push((
+            q,
+            h.queue_offset,
+            CqEntry {
+                pos: target,
+                src_pos: src,
+                size,
+                tag_hash: h.tag_hash,
+                visible_ms: h.stored_ms,
+            },
+        ));
         Ok(())
     }
 
