@@ -4,6 +4,7 @@
 //! at one; `.ci/run` does both.
 
 mod consume;
+mod delivery;
 mod crash;
 mod foundation;
 mod harness;

@@ -181,10 +181,12 @@ fn spawn_consumers(
                     for d in &got {
                         lat.push(age_us(&d.message.body, epoch));
                     }
-                    for d in got {
-                        broker
-                            .settle(GROUP, &d.receipt, Outcome::CommitMessage)
-                            .await?;
+                    let batch: Vec<_> = got
+                        .into_iter()
+                        .map(|d| (d.token, Outcome::CommitMessage))
+                        .collect();
+                    for r in broker.settle_batch(GROUP, &batch).await? {
+                        r?;
                         settled.fetch_add(1, Ordering::Relaxed);
                     }
                 }

@@ -20,7 +20,7 @@ use crate::store::Store;
 pub use config::BrokerConfig;
 pub use query::{Delivery, DeliveryStatus, MessageView};
 pub use resources::{ConsumeModel, Group, GroupKind, GroupSpec, Topic, TopicSpec, TopicType};
-pub use send::{OutgoingMessage, SendReceipt};
+pub use send::{OutgoingMessage, QueueChoice, SendReceipt};
 
 /// The broker: owns the resource registry and the consumption engine, over one store.
 pub struct Broker {
@@ -33,6 +33,8 @@ pub struct Broker {
     /// race an update into resurrecting the resource.
     registry_writes: tokio::sync::Mutex<()>,
     engine: consume::Engine,
+    /// This host's identity for this boot: receipts, leases and member rows carry it.
+    host_id: String,
 }
 
 impl Broker {
@@ -56,6 +58,7 @@ impl Broker {
             registry: RwLock::new(registry),
             registry_writes: tokio::sync::Mutex::new(()),
             engine,
+            host_id: host_identity(),
         });
         consume::Engine::start(&broker);
         Ok(broker)
@@ -69,6 +72,12 @@ impl Broker {
     /// The injected clock.
     pub fn clock(&self) -> &SharedClock {
         &self.clock
+    }
+
+    /// This host's identity for this boot (`<hostname>#<boot>`): a new boot gets a new one, so
+    /// receipts, leases and member rows from before a restart are told apart.
+    pub fn host_id(&self) -> &str {
+        &self.host_id
     }
 
     /// Broker settings.
@@ -86,4 +95,14 @@ impl Broker {
         self.engine.shutdown().await;
         self.store.close().await
     }
+}
+
+/// `<hostname>#<random boot id>`: stable enough to read in logs, unique per boot.
+fn host_identity() -> String {
+    let name = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty() && s.chars().all(|c| c.is_ascii_graphic() && c != '#'))
+        .unwrap_or_else(|| "wharf".to_string());
+    format!("{name}#{:08x}", rand::random::<u32>())
 }

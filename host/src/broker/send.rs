@@ -29,6 +29,41 @@ pub struct OutgoingMessage {
     pub delay_ms: Option<u64>,
     /// Producer time (ms); now when absent.
     pub born_ms: Option<u64>,
+    /// Which queue of the topic it goes to.
+    pub queue: QueueChoice,
+}
+
+/// How a send picks the queue of its topic.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum QueueChoice {
+    /// Spread over the queues in turn.
+    #[default]
+    RoundRobin,
+    /// The same key always lands in the same queue (ordered per key while the queue count holds).
+    ShardingKey(String),
+    /// This queue id (RocketMQ SDK clients choose their queue themselves).
+    Queue(u32),
+}
+
+impl QueueChoice {
+    /// The queue id among `queues` for the `i`-th message of a batch whose round robin starts
+    /// at `start`; an explicit id out of range is an error naming the valid ones.
+    fn pick(&self, start: u32, i: usize, queues: u32, topic: &str) -> Result<u32> {
+        match self {
+            QueueChoice::RoundRobin => Ok(start.wrapping_add(i as u32) % queues),
+            // FNV-1a: stable across hosts and releases, unlike the std hasher.
+            QueueChoice::ShardingKey(key) => {
+                let h = key.bytes().fold(0x811c_9dc5_u32, |h, b| {
+                    (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
+                });
+                Ok(h % queues)
+            }
+            QueueChoice::Queue(q) if *q < queues => Ok(*q),
+            QueueChoice::Queue(q) => Err(WharfError::bad_request(format!(
+                "topic '{topic}' has queues 0..{queues}; queue {q} does not exist (refresh the route)"
+            ))),
+        }
+    }
 }
 
 /// Answer to a successful send.
@@ -85,9 +120,10 @@ impl Broker {
                     }
                 }
             })?;
+            let queue_id = m.queue.pick(start, i, t.queues, &t.name)?;
             batch.push(NewMessage {
                 topic: t.name.clone(),
-                queue_id: start.wrapping_add(i as u32) % t.queues,
+                queue_id,
                 tag: m.tag,
                 keys: m.keys,
                 properties: m.properties,
@@ -191,6 +227,18 @@ mod tests {
             put("KEYS", &m.keys.join(" "));
         }
         out
+    }
+
+    #[test]
+    fn queue_choice_is_stable_and_checked() {
+        let k = QueueChoice::ShardingKey("order-42".into());
+        let q = k.pick(0, 0, 8, "T").unwrap();
+        assert_eq!(k.pick(5, 3, 8, "T").unwrap(), q, "a key keeps its queue");
+        assert!(q < 8);
+        assert_eq!(QueueChoice::RoundRobin.pick(7, 2, 8, "T").unwrap(), 1);
+        assert_eq!(QueueChoice::Queue(3).pick(0, 0, 8, "T").unwrap(), 3);
+        let e = QueueChoice::Queue(8).pick(0, 0, 8, "T").unwrap_err();
+        assert!(e.message.contains("queues 0..8"), "{}", e.message);
     }
 
     #[test]

@@ -58,7 +58,8 @@ fn all_tags() -> String {
     "*".into()
 }
 
-/// `POST /v1/groups/{group}/receive`: register (or refresh) this consumer and long-poll.
+/// `POST /v1/groups/{group}/receive`: subscribe this consumer to the named topics (keeping its
+/// others) and long-poll them.
 pub async fn receive(
     State(st): State<Shared>,
     Caller(who): Caller,
@@ -113,8 +114,11 @@ pub async fn receive(
     if instance_id.is_empty() {
         return Err(WharfError::bad_request("instance_id must not be empty").into());
     }
+    // The request says what it reads now; the instance's other topics stay subscribed, so one
+    // client reading several topics is one consistent member and its receipts stay valid.
+    let topics: Vec<String> = subscriptions.iter().map(|s| s.topic.clone()).collect();
     st.broker
-        .register_consumer(InstanceSpec {
+        .subscribe(InstanceSpec {
             group: group.clone(),
             instance_id: instance_id.clone(),
             address,
@@ -125,8 +129,9 @@ pub async fn receive(
     // A long poll must not hold up shutdown. Dropping it mid-way is safe: whatever it had taken
     // stays un-acknowledged and is delivered again after the restart.
     let mut shutdown = st.shutdown.clone();
+    let wait = Duration::from_millis(wait_ms);
     let delivered = tokio::select! {
-        r = st.broker.receive(&group, &instance_id, max, Duration::from_millis(wait_ms)) => r?,
+        r = st.broker.receive_topics(&group, &instance_id, &topics, max, wait) => r?,
         _ = async {
             // A dropped sender means no shutdown signal will ever come.
             if shutdown.wait_for(|stopping| *stopping).await.is_err() {
@@ -134,11 +139,16 @@ pub async fn receive(
             }
         } => Vec::new(),
     };
+    let receipts: Vec<String> = delivered
+        .iter()
+        .map(|d| st.broker.receipt(&group, d))
+        .collect();
     let messages: Vec<_> = delivered
         .iter()
-        .map(|d| ReceivedJson {
+        .zip(&receipts)
+        .map(|(d, receipt)| ReceivedJson {
             message: MessageJson::new(&d.message),
-            receipt: &d.receipt,
+            receipt,
         })
         .collect();
     Ok(Json(json!({ "instance_id": instance_id, "messages": messages })).into_response())

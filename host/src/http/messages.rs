@@ -8,7 +8,7 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 use super::error::{BodyKind, parse_json, parse_object};
-use crate::broker::OutgoingMessage;
+use crate::broker::{OutgoingMessage, QueueChoice};
 use crate::error::{Result, WharfError};
 use crate::model::{MessageId, StoredMessage};
 
@@ -40,6 +40,9 @@ pub struct SendMessage {
     /// Producer time (epoch ms); the host's now when absent.
     #[serde(default)]
     pub born_ms: Option<u64>,
+    /// Messages with the same sharding key go to the same queue (ordered per key).
+    #[serde(default)]
+    pub sharding_key: Option<String>,
 }
 
 impl SendMessage {
@@ -80,6 +83,9 @@ impl SendMessage {
             deliver_at_ms: self.deliver_at_ms,
             delay_ms: self.delay_ms,
             born_ms: self.born_ms,
+            queue: self
+                .sharding_key
+                .map_or(QueueChoice::RoundRobin, QueueChoice::ShardingKey),
         })
     }
 }

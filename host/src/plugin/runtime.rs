@@ -171,6 +171,7 @@ impl wharf::plugin::host::Host for HostState {
             deliver_at_ms: m.deliver_at_ms,
             delay_ms: m.delay_ms,
             born_ms: None,
+            queue: Default::default(),
         };
         match c.api.send(&m.topic, out) {
             Ok(r) => Ok(wit::SendReceipt {

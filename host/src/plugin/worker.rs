@@ -455,9 +455,11 @@ fn note_failure(spec: &WorkerSpec, message_id: MessageId, f: &Failure) {
 }
 
 fn settle(spec: &WorkerSpec, d: &Delivered, outcome: Outcome) {
+    let batch = [(d.token.clone(), outcome)];
     let settled = spec
         .handle
-        .block_on(spec.broker.settle(&spec.config.group, &d.receipt, outcome));
+        .block_on(spec.broker.settle_batch(&spec.config.group, &batch))
+        .and_then(|mut r| r.pop().unwrap_or(Ok(())));
     if let Err(e) = settled {
         spec.stats.settle_errors.fetch_add(1, Ordering::Relaxed);
         warn!(plugin = %spec.config.plugin, message_id = %d.message.id, error = %e, "settle refused");

@@ -5,16 +5,16 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use tokio::sync::watch;
 use tokio::time::Instant;
 use tracing::{debug, instrument};
 
 use super::filter::TagFilter;
 use super::group_state::GroupState;
 use super::progress::{Entry, QueueKey, QueueState, weight};
-use super::receipt::Receipt;
 use super::retry::strip_origin_key;
 use super::{
-    Delivered, GroupHandle, Outcome, PROP_ORIGIN_MESSAGE_ID, PROP_RETRY_TOPIC,
+    Delivered, DeliveryToken, GroupHandle, Outcome, PROP_ORIGIN_MESSAGE_ID, PROP_RETRY_TOPIC,
     START_FROM_EARLIEST_MAX_AGE_MS, is_retry_topic_of, not_registered,
 };
 use crate::broker::{Broker, ConsumeModel, Group};
@@ -51,6 +51,33 @@ pub fn progress_mut<'a>(
     match st.model {
         ConsumeModel::Clustering => st.queues.get_mut(key),
         ConsumeModel::Broadcasting => st.instances.get_mut(instance)?.own.get_mut(key),
+    }
+}
+
+/// Which topics one receive serves: all the instance's (`None`), or those a request names.
+#[derive(Debug, Clone, Copy)]
+struct Wanted<'a>(Option<&'a [String]>);
+
+impl Wanted<'_> {
+    /// True when the receive reads queues of `topic` (the retry topic always: it holds retries
+    /// of every topic, told apart per message).
+    fn queue(&self, topic: &str) -> bool {
+        match self.0 {
+            None => true,
+            Some(ts) => topic.starts_with("%RETRY%") || ts.iter().any(|t| t == topic),
+        }
+    }
+
+    /// True when the receive hands out `m`, read from a queue of `queue_topic`.
+    fn message(&self, queue_topic: &str, m: &StoredMessage) -> bool {
+        match self.0 {
+            None => true,
+            Some(ts) if queue_topic.starts_with("%RETRY%") => m
+                .properties
+                .get(PROP_RETRY_TOPIC)
+                .is_some_and(|origin| ts.iter().any(|t| t == origin)),
+            Some(_) => true,
+        }
     }
 }
 
@@ -97,9 +124,11 @@ impl Broker {
         &self,
         group: &str,
         instance: &str,
+        topics: Option<&[String]>,
         max: usize,
         wait: Duration,
     ) -> Result<Vec<Delivered>> {
+        let wanted = Wanted(topics);
         let g = self.consumer_group(group)?;
         let handle = self
             .engine
@@ -114,18 +143,20 @@ impl Broker {
         };
         async {
             loop {
-                let mut changes = self.store.changes();
-                changes.borrow_and_update();
+                let mut watches = self.queue_watches(&handle, instance, wanted);
+                for w in &mut watches {
+                    w.borrow_and_update();
+                }
                 let notified = handle.notify.notified();
                 tokio::pin!(notified);
                 notified.as_mut().enable();
-                let got = self.try_receive(&g, &handle, instance, max).await?;
+                let got = self.try_receive(&g, &handle, instance, wanted, max).await?;
                 if !got.is_empty() || Instant::now() >= deadline {
                     return Ok(got);
                 }
                 let mut stop = self.engine.stop.subscribe();
                 tokio::select! {
-                    _ = changes.changed() => {}
+                    _ = any_changed(&mut watches) => {}
                     _ = &mut notified => {}
                     _ = tokio::time::sleep_until(deadline) => {}
                     _ = stop.wait_for(|s| *s) => return Ok(Vec::new()),
@@ -135,12 +166,33 @@ impl Broker {
         .await
     }
 
+    /// Change signals of the queues a receive reads: an append elsewhere never wakes it. A
+    /// rebalance, a settle that frees credit or a reset wakes it through the group's notify.
+    fn queue_watches(
+        &self,
+        handle: &GroupHandle,
+        instance: &str,
+        wanted: Wanted<'_>,
+    ) -> Vec<watch::Receiver<u64>> {
+        let st = handle.state.lock();
+        let Some(inst) = st.instances.get(instance) else {
+            return Vec::new();
+        };
+        inst.assigned
+            .iter()
+            .filter(|k| wanted.queue(&k.0))
+            .map(|_| self.store.changes())
+            .take(1)
+            .collect()
+    }
+
     /// One pass: ready messages first, then fresh reads from owned queues in turn.
     async fn try_receive(
         &self,
         g: &Group,
         handle: &Arc<GroupHandle>,
         instance: &str,
+        wanted: Wanted<'_>,
         max: usize,
     ) -> Result<Vec<Delivered>> {
         let now = self.clock.now_ms();
@@ -174,6 +226,7 @@ impl Broker {
             let plan: Vec<QueueKey> = inst.assigned[start..]
                 .iter()
                 .chain(&inst.assigned[..start])
+                .filter(|k| wanted.queue(&k.0))
                 .cloned()
                 .collect();
             for key in &plan {
@@ -182,9 +235,9 @@ impl Broker {
                 }
                 self.take_ready(
                     &mut st,
-                    g,
                     instance,
                     key,
+                    wanted,
                     deadline_ms,
                     &mut budget,
                     &mut out,
@@ -201,6 +254,7 @@ impl Broker {
                 handle,
                 instance,
                 &key,
+                wanted,
                 deadline_ms,
                 &mut budget,
                 &mut out,
@@ -215,9 +269,9 @@ impl Broker {
     fn take_ready(
         &self,
         st: &mut GroupState,
-        g: &Group,
         instance: &str,
         key: &QueueKey,
+        wanted: Wanted<'_>,
         deadline_ms: u64,
         budget: &mut Budget,
         out: &mut Vec<Delivered>,
@@ -228,7 +282,6 @@ impl Broker {
             && q.owner.as_deref() == Some(instance)
         {
             let to = Recipient {
-                group: &g.name,
                 instance,
                 key,
                 epoch: q.epoch,
@@ -236,6 +289,9 @@ impl Broker {
             };
             for (offset, entry) in q.pending.iter_mut() {
                 if let Entry::Ready { message } = entry {
+                    if !wanted.message(&key.0, message) {
+                        continue;
+                    }
                     if !budget.admit(weight(message)) {
                         break;
                     }
@@ -318,6 +374,7 @@ impl Broker {
         handle: &Arc<GroupHandle>,
         instance: &str,
         key: &QueueKey,
+        wanted: Wanted<'_>,
         deadline_ms: u64,
         budget: &mut Budget,
         out: &mut Vec<Delivered>,
@@ -382,7 +439,6 @@ impl Broker {
             return Ok(());
         }
         let to = Recipient {
-            group: &g.name,
             instance,
             key,
             epoch: q.epoch,
@@ -395,6 +451,16 @@ impl Broker {
                 continue;
             };
             if !job.filter.matches(m.tag.as_deref()) {
+                continue;
+            }
+            if !wanted.message(&key.0, &m) {
+                // A retry of a topic this receive does not name: it waits, ready, for one that does.
+                q.pending.insert(
+                    offset,
+                    Entry::Ready {
+                        message: Arc::new(m),
+                    },
+                );
                 continue;
             }
             if !budget.admit(weight(&m)) {
@@ -416,100 +482,81 @@ impl Broker {
         Ok(())
     }
 
-    /// Settle: commit, or hand a failure to the retry path.
-    #[instrument(skip(self, receipt), fields(group = %group))]
-    pub(super) async fn settle_one(
+    /// Settles a batch of deliveries in one pass over the group's state; failures (clustering)
+    /// are written as retries together. Answers one result per token, in order: a stale or
+    /// unknown token is a precise error and does not stop the others.
+    #[instrument(skip(self, batch), fields(group = %group, count = batch.len()))]
+    pub(super) async fn settle_tokens(
         &self,
         group: &str,
-        receipt: &str,
-        outcome: Outcome,
-    ) -> Result<()> {
+        batch: &[(DeliveryToken, Outcome)],
+    ) -> Result<Vec<Result<()>>> {
         let g = self.consumer_group(group)?;
-        let r = Receipt::decode(receipt)?;
-        if r.group != group {
-            return Err(WharfError::bad_request(format!(
-                "receipt belongs to group '{}', not '{group}'; settle it through its own group",
-                r.group
-            )));
-        }
-        let stale = |why: &str| {
-            WharfError::bad_request(format!(
-                "receipt expired for {}:{} offset {} ({why}); the message is or will be delivered again, \
-                 so settle the newer delivery instead",
-                r.topic, r.queue_id, r.offset
-            ))
+        let Some(handle) = self.engine.existing(group) else {
+            let e = || {
+                WharfError::bad_request(format!(
+                    "receipts of group '{group}' expired: the group has no consumer state on this host \
+                     (it restarted, or the group was deleted and created again); the messages are or will \
+                     be delivered again, so settle the newer deliveries instead"
+                ))
+            };
+            return Ok(batch.iter().map(|_| Err(e())).collect());
         };
-        let handle = self
-            .engine
-            .existing(group)
-            .ok_or_else(|| stale("the group has no consumer state; the host restarted"))?;
-        let key: QueueKey = (r.topic.clone(), r.queue_id);
         let now = self.clock.now_ms();
-        let failed = {
+        let (cap, cap_bytes) = (
+            self.config.max_in_flight_messages,
+            self.config.max_in_flight_bytes,
+        );
+        let mut results = Vec::with_capacity(batch.len());
+        let mut failed: Vec<(String, QueueKey, u64, Arc<StoredMessage>)> = Vec::new();
+        // Waking pollers on every settle costs a wasted read each; only freed credit of an
+        // instance at its cap can let a waiting receive make progress.
+        let mut credit_freed = false;
+        {
             let mut st = handle.state.lock();
             let model = st.model;
-            let Some(q) = progress_mut(&mut st, &r.instance, &key) else {
-                return Err(stale("the instance or queue is no longer consuming"));
-            };
-            let matches = matches!(
-                q.pending.get(&r.offset),
-                Some(Entry::InFlight { delivery, .. }) if *delivery == r.delivery
-            );
-            if !matches {
-                let why = if q.epoch != r.epoch {
-                    "the queue was rebalanced or its offset reset since delivery"
-                } else if q.pending.contains_key(&r.offset) {
-                    "it was redelivered since; a newer receipt exists"
-                } else {
-                    "already settled, or its consume timeout passed and it was scheduled for retry"
+            let mut settled = 0u64;
+            for (token, outcome) in batch {
+                let key: QueueKey = (token.topic.clone(), token.queue_id);
+                let taken = match find_progress(&mut st, &key, token) {
+                    None => Err(stale(token, "the instance or queue is no longer consuming on this host")),
+                    Some(q) => take_in_flight(q, token, *outcome, model),
                 };
-                return Err(stale(why));
+                let (holder, message) = match taken {
+                    Ok(m) => m,
+                    Err(e) => {
+                        results.push(Err(e));
+                        continue;
+                    }
+                };
+                if let Some(inst) = st.instances.get_mut(&holder) {
+                    // Settling is liveness: a consumer busy acknowledging is alive.
+                    inst.last_seen_ms = now;
+                    credit_freed |= inst.in_flight >= cap || inst.in_flight_bytes >= cap_bytes;
+                    inst.release(weight(&message));
+                }
+                settled += 1;
+                if *outcome == Outcome::ReconsumeLater {
+                    if model == ConsumeModel::Clustering {
+                        failed.push((holder, key, token.offset, message));
+                    } else {
+                        debug!("broadcasting: failed message is not retried");
+                    }
+                }
+                results.push(Ok(()));
             }
-            let Some(Entry::InFlight {
-                instance, message, ..
-            }) = q.pending.remove(&r.offset)
-            else {
-                return Err(stale("already settled"));
-            };
-            let retry = outcome == Outcome::ReconsumeLater && model == ConsumeModel::Clustering;
-            if retry {
-                q.pending.insert(
-                    r.offset,
-                    Entry::Settling {
-                        message: message.clone(),
-                    },
-                );
+            if settled > 0 {
+                st.rate.add(now, settled);
+                st.last_consume_ms = Some(now);
             }
-            let (cap, cap_bytes) = (
-                self.config.max_in_flight_messages,
-                self.config.max_in_flight_bytes,
-            );
-            // Waking pollers on every settle costs a wasted read each; only freed credit of an
-            // instance at its cap can let a waiting receive make progress.
-            let mut credit_freed = false;
-            if let Some(inst) = st.instances.get_mut(&instance) {
-                credit_freed = inst.in_flight >= cap || inst.in_flight_bytes >= cap_bytes;
-                inst.release(weight(&message));
-            }
-            st.rate.add(now, 1);
-            st.last_consume_ms = Some(now);
-            (retry.then_some(message), credit_freed)
-        };
-        let (failed, credit_freed) = failed;
+        }
         if credit_freed {
             handle.notify.notify_waiters();
         }
-        if let Some(message) = failed {
-            self.fail_and_forget(
-                &g,
-                &handle,
-                vec![(r.instance.clone(), key, r.offset, message)],
-            )
-            .await?;
-        } else if outcome == Outcome::ReconsumeLater {
-            debug!("broadcasting: failed message is not retried");
+        if !failed.is_empty() {
+            self.fail_and_forget(&g, &handle, failed).await?;
         }
-        Ok(())
+        Ok(results)
     }
 
     /// Writes retries (or dead letters) for messages in `Settling` state, then drops them from
@@ -554,7 +601,6 @@ impl Broker {
 
 /// Who a message is handed to, and on which queue and ownership epoch.
 struct Recipient<'a> {
-    group: &'a str,
     instance: &'a str,
     key: &'a QueueKey,
     epoch: u64,
@@ -572,18 +618,15 @@ impl Recipient<'_> {
         out: &mut Vec<Delivered>,
     ) -> Entry {
         let delivery = seq.fetch_add(1, Ordering::Relaxed);
-        let receipt = Receipt {
-            group: self.group.to_string(),
-            instance: self.instance.to_string(),
-            topic: self.key.0.clone(),
-            queue_id: self.key.1,
-            offset,
-            epoch: self.epoch,
-            delivery,
-        };
         out.push(Delivered {
             message: present(&message),
-            receipt: receipt.encode(),
+            token: DeliveryToken {
+                topic: self.key.0.clone(),
+                queue_id: self.key.1,
+                offset,
+                epoch: self.epoch,
+                delivery,
+            },
         });
         Entry::InFlight {
             instance: self.instance.to_string(),
@@ -673,4 +716,89 @@ fn set_polling(handle: &GroupHandle, instance: &str, delta: i32) {
     if let Some(inst) = handle.state.lock().instances.get_mut(instance) {
         inst.polling = inst.polling.saturating_add_signed(delta);
     }
+}
+
+/// The error for a token that no longer names a live delivery.
+fn stale(token: &DeliveryToken, why: &str) -> WharfError {
+    WharfError::bad_request(format!(
+        "receipt expired for {}:{} offset {} ({why}); the message is or will be delivered again, \
+         so settle the newer delivery instead",
+        token.topic, token.queue_id, token.offset
+    ))
+}
+
+/// Removes the in-flight entry `token` names from `q` and returns its message; a failure of a
+/// clustering group stays behind as `Settling` until its retry copy is durable.
+fn take_in_flight(
+    q: &mut QueueState,
+    token: &DeliveryToken,
+    outcome: Outcome,
+    model: ConsumeModel,
+) -> Result<(String, Arc<StoredMessage>)> {
+    let matches = matches!(
+        q.pending.get(&token.offset),
+        Some(Entry::InFlight { delivery, .. }) if *delivery == token.delivery
+    );
+    if !matches {
+        let why = if q.pending.contains_key(&token.offset) {
+            "it was redelivered since; a newer receipt exists"
+        } else if q.epoch != token.epoch {
+            "the queue's offset was reset since delivery"
+        } else {
+            "already settled, or its consume timeout passed and it was scheduled for retry"
+        };
+        return Err(stale(token, why));
+    }
+    let Some(Entry::InFlight {
+        instance, message, ..
+    }) = q.pending.remove(&token.offset)
+    else {
+        return Err(stale(token, "already settled"));
+    };
+    if outcome == Outcome::ReconsumeLater && model == ConsumeModel::Clustering {
+        q.pending.insert(
+            token.offset,
+            Entry::Settling {
+                message: message.clone(),
+            },
+        );
+    }
+    Ok((instance, message))
+}
+
+/// The progress holding `token`'s delivery of queue `key`: the group's (clustering), or that of
+/// the broadcasting instance whose entry at that offset carries that delivery number.
+fn find_progress<'a>(
+    st: &'a mut GroupState,
+    key: &QueueKey,
+    token: &DeliveryToken,
+) -> Option<&'a mut QueueState> {
+    match st.model {
+        ConsumeModel::Clustering => st.queues.get_mut(key),
+        ConsumeModel::Broadcasting => st
+            .instances
+            .values_mut()
+            .filter_map(|i| i.own.get_mut(key))
+            .find(|q| {
+                matches!(q.pending.get(&token.offset),
+                    Some(Entry::InFlight { delivery, .. }) if *delivery == token.delivery)
+            }),
+    }
+}
+
+/// Resolves when any of `watches` sees a new value (or its sender is gone); never when empty.
+async fn any_changed(watches: &mut [watch::Receiver<u64>]) {
+    if watches.is_empty() {
+        return std::future::pending().await;
+    }
+    let mut waits: Vec<_> = watches.iter_mut().map(|w| Box::pin(w.changed())).collect();
+    std::future::poll_fn(|cx| {
+        for w in &mut waits {
+            if w.as_mut().poll(cx).is_ready() {
+                return std::task::Poll::Ready(());
+            }
+        }
+        std::task::Poll::Pending
+    })
+    .await
 }

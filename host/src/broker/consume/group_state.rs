@@ -159,10 +159,12 @@ impl GroupState {
         }
     }
 
-    /// Recomputes who reads which queue. `queues_of` gives a topic's queue count (0 if gone);
-    /// `retry_topic` is read by every clustering instance. Queues changing hands get a new epoch
-    /// and their un-acknowledged messages become ready for the new owner.
-    pub fn rebalance(&mut self, queues_of: &dyn Fn(&str) -> u32, retry_topic: &str) {
+    /// Recomputes who reads which queue. `queues_of` gives the queue ids of a topic this host
+    /// may serve (all of them for broadcasting; those it holds leases on for clustering; none if
+    /// the topic is gone); `retry_topic` is read by every clustering instance. Queues changing hands get a new epoch;
+    /// messages already delivered stay with whoever holds them until settled or past the consume
+    /// timeout (a slow consumer keeps its work), while ready ones go to the new owner.
+    pub fn rebalance(&mut self, queues_of: &dyn Fn(&str) -> Vec<u32>, retry_topic: &str) {
         let mut topics: BTreeMap<String, Vec<String>> = BTreeMap::new();
         for (id, inst) in &self.instances {
             for topic in inst.filters.keys() {
@@ -179,7 +181,7 @@ impl GroupState {
                 for (topic, ids) in &topics {
                     for id in ids {
                         if let Some(list) = assigned.get_mut(id) {
-                            list.extend((0..queues_of(topic)).map(|q| (topic.clone(), q)));
+                            list.extend(queues_of(topic).into_iter().map(|q| (topic.clone(), q)));
                         }
                     }
                 }
@@ -190,14 +192,15 @@ impl GroupState {
                     topics.insert(retry_topic.to_string(), all);
                 }
                 for (topic, ids) in &topics {
-                    let n = if topic == retry_topic {
-                        1
-                    } else {
-                        queues_of(topic)
-                    };
+                    let queues = queues_of(topic);
                     for (i, id) in ids.iter().enumerate() {
                         if let Some(list) = assigned.get_mut(id) {
-                            list.extend(average_share(n, ids.len(), i).map(|q| (topic.clone(), q)));
+                            let share = average_share(queues.len() as u32, ids.len(), i);
+                            list.extend(
+                                queues[share.start as usize..share.end as usize]
+                                    .iter()
+                                    .map(|q| (topic.clone(), *q)),
+                            );
                         }
                     }
                 }
@@ -210,11 +213,6 @@ impl GroupState {
                     if q.owner != new_owner {
                         q.owner = new_owner;
                         q.epoch += 1;
-                        for (who, bytes) in q.recall_in_flight() {
-                            if let Some(inst) = self.instances.get_mut(&who) {
-                                inst.release(bytes);
-                            }
-                        }
                     }
                 }
             }
@@ -288,6 +286,15 @@ impl GroupState {
 mod tests {
     use super::*;
 
+    /// Every queue of a topic (the retry topic has one).
+    fn all(topic: &str, n: u32) -> Vec<u32> {
+        if topic.starts_with("%RETRY%") {
+            vec![0]
+        } else {
+            (0..n).collect()
+        }
+    }
+
     fn inst(subs: &[(&str, &str)]) -> Instance {
         let subscriptions: Vec<Subscription> = subs
             .iter()
@@ -309,7 +316,7 @@ mod tests {
         for id in ["c", "a", "b"] {
             g.instances.insert(id.into(), inst(&[("T", "*")]));
         }
-        g.rebalance(&|_| 8, "%RETRY%G");
+        g.rebalance(&|t| all(t, 8), "%RETRY%G");
         let a = &g.instances["a"].assigned;
         assert_eq!(a.len(), 4, "3 of T plus the retry queue: {a:?}");
         assert!(a.contains(&("%RETRY%G".to_string(), 0)));
@@ -318,16 +325,16 @@ mod tests {
     }
 
     #[test]
-    fn a_departed_owner_hands_its_unacked_messages_on() {
+    fn a_departed_owner_hands_its_queue_on() {
         let mut g = GroupState::new(ConsumeModel::Clustering, vec![]);
         g.instances.insert("a".into(), inst(&[("T", "*")]));
         g.instances.insert("b".into(), inst(&[("T", "*")]));
-        g.rebalance(&|_| 2, "%RETRY%G");
+        g.rebalance(&|t| all(t, 2), "%RETRY%G");
         let mut q = QueueState::new(0, false);
         q.owner = Some("b".into());
         g.queues.insert(("T".into(), 1), q);
         g.instances.remove("b");
-        g.rebalance(&|_| 2, "%RETRY%G");
+        g.rebalance(&|t| all(t, 2), "%RETRY%G");
         let q = &g.queues[&("T".to_string(), 1)];
         assert_eq!(q.owner.as_deref(), Some("a"));
         assert_eq!(q.epoch, 1);
@@ -340,7 +347,7 @@ mod tests {
         g.instances.insert("a".into(), inst(&[("T", "*")]));
         g.instances
             .insert("b".into(), inst(&[("T", "*"), ("U", "x")]));
-        g.rebalance(&|t| if t == "T" { 4 } else { 2 }, "%RETRY%G");
+        g.rebalance(&|t| all(t, if t == "T" { 4 } else { 2 }), "%RETRY%G");
         assert_eq!(g.instances["a"].assigned.len(), 4);
         assert_eq!(g.instances["b"].assigned.len(), 6);
     }

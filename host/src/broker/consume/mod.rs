@@ -77,8 +77,24 @@ pub struct Delivered {
     /// The message (for a retry: `reconsume_times` already counts earlier attempts); shared
     /// with the engine's in-flight entry, so handing it out copies nothing.
     pub message: Arc<StoredMessage>,
-    /// Opaque handle to settle it with.
-    pub receipt: String,
+    /// Names this one delivery; in-process consumers settle with it directly, remote ones get
+    /// it wrapped in a receipt ([`Broker::receipt`]).
+    pub token: DeliveryToken,
+}
+
+/// Which delivery of which queue entry a consumer holds; a redelivery gets a new `delivery`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeliveryToken {
+    /// Topic the message is stored under (`%RETRY%…` for a retry).
+    pub topic: String,
+    /// Queue id.
+    pub queue_id: u32,
+    /// Queue offset.
+    pub offset: u64,
+    /// The queue's epoch at delivery (moves on rebalance, offset reset and lease change).
+    pub epoch: u64,
+    /// Unique number of this delivery.
+    pub delivery: u64,
 }
 
 /// What a consumer answered for one message.
@@ -336,7 +352,7 @@ impl Broker {
     /// Recomputes queue ownership of a group after its instances changed.
     fn rebalance_locked(&self, group: &str, state: &mut GroupState) {
         let retry = retry_topic(group);
-        state.rebalance(&|t| self.engine_queue_count(t), &retry);
+        state.rebalance(&|t| (0..self.engine_queue_count(t)).collect(), &retry);
         let odd = state.inconsistent_instances();
         if odd != state.warned_inconsistent {
             if !odd.is_empty() {
@@ -461,36 +477,26 @@ impl Broker {
         Ok(())
     }
 
-    /// Registers the instance, or adds (replaces) one topic's subscription while keeping its
-    /// other topics: for front ends whose requests name one topic at a time (HTTP pull), so
-    /// alternating topics does not rebalance and expire receipts on every request.
-    pub async fn subscribe_one(
-        &self,
-        group: &str,
-        instance_id: &str,
-        address: &str,
-        pid: Option<u32>,
-        subscription: Subscription,
-    ) -> Result<()> {
+    /// Registers the instance, or adds (replacing same-topic) `spec.subscriptions` to the ones it
+    /// has while keeping its other topics: for front ends whose requests name some topics at a
+    /// time (HTTP pull). Nothing is rebalanced unless the subscription set really changes.
+    pub async fn subscribe(&self, spec: InstanceSpec) -> Result<()> {
         let mut subscriptions: Vec<Subscription> = self
             .engine
-            .existing(group)
+            .existing(&spec.group)
             .and_then(|h| {
                 h.state
                     .lock()
                     .instances
-                    .get(instance_id)
+                    .get(&spec.instance_id)
                     .map(|i| i.subscriptions.clone())
             })
             .unwrap_or_default();
-        subscriptions.retain(|s| s.topic != subscription.topic);
-        subscriptions.push(subscription);
+        subscriptions.retain(|s| !spec.subscriptions.iter().any(|n| n.topic == s.topic));
+        subscriptions.extend(spec.subscriptions);
         self.register_consumer(InstanceSpec {
-            group: group.to_string(),
-            instance_id: instance_id.to_string(),
-            address: address.to_string(),
-            pid,
             subscriptions,
+            ..spec
         })
         .await
     }
@@ -511,13 +517,17 @@ impl Broker {
             .is_some_and(|h| h.state.lock().instances.contains_key(instance_id))
     }
 
-    /// Removes an instance; its un-acknowledged messages go to the others.
+    /// Removes an instance that leaves on purpose; it hands its un-acknowledged messages back,
+    /// so the others get them at once (without counting a retry).
     #[instrument(skip(self))]
     pub async fn unregister_consumer(&self, group: &str, instance_id: &str) -> Result<()> {
         self.consumer_group(group)?;
         if let Some(h) = self.engine.existing(group) {
             let removed = {
                 let mut st = h.state.lock();
+                for q in st.queues.values_mut() {
+                    q.recall_from(instance_id);
+                }
                 self.remove_instance_locked(group, &mut st, instance_id)
             };
             if removed {
@@ -559,12 +569,61 @@ impl Broker {
         max: usize,
         wait: Duration,
     ) -> Result<Vec<Delivered>> {
-        self.receive_batch(group, instance_id, max, wait).await
+        self.receive_batch(group, instance_id, None, max, wait)
+            .await
     }
 
-    /// Settles one delivered message; a stale or unknown receipt is a clear error.
+    /// Like [`Broker::receive`], but only messages of `topics` (retries included, by the topic
+    /// they came from); the instance's other subscriptions wait for a receive that names them.
+    pub async fn receive_topics(
+        &self,
+        group: &str,
+        instance_id: &str,
+        topics: &[String],
+        max: usize,
+        wait: Duration,
+    ) -> Result<Vec<Delivered>> {
+        self.receive_batch(group, instance_id, Some(topics), max, wait)
+            .await
+    }
+
+    /// The receipt a remote consumer settles `delivered` with: it names this host (and boot),
+    /// the group and the delivery, so a receipt from elsewhere is told apart.
+    pub fn receipt(&self, group: &str, delivered: &Delivered) -> String {
+        receipt::Receipt::new(&self.host_id, group, &delivered.token).encode()
+    }
+
+    /// Settles one delivered message by its receipt; a stale or unknown receipt is a clear error.
     pub async fn settle(&self, group: &str, receipt: &str, outcome: Outcome) -> Result<()> {
-        self.settle_one(group, receipt, outcome).await
+        let r = receipt::Receipt::decode(receipt)?;
+        if r.group != group {
+            return Err(WharfError::bad_request(format!(
+                "receipt belongs to group '{}', not '{group}'; settle it through its own group",
+                r.group
+            )));
+        }
+        if r.host != self.host_id {
+            return Err(WharfError::bad_request(format!(
+                "receipt expired for {}:{} offset {}: it was issued by host '{}', and this is '{}' (the host \
+                 restarted or another host delivered it); the message is or will be delivered again, so \
+                 settle the newer delivery instead",
+                r.token.topic, r.token.queue_id, r.token.offset, r.host, self.host_id
+            )));
+        }
+        self.settle_tokens(group, &[(r.token, outcome)])
+            .await?
+            .pop()
+            .unwrap_or(Ok(()))
+    }
+
+    /// Settles deliveries an in-process consumer holds, in one pass and without receipts; one
+    /// result per entry, in order.
+    pub async fn settle_batch(
+        &self,
+        group: &str,
+        batch: &[(DeliveryToken, Outcome)],
+    ) -> Result<Vec<Result<()>>> {
+        self.settle_tokens(group, batch).await
     }
 
     /// Status of a consumer group.

@@ -98,16 +98,17 @@ impl QueueState {
         offset < self.next_read && !self.pending.contains_key(&offset)
     }
 
-    /// Turns every in-flight entry back into a ready one (the queue moves or its holder left);
-    /// returns (instance, weight) pairs so the callers can release flow-control credit.
-    pub fn recall_in_flight(&mut self) -> Vec<(String, usize)> {
+    /// Turns `holder`'s in-flight entries back into ready ones (it left on purpose, handing its
+    /// work back); returns their weights so the caller can release flow-control credit.
+    pub fn recall_from(&mut self, holder: &str) -> Vec<usize> {
         let mut released = Vec::new();
         for entry in self.pending.values_mut() {
             if let Entry::InFlight {
                 instance, message, ..
             } = entry
+                && instance == holder
             {
-                released.push((std::mem::take(instance), weight(message)));
+                released.push(weight(message));
                 *entry = Entry::Ready {
                     message: message.clone(),
                 };
@@ -201,13 +202,15 @@ mod tests {
     }
 
     #[test]
-    fn recall_turns_in_flight_into_ready() {
+    fn recall_hands_one_holders_deliveries_back() {
         let mut q = QueueState::new(0, false);
         in_flight(&mut q, 0, "a");
         in_flight(&mut q, 1, "b");
         assert_eq!(q.next_deadline(), Some(100));
-        let released = q.recall_in_flight();
-        assert_eq!(released, vec![("a".to_string(), 4), ("b".to_string(), 4)]);
+        assert_eq!(q.recall_from("a"), vec![4]);
+        assert!(matches!(q.pending[&0], Entry::Ready { .. }));
+        assert!(matches!(q.pending[&1], Entry::InFlight { .. }), "b's delivery stays b's");
+        assert_eq!(q.recall_from("b"), vec![4]);
         assert!(q.pending.values().all(|e| matches!(e, Entry::Ready { .. })));
         assert_eq!(q.next_deadline(), None);
         assert_eq!(q.committed(), 0);

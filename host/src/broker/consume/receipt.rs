@@ -1,43 +1,42 @@
-//! Receipts: opaque handles naming exactly one delivery, so a stale one is recognised.
+//! Receipts: opaque handles naming exactly one delivery by one host, so a stale one (another
+//! host, an earlier boot of this one, a moved lease, a redelivery) is recognised precisely.
 
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 
+use super::DeliveryToken;
 use crate::error::{Result, WharfError};
 
 /// What a receipt encodes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Receipt {
+    /// Host (and boot) that made the delivery.
+    pub host: String,
     /// Consumer group.
     pub group: String,
-    /// Instance the message was delivered to.
-    pub instance: String,
-    /// Topic the message is stored under (`%RETRY%…` for a retry).
-    pub topic: String,
-    /// Queue id.
-    pub queue_id: u32,
-    /// Queue offset.
-    pub offset: u64,
-    /// Queue ownership epoch at delivery; a rebalance bumps it.
-    pub epoch: u64,
-    /// Unique number of this delivery; a redelivery of the same message gets a new one.
-    pub delivery: u64,
+    /// The delivery itself.
+    pub token: DeliveryToken,
 }
 
-const VERSION: &str = "r1";
+/// Current format; `r1` receipts (no host) came from a host version before this one.
+const VERSION: &str = "r2";
 
 impl Receipt {
+    /// A receipt for `token`, delivered by `host` to an instance of `group`.
+    pub fn new(host: &str, group: &str, token: &DeliveryToken) -> Receipt {
+        Receipt {
+            host: host.to_string(),
+            group: group.to_string(),
+            token: token.clone(),
+        }
+    }
+
     /// The opaque text form.
     pub fn encode(&self) -> String {
+        let t = &self.token;
         let raw = format!(
             "{VERSION}\n{}\n{}\n{}\n{}\n{}\n{}\n{}",
-            self.group,
-            self.instance,
-            self.topic,
-            self.queue_id,
-            self.offset,
-            self.epoch,
-            self.delivery
+            self.host, self.group, t.topic, t.queue_id, t.offset, t.epoch, t.delivery
         );
         URL_SAFE_NO_PAD.encode(raw)
     }
@@ -53,10 +52,16 @@ impl Receipt {
         let bytes = URL_SAFE_NO_PAD.decode(text.trim()).map_err(|_| bad())?;
         let raw = String::from_utf8(bytes).map_err(|_| bad())?;
         let parts: Vec<&str> = raw.split('\n').collect();
+        if parts.first() == Some(&"r1") {
+            return Err(WharfError::bad_request(
+                "receipt expired: it was issued before this host restarted (by an older version); \
+                 the message is or will be delivered again, so settle the newer delivery instead",
+            ));
+        }
         let [
             version,
+            host,
             group,
-            instance,
             topic,
             queue,
             offset,
@@ -70,13 +75,15 @@ impl Receipt {
             return Err(bad());
         }
         Ok(Receipt {
+            host: host.to_string(),
             group: group.to_string(),
-            instance: instance.to_string(),
-            topic: topic.to_string(),
-            queue_id: queue.parse().map_err(|_| bad())?,
-            offset: offset.parse().map_err(|_| bad())?,
-            epoch: epoch.parse().map_err(|_| bad())?,
-            delivery: delivery.parse().map_err(|_| bad())?,
+            token: DeliveryToken {
+                topic: topic.to_string(),
+                queue_id: queue.parse().map_err(|_| bad())?,
+                offset: offset.parse().map_err(|_| bad())?,
+                epoch: epoch.parse().map_err(|_| bad())?,
+                delivery: delivery.parse().map_err(|_| bad())?,
+            },
         })
     }
 }
@@ -96,20 +103,25 @@ mod tests {
     #[test]
     fn round_trips_and_rejects_garbage() {
         let r = Receipt {
+            host: "node-a#1f2e3d4c".into(),
             group: "GID_a".into(),
-            instance: "host-1#3".into(),
-            topic: "%RETRY%GID_a".into(),
-            queue_id: 7,
-            offset: 123_456_789,
-            epoch: 4,
-            delivery: 99,
+            token: DeliveryToken {
+                topic: "%RETRY%GID_a".into(),
+                queue_id: 7,
+                offset: 123_456_789,
+                epoch: 4,
+                delivery: 99,
+            },
         };
         let text = r.encode();
         assert_eq!(Receipt::decode(&text).unwrap(), r);
-        for bad in ["", "abc", "!!!", &URL_SAFE_NO_PAD.encode("r1\na\nb")] {
+        for bad in ["", "abc", "!!!", &URL_SAFE_NO_PAD.encode("r2\na\nb")] {
             let e = Receipt::decode(bad).unwrap_err();
             assert_eq!(e.http_status(), 400);
             assert!(e.message.contains("not a receipt"));
         }
+        let old = URL_SAFE_NO_PAD.encode("r1\nGID_a\ni\nT\n0\n1\n0\n5");
+        let e = Receipt::decode(&old).unwrap_err();
+        assert!(e.message.contains("before this host restarted"), "{}", e.message);
     }
 }

@@ -152,6 +152,7 @@ pub async fn resend_dead_letter(
         deliver_at_ms: None,
         delay_ms: None,
         born_ms: Some(m.born_ms),
+        queue: Default::default(),
     };
     let receipt = broker
         .send(&topic, vec![out])

@@ -20,6 +20,48 @@ pub const RETRY_DELAYS_MS: [u64; 16] = [
     2 * 3_600_000,
 ];
 
+/// RocketMQ's 18 classic delay levels (level 1 = 1 s … level 18 = 2 h), which SDK clients name
+/// in timer sends and send-backs.
+pub const DELAY_LEVELS_MS: [u64; 18] = [
+    1_000,
+    5_000,
+    10_000,
+    30_000,
+    60_000,
+    2 * 60_000,
+    3 * 60_000,
+    4 * 60_000,
+    5 * 60_000,
+    6 * 60_000,
+    7 * 60_000,
+    8 * 60_000,
+    9 * 60_000,
+    10 * 60_000,
+    20 * 60_000,
+    30 * 60_000,
+    3_600_000,
+    2 * 3_600_000,
+];
+
+/// The delay of level `level` (1-based; past 18 means 2 h), multiplied by `scale`.
+pub fn delay_level_ms(level: u32, scale: f64) -> u64 {
+    let base = level
+        .checked_sub(1)
+        .and_then(|i| DELAY_LEVELS_MS.get(i as usize))
+        .copied()
+        .unwrap_or(DELAY_LEVELS_MS[17]);
+    scaled(base, scale)
+}
+
+fn scaled(base: u64, scale: f64) -> u64 {
+    let v = base as f64 * scale;
+    if v.is_finite() && v > 0.0 {
+        v.round() as u64
+    } else {
+        0
+    }
+}
+
 /// Delay for retries past the 16th (a group may allow more than 16).
 pub const LATE_RETRY_DELAY_MS: u64 = 2 * 3_600_000;
 
@@ -31,12 +73,7 @@ pub fn retry_delay_ms(retry: u32, scale: f64) -> u64 {
         .and_then(|i| RETRY_DELAYS_MS.get(i as usize))
         .copied()
         .unwrap_or(LATE_RETRY_DELAY_MS);
-    let scaled = base as f64 * scale;
-    if scaled.is_finite() && scaled > 0.0 {
-        scaled.round() as u64
-    } else {
-        0
-    }
+    scaled(base, scale)
 }
 
 /// What to do with a message that failed `reconsume_times` times before this failure.
@@ -69,6 +106,20 @@ pub fn next_step(reconsume_times: u32, max_reconsume_times: u32, scale: f64) -> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn delay_levels_are_rocketmqs_eighteen() {
+        let secs: Vec<u64> = (1..=18).map(|l| delay_level_ms(l, 1.0) / 1000).collect();
+        assert_eq!(
+            secs,
+            [
+                1, 5, 10, 30, 60, 120, 180, 240, 300, 360, 420, 480, 540, 600, 1200, 1800, 3600,
+                7200
+            ]
+        );
+        assert_eq!(delay_level_ms(99, 1.0), 7_200_000, "past 18: the longest");
+        assert_eq!(delay_level_ms(1, 0.01), 10);
+    }
 
     #[test]
     fn schedule_matches_the_spec() {

@@ -156,6 +156,11 @@ impl Env {
         self.broker.receive(group, id, max, NO_WAIT).await.unwrap()
     }
 
+    /// The receipt a remote consumer would have got for `d`.
+    fn receipt(&self, group: &str, d: &Delivered) -> String {
+        self.broker.receipt(group, d)
+    }
+
     /// Receives until `n` messages arrived (or 10 s of real time pass).
     async fn recv_n(&self, group: &str, id: &str, n: usize) -> Vec<Delivered> {
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
@@ -173,14 +178,14 @@ impl Env {
 
     async fn ack(&self, group: &str, d: &Delivered) {
         self.broker
-            .settle(group, &d.receipt, Outcome::CommitMessage)
+            .settle(group, &self.receipt(group, d), Outcome::CommitMessage)
             .await
             .unwrap();
     }
 
     async fn nack(&self, group: &str, d: &Delivered) {
         self.broker
-            .settle(group, &d.receipt, Outcome::ReconsumeLater)
+            .settle(group, &self.receipt(group, d), Outcome::ReconsumeLater)
             .await
             .unwrap();
     }
@@ -279,7 +284,7 @@ async fn bad_expression_is_subscription_parse_failed() {
 }
 
 #[tokio::test]
-async fn silent_instance_is_removed_and_nothing_is_lost() {
+async fn silent_instance_is_removed_but_keeps_its_deliveries_until_the_consume_timeout() {
     let e = env_with(BrokerConfig::default()).await;
     e.topic("Trade", 8).await;
     e.group("GID_r", ConsumeModel::Clustering, None).await;
@@ -290,9 +295,9 @@ async fn silent_instance_is_removed_and_nothing_is_lost() {
         e.send("Trade", None, &format!("m{i}")).await;
         sent.insert(format!("m{i}"));
     }
-    // a takes some messages and dies without acknowledging them.
-    let lost_with_a = e.recv("GID_r", "a", 15).await;
-    assert_eq!(lost_with_a.len(), 15);
+    // a takes some messages and goes silent for longer than the heartbeat timeout.
+    let held_by_a = e.recv("GID_r", "a", 15).await;
+    assert_eq!(held_by_a.len(), 15);
     let mut done = BTreeSet::new();
     let first_b = e.recv("GID_r", "b", 1000).await;
     for d in &first_b {
@@ -305,16 +310,33 @@ async fn silent_instance_is_removed_and_nothing_is_lost() {
     let st = e.broker.group_status("GID_r").await.unwrap();
     assert_eq!(st.instances.len(), 1);
     assert_eq!(st.instances[0].instance_id, "b");
-    let rest = e.recv_n("GID_r", "b", sent.len() - done.len()).await;
+    // b takes over a's queues, but not what a holds: a slow consumer keeps its work.
+    let rest = e.recv_n("GID_r", "b", sent.len() - done.len() - 15).await;
     for d in &rest {
         e.ack("GID_r", d).await;
     }
     done.extend(bodies(&rest));
-    assert_eq!(done, sent, "every message consumed after the rebalance");
-    // a's receipts are stale now.
+    assert!(e.recv("GID_r", "b", 100).await.is_empty(), "a's 15 are still a's");
+    // a comes back within the consume timeout: its receipt still settles.
+    e.ack("GID_r", &held_by_a[0]).await;
+    done.extend(bodies(&held_by_a[..1]));
+    // The rest pass the consume timeout and come back as retries, counted once.
+    e.clock.advance(60_000);
+    e.broker.heartbeat("GID_r", "b");
+    e.broker.expire_pass().await;
+    e.advance(10_000).await;
+    let retried = e.recv_n("GID_r", "b", 14).await;
+    assert_eq!(retried.len(), 14);
+    assert!(retried.iter().all(|d| d.message.reconsume_times == 1));
+    for d in &retried {
+        e.ack("GID_r", d).await;
+    }
+    done.extend(bodies(&retried));
+    assert_eq!(done, sent, "every message consumed exactly once more or less");
+    // a's other receipts are stale now, and say why.
     let err = e
         .broker
-        .settle("GID_r", &lost_with_a[0].receipt, Outcome::CommitMessage)
+        .settle("GID_r", &e.receipt("GID_r", &held_by_a[1]), Outcome::CommitMessage)
         .await
         .unwrap_err();
     assert!(err.message.contains("receipt expired"), "{}", err.message);
@@ -480,7 +502,7 @@ async fn consume_timeout_retries_and_stale_receipts_are_clear_errors() {
     e.broker.expire_pass().await;
     let err = e
         .broker
-        .settle("GID_o", &d.receipt, Outcome::CommitMessage)
+        .settle("GID_o", &e.receipt("GID_o", &d), Outcome::CommitMessage)
         .await
         .unwrap_err();
     assert_eq!(err.http_status(), 400);
@@ -491,7 +513,7 @@ async fn consume_timeout_retries_and_stale_receipts_are_clear_errors() {
     e.ack("GID_o", &again).await;
     let err = e
         .broker
-        .settle("GID_o", &again.receipt, Outcome::CommitMessage)
+        .settle("GID_o", &e.receipt("GID_o", &again), Outcome::CommitMessage)
         .await
         .unwrap_err();
     assert!(err.message.contains("already settled"), "{}", err.message);
@@ -582,7 +604,7 @@ async fn offsets_survive_restart_and_reset_to_time() {
         .find(|d| d.message.body.as_ref() == b"m3")
         .unwrap()
         .clone();
-    for d in first.iter().filter(|d| d.receipt != unacked.receipt) {
+    for d in first.iter().filter(|d| d.token != unacked.token) {
         e.ack("GID_s", d).await;
     }
     e.restart().await;
@@ -1017,32 +1039,51 @@ async fn crash_mid_flight_loses_nothing() {
 }
 
 #[tokio::test]
-async fn subscribe_one_keeps_other_topics_and_receipts() {
+async fn subscribing_more_topics_keeps_the_others_and_their_receipts() {
     let e = env().await;
     e.topic("TopicA", 1).await;
     e.topic("TopicB", 1).await;
     e.group("GID_one", ConsumeModel::Clustering, None).await;
-    let sub = |t: &str| Subscription {
-        topic: t.into(),
-        expression: "*".into(),
+    let spec = |t: &str| InstanceSpec {
+        group: "GID_one".into(),
+        instance_id: "http@1".into(),
+        address: "1.2.3.4".into(),
+        pid: None,
+        subscriptions: vec![Subscription {
+            topic: t.into(),
+            expression: "*".into(),
+        }],
     };
-    e.broker
-        .subscribe_one("GID_one", "http@1", "1.2.3.4", None, sub("TopicA"))
-        .await
-        .unwrap();
+    let only = |t: &str| vec![t.to_string()];
+    e.broker.subscribe(spec("TopicA")).await.unwrap();
     e.send("TopicA", None, "a").await;
-    let a = e.recv_n("GID_one", "http@1", 1).await;
-    e.broker
-        .subscribe_one("GID_one", "http@1", "1.2.3.4", None, sub("TopicB"))
+    e.send("TopicA", None, "a2").await;
+    let a = e
+        .broker
+        .receive_topics("GID_one", "http@1", &only("TopicA"), 1, NO_WAIT)
         .await
         .unwrap();
+    e.broker.subscribe(spec("TopicB")).await.unwrap();
     e.send("TopicB", None, "b").await;
-    let b = e.recv_n("GID_one", "http@1", 1).await;
-    assert_eq!(bodies(&b), BTreeSet::from(["b".to_string()]));
+    let b = e
+        .broker
+        .receive_topics("GID_one", "http@1", &only("TopicB"), 10, NO_WAIT)
+        .await
+        .unwrap();
+    assert_eq!(bodies(&b), BTreeSet::from(["b".to_string()]), "only TopicB's");
     // The receipt from TopicA is still good: adding TopicB did not move TopicA's queue.
     e.ack("GID_one", &a[0]).await;
+    // Asking for TopicA again changes nothing and still serves it.
+    e.broker.subscribe(spec("TopicA")).await.unwrap();
+    let a2 = e
+        .broker
+        .receive_topics("GID_one", "http@1", &only("TopicA"), 10, NO_WAIT)
+        .await
+        .unwrap();
+    assert_eq!(bodies(&a2), BTreeSet::from(["a2".to_string()]));
     let st = e.broker.group_status("GID_one").await.unwrap();
     assert_eq!(st.instances[0].subscriptions.len(), 2);
+    assert!(st.consistent);
 }
 
 #[tokio::test]
