@@ -579,7 +579,7 @@ tag = "order"
         assert!(
             err(&GOOD.replace("order||pay", "order|| ||pay"))
                 .message
-                .contains("empty tag")
+                .contains("a tag between '||' separators is empty")
         );
         assert!(
             err(&GOOD.replace("order||pay", "*||pay"))
