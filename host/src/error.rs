@@ -203,6 +203,31 @@ impl WharfError {
     }
 }
 
+/// A bad tag expression is the spec's `SUBSCRIPTION_PARSE_FAILED` wherever it is written.
+impl From<wharf_codec::tags::ExpressionError> for WharfError {
+    fn from(e: wharf_codec::tags::ExpressionError) -> Self {
+        Self::new(
+            ErrorCode::SubscriptionParseFailed,
+            ErrorKind::Invalid,
+            e.to_string(),
+        )
+    }
+}
+
+/// A tag a producer may not set makes the message illegal.
+impl From<wharf_codec::tags::TagError> for WharfError {
+    fn from(e: wharf_codec::tags::TagError) -> Self {
+        Self::illegal(e.to_string())
+    }
+}
+
+/// Properties that cannot be encoded (or arrive malformed) make the message illegal.
+impl From<wharf_codec::properties::PropertiesError> for WharfError {
+    fn from(e: wharf_codec::properties::PropertiesError) -> Self {
+        Self::illegal(e.to_string())
+    }
+}
+
 /// Result alias used across the host.
 pub type Result<T, E = WharfError> = std::result::Result<T, E>;
 

@@ -19,7 +19,7 @@ pub use outgoing::{Found, HostError, Outgoing, SendReceipt, find_by_key, send};
 #[doc(hidden)]
 pub mod bindings {
     wit_bindgen::generate!({
-        world: "consumer",
+        world: "batch-consumer",
         path: "../wit",
         pub_export_macro: true,
         export_macro_name: "__export_consumer",

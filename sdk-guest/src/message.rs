@@ -1,5 +1,7 @@
 //! The typed message a plugin receives, decoding packed fields only when asked.
 
+use wharf_codec::properties::{self, KEYS};
+
 use crate::bindings::wharf::plugin::types;
 
 /// A broker message id (16 bytes); `Display` gives the 32 hex characters the HTTP API uses.
@@ -22,12 +24,6 @@ impl std::fmt::Display for MessageId {
 pub struct Message {
     raw: types::Message,
 }
-
-/// Separators of the packed `meta` buffer (RocketMQ's property encoding).
-const NAME_END: u8 = 0x01;
-const PAIR_END: u8 = 0x02;
-/// Name under which the keys travel in `meta`, space-separated.
-const KEYS: &str = "KEYS";
 
 impl Message {
     pub(crate) fn from_raw(raw: types::Message) -> Self {
@@ -62,18 +58,15 @@ impl Message {
         std::str::from_utf8(&self.raw.body).ok()
     }
 
+    /// Keys and user properties as packed by the host; the host writes only what decodes, so
+    /// a malformed buffer (never expected) simply ends the list.
+    fn meta(&self) -> impl Iterator<Item = (&str, &str)> {
+        properties::decode(&self.raw.meta).map_while(Result::ok)
+    }
+
     /// User properties, in the order the broker stored them (sorted by name).
     pub fn properties(&self) -> impl Iterator<Item = (&str, &str)> {
-        self.raw
-            .meta
-            .split(|b| *b == PAIR_END)
-            .filter_map(|pair| {
-                let at = pair.iter().position(|b| *b == NAME_END)?;
-                let name = std::str::from_utf8(&pair[..at]).ok()?;
-                let value = std::str::from_utf8(&pair[at + 1..]).ok()?;
-                Some((name, value))
-            })
-            .filter(|(name, _)| *name != KEYS)
+        self.meta().filter(|(name, _)| *name != KEYS)
     }
 
     /// One user property.
@@ -83,12 +76,9 @@ impl Message {
 
     /// Business keys.
     pub fn keys(&self) -> Vec<&str> {
-        self.raw
-            .meta
-            .split(|b| *b == PAIR_END)
-            .find_map(|pair| pair.strip_prefix(b"KEYS\x01"))
-            .and_then(|v| std::str::from_utf8(v).ok())
-            .map(|v| v.split(' ').filter(|k| !k.is_empty()).collect())
+        self.meta()
+            .find(|(name, _)| *name == KEYS)
+            .map(|(_, v)| properties::split_keys(v).collect())
             .unwrap_or_default()
     }
 

@@ -8,4 +8,5 @@ mod delivery;
 mod crash;
 mod foundation;
 mod harness;
+mod plugin_runtime;
 mod plugins;

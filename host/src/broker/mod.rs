@@ -4,6 +4,7 @@
 
 pub mod config;
 pub mod consume;
+pub mod deployments;
 pub mod query;
 pub mod resources;
 pub mod send;

@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use bytes::Bytes;
 use serde::Serialize;
 use tracing::{debug, instrument};
+use wharf_codec::{properties, tags};
 
 use super::Broker;
 use super::config::MAX_MESSAGE_BYTES;
@@ -80,17 +81,11 @@ pub struct SendReceipt {
 /// Size of properties as RocketMQ encodes them (`k\x01v\x02`), tag and keys included.
 /// Computed without building the encoding: this runs for every message sent.
 pub fn encoded_properties_len(msg: &OutgoingMessage) -> usize {
-    let pair = |k: &str, value_len: usize| k.len() + value_len + 2;
-    let mut n: usize = msg.properties.iter().map(|(k, v)| pair(k, v.len())).sum();
-    if let Some(tag) = &msg.tag {
-        n += pair("TAGS", tag.len());
-    }
-    if !msg.keys.is_empty() {
-        // Keys travel space-separated in one `KEYS` value.
-        let keys_len = msg.keys.iter().map(String::len).sum::<usize>() + msg.keys.len() - 1;
-        n += pair("KEYS", keys_len);
-    }
-    n
+    properties::message_len(
+        msg.tag.as_deref(),
+        msg.keys.iter().map(String::as_str),
+        msg.properties.iter().map(|(k, v)| (k.as_str(), v.as_str())),
+    )
 }
 
 static ROUND_ROBIN: AtomicU32 = AtomicU32::new(0);
@@ -161,17 +156,19 @@ impl Broker {
                 m.body.len()
             )));
         }
-        if let Some(tag) = &m.tag
-            && (tag.is_empty() || tag.contains("||") || tag.trim() != tag || tag == "*")
-        {
-            return Err(WharfError::illegal(format!(
-                "tag '{tag}' is not allowed: a tag is one non-empty word without '||', spaces at the ends, or '*'"
-            )));
+        if let Some(tag) = &m.tag {
+            tags::check_tag(tag)?;
         }
         if m.keys.iter().any(|k| k.is_empty() || k.contains(' ')) {
             return Err(WharfError::illegal(
                 "keys must be non-empty and contain no spaces",
             ));
+        }
+        for (name, value) in &m.properties {
+            properties::check_pair(name, value)?;
+        }
+        for key in &m.keys {
+            properties::check_pair(properties::KEYS, key)?;
         }
         let props = encoded_properties_len(m);
         if props > self.config.max_properties_bytes {
@@ -211,21 +208,12 @@ mod tests {
     /// The encoding itself, to check the length arithmetic against.
     fn encode(m: &OutgoingMessage) -> Vec<u8> {
         let mut out = Vec::new();
-        let mut put = |k: &str, v: &str| {
-            out.extend_from_slice(k.as_bytes());
-            out.push(1);
-            out.extend_from_slice(v.as_bytes());
-            out.push(2);
-        };
-        for (k, v) in &m.properties {
-            put(k, v);
-        }
-        if let Some(tag) = &m.tag {
-            put("TAGS", tag);
-        }
-        if !m.keys.is_empty() {
-            put("KEYS", &m.keys.join(" "));
-        }
+        properties::encode_message(
+            &mut out,
+            m.tag.as_deref(),
+            m.keys.iter().map(String::as_str),
+            m.properties.iter().map(|(k, v)| (k.as_str(), v.as_str())),
+        );
         out
     }
 

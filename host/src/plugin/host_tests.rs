@@ -529,3 +529,111 @@ async fn broadcasting_runs_one_instance_per_host() {
         .await;
     env.host.shutdown().await;
 }
+
+/// The plugin's status JSON.
+fn status(env: &Env, plugin: &str) -> serde_json::Value {
+    env.host.status(plugin).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn host_side_failures_pause_delivery_without_using_retries() {
+    let env = env().await;
+    // Zero retries: a single failure counted against the message would dead-letter it.
+    let m = manifest("probe", "GID_probe", "")
+        .replace("max_reconsume_times = 2", "max_reconsume_times = 0");
+    env.host.fail_instantiations(u32::MAX);
+    env.host.deploy(&m, probe()).await.unwrap();
+    // Commits only when delivered as a first attempt (reconsume_times 0).
+    env.send("Trade", "attempt", &[("attempt", "1")]).await;
+    env.until("both workers to fail and pause", |e| {
+        e.counter("probe", "host_errors") >= 4
+    })
+    .await;
+    let paused = status(&env, "probe");
+    assert_eq!(paused["status"], "paused", "{paused}");
+    let error = &paused["host_error"];
+    assert!(
+        error["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("instance pool is exhausted")),
+        "{paused}"
+    );
+    assert_eq!(error["paused_workers"], 2, "{paused}");
+    assert!(error["since_ms"].as_u64() <= error["last_ms"].as_u64());
+    assert_eq!(env.counter("probe", "invocations"), 0);
+    assert_eq!(env.counter("probe", "retries"), 0);
+
+    env.host.fail_instantiations(0);
+    env.until("the message to commit", |e| {
+        e.counter("probe", "commits") == 1
+    })
+    .await;
+    assert_eq!(env.counter("probe", "retries"), 0, "no retry was used");
+    let dead = env
+        .broker
+        .dead_letters("GID_probe", 10, None)
+        .await
+        .unwrap();
+    assert!(dead.messages.is_empty(), "nothing dead-lettered");
+    env.until("the host error to clear", |e| {
+        status(e, "probe")["host_error"].is_null()
+    })
+    .await;
+    assert_eq!(status(&env, "probe")["status"], "running");
+    let mut metrics = String::new();
+    env.host.render_metrics(&mut metrics);
+    assert!(metrics.contains("wharf_plugin_host_errors_total{plugin=\"probe\"}"));
+    env.host.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_held_when_an_instance_cannot_be_replaced_keep_their_retries() {
+    let env = env().await;
+    env.broker
+        .create_topic(TopicSpec {
+            name: "Single".into(),
+            topic_type: Default::default(),
+            queues: Some(1),
+        })
+        .await
+        .unwrap();
+    // One worker taking several messages per call from a component without consume-batch:
+    // they are called one by one, and a trap leaves the rest of the batch untried.
+    let m = manifest("consume-only", "GID_single", "batch_max = 8\n")
+        .replace("concurrency = 2", "concurrency = 1")
+        .replace("max_reconsume_times = 2", "max_reconsume_times = 0")
+        .replace("topic = \"Trade\"", "topic = \"Single\"");
+    env.host
+        .deploy(&m, Bytes::from(testkit::component("consume-only")))
+        .await
+        .unwrap();
+    env.until("the worker to join", |e| {
+        status(e, "consume-only")["counters"]["instantiations"] == 1
+    })
+    .await;
+    env.host.fail_instantiations(2);
+    let batch = ["trap", "a", "b", "c"]
+        .map(|tag| OutgoingMessage {
+            tag: Some(tag.into()),
+            body: Bytes::from_static(b"payload"),
+            ..OutgoingMessage::default()
+        })
+        .to_vec();
+    env.broker.send("Single", batch).await.unwrap();
+    env.until("the three healthy messages to commit", |e| {
+        e.counter("consume-only", "commits") == 3
+    })
+    .await;
+    assert!(env.counter("consume-only", "host_errors") >= 1);
+    // Only the trap used its (single) attempt; the untried three were handed back uncounted.
+    assert_eq!(env.counter("consume-only", "retries"), 1);
+    assert_eq!(env.counter("consume-only", "invocations"), 4);
+    let dead = env
+        .broker
+        .dead_letters("GID_single", 10, None)
+        .await
+        .unwrap();
+    let tags: Vec<_> = dead.messages.iter().map(|m| m.tag.clone()).collect();
+    assert_eq!(tags, [Some("trap".to_string())]);
+    env.host.shutdown().await;
+}

@@ -6,9 +6,10 @@ use std::ops::Range;
 
 use serde::{Deserialize, Serialize};
 use toml::de::{DeTable, DeValue};
+use wharf_codec::tags::{TagExpression, check_tag};
 
 use crate::broker::ConsumeModel;
-use crate::error::WharfError;
+use crate::error::{ErrorCode, ErrorKind, WharfError};
 use crate::model::validate_name;
 
 /// Largest `batch_max`.
@@ -160,6 +161,9 @@ pub struct ManifestError {
     pub column: Option<usize>,
     /// What is wrong and what is allowed.
     pub message: String,
+    /// The spec's code it is reported with: `SUBSCRIPTION_PARSE_FAILED` for a bad expression,
+    /// `SYSTEM_ERROR` (a 400) for everything else.
+    pub code: ErrorCode,
 }
 
 impl fmt::Display for ManifestError {
@@ -175,7 +179,11 @@ impl std::error::Error for ManifestError {}
 
 impl From<ManifestError> for WharfError {
     fn from(e: ManifestError) -> Self {
-        WharfError::bad_request(format!("invalid plugin manifest: {e}"))
+        WharfError::new(
+            e.code,
+            ErrorKind::Invalid,
+            format!("invalid plugin manifest: {e}"),
+        )
     }
 }
 
@@ -203,6 +211,7 @@ impl Manifest {
                 line,
                 column,
                 message: e.message().trim_end().to_string(),
+                code: ErrorCode::SystemError,
             }
         })?;
         manifest.validate(file, text)?;
@@ -271,16 +280,11 @@ impl Manifest {
             if let Err(e) = validate_name("topic", &s.topic) {
                 return Err(locate.in_array("subscription", i, "topic", e.message));
             }
-            if let Err(why) = check_expression(&s.expression) {
-                return Err(locate.in_array(
-                    "subscription",
-                    i,
-                    "expression",
-                    format!(
-                        "expression = \"{}\" is not valid: {why}; use \"*\", \"TagA\" or \"TagA||TagB\"",
-                        s.expression
-                    ),
-                ));
+            if let Err(e) = TagExpression::parse(&s.expression) {
+                return Err(ManifestError {
+                    code: ErrorCode::SubscriptionParseFailed,
+                    ..locate.in_array("subscription", i, "expression", e.to_string())
+                });
             }
         }
         for (i, topic) in self.permissions.publish.iter().enumerate() {
@@ -300,15 +304,8 @@ impl Manifest {
             if let Err(e) = validate_name("topic", &route.topic) {
                 return Err(locate.in_array("http", i, "topic", e.message));
             }
-            if let Some(tag) = &route.tag
-                && (tag.is_empty() || tag.contains("||") || tag == "*" || tag.trim() != tag)
-            {
-                return Err(locate.in_array(
-                    "http",
-                    i,
-                    "tag",
-                    format!("tag = \"{tag}\" is not a single tag; use one word without '||'"),
-                ));
+            if let Some(Err(e)) = route.tag.as_deref().map(check_tag) {
+                return Err(locate.in_array("http", i, "tag", e.to_string()));
             }
             let bad_header = route
                 .headers
@@ -357,30 +354,6 @@ impl Manifest {
         }
         out
     }
-}
-
-/// A tag expression: `*` or tags separated by `||`, none empty or holding spaces.
-pub fn check_expression(expr: &str) -> Result<(), String> {
-    let e = expr.trim();
-    if e == "*" {
-        return Ok(());
-    }
-    if e.is_empty() {
-        return Err("it is empty".to_string());
-    }
-    for tag in e.split("||") {
-        let t = tag.trim();
-        if t.is_empty() {
-            return Err("it has an empty tag between '||'".to_string());
-        }
-        if t == "*" {
-            return Err("'*' cannot be combined with tags".to_string());
-        }
-        if t.contains(char::is_whitespace) || t.contains('|') {
-            return Err(format!("tag '{t}' contains a space or a single '|'"));
-        }
-    }
-    Ok(())
 }
 
 fn check_route_path(path: &str) -> Result<(), &'static str> {
@@ -444,6 +417,7 @@ impl<'a> Locator<'a> {
             line,
             column,
             message,
+            code: ErrorCode::SystemError,
         }
     }
 
@@ -593,11 +567,19 @@ tag = "order"
     fn bad_expression_is_refused_with_its_place() {
         let e = err(&GOOD.replace("order||pay", "order|||pay"));
         assert_eq!((e.line, e.column), (Some(15), Some(14)));
-        assert!(e.message.contains("use \"*\""), "{e}");
+        assert_eq!(e.code, ErrorCode::SubscriptionParseFailed);
+        // One wording wherever an expression is refused: the broker's parser says it.
+        assert_eq!(
+            e.message,
+            crate::broker::consume::filter::TagFilter::parse("order|||pay")
+                .unwrap_err()
+                .message
+        );
+        assert_eq!(WharfError::from(e).code.code(), 23);
         assert!(
             err(&GOOD.replace("order||pay", "order|| ||pay"))
                 .message
-                .contains("empty tag")
+                .contains("a tag between '||' separators is empty")
         );
         assert!(
             err(&GOOD.replace("order||pay", "*||pay"))

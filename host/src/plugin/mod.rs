@@ -102,6 +102,9 @@ pub struct PluginHost {
     ops: tokio::sync::Mutex<()>,
     slots: parking_lot::Mutex<BTreeMap<String, Slot>>,
     routes: Routes,
+    /// Test hook: worker instantiations of components loaded from now on fail this many times.
+    #[cfg(test)]
+    fail_instantiations: Arc<std::sync::atomic::AtomicU32>,
 }
 
 impl PluginHost {
@@ -123,6 +126,8 @@ impl PluginHost {
             ops: tokio::sync::Mutex::new(()),
             slots: parking_lot::Mutex::new(BTreeMap::new()),
             routes: Routes::default(),
+            #[cfg(test)]
+            fail_instantiations: Arc::default(),
         });
         host.restore().await?;
         host.deploy_dir(&config.dir).await;
@@ -132,7 +137,7 @@ impl PluginHost {
     /// Restarts the running version of every plugin in the registry (from cached artifacts).
     async fn restore(&self) -> Result<()> {
         let _ops = self.ops.lock().await;
-        for record in registry::load(self.broker.store().as_ref()).await? {
+        for record in self.broker.deployments().await? {
             let name = record.name.clone();
             let stats = Arc::new(PluginStats::default());
             let restored = self.restore_one(&record, &stats).await;
@@ -322,7 +327,7 @@ impl PluginHost {
         previous: Option<PluginRecord>,
     ) -> Result<()> {
         let name = manifest.name.clone();
-        registry::save(self.broker.store().as_ref(), &record).await?;
+        self.broker.save_deployment(&record).await?;
         let (old_workers, old_state, stats) = {
             let mut slots = self.slots.lock();
             match slots.get_mut(&name) {
@@ -360,7 +365,7 @@ impl PluginHost {
                 warn!(plugin = %name, error = %e, "new version did not start; restoring the previous one");
                 match previous {
                     Some(prev) => {
-                        let _ = registry::save(self.broker.store().as_ref(), &prev).await;
+                        let _ = self.broker.save_deployment(&prev).await;
                         if let Some((old_manifest, Some(old_loaded))) = old_state {
                             let restarted = self
                                 .start_workers(&old_manifest, prev.current, &old_loaded, stats)
@@ -374,7 +379,7 @@ impl PluginHost {
                         }
                     }
                     None => {
-                        let _ = registry::delete(self.broker.store().as_ref(), &name).await;
+                        let _ = self.broker.delete_deployment(&name).await;
                         let _ = self.files.remove_all(&name);
                     }
                 }
@@ -395,7 +400,7 @@ impl PluginHost {
         if let Some(w) = slot.workers {
             w.stop().await;
         }
-        registry::delete(self.broker.store().as_ref(), name).await?;
+        self.broker.delete_deployment(name).await?;
         if let Err(e) = self.files.remove_all(name) {
             warn!(plugin = %name, error = %e, "plugin files left behind");
         }
@@ -495,9 +500,23 @@ impl PluginHost {
     /// Compiles or loads the cached artifact, off the async threads.
     async fn load_component(&self, bytes: Bytes) -> Result<Loaded> {
         let rt = self.runtime.clone();
-        tokio::task::spawn_blocking(move || rt.load(&bytes))
+        #[allow(unused_mut)] // changed only by the test hook
+        let mut loaded = tokio::task::spawn_blocking(move || rt.load(&bytes))
             .await
-            .map_err(|e| WharfError::internal(format!("component load panicked: {e}")))?
+            .map_err(|e| WharfError::internal(format!("component load panicked: {e}")))??;
+        #[cfg(test)]
+        {
+            loaded.pre.fail_instantiations = self.fail_instantiations.clone();
+        }
+        Ok(loaded)
+    }
+
+    /// Test hook: the next `n` worker instantiations fail as an exhausted instance pool does
+    /// (the deploy-time check is not affected).
+    #[cfg(test)]
+    pub(crate) fn fail_instantiations(&self, n: u32) {
+        self.fail_instantiations
+            .store(n, std::sync::atomic::Ordering::SeqCst);
     }
 
     fn instance_config(&self, m: &Manifest, version: u64) -> Arc<InstanceConfig> {
@@ -706,7 +725,15 @@ fn not_deployed(name: &str) -> WharfError {
 fn summary(slot: &Slot) -> serde_json::Value {
     let s = &slot.stats;
     let d = s.duration_us.snapshot();
+    let host_error = s.host_error();
     let status = match (&slot.workers, &slot.problem) {
+        // Every worker waits for an instance the host cannot create.
+        (Some(w), _)
+            if host_error.is_some()
+                && s.paused_workers.load(std::sync::atomic::Ordering::SeqCst) >= w.live() =>
+        {
+            "paused".to_string()
+        }
         (Some(_), _) => "running".to_string(),
         (None, Some(p)) => format!("failed: {p}"),
         (None, None) => "stopped".to_string(),
@@ -724,6 +751,13 @@ fn summary(slot: &Slot) -> serde_json::Value {
             .map(|(name, _, v)| (name.to_string(), serde_json::json!(v)))
             .collect::<serde_json::Map<_, _>>(),
         "duration_us": {"p50": d.quantile(0.5), "p99": d.quantile(0.99), "count": d.count},
+        // A host-side failure going on now (null when none): delivery pauses, retries are kept.
+        "host_error": host_error.map(|e| serde_json::json!({
+            "message": e.message,
+            "since_ms": e.since_ms,
+            "last_ms": e.last_ms,
+            "paused_workers": s.paused_workers.load(std::sync::atomic::Ordering::SeqCst),
+        })),
     })
 }
 

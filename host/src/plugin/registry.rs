@@ -1,58 +1,17 @@
 //! Deploy history: which versions exist and which one runs, kept durably.
 //!
 //! A version's manifest and component bytes live under `<data_dir>/plugins/<name>/v<N>/`; the
-//! record of versions and the running one lives in store metadata (namespace `plugins`), written
-//! only after the files, so a restart finds everything the record names.
+//! record of versions and the running one is kept by the broker (`Broker::save_deployment`),
+//! written only after the files, so a restart finds everything the record names.
 
 use std::path::{Path, PathBuf};
 
-use serde::{Deserialize, Serialize};
-
 use crate::error::{Result, WharfError};
-use crate::store::Store;
 
-/// Metadata namespace of plugin records.
-pub const NAMESPACE: &str = "plugins";
+pub use crate::broker::deployments::{PluginRecord, VersionRecord};
+
 const MANIFEST_FILE: &str = "plugin.toml";
 const COMPONENT_FILE: &str = "component.wasm";
-
-/// One deployed version.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct VersionRecord {
-    /// Host-assigned number (1, 2, …).
-    pub version: u64,
-    /// The manifest's `version` string.
-    pub manifest_version: String,
-    /// SHA-256 of the component (hex).
-    pub sha256: String,
-    /// When it was deployed (ms).
-    pub deployed_ms: u64,
-}
-
-/// Everything durable about one plugin.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct PluginRecord {
-    /// Plugin name.
-    pub name: String,
-    /// The running version.
-    pub current: u64,
-    /// Every version still kept, oldest first.
-    pub versions: Vec<VersionRecord>,
-    /// Versions the plugin ran before the current one, most recent last (rollback pops it).
-    pub history: Vec<u64>,
-}
-
-impl PluginRecord {
-    /// The record of the running version.
-    pub fn current_version(&self) -> Option<&VersionRecord> {
-        self.versions.iter().find(|v| v.version == self.current)
-    }
-
-    /// The number the next deploy gets.
-    pub fn next_version(&self) -> u64 {
-        self.versions.iter().map(|v| v.version).max().unwrap_or(0) + 1
-    }
-}
 
 /// Files of deployed versions under the data dir.
 pub struct VersionFiles {
@@ -116,28 +75,4 @@ impl VersionFiles {
             Err(e) => Err(io_error("remove", &dir, e)),
         }
     }
-}
-
-/// Loads every plugin record from store metadata.
-pub async fn load(store: &dyn Store) -> Result<Vec<PluginRecord>> {
-    let mut out = Vec::new();
-    for (name, raw) in store.meta_list(NAMESPACE).await? {
-        let rec: PluginRecord = serde_json::from_slice(&raw).map_err(|e| {
-            WharfError::internal(format!("stored plugin record '{name}' is unreadable: {e}"))
-        })?;
-        out.push(rec);
-    }
-    Ok(out)
-}
-
-/// Writes one record (durable on return).
-pub async fn save(store: &dyn Store, record: &PluginRecord) -> Result<()> {
-    let raw = serde_json::to_vec(record)
-        .map_err(|e| WharfError::internal(format!("cannot encode plugin record: {e}")))?;
-    store.meta_put(NAMESPACE, &record.name, raw).await
-}
-
-/// Deletes one record.
-pub async fn delete(store: &dyn Store, name: &str) -> Result<()> {
-    store.meta_delete(NAMESPACE, name).await
 }

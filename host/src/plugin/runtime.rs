@@ -14,13 +14,16 @@ use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
 use tracing::{debug, info, warn};
-use wasmtime::component::{Component, HasSelf, Linker, ResourceTable};
+use wasmtime::component::{
+    Component, ComponentExportIndex, Func, HasSelf, Linker, ResourceTable, TypedFunc,
+};
 use wasmtime::{
     Config, Engine, InstanceAllocationStrategy, OptLevel, PoolingAllocationConfig, Store,
     StoreLimits, StoreLimitsBuilder, Trap,
 };
 use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+use wharf_codec::properties;
 
 use crate::broker::consume::Outcome;
 use crate::broker::{Broker, OutgoingMessage, SendReceipt};
@@ -42,8 +45,11 @@ pub const POOL_INSTANCES: u32 = 512;
 const POOL_MAX_MEMORY: usize = super::manifest::MAX_MEMORY_MIB as usize * 1024 * 1024;
 /// Bytes of guest stderr kept per instance (for panic messages).
 const STDERR_KEEP: usize = 4096;
-/// Name under which keys travel in the packed `meta` buffer (RocketMQ's `KEYS` property).
-const KEYS: &str = "KEYS";
+/// The optional export of world `batch-consumer`.
+const BATCH_EXPORT: &str = "consume-batch";
+
+/// `consume-batch` as the host calls it.
+type BatchFunc<'a> = TypedFunc<(&'a [wit::Message], &'a wit::Context), (Vec<wit::Action>,)>;
 
 /// What the host imports reach: the broker in production, a recorder in unit tests.
 pub trait HostApi: Send + Sync + 'static {
@@ -244,11 +250,31 @@ pub struct Runtime {
     ticker_stop: Arc<AtomicBool>,
 }
 
+/// A pre-linked component and what it exports: each instantiation only allocates and
+/// initialises.
+#[derive(Clone)]
+pub struct PluginPre {
+    consumer: ConsumerPre<HostState>,
+    /// `consume-batch`, when the component exports it (world `batch-consumer`).
+    batch: Option<ComponentExportIndex>,
+    /// Test hook: this many coming worker instantiations fail as an exhausted pool does.
+    #[cfg(test)]
+    pub(crate) fail_instantiations: Arc<std::sync::atomic::AtomicU32>,
+}
+
+impl PluginPre {
+    /// True when the component exports `consume-batch`; without it a batch is served by one
+    /// `consume` call per message.
+    pub fn has_batch(&self) -> bool {
+        self.batch.is_some()
+    }
+}
+
 /// A component ready to instantiate.
 #[derive(Clone)]
 pub struct Loaded {
     /// Pre-linked component: each instantiation only allocates and initialises.
-    pub pre: ConsumerPre<HostState>,
+    pub pre: PluginPre,
     /// SHA-256 of the component bytes (hex).
     pub hash: String,
     /// True when the compiled artifact came from the disk cache.
@@ -355,16 +381,24 @@ impl Runtime {
         })
     }
 
-    fn link(&self, component: &Component) -> Result<ConsumerPre<HostState>> {
+    fn link(&self, component: &Component) -> Result<PluginPre> {
         let instance_pre = self.linker.instantiate_pre(component).map_err(|e| {
             WharfError::bad_request(format!(
                 "the component imports something the host does not offer ({e:#}); plugins may import only wharf:plugin/host and WASI (with nothing granted)"
             ))
         })?;
-        ConsumerPre::new(instance_pre).map_err(|e| {
+        let consumer = ConsumerPre::new(instance_pre).map_err(|e| {
             WharfError::bad_request(format!(
-                "the component does not implement the wharf:plugin/consumer world ({e:#}); export consume and consume-batch, e.g. with the wharf-sdk crate"
+                "the component does not implement the wharf:plugin/consumer world ({e:#}); export consume, e.g. with the wharf-sdk crate"
             ))
+        })?;
+        // Its signature is checked when an instance is made, which a deploy does once.
+        let batch = component.get_export_index(None, BATCH_EXPORT);
+        Ok(PluginPre {
+            consumer,
+            batch,
+            #[cfg(test)]
+            fail_instantiations: Arc::default(),
         })
     }
 
@@ -426,17 +460,15 @@ pub enum Failure {
 pub struct Instance {
     store: Store<HostState>,
     bindings: Consumer,
+    /// `consume-batch`, when exported (its type checked at instantiation).
+    batch: Option<Func>,
     config: Arc<InstanceConfig>,
     deadline_ticks: u64,
 }
 
 impl Instance {
     /// Instantiates from the pre-linked component with the version's limits.
-    pub fn new(
-        engine: &Engine,
-        pre: &ConsumerPre<HostState>,
-        config: Arc<InstanceConfig>,
-    ) -> Result<Instance> {
+    pub fn new(engine: &Engine, pre: &PluginPre, config: Arc<InstanceConfig>) -> Result<Instance> {
         let stderr = MemoryOutputPipe::new(STDERR_KEEP);
         let wasi = WasiCtx::builder()
             .stderr(stderr.clone())
@@ -462,15 +494,41 @@ impl Instance {
         // Instantiation runs guest start code; give it the same deadline as a call.
         let deadline_ticks = config.timeout.as_millis().div_ceil(EPOCH_TICK.as_millis()) as u64 + 1;
         store.set_epoch_deadline(deadline_ticks);
-        let bindings = pre.instantiate(&mut store).map_err(|e| {
+        let cannot = |e: wasmtime::Error| {
             WharfError::internal(format!(
                 "cannot instantiate plugin '{}' v{}: {e:#}",
                 config.plugin, config.version
             ))
-        })?;
+        };
+        let instance = pre
+            .consumer
+            .instance_pre()
+            .instantiate(&mut store)
+            .map_err(cannot)?;
+        let bindings = Consumer::new(&mut store, &instance).map_err(cannot)?;
+        let batch = match &pre.batch {
+            Some(index) => {
+                let func = instance.get_func(&mut store, index).ok_or_else(|| {
+                    WharfError::internal(format!(
+                        "plugin '{}': consume-batch vanished",
+                        config.plugin
+                    ))
+                })?;
+                func.typed::<(&[wit::Message], &wit::Context), (Vec<wit::Action>,)>(&store)
+                    .map_err(|e| {
+                        WharfError::bad_request(format!(
+                            "consume-batch of plugin '{}' has the wrong signature ({e:#}); it must be consume-batch(list<message>, context) -> list<action> as in wit/plugin.wit",
+                            config.plugin
+                        ))
+                    })?;
+                Some(func)
+            }
+            None => None,
+        };
         Ok(Instance {
             store,
             bindings,
+            batch,
             config,
             deadline_ticks,
         })
@@ -489,7 +547,14 @@ impl Instance {
         }
     }
 
+    /// True when the component exports `consume-batch`.
+    pub fn has_batch(&self) -> bool {
+        self.batch.is_some()
+    }
+
     /// Calls `consume-batch`; a wrong-length answer counts as reconsume-later for every message.
+    /// A component without that export gets one `consume` per message, and the first failure
+    /// fails the call (callers that must not fail untried messages check [`Self::has_batch`]).
     pub fn consume_batch(
         &mut self,
         messages: &[&StoredMessage],
@@ -497,14 +562,18 @@ impl Instance {
         let Some(&first) = messages.first() else {
             return Ok(Vec::new());
         };
+        let Some(func) = self.batch else {
+            return messages.iter().map(|m| self.consume(m)).collect();
+        };
         let msgs: Vec<wit::Message> = messages.iter().map(|m| to_wit(m)).collect();
         let ctx = self.context(first);
         self.store.data_mut().current = Some(first.id);
         self.store.set_epoch_deadline(self.deadline_ticks);
-        match self
-            .bindings
-            .call_consume_batch(&mut self.store, &msgs, &ctx)
-        {
+        let called = func
+            .typed::<(&[wit::Message], &wit::Context), (Vec<wit::Action>,)>(&self.store)
+            .and_then(|f: BatchFunc<'_>| f.call(&mut self.store, (&msgs, &ctx)))
+            .map(|(actions,)| actions);
+        match called {
             Ok(actions) if actions.len() == messages.len() => {
                 Ok(actions.into_iter().map(from_wit).collect())
             }
@@ -562,21 +631,18 @@ fn from_wit(a: wit::Action) -> Outcome {
     }
 }
 
-/// Packs keys and properties the way RocketMQ encodes properties: `name \x01 value \x02`.
+/// Packs keys and user properties in RocketMQ's property encoding (the tag travels on its own):
+/// one buffer into the guest instead of one allocation per string.
 pub fn pack_meta(message: &StoredMessage) -> Vec<u8> {
-    let mut meta = Vec::new();
-    let mut put = |k: &str, v: &str| {
-        meta.extend_from_slice(k.as_bytes());
-        meta.push(1);
-        meta.extend_from_slice(v.as_bytes());
-        meta.push(2);
+    let keys = || message.keys.iter().map(String::as_str);
+    let props = || {
+        message
+            .properties
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
     };
-    if !message.keys.is_empty() {
-        put(KEYS, &message.keys.join(" "));
-    }
-    for (k, v) in &message.properties {
-        put(k, v);
-    }
+    let mut meta = Vec::with_capacity(properties::message_len(None, keys(), props()));
+    properties::encode_message(&mut meta, None, keys(), props());
     meta
 }
 

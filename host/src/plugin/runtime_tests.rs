@@ -240,6 +240,46 @@ fn batch_answers_one_action_per_message() {
 }
 
 #[test]
+fn a_component_exporting_only_consume_is_served_per_message() {
+    let loaded = runtime()
+        .0
+        .load(&testkit::component("consume-only"))
+        .expect("world consumer (consume only) is a plugin");
+    assert!(!loaded.pre.has_batch());
+    assert!(probe().pre.has_batch(), "the SDK exports consume-batch too");
+    let mut i = Instance::new(
+        runtime().0.engine(),
+        &loaded.pre,
+        config(Arc::default(), 5_000, 32),
+    )
+    .unwrap();
+    assert!(!i.has_batch());
+    let (commit, retry) = (message("commit", &[]), message("retry", &[]));
+    assert_eq!(i.consume(&commit), Ok(Outcome::CommitMessage));
+    assert_eq!(
+        i.consume_batch(&[&commit, &retry, &commit]),
+        Ok(vec![
+            Outcome::CommitMessage,
+            Outcome::ReconsumeLater,
+            Outcome::CommitMessage
+        ])
+    );
+    match i.consume_batch(&[&commit, &message("trap", &[])]) {
+        Err(Failure::Trap(why)) => assert!(why.contains("consume-only asked to trap"), "{why}"),
+        other => panic!("expected a trap, got {other:?}"),
+    }
+}
+
+#[test]
+fn packed_meta_is_the_shared_property_encoding() {
+    let m = message("fields", &[("color", "blue")]);
+    let meta = super::runtime::pack_meta(&m);
+    assert_eq!(meta, b"color\x01blue\x02KEYS\x01k1 k2\x02");
+    let decoded = wharf_codec::properties::decode_map(&meta).unwrap();
+    assert_eq!(decoded["KEYS"], "k1 k2");
+}
+
+#[test]
 fn compiled_artifact_is_reused_after_restart() {
     let dir = tempfile::tempdir().unwrap();
     let bytes = testkit::component("flaky");

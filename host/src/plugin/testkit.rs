@@ -1,7 +1,7 @@
 //! Test support: builds the wasm test components from `plugins/` once per test process.
 //!
 //! `.ci/run` builds them first (`cargo build --release --target wasm32-wasip2 -p probe
-//! -p order-timeout -p logistics -p flaky`), then this finds them in
+//! -p order-timeout -p logistics -p flaky -p consume-only`), then this finds them in
 //! `target/wasm32-wasip2/release`. When run alone, it builds them into `target/plugin-test-build`
 //! (a separate target dir, so the outer `cargo test` lock is not contended).
 
@@ -17,7 +17,13 @@ fn workspace_root() -> PathBuf {
 }
 
 /// Packages built for tests.
-const PACKAGES: [&str; 4] = ["probe", "order-timeout", "logistics", "flaky"];
+const PACKAGES: [&str; 5] = [
+    "probe",
+    "order-timeout",
+    "logistics",
+    "flaky",
+    "consume-only",
+];
 
 /// Bytes of the built component of `package` (e.g. `probe`).
 pub fn component(package: &str) -> Vec<u8> {

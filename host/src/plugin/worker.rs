@@ -4,25 +4,36 @@
 //! Workers are OS threads, not async tasks: a plugin call is CPU-bound and may run up to its
 //! consume timeout, and the host imports block on the broker's futures, which is only allowed
 //! outside the async runtime's own threads.
+//!
+//! A failure on the host's side (an instance cannot be created, e.g. the instance pool is
+//! exhausted) is not the plugin's answer and must not use up a message's retries: the worker
+//! creates its instance before it asks for messages, and when it cannot, it pauses with a
+//! growing back-off and shows the error in the plugin's status. In a clustering group it also
+//! leaves the group while paused, so its queues, and any message it still holds, go to healthy
+//! instances unsettled, with the same reconsume count; it rejoins once an instance exists.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use tracing::{debug, debug_span, warn};
+use parking_lot::Mutex;
+use serde::Serialize;
+use tracing::{debug, debug_span, info, warn};
 
-use super::runtime::{ConsumerPre, Failure, HostState, Instance, InstanceConfig};
-use crate::broker::Broker;
+use super::runtime::{Failure, Instance, InstanceConfig, PluginPre};
 use crate::broker::consume::{Delivered, InstanceSpec, Outcome, Subscription};
-use crate::error::{ErrorCode, Result};
+use crate::broker::{Broker, ConsumeModel};
+use crate::error::{ErrorCode, Result, WharfError};
 use crate::metrics::Histogram;
 use crate::model::{MessageId, StoredMessage};
 
 /// How long one receive waits for messages; also how quickly a stop request is noticed.
 const RECEIVE_WAIT: Duration = Duration::from_millis(200);
-/// Pause after a failed receive or instantiation before trying again.
+/// Pause after a failed receive, and the first pause after a host-side failure.
 const ERROR_PAUSE: Duration = Duration::from_millis(200);
+/// Longest pause between attempts while host-side failures go on.
+const MAX_HOST_PAUSE: Duration = Duration::from_secs(5);
 
 /// Counters of one plugin (over all its versions since the host started).
 #[derive(Debug, Default)]
@@ -41,14 +52,31 @@ pub struct PluginStats {
     pub settle_errors: AtomicU64,
     /// Instances created (the first per worker plus replacements after traps).
     pub instantiations: AtomicU64,
+    /// Host-side failures (an instance could not be created); no message used a retry for them.
+    pub host_errors: AtomicU64,
+    /// Workers paused by a host-side failure right now.
+    pub paused_workers: AtomicUsize,
+    /// The ongoing host-side failure, if any (cleared when every worker has recovered).
+    pub host_error: Mutex<Option<HostError>>,
     /// Call duration in microseconds.
     pub duration_us: Histogram,
+}
+
+/// A host-side failure as plugin status shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct HostError {
+    /// What failed, e.g. the pool allocator's words.
+    pub message: String,
+    /// When the failures began (broker clock, ms).
+    pub since_ms: u64,
+    /// The latest failure (broker clock, ms).
+    pub last_ms: u64,
 }
 
 impl PluginStats {
     /// Every counter as (name, help, value), in one fixed order: `/metrics` names them
     /// `wharf_plugin_<name>_total` and plugin status shows them under `counters`.
-    pub fn counters(&self) -> [(&'static str, &'static str, u64); 7] {
+    pub fn counters(&self) -> [(&'static str, &'static str, u64); 8] {
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
         [
             (
@@ -82,7 +110,35 @@ impl PluginStats {
                 "Instances created (first per worker and replacements)",
                 get(&self.instantiations),
             ),
+            (
+                "host_errors",
+                "Host-side failures (no instance could be created); messages kept their retries",
+                get(&self.host_errors),
+            ),
         ]
+    }
+
+    /// The ongoing host-side failure, for plugin status.
+    pub fn host_error(&self) -> Option<HostError> {
+        self.host_error.lock().clone()
+    }
+
+    fn note_host_error(&self, message: &str, now_ms: u64) {
+        self.host_errors.fetch_add(1, Ordering::Relaxed);
+        let mut current = self.host_error.lock();
+        match current.as_mut() {
+            Some(e) => {
+                e.message = message.to_string();
+                e.last_ms = now_ms;
+            }
+            None => {
+                *current = Some(HostError {
+                    message: message.to_string(),
+                    since_ms: now_ms,
+                    last_ms: now_ms,
+                })
+            }
+        }
     }
 }
 
@@ -97,7 +153,7 @@ pub enum Handler {
         /// Engine instances are created in.
         engine: wasmtime::Engine,
         /// The version's pre-linked component.
-        pre: ConsumerPre<HostState>,
+        pre: PluginPre,
     },
     /// A Rust closure (benchmarks only).
     Native(NativeFn),
@@ -112,11 +168,25 @@ enum Live {
 impl Handler {
     fn instantiate(&self, config: &Arc<InstanceConfig>) -> Result<Live> {
         match self {
-            Handler::Wasm { engine, pre } => Ok(Live::Wasm(Box::new(Instance::new(
-                engine,
-                pre,
-                config.clone(),
-            )?))),
+            Handler::Wasm { engine, pre } => {
+                #[cfg(test)]
+                {
+                    let injected = &pre.fail_instantiations;
+                    if injected
+                        .try_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                        .is_ok()
+                    {
+                        return Err(WharfError::internal(
+                            "injected: the instance pool is exhausted",
+                        ));
+                    }
+                }
+                Ok(Live::Wasm(Box::new(Instance::new(
+                    engine,
+                    pre,
+                    config.clone(),
+                )?)))
+            }
             Handler::Native(f) => Ok(Live::Native(f.clone())),
         }
     }
@@ -127,6 +197,14 @@ impl Live {
         match self {
             Live::Wasm(i) => i.consume(m),
             Live::Native(f) => Ok(f(m)),
+        }
+    }
+
+    /// True when one call can take the whole batch.
+    fn has_batch(&self) -> bool {
+        match self {
+            Live::Wasm(i) => i.has_batch(),
+            Live::Native(_) => true,
         }
     }
 
@@ -306,103 +384,219 @@ fn instance_spec(spec: &WorkerSpec, id: &str) -> InstanceSpec {
 
 /// One worker's loop; returns when `stop` is set and what it holds is settled.
 fn run(spec: &WorkerSpec, id: &str, stop: &AtomicBool) {
-    let group = spec.config.group.as_str();
+    let mut worker = Worker {
+        spec,
+        id,
+        stop,
+        registered: true,
+        paused: false,
+        pause: ERROR_PAUSE,
+    };
     let mut instance: Option<Live> = None;
+    // Received messages not yet handed to the plugin (its instance failed mid-batch).
+    let mut untried: Vec<Delivered> = Vec::new();
     let mut last_error = String::new();
     while !stop.load(Ordering::SeqCst) {
-        let receive = || {
-            spec.handle
-                .block_on(spec.broker.receive(group, id, spec.batch_max, RECEIVE_WAIT))
-        };
-        // The async runtime going away under us (abnormal teardown) ends the worker.
-        let Ok(received) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(receive)) else {
-            warn!(plugin = %spec.config.plugin, instance = %id, "async runtime gone; worker exits");
-            return;
-        };
-        let batch = match received {
-            Ok(b) => b,
-            Err(e) => {
-                let text = e.to_string();
-                if text != last_error {
-                    warn!(plugin = %spec.config.plugin, instance = %id, error = %text, "receive failed");
-                    last_error = text;
-                }
-                if e.code == ErrorCode::SubscriptionGroupNotExist
-                    || e.kind == crate::error::ErrorKind::NotFound
-                {
-                    // The instance expired or the group was recreated: register again.
-                    let _ = spec
-                        .handle
-                        .block_on(spec.broker.register_consumer(instance_spec(spec, id)));
-                }
-                std::thread::sleep(ERROR_PAUSE);
-                continue;
-            }
-        };
-        if batch.is_empty() {
-            continue;
-        }
         let inst = match instance.take() {
             Some(i) => i,
             None => match spec.handler.instantiate(&spec.config) {
                 Ok(i) => {
                     spec.stats.instantiations.fetch_add(1, Ordering::Relaxed);
+                    worker.recovered();
                     i
                 }
                 Err(e) => {
-                    warn!(plugin = %spec.config.plugin, error = %e, "cannot instantiate; handing messages back");
-                    for d in &batch {
-                        settle(spec, d, Outcome::ReconsumeLater);
-                    }
-                    std::thread::sleep(ERROR_PAUSE);
+                    worker.host_failure(&e, &mut untried);
                     continue;
                 }
             },
         };
-        instance = handle_batch(spec, inst, &batch);
+        if !worker.registered && !worker.rejoin() {
+            instance = Some(inst);
+            continue;
+        }
+        let batch = if untried.is_empty() {
+            let receive = || {
+                spec.handle.block_on(spec.broker.receive(
+                    &spec.config.group,
+                    id,
+                    spec.batch_max,
+                    RECEIVE_WAIT,
+                ))
+            };
+            // The async runtime going away under us (abnormal teardown) ends the worker.
+            let Ok(received) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(receive))
+            else {
+                warn!(plugin = %spec.config.plugin, instance = %id, "async runtime gone; worker exits");
+                return;
+            };
+            match received {
+                Ok(b) => b,
+                Err(e) => {
+                    instance = Some(inst);
+                    worker.receive_failed(&e, &mut last_error);
+                    continue;
+                }
+            }
+        } else {
+            std::mem::take(&mut untried)
+        };
+        if batch.is_empty() {
+            instance = Some(inst);
+            continue;
+        }
+        let (kept, rest) = handle_batch(spec, inst, &batch);
+        instance = kept;
+        untried = rest;
     }
 }
 
-/// Calls the plugin for a batch and settles each message; returns the instance unless it failed.
-fn handle_batch(spec: &WorkerSpec, mut inst: Live, batch: &[Delivered]) -> Option<Live> {
+/// One worker's standing with the group and its back-off from host-side failures.
+struct Worker<'a> {
+    spec: &'a WorkerSpec,
+    id: &'a str,
+    stop: &'a AtomicBool,
+    /// Whether the broker knows this instance (it leaves the group while paused).
+    registered: bool,
+    /// Counted in `paused_workers`.
+    paused: bool,
+    /// The next pause after a host-side failure.
+    pause: Duration,
+}
+
+impl Worker<'_> {
+    /// No instance could be created: nothing the plugin did, so no message may use a retry.
+    fn host_failure(&mut self, e: &WharfError, held: &mut Vec<Delivered>) {
+        let (spec, c) = (self.spec, &self.spec.config);
+        spec.stats
+            .note_host_error(&e.message, spec.broker.clock().now_ms());
+        if !self.paused {
+            self.paused = true;
+            spec.stats.paused_workers.fetch_add(1, Ordering::SeqCst);
+        }
+        warn!(plugin = %c.plugin, version = c.version, instance = %self.id, error = %e.message,
+            pause_ms = self.pause.as_millis() as u64, held = held.len(),
+            "cannot create a plugin instance; pausing delivery (messages keep their retries)");
+        // Leaving a clustering group hands this worker's queues and unsettled messages to the
+        // others, uncounted. A broadcasting instance has nobody to hand to: it keeps what it
+        // holds and tries again with a new instance.
+        let model = spec.broker.group(&c.group).map(|g| g.model);
+        if model.unwrap_or(ConsumeModel::Clustering) == ConsumeModel::Clustering {
+            if self.registered {
+                let left = spec
+                    .handle
+                    .block_on(spec.broker.unregister_consumer(&c.group, self.id));
+                if let Err(e) = left {
+                    debug!(instance = %self.id, error = %e, "leave group while paused");
+                }
+                self.registered = false;
+            }
+            held.clear();
+        }
+        self.sleep(self.pause);
+        self.pause = (self.pause * 2).min(MAX_HOST_PAUSE);
+    }
+
+    /// An instance exists again; clears the plugin's host error once no worker is paused.
+    fn recovered(&mut self) {
+        self.pause = ERROR_PAUSE;
+        if !self.paused {
+            return;
+        }
+        self.paused = false;
+        let stats = &self.spec.stats;
+        if stats.paused_workers.fetch_sub(1, Ordering::SeqCst) == 1 {
+            *stats.host_error.lock() = None;
+        }
+        info!(plugin = %self.spec.config.plugin, instance = %self.id, "plugin instance created again; delivery resumes");
+    }
+
+    /// Registers again after a pause; false (after a pause) when the broker refused.
+    fn rejoin(&mut self) -> bool {
+        let spec = self.spec;
+        match spec
+            .handle
+            .block_on(spec.broker.register_consumer(instance_spec(spec, self.id)))
+        {
+            Ok(()) => {
+                self.registered = true;
+                true
+            }
+            Err(e) => {
+                warn!(plugin = %spec.config.plugin, instance = %self.id, error = %e, "cannot rejoin the group");
+                self.sleep(ERROR_PAUSE);
+                false
+            }
+        }
+    }
+
+    fn receive_failed(&mut self, e: &WharfError, last_error: &mut String) {
+        let spec = self.spec;
+        let text = e.to_string();
+        if text != *last_error {
+            warn!(plugin = %spec.config.plugin, instance = %self.id, error = %text, "receive failed");
+            *last_error = text;
+        }
+        if e.code == ErrorCode::SubscriptionGroupNotExist
+            || e.kind == crate::error::ErrorKind::NotFound
+        {
+            // The instance expired or the group was recreated: register again.
+            self.registered = false;
+        }
+        self.sleep(ERROR_PAUSE);
+    }
+
+    /// Sleeps up to `d`, waking early when the worker is asked to stop.
+    fn sleep(&self, d: Duration) {
+        let until = Instant::now() + d;
+        while !self.stop.load(Ordering::SeqCst) {
+            let left = until.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return;
+            }
+            std::thread::sleep(left.min(RECEIVE_WAIT));
+        }
+    }
+}
+
+/// Calls the plugin for a batch and settles each message. Returns the instance unless it
+/// failed, and the messages it never reached (one call per message, the instance failed
+/// before them): those are retried with a new instance, not failed.
+fn handle_batch(
+    spec: &WorkerSpec,
+    mut inst: Live,
+    batch: &[Delivered],
+) -> (Option<Live>, Vec<Delivered>) {
     let c = &spec.config;
     let stats = &spec.stats;
-    if spec.batch_max <= 1 {
-        let mut keep = Some(inst);
+    if spec.batch_max <= 1 || !inst.has_batch() {
         for (i, d) in batch.iter().enumerate() {
-            let Some(mut current) = keep.take() else {
-                // The instance failed on an earlier message of this receive: hand the rest back.
-                for rest in &batch[i..] {
-                    settle(spec, rest, Outcome::ReconsumeLater);
-                }
-                return None;
-            };
             let span = debug_span!("plugin_call", plugin = %c.plugin, version = c.version, message_id = %d.message.id);
             let _enter = span.enter();
             let started = Instant::now();
-            let result = current.consume(&d.message);
+            let result = inst.consume(&d.message);
             stats
                 .duration_us
                 .record(started.elapsed().as_micros() as u64);
             stats.invocations.fetch_add(1, Ordering::Relaxed);
-            let outcome = match result {
-                Ok(o) => {
-                    keep = Some(current);
-                    o
+            match result {
+                Ok(outcome) => {
+                    settle(spec, d, outcome);
+                    count(stats, outcome);
                 }
                 Err(f) => {
                     note_failure(spec, d.message.id, &f);
-                    Outcome::ReconsumeLater
+                    settle(spec, d, Outcome::ReconsumeLater);
+                    count(stats, Outcome::ReconsumeLater);
+                    return (None, batch[i + 1..].to_vec());
                 }
-            };
-            settle(spec, d, outcome);
-            count(stats, outcome);
+            }
         }
-        return keep;
+        return (Some(inst), Vec::new());
     }
     let messages: Vec<&StoredMessage> = batch.iter().map(|d| &*d.message).collect();
     let Some(first) = messages.first().map(|m| m.id) else {
-        return Some(inst);
+        return (Some(inst), Vec::new());
     };
     let span = debug_span!("plugin_call", plugin = %c.plugin, version = c.version, message_id = %first, batch = messages.len());
     let _enter = span.enter();
@@ -425,7 +619,7 @@ fn handle_batch(spec: &WorkerSpec, mut inst: Live, batch: &[Delivered]) -> Optio
         settle(spec, d, o);
         count(stats, o);
     }
-    keep
+    (keep, Vec::new())
 }
 
 /// Counts an answer once its settle has been tried, so whoever watches the counters never sees

@@ -1,9 +1,14 @@
-//! Tag expressions (`*`, `TagA`, `TagA||TagB`): parsing and the broker-side filter.
+//! The broker-side tag filter: a parsed tag expression plus the tag hashes the store's index
+//! filters by.
 //!
-//! The store filters by 32-bit tag hash so it never reads bodies of excluded messages; hashes can
-//! collide, so every candidate is checked again against the exact tag here.
+//! Parsing is `wharf_codec::tags` (one parser and one wording for the broker, plugin manifests
+//! and the remoting front end). The store filters by 32-bit tag hash so it never reads bodies of
+//! excluded messages; hashes can collide, so every candidate is checked again against the exact
+//! tag here.
 
-use crate::error::{ErrorCode, ErrorKind, Result, WharfError};
+use wharf_codec::tags::TagExpression;
+
+use crate::error::Result;
 use crate::model::tag_hash;
 
 /// A parsed tag expression.
@@ -23,43 +28,13 @@ pub enum TagFilter {
 impl TagFilter {
     /// Parses `*`, `TagA` or `TagA||TagB||…`; anything else is `SUBSCRIPTION_PARSE_FAILED`.
     pub fn parse(expression: &str) -> Result<TagFilter> {
-        let expr = expression.trim();
-        if expr == "*" {
-            return Ok(TagFilter::All);
-        }
-        let bad = |why: &str| {
-            WharfError::new(
-                ErrorCode::SubscriptionParseFailed,
-                ErrorKind::Invalid,
-                format!(
-                    "tag expression '{expression}' is invalid: {why}; use '*', 'TagA' or 'TagA||TagB'"
-                ),
-            )
-        };
-        if expr.is_empty() {
-            return Err(bad("it is empty"));
-        }
-        let mut tags: Vec<String> = Vec::new();
-        for part in expr.split("||") {
-            let tag = part.trim();
-            if tag.is_empty() {
-                return Err(bad("a tag between '||' separators is empty"));
+        Ok(match TagExpression::parse(expression)? {
+            TagExpression::All => TagFilter::All,
+            TagExpression::Tags(tags) => {
+                let hashes = tags.iter().map(|t| tag_hash(Some(t))).collect();
+                TagFilter::Tags { tags, hashes }
             }
-            if tag == "*" {
-                return Err(bad("'*' cannot be combined with other tags"));
-            }
-            if tag.contains('|') {
-                return Err(bad("tags are separated by '||', not a single '|'"));
-            }
-            if tag.chars().any(char::is_whitespace) {
-                return Err(bad(&format!("tag '{tag}' contains whitespace")));
-            }
-            if !tags.iter().any(|t| t == tag) {
-                tags.push(tag.to_string());
-            }
-        }
-        let hashes = tags.iter().map(|t| tag_hash(Some(t))).collect();
-        Ok(TagFilter::Tags { tags, hashes })
+        })
     }
 
     /// Hashes to hand to `Store::read_queue` (`None` = no filtering).
@@ -81,12 +56,8 @@ impl TagFilter {
     /// The expression in canonical form (tags sorted, `TagA||TagB`), to compare subscriptions.
     pub fn canonical(&self) -> String {
         match self {
-            TagFilter::All => "*".to_string(),
-            TagFilter::Tags { tags, .. } => {
-                let mut sorted: Vec<&str> = tags.iter().map(String::as_str).collect();
-                sorted.sort_unstable();
-                sorted.join("||")
-            }
+            TagFilter::All => TagExpression::All.canonical(),
+            TagFilter::Tags { tags, .. } => TagExpression::Tags(tags.clone()).canonical(),
         }
     }
 }
@@ -94,6 +65,7 @@ impl TagFilter {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::error::ErrorCode;
 
     #[test]
     fn parses_the_three_forms() {
