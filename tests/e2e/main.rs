@@ -5,6 +5,7 @@
 
 mod consume;
 mod crash;
+mod defects;
 mod foundation;
 mod harness;
 mod plugins;
