@@ -462,6 +462,36 @@ mod tests {
     }
 
     #[test]
+    fn resend_needs_publish_for_the_group_and_queries_need_some_read_right() {
+        let key = |publish: &[&str], subscribe: &[&str]| {
+            Principal::from_key(&AccessKey {
+                access_key: "AK".into(),
+                secret_key: "SK".into(),
+                allow_publish: publish.iter().map(|s| s.to_string()).collect(),
+                allow_subscribe: subscribe.iter().map(|s| s.to_string()).collect(),
+                admin: false,
+            })
+        };
+        let reader = key(&[], &["*"]);
+        let e = reader.check_resend("GID_a").unwrap_err();
+        assert_eq!((e.code.code(), e.http_status()), (16, 403));
+        assert!(e.message.contains("allow_publish") && e.message.contains("GID_a"));
+        assert!(key(&["GID_a"], &[]).check_resend("GID_a").is_ok());
+        assert!(reader.check_subscribe_any("query").is_ok() && reader.subscribes_all());
+        let nothing = key(&["*"], &[]);
+        assert_eq!(
+            nothing
+                .check_subscribe_any("query")
+                .unwrap_err()
+                .http_status(),
+            403
+        );
+        let some = key(&[], &["Trade"]);
+        assert!(some.check_subscribe_any("query").is_ok() && !some.subscribes_all());
+        assert!(some.may_subscribe("Trade") && !some.may_subscribe("Other"));
+    }
+
+    #[test]
     fn open_host_allows_everything() {
         let a = Authenticator::new(&AuthConfig::default(), ManualClock::new(0));
         assert!(a.is_open());
