@@ -165,17 +165,26 @@ pub fn tag_hash(tag: Option<&str>) -> u32 {
     crc32c::crc32c(tag.unwrap_or("").as_bytes())
 }
 
-/// Checks a topic or group name: letters, digits, `_`, `-`, `%`, length 3–64.
+/// Checks a topic or group name: letters, digits, `_`, `-`, length 3–64.
+///
+/// `%` is refused with a message of its own: it marks system names (`%RETRY%<group>`,
+/// `%DLQ%<group>`, broadcasting offset keys), and a user name holding it could collide with them.
 pub fn validate_name(what: &str, name: &str) -> Result<(), WharfError> {
+    if name.contains('%') {
+        return Err(WharfError::bad_request(format!(
+            "invalid {what} name '{name}': it contains '%', which is reserved for system names \
+             such as %RETRY%<group> and %DLQ%<group>; use letters, digits, '_' and '-'"
+        )));
+    }
     let ok_len = (3..=64).contains(&name.len());
     let ok_chars = name
         .chars()
-        .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-' || c == '%');
+        .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
     if ok_len && ok_chars {
         Ok(())
     } else {
         Err(WharfError::bad_request(format!(
-            "invalid {what} name '{name}': use 3-64 characters from letters, digits, '_', '-', '%'"
+            "invalid {what} name '{name}': use 3-64 characters from letters, digits, '_', '-'"
         )))
     }
 }
@@ -206,7 +215,10 @@ mod tests {
     #[test]
     fn names_are_checked() {
         assert!(validate_name("topic", "Trade").is_ok());
-        assert!(validate_name("topic", "%RETRY%GID_a-b").is_ok());
+        assert!(validate_name("topic", "GID_a-b").is_ok());
+        let e = validate_name("group", "G%1x").unwrap_err();
+        assert!(e.message.contains("contains '%'"), "{}", e.message);
+        assert!(validate_name("topic", "%RETRY%GID_a").is_err());
         assert!(validate_name("topic", "ab").is_err());
         assert!(validate_name("topic", &"a".repeat(65)).is_err());
         assert!(validate_name("topic", "a b c").is_err());

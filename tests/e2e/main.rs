@@ -6,6 +6,7 @@
 mod consume;
 mod delivery;
 mod crash;
+mod defects;
 mod foundation;
 mod harness;
 mod plugin_runtime;

@@ -8,6 +8,15 @@ use crate::error::{Result, WharfError};
 use crate::model::{MessageId, StoredMessage};
 use crate::store::TimePage;
 
+/// Why a message may be missing, said after its id in a not-found answer.
+pub const NOT_FOUND: &str = "not found; it may be past retention or never stored";
+
+/// The topic a message belongs to for permission checks: a retry or dead-letter copy belongs
+/// to the topic its original was sent to.
+pub fn original_topic(m: &StoredMessage) -> String {
+    retry::origin(m).0
+}
+
 /// Most messages a key query returns.
 pub const KEY_QUERY_LIMIT: usize = 64;
 /// Most messages one time-range page returns.
@@ -49,14 +58,26 @@ pub struct MessageView {
 }
 
 impl Broker {
-    /// Finds a message by id.
+    /// Finds a message by id, with its delivery status per group (for callers that may read
+    /// every topic; front ends check rights between [`Broker::find_message`] and
+    /// [`Broker::message_view`]).
     pub async fn message(&self, id: &str) -> Result<MessageView> {
+        let message = self.find_message(id).await?;
+        self.message_view(message).await
+    }
+
+    /// The stored message with this id (a retry or dead-letter copy as stored), without any
+    /// delivery work, so a caller can check rights on [`original_topic`] first.
+    pub async fn find_message(&self, id: &str) -> Result<StoredMessage> {
         let parsed: MessageId = id.parse()?;
-        let mut message = self.store.get(parsed).await?.ok_or_else(|| {
-            WharfError::not_found(format!(
-                "message '{id}' not found; it may be past retention or never stored"
-            ))
-        })?;
+        self.store
+            .get(parsed)
+            .await?
+            .ok_or_else(|| WharfError::not_found(format!("message '{id}' {NOT_FOUND}")))
+    }
+
+    /// Adds the per-group delivery status to a message found by [`Broker::find_message`].
+    pub async fn message_view(&self, mut message: StoredMessage) -> Result<MessageView> {
         let deliveries = self.engine.deliveries(self, &message).await?;
         if retry::is_copy_topic(&message.topic) {
             retry::strip_origin_key(&mut message);

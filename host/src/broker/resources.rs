@@ -6,12 +6,16 @@ use serde::{Deserialize, Serialize};
 use tracing::info;
 
 use super::Broker;
+use super::consume::broadcast_offsets_key;
 use crate::error::{Result, WharfError};
 use crate::model::validate_name;
 use crate::store::Store;
 
 const TOPICS: &str = "topics";
 const GROUPS: &str = "groups";
+/// Broadcasting instances that may hold offsets, keyed by their offset owner key
+/// ([`broadcast_offsets_key`]); group names hold no `%`, so a group's keys share one prefix.
+const BROADCAST_INSTANCES: &str = "broadcast_instances";
 
 /// Most queues a topic may have.
 pub const MAX_QUEUES: u32 = 256;
@@ -125,6 +129,61 @@ pub struct Group {
     pub created_ms: u64,
 }
 
+/// Body of `PATCH /v1/groups/{group}`: the settings to change; absent ones keep their value.
+/// `kind` and `model` are accepted only when they repeat the current value.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct GroupPatch {
+    /// Must equal the group's kind if given.
+    pub kind: Option<GroupKind>,
+    /// Must equal the group's model if given.
+    pub model: Option<ConsumeModel>,
+    /// New retry maximum (0..=1000).
+    pub max_reconsume_times: Option<u32>,
+    /// New consume timeout (1 ms..=24 h).
+    pub consume_timeout_ms: Option<u64>,
+}
+
+impl GroupPatch {
+    /// The fields a patch may name.
+    pub const FIELDS: [&'static str; 4] =
+        ["max_reconsume_times", "consume_timeout_ms", "model", "kind"];
+
+    /// Parses a JSON object field by field, so an unknown field or a bad value is named in
+    /// the error (serde alone reports only a line and column for a wrong type).
+    pub fn from_json(body: &serde_json::Map<String, serde_json::Value>) -> Result<GroupPatch> {
+        fn field<T: serde::de::DeserializeOwned>(
+            name: &str,
+            v: &serde_json::Value,
+            expected: &str,
+        ) -> Result<T> {
+            serde_json::from_value(v.clone()).map_err(|_| {
+                WharfError::bad_request(format!("{name}: expected {expected}, got {v}"))
+            })
+        }
+        let mut p = GroupPatch::default();
+        for (k, v) in body {
+            match k.as_str() {
+                "max_reconsume_times" => {
+                    p.max_reconsume_times = Some(field(k, v, "a whole number 0..=1000")?)
+                }
+                "consume_timeout_ms" => {
+                    p.consume_timeout_ms =
+                        Some(field(k, v, "a whole number of milliseconds 1..=86400000")?)
+                }
+                "model" => p.model = Some(field(k, v, "\"clustering\" or \"broadcasting\"")?),
+                "kind" => p.kind = Some(field(k, v, "\"consumer\", \"producer\" or \"mqtt\"")?),
+                other => {
+                    return Err(WharfError::bad_request(format!(
+                        "unknown field `{other}`; a group update accepts {}",
+                        GroupPatch::FIELDS.join(", ")
+                    )));
+                }
+            }
+        }
+        Ok(p)
+    }
+}
+
 /// In-memory view of every topic and group, loaded at start and written through to the store.
 #[derive(Debug, Default)]
 pub struct Registry {
@@ -217,6 +276,11 @@ impl Broker {
         if !must_be_new && !exists {
             return Err(T::missing(value.name()));
         }
+        self.write_resource(value).await
+    }
+
+    /// Stores `value` and puts it in the registry; the caller holds `registry_writes`.
+    async fn write_resource<T: Resource>(&self, value: T) -> Result<T> {
         self.store
             .meta_put(T::NAMESPACE, value.name(), to_json(&value)?)
             .await?;
@@ -227,12 +291,6 @@ impl Broker {
     /// Creates a topic; 409 if it exists.
     pub async fn create_topic(&self, spec: TopicSpec) -> Result<Topic> {
         validate_name("topic", &spec.name)?;
-        if spec.name.starts_with('%') {
-            return Err(WharfError::bad_request(format!(
-                "topic name '{}' is reserved: names starting with '%' are system topics",
-                spec.name
-            )));
-        }
         let queues = spec.queues.unwrap_or(self.config.default_queues);
         if queues == 0 || queues > MAX_QUEUES {
             return Err(WharfError::bad_request(format!(
@@ -306,6 +364,47 @@ impl Broker {
         self.put_resource(group, false).await
     }
 
+    /// `PATCH /v1/groups/{group}`: changes the settings `patch` names and keeps the rest.
+    ///
+    /// The engine reads the group from the registry on every receive and every failure, so the
+    /// new values apply to every instance from the next message on. `kind` and `model` may be
+    /// repeated but not changed: a live group switching between clustering and broadcasting
+    /// would strand its offsets and in-flight messages.
+    pub async fn patch_group(&self, name: &str, patch: GroupPatch) -> Result<Group> {
+        let _writes = self.registry_writes.lock().await;
+        let mut group = self.group(name)?;
+        if let Some(kind) = patch.kind
+            && kind != group.kind
+        {
+            return Err(WharfError::bad_request(format!(
+                "kind: group '{name}' is a {} group and cannot become a {} group; create a new group instead",
+                kind_word(group.kind),
+                kind_word(kind)
+            )));
+        }
+        if let Some(model) = patch.model
+            && model != group.model
+        {
+            return Err(WharfError::bad_request(format!(
+                "model: group '{name}' consumes by {} and cannot switch to {} while it exists \
+                 (its offsets and in-flight messages belong to the old model); create a new group instead",
+                model_word(group.model),
+                model_word(model)
+            )));
+        }
+        if let Some(n) = patch.max_reconsume_times {
+            group.max_reconsume_times = n;
+        }
+        if let Some(t) = patch.consume_timeout_ms {
+            group.consume_timeout_ms = t;
+        }
+        validate_group_settings(group.max_reconsume_times, Some(group.consume_timeout_ms))?;
+        let group = self.write_resource(group).await?;
+        info!(group = %name, max_reconsume_times = group.max_reconsume_times,
+            consume_timeout_ms = group.consume_timeout_ms, "group settings changed");
+        Ok(group)
+    }
+
     /// Every group, sorted by name.
     pub fn list_groups(&self) -> Vec<Group> {
         self.registry.read().groups.values().cloned().collect()
@@ -321,20 +420,88 @@ impl Broker {
             .ok_or_else(|| WharfError::group_not_exist(name))
     }
 
-    /// Deletes a group, its offsets and its remembered subscriptions, so a group created again
-    /// under the same name starts clean.
+    /// Deletes a group, its offsets (shared and every broadcasting instance's) and its
+    /// remembered subscriptions, so a group created again under the same name starts clean.
+    /// State is removed before the group record: a crash midway leaves a group that starts
+    /// afresh, never a new group that resumes at the old one's offsets.
     pub async fn delete_group(&self, name: &str) -> Result<()> {
         let _writes = self.registry_writes.lock().await;
         self.group(name)?;
-        self.store.meta_delete(GROUPS, name).await?;
+        let prefix = broadcast_offsets_key(name, "");
+        for (key, _) in self.store.meta_list(BROADCAST_INSTANCES).await? {
+            if key.starts_with(&prefix) {
+                self.store.delete_offsets(&key).await?;
+                self.store.meta_delete(BROADCAST_INSTANCES, &key).await?;
+            }
+        }
         self.store.delete_offsets(name).await?;
         self.store
             .meta_delete(super::consume::SUBSCRIPTIONS_NS, name)
             .await?;
+        self.store.meta_delete(GROUPS, name).await?;
         self.registry.write().groups.remove(name);
         self.forget_group(name);
         info!(group = %name, "group deleted");
         Ok(())
+    }
+
+    /// Records that a broadcasting instance of `group` keeps offsets of its own, so deleting
+    /// the group can find and delete them (the store lists offsets only by owner). Called when
+    /// an instance registers, which is before it can commit; written once per instance.
+    pub(crate) async fn remember_broadcast_instance(
+        &self,
+        group: &str,
+        instance: &str,
+    ) -> Result<()> {
+        let key = broadcast_offsets_key(group, instance);
+        let known = self
+            .store
+            .meta_list(BROADCAST_INSTANCES)
+            .await?
+            .iter()
+            .any(|(k, _)| *k == key);
+        if !known {
+            self.store
+                .meta_put(BROADCAST_INSTANCES, &key, instance.as_bytes().to_vec())
+                .await?;
+        }
+        Ok(())
+    }
+}
+
+/// Checks a consumer instance id: 1-255 printable characters without spaces at the ends, and
+/// no `%` (it would make broadcasting offset keys `<group>%BROADCAST%<instance>` ambiguous).
+/// Surrounding spaces are refused rather than trimmed: receive and settle look the instance up
+/// by the id exactly as the caller sends it.
+pub fn validate_instance_id(id: &str) -> Result<()> {
+    if id.contains('%') {
+        return Err(WharfError::bad_request(format!(
+            "instance id '{}' contains '%', which is reserved for system keys; use another character",
+            id.escape_debug()
+        )));
+    }
+    if id.trim().is_empty() || id.trim() != id || id.len() > 255 || id.chars().any(char::is_control)
+    {
+        return Err(WharfError::bad_request(format!(
+            "instance id '{}' is invalid: use 1-255 printable characters, without spaces at the ends",
+            id.escape_debug()
+        )));
+    }
+    Ok(())
+}
+
+fn kind_word(k: GroupKind) -> &'static str {
+    match k {
+        GroupKind::Consumer => "consumer",
+        GroupKind::Producer => "producer",
+        GroupKind::Mqtt => "mqtt",
+    }
+}
+
+fn model_word(m: ConsumeModel) -> &'static str {
+    match m {
+        ConsumeModel::Clustering => "clustering",
+        ConsumeModel::Broadcasting => "broadcasting",
     }
 }
 

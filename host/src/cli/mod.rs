@@ -102,6 +102,18 @@ pub enum GroupCommand {
         #[arg(long)]
         consume_timeout_ms: Option<u64>,
     },
+    /// Change a group's settings; the latest wins for every instance at once.
+    #[command(group(clap::ArgGroup::new("settings").required(true).multiple(true)))]
+    Update {
+        /// Group name.
+        name: String,
+        /// Retries before a message is dead-lettered (0-1000).
+        #[arg(long, group = "settings")]
+        max_reconsume_times: Option<u32>,
+        /// Consume timeout in milliseconds (1 ms to 24 h).
+        #[arg(long, group = "settings")]
+        consume_timeout_ms: Option<u64>,
+    },
     /// List groups.
     List,
     /// Delete a group and its offsets.
@@ -400,6 +412,34 @@ pub async fn group(opts: &ClientOpts, cmd: GroupCommand) -> anyhow::Result<()> {
                     s(&v["kind"]),
                     s(&v["name"]),
                     s(&v["model"])
+                )
+            });
+        }
+        GroupCommand::Update {
+            name,
+            max_reconsume_times,
+            consume_timeout_ms,
+        } => {
+            let mut body = json!({});
+            if let Some(n) = max_reconsume_times {
+                body["max_reconsume_times"] = json!(n);
+            }
+            if let Some(n) = consume_timeout_ms {
+                body["consume_timeout_ms"] = json!(n);
+            }
+            let v = c
+                .call(
+                    Method::PATCH,
+                    &format!("/v1/groups/{}", enc(&name)),
+                    Body::Json(body),
+                )
+                .await?;
+            show(opts, &v, |v| {
+                format!(
+                    "updated group {}: max_reconsume_times {}, consume_timeout_ms {}",
+                    s(&v["name"]),
+                    s(&v["max_reconsume_times"]),
+                    s(&v["consume_timeout_ms"])
                 )
             });
         }

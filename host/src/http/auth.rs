@@ -142,6 +142,49 @@ impl Principal {
         }
     }
 
+    /// True when this caller may read `name` (a topic or a consumer group).
+    pub fn may_subscribe(&self, name: &str) -> bool {
+        self.subscribe.permits(name)
+    }
+
+    /// True when this caller may read every topic and group (`allow_subscribe = ["*"]`).
+    pub fn subscribes_all(&self) -> bool {
+        matches!(self.subscribe, Allow::All)
+    }
+
+    /// `NO_PERMISSION` when this caller may read nothing at all, so `action` is refused before
+    /// any lookup (its answer could only say whether something exists).
+    pub fn check_subscribe_any(&self, action: &str) -> Result<(), WharfError> {
+        match &self.subscribe {
+            Allow::Only(names) if names.is_empty() => Err(WharfError::new(
+                ErrorCode::NoPermission,
+                ErrorKind::Forbidden,
+                format!(
+                    "access key '{}' may not {action}: it may read no topic; add the topics to the key's allow_subscribe in [[auth.keys]]",
+                    self.access_key.as_deref().unwrap_or("")
+                ),
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    /// `NO_PERMISSION` unless this caller may publish for `group`: re-sending a dead letter
+    /// writes a message that group will consume, so reading the group is not enough.
+    pub fn check_resend(&self, group: &str) -> Result<(), WharfError> {
+        if self.publish.permits(group) {
+            Ok(())
+        } else {
+            Err(WharfError::new(
+                ErrorCode::NoPermission,
+                ErrorKind::Forbidden,
+                format!(
+                    "access key '{}' may not re-send dead letters of group '{group}': that needs the right to publish for the group; add \"{group}\" to the key's allow_publish in [[auth.keys]]",
+                    self.access_key.as_deref().unwrap_or("")
+                ),
+            ))
+        }
+    }
+
     /// `NO_PERMISSION` unless this caller may manage resources.
     pub fn check_admin(&self, action: &str) -> Result<(), WharfError> {
         if self.admin {
@@ -416,6 +459,36 @@ mod tests {
         let mut p = signed(DATE, &h);
         p.path_and_query = "/v1/topics?x=2";
         assert_eq!(a.authenticate(&p).unwrap_err().http_status(), 401);
+    }
+
+    #[test]
+    fn resend_needs_publish_for_the_group_and_queries_need_some_read_right() {
+        let key = |publish: &[&str], subscribe: &[&str]| {
+            Principal::from_key(&AccessKey {
+                access_key: "AK".into(),
+                secret_key: "SK".into(),
+                allow_publish: publish.iter().map(|s| s.to_string()).collect(),
+                allow_subscribe: subscribe.iter().map(|s| s.to_string()).collect(),
+                admin: false,
+            })
+        };
+        let reader = key(&[], &["*"]);
+        let e = reader.check_resend("GID_a").unwrap_err();
+        assert_eq!((e.code.code(), e.http_status()), (16, 403));
+        assert!(e.message.contains("allow_publish") && e.message.contains("GID_a"));
+        assert!(key(&["GID_a"], &[]).check_resend("GID_a").is_ok());
+        assert!(reader.check_subscribe_any("query").is_ok() && reader.subscribes_all());
+        let nothing = key(&["*"], &[]);
+        assert_eq!(
+            nothing
+                .check_subscribe_any("query")
+                .unwrap_err()
+                .http_status(),
+            403
+        );
+        let some = key(&[], &["Trade"]);
+        assert!(some.check_subscribe_any("query").is_ok() && !some.subscribes_all());
+        assert!(some.may_subscribe("Trade") && !some.may_subscribe("Other"));
     }
 
     #[test]

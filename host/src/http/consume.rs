@@ -289,13 +289,16 @@ pub async fn dead_letters(
     Ok(super::query::page_response(&page))
 }
 
-/// `POST /v1/groups/{group}/dead-letters/{message_id}/resend`.
+/// `POST /v1/groups/{group}/dead-letters/{message_id}/resend`: `message_id` is the id the
+/// producer got; the message is delivered again to this group only. Needs the rights to read
+/// the group and to publish for it.
 pub async fn resend_dead_letter(
     State(st): State<Shared>,
     Caller(who): Caller,
     ApiPath((group, message_id)): ApiPath<(String, String)>,
 ) -> ApiResult<Response> {
     who.check_subscribe("group", &group)?;
+    who.check_resend(&group)?;
     let receipt = st.broker.resend_dead_letter(&group, &message_id).await?;
     Ok(Json(receipt).into_response())
 }

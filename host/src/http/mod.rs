@@ -15,12 +15,15 @@
 //! - Ack/nack settle every receipt; if any fails, the answer is the first failure's error plus
 //!   `"settled"` and `"failed":[{"receipt","error"}]`.
 //! - Auth: `GET /healthz` is always open, `/metrics` when `[auth] metrics_open`. A key's
-//!   `allow_publish` lists topics it may send to; `allow_subscribe` lists topics *and* groups it may
-//!   read (receive needs both the group and the topic, ack/nack/status/offsets/dead letters the
-//!   group, queries the topic); `"*"` allows all; `admin` (default true) allows managing topics,
-//!   groups and plugins. Plugin HTTP triggers (`/t/...`) need a valid signature only. When a
-//!   `Content-MD5` header is sent it must match the body, which makes the body part of the
-//!   signature. Failed authentication is 401 NO_PERMISSION (16); missing rights are 403.
+//!   `allow_publish` lists topics it may send to, and groups whose dead letters it may re-send;
+//!   `allow_subscribe` lists topics *and* groups it may read (receive needs both the group and
+//!   the topic, ack/nack/status/offsets/dead letters the group, queries the topic: a message
+//!   by id in a topic the key may not read is a 404, like a missing one); `"*"` allows all;
+//!   `admin` (default true) allows managing topics, groups and plugins. Plugin HTTP triggers
+//!   (`/t/...`) need a valid signature only. When a `Content-MD5` header is sent it must match
+//!   the body, which makes the body part of the signature. Failed authentication is 401
+//!   NO_PERMISSION (16); missing rights are 403, and a key that may read no topic gets 403 for
+//!   a message by id before any lookup.
 
 pub mod auth;
 pub mod error;
@@ -169,7 +172,9 @@ pub fn router(state: Shared) -> Router {
         )
         .route(
             "/v1/groups/{group}",
-            get(resources::show_group).delete(resources::delete_group),
+            get(resources::show_group)
+                .patch(resources::patch_group)
+                .delete(resources::delete_group),
         )
         .route("/v1/groups/{group}/receive", post(consume::receive))
         .route("/v1/groups/{group}/ack", post(consume::ack))

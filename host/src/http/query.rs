@@ -9,7 +9,8 @@ use serde_json::json;
 use super::error::{ApiPath, ApiQuery, ApiResult, RawBody};
 use super::messages::{MessageJson, parse_send};
 use super::{Caller, Shared};
-use crate::error::WharfError;
+use crate::broker::query::original_topic;
+use crate::error::{ErrorKind, WharfError};
 use crate::store::TimePage;
 
 /// `POST /v1/topics/{topic}/messages`: one message or a batch; answers once durably stored.
@@ -92,13 +93,33 @@ pub fn page_response(page: &TimePage) -> Response {
 }
 
 /// `GET /v1/messages/{message_id}`: the message and per-group delivery status.
+///
+/// Rights are checked before any delivery work, and so that the answer says no more than a
+/// topic check would: a key that may read no topic is refused before the lookup, and for a key
+/// limited to some topics a message in another topic is "not found", exactly as a missing one.
 pub async fn by_id(
     State(st): State<Shared>,
     Caller(who): Caller,
     ApiPath(id): ApiPath<String>,
 ) -> ApiResult<Response> {
-    let view = st.broker.message(&id).await?;
-    who.check_subscribe("topic", &view.message.topic)?;
+    who.check_subscribe_any("query messages")?;
+    let hidden = || {
+        WharfError::not_found(format!(
+            "message '{id}' {} (or it is in a topic this access key may not read)",
+            crate::broker::query::NOT_FOUND
+        ))
+    };
+    let message = match st.broker.find_message(&id).await {
+        Ok(m) => m,
+        Err(e) if e.kind == ErrorKind::NotFound && !who.subscribes_all() => {
+            return Err(hidden().into());
+        }
+        Err(e) => return Err(e.into()),
+    };
+    if !who.may_subscribe(&original_topic(&message)) {
+        return Err(hidden().into());
+    }
+    let view = st.broker.message_view(message).await?;
     let mut v = serde_json::to_value(MessageJson::new(&view.message))
         .map_err(|e| WharfError::internal(format!("cannot encode message: {e}")))?;
     v["deliveries"] = json!(view.deliveries);

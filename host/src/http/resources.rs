@@ -8,6 +8,7 @@ use serde_json::json;
 
 use super::error::{ApiJson, ApiPath, ApiResult};
 use super::{Caller, Shared};
+use crate::broker::resources::GroupPatch;
 use crate::broker::{GroupSpec, TopicSpec};
 
 /// `POST /v1/topics` → 201, 409 if it exists.
@@ -54,6 +55,19 @@ pub async fn create_group(
     who.check_admin("create groups")?;
     let group = st.broker.create_group(spec).await?;
     Ok((StatusCode::CREATED, Json(group)).into_response())
+}
+
+/// `PATCH /v1/groups/{group}` `{...settings}`: changes the named settings; the latest wins for
+/// every instance at once. Unknown fields and bad values are 400 naming the field.
+pub async fn patch_group(
+    State(st): State<Shared>,
+    Caller(who): Caller,
+    ApiPath(group): ApiPath<String>,
+    ApiJson(body): ApiJson<serde_json::Map<String, serde_json::Value>>,
+) -> ApiResult<Response> {
+    who.check_admin("change groups")?;
+    let patch = GroupPatch::from_json(&body)?;
+    Ok(Json(st.broker.patch_group(&group, patch).await?).into_response())
 }
 
 /// `GET /v1/groups`.

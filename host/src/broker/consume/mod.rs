@@ -371,18 +371,7 @@ impl Broker {
     pub async fn register_consumer(&self, spec: InstanceSpec) -> Result<()> {
         let g = self.consumer_group(&spec.group)?;
         let id = spec.instance_id.as_str();
-        // Surrounding spaces are refused rather than trimmed: receive and settle look the
-        // instance up by the id exactly as the caller sends it.
-        if id.trim().is_empty()
-            || id.trim() != id
-            || id.len() > 255
-            || id.chars().any(char::is_control)
-        {
-            return Err(WharfError::bad_request(format!(
-                "instance id '{}' is invalid: use 1-255 printable characters, without spaces at the ends",
-                spec.instance_id.escape_debug()
-            )));
-        }
+        super::resources::validate_instance_id(id)?;
         if spec.subscriptions.is_empty() {
             return Err(WharfError::new(
                 ErrorCode::SubscriptionNotExist,
@@ -406,6 +395,7 @@ impl Broker {
         let subscriptions: Vec<Subscription> = by_topic.into_values().collect();
         let handle = self.engine.handle(&g).await?;
         let own_loaded = if g.model == ConsumeModel::Broadcasting {
+            self.remember_broadcast_instance(&g.name, id).await?;
             self.store
                 .load_offsets(&broadcast_offsets_key(&g.name, id))
                 .await?
@@ -643,14 +633,7 @@ impl Broker {
         limit: usize,
         page_token: Option<&str>,
     ) -> Result<TimePage> {
-        self.consumer_group(group)?;
-        let limit = limit.clamp(1, super::query::MAX_PAGE);
-        let mut page = self
-            .store
-            .by_time(&dlq_topic(group), 0, u64::MAX, limit, page_token)
-            .await?;
-        page.messages.iter_mut().for_each(retry::strip_origin_key);
-        Ok(page)
+        retry::dead_letters(self, group, limit, page_token).await
     }
 
     /// Re-sends one dead letter to its original topic.

@@ -1,5 +1,5 @@
 //! Failed messages: retry copies in `%RETRY%<group>` after the back-off, dead letters in
-//! `%DLQ%<group>` after the last retry, and re-sending a dead letter.
+//! `%DLQ%<group>` after the last retry, and re-sending a dead letter to its group only.
 
 use std::str::FromStr;
 
@@ -7,9 +7,13 @@ use tracing::{info, warn};
 
 use super::schedule::{NextStep, next_step};
 use super::{PROP_ORIGIN_MESSAGE_ID, PROP_RETRY_TOPIC, dlq_topic, retry_topic};
-use crate::broker::{Broker, Group, OutgoingMessage, SendReceipt};
+use crate::broker::{Broker, Group, SendReceipt};
 use crate::error::{Result, WharfError};
 use crate::model::{MessageId, NewMessage, StoredMessage};
+use crate::store::TimePage;
+
+/// Property a re-sent dead letter's copy carries: the id of the dead-letter record it re-sends.
+pub const PROP_RESENT_DEAD_LETTER: &str = "RESENT_DEAD_LETTER";
 
 /// Starts the system key every retry and dead-letter copy carries, followed by the origin
 /// message id. The key index then finds a message's copies without scanning (delivery status);
@@ -115,7 +119,50 @@ impl Broker {
     }
 }
 
-/// Re-sends a dead letter to its original topic as a fresh message (reconsume count 0).
+/// Drops the system key and shows a copy under its original topic and id, the ones the
+/// producer got: operators list, query and re-send dead letters by that id.
+pub fn as_original(m: &mut StoredMessage) {
+    if !is_copy_topic(&m.topic) {
+        return;
+    }
+    strip_origin_key(m);
+    let (topic, id) = origin(m);
+    if let Ok(id) = MessageId::from_str(&id) {
+        m.id = id;
+    }
+    m.topic = topic;
+}
+
+/// Dead letters of a group, oldest first, paged like a time-range query; each shown under the
+/// id and topic the producer got.
+pub async fn dead_letters(
+    broker: &Broker,
+    group: &str,
+    limit: usize,
+    page_token: Option<&str>,
+) -> Result<TimePage> {
+    broker.consumer_group(group)?;
+    let limit = limit.clamp(1, crate::broker::query::MAX_PAGE);
+    let mut page = broker
+        .store
+        .by_time(&dlq_topic(group), 0, u64::MAX, limit, page_token)
+        .await?;
+    page.messages.iter_mut().for_each(as_original);
+    Ok(page)
+}
+
+/// Most retry copies examined when looking for an earlier re-send of a dead letter.
+const MAX_RESENDS_EXAMINED: usize = 64;
+
+/// Re-sends the newest dead letter of `message_id` (the id the producer got) to `group` only.
+///
+/// The copy goes into `%RETRY%<group>`, due now and with its reconsume count reset, rather than
+/// to the original topic: only this group reads its retry topic, so the topic's other groups,
+/// which consumed the message already, do not get it again. It keeps the original id and topic,
+/// so consumers, queries and the next failure see one message. The copy names the dead letter
+/// it re-sends ([`PROP_RESENT_DEAD_LETTER`]): delivery status uses that to tell a re-sent dead
+/// letter from one still waiting, and a second re-send of the same dead letter is refused.
+/// The answer carries the original id and where the copy was stored.
 pub async fn resend_dead_letter(
     broker: &Broker,
     group: &str,
@@ -123,46 +170,58 @@ pub async fn resend_dead_letter(
 ) -> Result<SendReceipt> {
     broker.consumer_group(group)?;
     let id = MessageId::from_str(message_id)?;
-    let dlq = dlq_topic(group);
-    let m = broker
+    let key = origin_key(&id.to_string());
+    let dead = broker
         .store
-        .get(id)
+        .by_key(&dlq_topic(group), &key, 1)
         .await?
-        .filter(|m| m.topic == dlq)
+        .into_iter()
+        .next()
         .ok_or_else(|| {
             WharfError::not_found(format!(
                 "message '{message_id}' is not a dead letter of group '{group}'; list them with GET /v1/groups/{group}/dead-letters"
             ))
         })?;
-    let (topic, orig_id) = origin(&m);
-    let mut properties = m.properties.clone();
-    properties.remove(PROP_RETRY_TOPIC);
-    properties.insert(PROP_ORIGIN_MESSAGE_ID.to_string(), orig_id);
-    let out = OutgoingMessage {
-        tag: m.tag.clone(),
-        // The re-sent message starts a chain of its own: only the business keys go with it.
-        keys: m
-            .keys
-            .iter()
-            .filter(|k| !is_origin_key(k))
-            .cloned()
-            .collect(),
+    let dead_id = dead.id.to_string();
+    let retry = retry_topic(group);
+    let already = broker
+        .store
+        .by_key(&retry, &key, MAX_RESENDS_EXAMINED)
+        .await?
+        .iter()
+        .any(|c| c.properties.get(PROP_RESENT_DEAD_LETTER) == Some(&dead_id));
+    if already {
+        return Err(WharfError::conflict(format!(
+            "dead letter '{message_id}' of group '{group}' was already re-sent; see how it went with GET /v1/messages/{message_id}"
+        )));
+    }
+    let mut properties = dead.properties.clone();
+    properties.insert(PROP_RESENT_DEAD_LETTER.to_string(), dead_id);
+    let copy = NewMessage {
+        topic: retry,
+        queue_id: 0,
+        tag: dead.tag.clone(),
+        // Business keys plus the system key, so the copy is found like any retry copy.
+        keys: dead.keys.clone(),
         properties,
-        body: m.body.clone(),
+        body: dead.body.clone(),
+        born_ms: dead.born_ms,
         deliver_at_ms: None,
-        delay_ms: None,
-        born_ms: Some(m.born_ms),
-        queue: Default::default(),
+        reconsume_times: 0,
     };
-    let receipt = broker
-        .send(&topic, vec![out])
+    let appended = broker
+        .store
+        .append(vec![copy])
         .await?
         .into_iter()
         .next()
-        .ok_or_else(|| WharfError::internal("send returned no receipt"))?;
-    info!(group, dead_letter = %message_id, new_id = %receipt.message_id, topic = %topic,
-        "dead letter re-sent");
-    Ok(receipt)
+        .ok_or_else(|| WharfError::internal("the store answered an append with no position"))?;
+    info!(group, message_id = %id, copy_id = %appended.id, "dead letter re-sent to its group");
+    Ok(SendReceipt {
+        message_id: id,
+        queue_id: appended.queue_id,
+        queue_offset: appended.queue_offset,
+    })
 }
 
 #[cfg(test)]

@@ -1,6 +1,7 @@
 //! Group status, per-message delivery status, and operator offset resets.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 
 use tracing::info;
 
@@ -9,8 +10,8 @@ use super::group_state::GroupState;
 use super::progress::{QueueKey, QueueState};
 use super::retry;
 use super::{
-    GroupHandle, GroupStatus, InstanceStatus, Subscription, broadcast_offsets_key, dlq_topic,
-    is_retry_topic_of, retry_topic,
+    GroupHandle, GroupStatus, InstanceStatus, SUBSCRIPTIONS_NS, Subscription,
+    broadcast_offsets_key, dlq_topic, is_retry_topic_of, retry_topic,
 };
 use crate::broker::{Broker, ConsumeModel, Delivery, DeliveryStatus, GroupKind};
 use crate::error::{Result, WharfError};
@@ -143,60 +144,149 @@ async fn backlog_of(b: &Broker, model: ConsumeModel, positions: &Positions) -> R
 /// exists only after a redelivery, so copies older than this are long settled.
 const MAX_COPIES_EXAMINED: usize = 64;
 
+/// Where a group's progress is read from when answering a delivery query.
+enum Progress {
+    /// The group's consumption state is in memory: its instances and live positions decide.
+    Live(Arc<GroupHandle>),
+    /// No state in memory, so no instance is online: committed offsets from the store decide,
+    /// and nothing is built (a query must not cost a group's worth of state per group).
+    Stored(HashMap<QueueKey, u64>),
+}
+
+impl Progress {
+    /// True when the group (clustering) has settled `offset` of queue `key`.
+    fn consumed(&self, key: &QueueKey, offset: u64) -> bool {
+        match self {
+            Progress::Live(h) => clustering_consumed(&h.state.lock(), key, offset),
+            Progress::Stored(committed) => committed.get(key).is_some_and(|c| offset < *c),
+        }
+    }
+
+    /// Status of a message the group has not finished with.
+    fn unsettled(&self) -> DeliveryStatus {
+        match self {
+            Progress::Live(h) => unsettled(&h.state.lock()),
+            Progress::Stored(_) => DeliveryStatus::Offline,
+        }
+    }
+}
+
+/// The subscription of `group` to `topic`, from live instances or the last persisted set.
+fn subscription_of<'a>(subs: &'a [Subscription], topic: &str) -> Option<&'a Subscription> {
+    subs.iter().find(|s| s.topic == topic)
+}
+
+/// Subscriptions each group persisted last (for groups without state in memory), read once
+/// per query rather than once per group.
+async fn persisted_subscriptions(b: &Broker) -> Result<HashMap<String, Vec<Subscription>>> {
+    Ok(b.store
+        .meta_list(SUBSCRIPTIONS_NS)
+        .await?
+        .into_iter()
+        .filter_map(|(k, v)| {
+            serde_json::from_slice::<Vec<Subscription>>(&v)
+                .ok()
+                .map(|s| (k, s))
+        })
+        .collect())
+}
+
 /// Per consumer group subscribed to the message's topic: consumed / filtered / pending /
 /// offline / dead_letter.
 ///
 /// A clustering group commits a failed message's offset once its retry copy is stored, so a
 /// committed offset alone does not mean consumed: the message's copies in `%RETRY%<group>` and
 /// `%DLQ%<group>` (found through their system key, see [`retry::origin_key`]) decide.
+/// A group whose consumption state is not in memory is answered from the store (its persisted
+/// subscriptions and committed offsets) without building that state.
 pub async fn deliveries(b: &Broker, message: &StoredMessage) -> Result<Vec<Delivery>> {
     let key = retry::origin_key(&retry::origin(message).1);
+    let queue = (message.topic.clone(), message.queue_id);
+    let mut persisted: Option<HashMap<String, Vec<Subscription>>> = None;
     let mut out = Vec::new();
     for g in b.list_groups() {
         if g.kind == GroupKind::Producer {
             continue;
         }
-        let handle = b.engine.handle(&g).await?;
-        let (status, check_copies) = {
-            let st = handle.state.lock();
-            let subs = if st.instances.is_empty() {
-                st.persisted_subscriptions.clone().unwrap_or_default()
-            } else {
-                st.majority_subscriptions()
-            };
-            let Some(sub) = subs.iter().find(|s| s.topic == message.topic) else {
-                continue;
-            };
-            match TagFilter::parse(&sub.expression) {
-                Ok(f) if !f.matches(message.tag.as_deref()) => (DeliveryStatus::Filtered, false),
-                _ => {
-                    let queue = (message.topic.clone(), message.queue_id);
-                    let consumed = message.queue_offset.is_some_and(|o| match st.model {
-                        ConsumeModel::Clustering => clustering_consumed(&st, &queue, o),
-                        ConsumeModel::Broadcasting => {
-                            !st.instances.is_empty()
-                                && st
-                                    .instances
-                                    .values()
-                                    .all(|i| i.own.get(&queue).is_some_and(|q| q.is_consumed(o)))
-                        }
-                    });
-                    if consumed {
-                        // Broadcasting never retries, so only clustering has copies to look at.
-                        (
-                            DeliveryStatus::Consumed,
-                            st.model == ConsumeModel::Clustering,
-                        )
+        let live = b.engine.existing(&g.name).filter(|h| {
+            let st = h.state.lock();
+            st.model == g.model && st.created_ms == g.created_ms
+        });
+        let (status, progress) = match live {
+            Some(handle) => {
+                let status = {
+                    let st = handle.state.lock();
+                    let subs = if st.instances.is_empty() {
+                        st.persisted_subscriptions.clone().unwrap_or_default()
                     } else {
-                        (unsettled(&st), false)
+                        st.majority_subscriptions()
+                    };
+                    let Some(sub) = subscription_of(&subs, &message.topic) else {
+                        continue;
+                    };
+                    if filtered_out(sub, message) {
+                        DeliveryStatus::Filtered
+                    } else {
+                        let consumed = message.queue_offset.is_some_and(|o| match st.model {
+                            ConsumeModel::Clustering => clustering_consumed(&st, &queue, o),
+                            ConsumeModel::Broadcasting => {
+                                !st.instances.is_empty()
+                                    && st.instances.values().all(|i| {
+                                        i.own.get(&queue).is_some_and(|q| q.is_consumed(o))
+                                    })
+                            }
+                        });
+                        if consumed {
+                            DeliveryStatus::Consumed
+                        } else {
+                            unsettled(&st)
+                        }
                     }
+                };
+                (status, Progress::Live(handle))
+            }
+            None => {
+                if persisted.is_none() {
+                    persisted = Some(persisted_subscriptions(b).await?);
+                }
+                let Some(sub) = persisted
+                    .as_ref()
+                    .and_then(|p| p.get(&g.name))
+                    .and_then(|subs| subscription_of(subs, &message.topic))
+                else {
+                    continue;
+                };
+                if filtered_out(sub, message) {
+                    (DeliveryStatus::Filtered, Progress::Stored(HashMap::new()))
+                } else if g.model == ConsumeModel::Broadcasting {
+                    // Each broadcasting instance has its own progress, and none is online.
+                    (DeliveryStatus::Offline, Progress::Stored(HashMap::new()))
+                } else {
+                    let committed: HashMap<QueueKey, u64> = b
+                        .store
+                        .load_offsets(&g.name)
+                        .await?
+                        .into_iter()
+                        .map(|o| ((o.topic, o.queue_id), o.offset))
+                        .collect();
+                    let progress = Progress::Stored(committed);
+                    let consumed = message
+                        .queue_offset
+                        .is_some_and(|o| progress.consumed(&queue, o));
+                    let status = if consumed {
+                        DeliveryStatus::Consumed
+                    } else {
+                        DeliveryStatus::Offline
+                    };
+                    (status, progress)
                 }
             }
         };
-        let status = if check_copies {
-            match copies_state(b, &handle, &g.name, &key).await? {
+        // Broadcasting never retries, so only clustering has copies to look at.
+        let status = if status == DeliveryStatus::Consumed && g.model == ConsumeModel::Clustering {
+            match copies_state(b, &progress, &g.name, &key).await? {
                 Copies::Settled => DeliveryStatus::Consumed,
-                Copies::RetryOutstanding => unsettled(&handle.state.lock()),
+                Copies::RetryOutstanding => progress.unsettled(),
                 Copies::DeadLettered => DeliveryStatus::DeadLetter,
             }
         } else {
@@ -208,6 +298,11 @@ pub async fn deliveries(b: &Broker, message: &StoredMessage) -> Result<Vec<Deliv
         });
     }
     Ok(out)
+}
+
+/// True when the subscription's tag expression excludes the message.
+fn filtered_out(sub: &Subscription, message: &StoredMessage) -> bool {
+    TagFilter::parse(&sub.expression).is_ok_and(|f| !f.matches(message.tag.as_deref()))
 }
 
 /// Status of a message the group has not finished with: pending, or offline without instances.
@@ -230,11 +325,11 @@ fn clustering_consumed(st: &GroupState, key: &QueueKey, offset: u64) -> bool {
 /// Where the failure copies of a message whose own offset a clustering group committed stand.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Copies {
-    /// No copy, or every retry copy was consumed: the message was consumed.
+    /// No copy, or every retry copy was consumed (a dead letter re-sent counts as retried).
     Settled,
     /// A retry copy is held for its back-off, or visible and not yet consumed.
     RetryOutstanding,
-    /// Its last retry failed too: the copy sits in the dead-letter topic.
+    /// Its last retry failed too: the copy sits in the dead-letter topic, not re-sent.
     DeadLettered,
 }
 
@@ -242,10 +337,12 @@ enum Copies {
 ///
 /// Retry copies are examined before the dead-letter topic: the engine stores a dead letter
 /// before it commits the failed retry, so a retry seen as settled here already has its dead
-/// letter visible, and the answer never flips to consumed in between.
-async fn copies_state(b: &Broker, handle: &GroupHandle, group: &str, key: &str) -> Result<Copies> {
+/// letter visible, and the answer never flips to consumed in between. The newest dead letter
+/// counts only if no retry copy re-sent it.
+async fn copies_state(b: &Broker, progress: &Progress, group: &str, key: &str) -> Result<Copies> {
     let retry = retry_topic(group);
-    for copy in b.store.by_key(&retry, key, MAX_COPIES_EXAMINED).await? {
+    let copies = b.store.by_key(&retry, key, MAX_COPIES_EXAMINED).await?;
+    for copy in &copies {
         let offset = match copy.queue_offset {
             Some(o) => Some(o),
             // The key index returns a timer copy as appended; the lookup by id finds the
@@ -254,18 +351,31 @@ async fn copies_state(b: &Broker, handle: &GroupHandle, group: &str, key: &str) 
         };
         // A copy whose offset cannot be found is counted as outstanding: claiming consumed
         // without evidence is the mistake this check exists to prevent.
-        let consumed = offset.is_some_and(|o| {
-            clustering_consumed(&handle.state.lock(), &(retry.clone(), copy.queue_id), o)
-        });
+        let consumed =
+            offset.is_some_and(|o| progress.consumed(&(retry.clone(), copy.queue_id), o));
         if !consumed {
             return Ok(Copies::RetryOutstanding);
         }
     }
-    if b.store.by_key(&dlq_topic(group), key, 1).await?.is_empty() {
-        Ok(Copies::Settled)
+    let Some(dead) = b.store.by_key(&dlq_topic(group), key, 1).await?.pop() else {
+        return Ok(Copies::Settled);
+    };
+    let dead_id = dead.id.to_string();
+    let resent = copies
+        .iter()
+        .any(|c| c.properties.get(retry::PROP_RESENT_DEAD_LETTER) == Some(&dead_id));
+    Ok(if resent {
+        Copies::Settled
     } else {
-        Ok(Copies::DeadLettered)
-    }
+        Copies::DeadLettered
+    })
+}
+
+/// Number of groups whose consumption state is built in memory (tests check that a query
+/// builds none).
+#[cfg(test)]
+pub(crate) fn built_group_states(b: &Broker) -> usize {
+    b.engine.groups.read().len()
 }
 
 /// Moves the group's position on every queue of `topic` to the first message stored at or after

@@ -420,17 +420,28 @@ async fn full_retry_schedule_then_dead_letter_then_resend() {
     let dl = &dead.messages[0];
     assert_eq!(dl.body, Bytes::from_static(b"payload"));
     assert_eq!(dl.properties[PROP_ORIGIN_MESSAGE_ID], id);
-    let r = e
-        .broker
-        .resend_dead_letter("GID_d", &dl.id.to_string())
-        .await
-        .unwrap();
+    assert_eq!(
+        dl.id.to_string(),
+        id,
+        "listed under the id the producer got"
+    );
+    assert_eq!(dl.topic, "Trade");
+    let r = e.broker.resend_dead_letter("GID_d", &id).await.unwrap();
+    assert_eq!(r.message_id.to_string(), id);
     let again = e.recv_n("GID_d", "a", 1).await;
     assert_eq!(again[0].message.id, r.message_id);
+    assert_eq!(again[0].message.topic, "Trade");
     assert_eq!(again[0].message.reconsume_times, 0);
     assert_eq!(again[0].message.tag.as_deref(), Some("order"));
     let err = e.broker.resend_dead_letter("GID_d", &id).await.unwrap_err();
-    assert_eq!(err.http_status(), 404);
+    assert_eq!(err.http_status(), 409, "one re-send per dead letter: {err}");
+    let other = e.send("Trade", None, "fine").await;
+    let err = e
+        .broker
+        .resend_dead_letter("GID_d", &other)
+        .await
+        .unwrap_err();
+    assert_eq!(err.http_status(), 404, "{err}");
 }
 
 #[tokio::test]
@@ -864,26 +875,62 @@ async fn a_dead_lettered_message_is_reported_as_dead_letter() {
     assert_eq!(dead.messages.len(), 1);
     let dl = &dead.messages[0];
     assert_eq!(dl.keys, vec!["order-9".to_string()]);
-    let dl_id = dl.id.to_string();
-    let view = e.broker.message(&dl_id).await.unwrap();
-    assert_eq!(view.message.keys, vec!["order-9".to_string()]);
+    assert_eq!(dl.id.to_string(), id);
 
-    // A re-sent dead letter is a new message with a fate of its own.
+    // A re-sent dead letter goes to its own group only, under the original id.
     e.join("GID_z", "a", &[("Trade", "*")]).await;
-    let again = e.broker.resend_dead_letter("GID_z", &dl_id).await.unwrap();
-    let again_id = again.message_id.to_string();
+    let again = e.broker.resend_dead_letter("GID_z", &id).await.unwrap();
+    assert_eq!(again.message_id.to_string(), id);
+    assert_eq!(status_of(&e, &id, "GID_z").await, DeliveryStatus::Pending);
+    assert!(
+        e.recv("GID_y", "b", 10).await.is_empty(),
+        "the topic's other group does not get it again"
+    );
     let got = e.recv_n("GID_z", "a", 1).await.remove(0);
     assert_eq!(got.message.id, again.message_id);
     assert_eq!(got.message.keys, vec!["order-9".to_string()]);
+    assert_eq!(got.message.reconsume_times, 0);
     e.ack("GID_z", &got).await;
+    assert_eq!(status_of(&e, &id, "GID_z").await, DeliveryStatus::Consumed);
+    assert_eq!(status_of(&e, &id, "GID_y").await, DeliveryStatus::Consumed);
+}
+
+#[tokio::test]
+async fn a_query_by_id_builds_no_consumption_state() {
+    let mut e = env().await;
+    e.topic("Trade", 1).await;
+    e.group("GID_q1", ConsumeModel::Clustering, Some(0)).await;
+    e.group("GID_q2", ConsumeModel::Clustering, None).await;
+    e.group("GID_q3", ConsumeModel::Broadcasting, None).await;
+    e.join("GID_q1", "a", &[("Trade", "*")]).await;
+    e.join("GID_q2", "b", &[("Trade", "other")]).await;
+    e.join("GID_q3", "c", &[("Trade", "*")]).await;
+    let failed = e.send("Trade", None, "x").await;
+    let d = e.recv_n("GID_q1", "a", 1).await.remove(0);
+    e.nack("GID_q1", &d).await;
+    let waiting = e.send("Trade", None, "y").await;
+    // After a restart no group has state in memory until a consumer comes back.
+    e.restart().await;
+    assert_eq!(status::built_group_states(&e.broker), 0);
+    let of = |v: &crate::broker::MessageView, g: &str| {
+        v.deliveries.iter().find(|d| d.group == g).map(|d| d.status)
+    };
+    let v = e.broker.message(&failed).await.unwrap();
+    assert_eq!(of(&v, "GID_q1"), Some(DeliveryStatus::DeadLetter));
+    assert_eq!(of(&v, "GID_q2"), Some(DeliveryStatus::Filtered));
+    assert_eq!(of(&v, "GID_q3"), Some(DeliveryStatus::Offline));
+    let v = e.broker.message(&waiting).await.unwrap();
+    assert_eq!(of(&v, "GID_q1"), Some(DeliveryStatus::Offline));
     assert_eq!(
-        status_of(&e, &again_id, "GID_z").await,
-        DeliveryStatus::Consumed
+        status::built_group_states(&e.broker),
+        0,
+        "answered from committed offsets and copies alone"
     );
-    assert_eq!(
-        status_of(&e, &id, "GID_z").await,
-        DeliveryStatus::DeadLetter
-    );
+    // The same answers once the state is built again.
+    e.join("GID_q1", "a", &[("Trade", "*")]).await;
+    let v = e.broker.message(&failed).await.unwrap();
+    assert_eq!(of(&v, "GID_q1"), Some(DeliveryStatus::DeadLetter));
+    assert_eq!(status::built_group_states(&e.broker), 1);
 }
 
 fn pull<'a>(
@@ -1172,10 +1219,94 @@ async fn instance_ids_with_surrounding_spaces_are_refused() {
             expression: "*".into(),
         }],
     };
-    for bad in [" a", "a ", "  ", ""] {
+    for bad in [" a", "a ", "  ", "", "a%BROADCAST%b"] {
         let err = e.broker.register_consumer(spec(bad)).await.unwrap_err();
         assert!(err.message.contains("instance id"), "{bad:?}: {err}");
     }
     e.broker.register_consumer(spec("a b")).await.unwrap();
     assert!(e.broker.is_registered("GID_ids", "a b"));
+}
+
+#[tokio::test]
+async fn deleting_a_group_deletes_its_broadcasting_offsets() {
+    let mut e = env().await;
+    e.topic("News", 1).await;
+    e.group("GID_bc", ConsumeModel::Broadcasting, None).await;
+    e.join("GID_bc", "i1", &[("News", "*")]).await;
+    e.send("News", None, "one").await;
+    let got = e.recv_n("GID_bc", "i1", 1).await.remove(0);
+    e.ack("GID_bc", &got).await;
+    e.restart().await;
+    let owner = broadcast_offsets_key("GID_bc", "i1");
+    assert!(!e.store.load_offsets(&owner).await.unwrap().is_empty());
+
+    e.broker.delete_group("GID_bc").await.unwrap();
+    assert!(e.store.load_offsets(&owner).await.unwrap().is_empty());
+    // A group of the same name starts afresh: a new broadcasting instance at the newest.
+    e.group("GID_bc", ConsumeModel::Broadcasting, None).await;
+    e.join("GID_bc", "i1", &[("News", "*")]).await;
+    e.send("News", None, "two").await;
+    let got = e.recv_n("GID_bc", "i1", 1).await.remove(0);
+    assert_eq!(got.message.body, Bytes::from_static(b"two"));
+}
+
+#[tokio::test]
+async fn patching_a_group_changes_only_what_it_names() {
+    use crate::broker::resources::GroupPatch;
+    let e = env().await;
+    e.group("GID_p", ConsumeModel::Clustering, Some(3)).await;
+    let patch = |v: serde_json::Value| GroupPatch::from_json(v.as_object().unwrap());
+    let g = e
+        .broker
+        .patch_group(
+            "GID_p",
+            patch(serde_json::json!({"max_reconsume_times": 7})).unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!((g.max_reconsume_times, g.consume_timeout_ms), (7, 60_000));
+    assert_eq!(e.broker.group("GID_p").unwrap(), g);
+    let same_model =
+        patch(serde_json::json!({"model": "clustering", "consume_timeout_ms": 5})).unwrap();
+    let g = e.broker.patch_group("GID_p", same_model).await.unwrap();
+    assert_eq!((g.max_reconsume_times, g.consume_timeout_ms), (7, 5));
+    let err = e
+        .broker
+        .patch_group(
+            "GID_p",
+            patch(serde_json::json!({"model": "broadcasting"})).unwrap(),
+        )
+        .await
+        .unwrap_err();
+    assert!(err.message.starts_with("model:"), "{err}");
+    let err = e
+        .broker
+        .patch_group(
+            "GID_p",
+            patch(serde_json::json!({"max_reconsume_times": 5000})).unwrap(),
+        )
+        .await
+        .unwrap_err();
+    assert!(err.message.contains("max_reconsume_times"), "{err}");
+    for (bad, field) in [
+        (
+            serde_json::json!({"max_reconsume_times": "7"}),
+            "max_reconsume_times",
+        ),
+        (
+            serde_json::json!({"consume_timeout_ms": -1}),
+            "consume_timeout_ms",
+        ),
+        (serde_json::json!({"colour": 1}), "colour"),
+    ] {
+        let err = patch(bad).unwrap_err();
+        assert_eq!(err.http_status(), 400);
+        assert!(err.message.contains(field), "{err}");
+    }
+    let err = e
+        .broker
+        .patch_group("GID_nope", GroupPatch::default())
+        .await
+        .unwrap_err();
+    assert_eq!(err.code, ErrorCode::SubscriptionGroupNotExist);
 }
