@@ -57,6 +57,8 @@ pub struct HttpConfig {
     pub max_wait_ms: u64,
     /// `shutdown_grace_ms = 10000`: how long in-flight requests may run after SIGINT/SIGTERM.
     pub shutdown_grace_ms: u64,
+    /// `max_connections = 10000`: open connections at once; past it new ones wait to be accepted.
+    pub max_connections: usize,
 }
 
 impl Default for HttpConfig {
@@ -67,6 +69,7 @@ impl Default for HttpConfig {
             max_upload_bytes: 64 * 1024 * 1024,
             max_wait_ms: 30_000,
             shutdown_grace_ms: 10_000,
+            max_connections: 10_000,
         }
     }
 }
@@ -216,7 +219,7 @@ impl Config {
     /// Parses and validates config text; `file` names it in errors.
     pub fn parse(text: &str, file: &str) -> Result<Config, ConfigError> {
         let config = Config::parse_unchecked(text, file)?;
-        config.check(Some((text, file)))?;
+        config.check(Some((text, file)), &Overrides::default())?;
         Ok(config)
     }
 
@@ -262,23 +265,39 @@ impl Config {
             None => Config::default(),
         };
         config.apply(overrides);
-        config.check(source.as_ref().map(|(t, f)| (t.as_str(), f.as_str())))?;
+        config.check(
+            source.as_ref().map(|(t, f)| (t.as_str(), f.as_str())),
+            overrides,
+        )?;
         config.source = path;
         Ok(config)
     }
 
-    /// Validates, pointing at the key in `source` when it is written there.
-    fn check(&self, source: Option<(&str, &str)>) -> Result<(), ConfigError> {
-        self.validate().map_err(|(key, message)| {
-            let position = source.and_then(|(text, _)| find_key(text, &key));
-            ConfigError {
-                file: match (position, source) {
-                    (Some(_), Some((_, file))) => file.to_string(),
-                    _ => "<command line or defaults>".into(),
-                },
-                position,
-                message,
-            }
+    /// Validates, pointing at the key in `source` (text, file name) when it is written there;
+    /// a value a flag set is reported as the flag's.
+    fn check(
+        &self,
+        source: Option<(&str, &str)>,
+        overrides: &Overrides,
+    ) -> Result<(), ConfigError> {
+        let Err(problem) = self.validate() else {
+            return Ok(());
+        };
+        if let Some(flag) = overrides.flag_for(&problem.path) {
+            return Err(ConfigError {
+                file: "<command line>".into(),
+                position: None,
+                message: format!("{} (set by {flag})", problem.message),
+            });
+        }
+        let position = source.and_then(|(text, _)| locate(text, &problem.path));
+        Err(ConfigError {
+            file: match (position, source) {
+                (Some(_), Some((_, file))) => file.to_string(),
+                _ => "<defaults>".into(),
+            },
+            position,
+            message: problem.message,
         })
     }
 
@@ -301,96 +320,162 @@ impl Config {
         }
     }
 
-    /// Cross-field checks; the error names the dotted key at fault.
-    fn validate(&self) -> Result<(), (String, String)> {
-        let addr = |key: &str, v: &str, optional: bool| -> Result<(), (String, String)> {
-            if optional && v.is_empty() {
+    /// Range and cross-field checks of every section; the problem names the key at fault.
+    fn validate(&self) -> Result<(), Problem> {
+        use Part::{Index, Key};
+        let addr = |section: &'static str, v: &str, optional: bool| -> Result<(), Problem> {
+            if (optional && v.is_empty()) || v.parse::<SocketAddr>().is_ok() {
                 return Ok(());
             }
-            v.parse::<SocketAddr>().map(|_| ()).map_err(|_| {
-                (
-                    key.to_string(),
-                    format!("{key} = \"{v}\" is not an address; write IP:PORT such as \"127.0.0.1:8080\""),
-                )
-            })
-        };
-        addr("http.listen", &self.http.listen, false)?;
-        addr("mqtt.listen", &self.mqtt.listen, true)?;
-        addr("remoting.listen", &self.remoting.listen, true)?;
-        if self.http.max_body_bytes < 1024 {
-            return Err((
-                "http.max_body_bytes".into(),
-                "http.max_body_bytes must be at least 1024".into(),
-            ));
-        }
-        if self.broker.max_body_bytes == 0
-            || self.broker.max_body_bytes > crate::broker::config::MAX_MESSAGE_BYTES
-        {
-            return Err((
-                "broker.max_body_bytes".into(),
-                "broker.max_body_bytes must be 1..=4194304 (4 MiB)".into(),
-            ));
-        }
-        let b = &self.broker;
-        if !(1..=crate::broker::resources::MAX_QUEUES).contains(&b.default_queues) {
-            return Err((
-                "broker.default_queues".into(),
+            Err(Problem::at(
+                &[Key(section), Key("listen")],
                 format!(
-                    "broker.default_queues must be 1..={}",
-                    crate::broker::resources::MAX_QUEUES
+                    "{section}.listen = \"{v}\" is not an address; write IP:PORT such as \"127.0.0.1:8080\"{}",
+                    if optional {
+                        " (or \"\" to turn it off)"
+                    } else {
+                        ""
+                    }
+                ),
+            ))
+        };
+        addr("http", &self.http.listen, false)?;
+        addr("mqtt", &self.mqtt.listen, true)?;
+        addr("remoting", &self.remoting.listen, true)?;
+
+        let tree = toml::Value::try_from(self).map_err(|e| {
+            Problem::at(
+                &[],
+                format!("the config cannot be checked ({e}); please report it"),
+            )
+        })?;
+        for r in INT_RANGES {
+            let value = tree
+                .get(r.section)
+                .and_then(|t| t.get(r.key))
+                .and_then(toml::Value::as_integer);
+            match value {
+                Some(v) if (r.min..=r.max).contains(&v) => {}
+                Some(v) => {
+                    return Err(Problem::at(
+                        &[Key(r.section), Key(r.key)],
+                        format!(
+                            "{}.{} = {v} is out of range; allowed {}..={}{}",
+                            r.section, r.key, r.min, r.max, r.note
+                        ),
+                    ));
+                }
+                None => {
+                    return Err(Problem::at(
+                        &[Key(r.section), Key(r.key)],
+                        format!(
+                            "{}.{} has no integer value to check; please report it",
+                            r.section, r.key
+                        ),
+                    ));
+                }
+            }
+        }
+        let scale = self.broker.retry_delay_scale;
+        if !(scale > 0.0 && scale <= MAX_RETRY_DELAY_SCALE) {
+            return Err(Problem::at(
+                &[Key("broker"), Key("retry_delay_scale")],
+                format!(
+                    "broker.retry_delay_scale = {scale} is out of range; allowed more than 0 and at \
+                     most {MAX_RETRY_DELAY_SCALE} (1.0 = the spec's schedule, 0.001 for tests)"
                 ),
             ));
         }
-        // The spec fixes these ceilings; the config may only tighten them.
-        if !(1..=32_767).contains(&b.max_properties_bytes) {
-            return Err((
-                "broker.max_properties_bytes".into(),
-                "broker.max_properties_bytes must be 1..=32767".into(),
+
+        let store = &self.store;
+        if store.data_dir.as_os_str().is_empty() {
+            return Err(Problem::at(
+                &[Key("store"), Key("data_dir")],
+                "store.data_dir must name a directory, e.g. \"./data\"".into(),
             ));
         }
-        if !(1..=40 * 24 * 3_600_000).contains(&b.max_delay_ms) {
-            return Err((
-                "broker.max_delay_ms".into(),
-                "broker.max_delay_ms must be 1..=3456000000 (40 days)".into(),
+        let url = &store.postgres.url;
+        if store.backend == crate::store::Backend::Postgres && url.is_empty() {
+            return Err(Problem::at(
+                &[Key("store"), Key("backend")],
+                "store.backend = \"postgres\" needs [store.postgres] url = \"postgres://user:pass@host/db\"".into(),
             ));
         }
-        if !(self.broker.retry_delay_scale > 0.0 && self.broker.retry_delay_scale.is_finite()) {
-            return Err((
-                "broker.retry_delay_scale".into(),
-                "broker.retry_delay_scale must be a positive number".into(),
-            ));
-        }
-        if self.store.backend == crate::store::Backend::Postgres
-            && self.store.postgres.url.is_empty()
+        if !url.is_empty() && !(url.starts_with("postgres://") || url.starts_with("postgresql://"))
         {
-            return Err((
-                "store.postgres.url".into(),
-                "store.backend = \"postgres\" needs [store.postgres] url".into(),
+            return Err(Problem::at(
+                &[Key("store"), Key("postgres"), Key("url")],
+                format!(
+                    "store.postgres.url = \"{url}\" is not a PostgreSQL URL; write \
+                     \"postgres://user:pass@host/db\" (or \"\" when backend = \"embedded\")"
+                ),
             ));
         }
-        let mut seen = std::collections::HashSet::new();
-        for k in &self.auth.keys {
-            if k.access_key.is_empty() || k.secret_key.is_empty() {
-                return Err((
-                    "access_key".into(),
-                    "every [[auth.keys]] entry needs a non-empty access_key and secret_key".into(),
-                ));
-            }
-            if !seen.insert(k.access_key.as_str()) {
-                return Err((
-                    "access_key".into(),
+        if self.plugins.dir.as_os_str().is_empty() {
+            return Err(Problem::at(
+                &[Key("plugins"), Key("dir")],
+                "plugins.dir must name a directory, e.g. \"./plugins\"".into(),
+            ));
+        }
+
+        let mut seen = std::collections::HashMap::new();
+        for (i, k) in self.auth.keys.iter().enumerate() {
+            let entry = i + 1;
+            let at = |key: &'static str| [Key("auth"), Key("keys"), Index(i), Key(key)];
+            let ak = &k.access_key;
+            if ak.is_empty()
+                || ak.len() > 128
+                || !ak.chars().all(|c| c.is_ascii_graphic() && c != ':')
+            {
+                return Err(Problem::at(
+                    &at("access_key"),
                     format!(
-                        "access key '{}' is listed twice in [[auth.keys]]",
-                        k.access_key
+                        "access_key = \"{ak}\" in [[auth.keys]] entry {entry} is not allowed; use 1-128 \
+                         printable ASCII characters without spaces or ':' (the signature header \
+                         separates key and signature with ':')"
                     ),
                 ));
             }
+            if let Some(first) = seen.insert(ak.as_str(), entry) {
+                return Err(Problem::at(
+                    &at("access_key"),
+                    format!(
+                        "access_key = \"{ak}\" in [[auth.keys]] entry {entry} is already used by entry \
+                         {first}; every key needs its own access_key"
+                    ),
+                ));
+            }
+            if k.secret_key.is_empty() {
+                return Err(Problem::at(
+                    &at("secret_key"),
+                    format!("secret_key in [[auth.keys]] entry {entry} ({ak}) must not be empty"),
+                ));
+            }
+            for (list, names) in [
+                ("allow_publish", &k.allow_publish),
+                ("allow_subscribe", &k.allow_subscribe),
+            ] {
+                for (j, name) in names.iter().enumerate() {
+                    if name != "*" && crate::model::validate_name("topic or group", name).is_err() {
+                        return Err(Problem::at(
+                            &[Key("auth"), Key("keys"), Index(i), Key(list), Index(j)],
+                            format!(
+                                "{list} in [[auth.keys]] entry {entry} ({ak}) lists \"{name}\", which \
+                                 is not a topic or group name; use \"*\" or 3-64 characters from \
+                                 letters, digits, '_', '-'"
+                            ),
+                        ));
+                    }
+                }
+            }
         }
+
         tracing_subscriber::EnvFilter::try_new(&self.log.filter).map_err(|e| {
-            (
-                "log.filter".into(),
+            Problem::at(
+                &[Key("log"), Key("filter")],
                 format!(
-                    "log.filter = \"{}\" is not a valid filter: {e}",
+                    "log.filter = \"{}\" is not a valid filter: {e}; write e.g. \"info\" or \
+                     \"info,wharf::http=debug\"",
                     self.log.filter
                 ),
             )
@@ -399,42 +484,226 @@ impl Config {
     }
 }
 
+impl Overrides {
+    /// The flag that set the value at `path`, if one did.
+    fn flag_for(&self, path: &[Part]) -> Option<&'static str> {
+        let set = |flag: &'static str, is_set: bool| is_set.then_some(flag);
+        match path {
+            [Part::Key("http"), Part::Key("listen")] => set("--http", self.http.is_some()),
+            [Part::Key("mqtt"), Part::Key("listen")] => set("--mqtt", self.mqtt.is_some()),
+            [Part::Key("remoting"), Part::Key("listen")] => {
+                set("--remoting", self.remoting.is_some())
+            }
+            [Part::Key("store"), Part::Key("data_dir")] => {
+                set("--data-dir", self.data_dir.is_some())
+            }
+            _ => None,
+        }
+    }
+}
+
+/// Largest `broker.retry_delay_scale` (1000 × the 2 h last step is 83 days; more is a typo).
+pub const MAX_RETRY_DELAY_SCALE: f64 = 1000.0;
+
+/// The allowed range of one integer key.
+#[derive(Debug, Clone, Copy)]
+pub struct IntRange {
+    /// `[section]`
+    pub section: &'static str,
+    /// Key in the section.
+    pub key: &'static str,
+    /// Smallest allowed value.
+    pub min: i64,
+    /// Largest allowed value.
+    pub max: i64,
+    /// Why, appended to the error (starts with a space or is empty).
+    pub note: &'static str,
+}
+
+const fn range(
+    section: &'static str,
+    key: &'static str,
+    min: i64,
+    max: i64,
+    note: &'static str,
+) -> IntRange {
+    IntRange {
+        section,
+        key,
+        min,
+        max,
+        note,
+    }
+}
+
+const MIB: i64 = 1024 * 1024;
+const GIB: i64 = 1024 * MIB;
+const DAY_MS: i64 = 24 * 3_600_000;
+
+/// Every integer key of the config and what it may be; [`Config::parse`] enforces them all.
+pub const INT_RANGES: &[IntRange] = &[
+    range("http", "max_body_bytes", 1024, GIB, " (1 KiB to 1 GiB)"),
+    range("http", "max_upload_bytes", 1024, GIB, " (1 KiB to 1 GiB)"),
+    range("http", "max_wait_ms", 0, 600_000, " (up to 10 minutes)"),
+    range(
+        "http",
+        "shutdown_grace_ms",
+        0,
+        600_000,
+        " (up to 10 minutes)",
+    ),
+    range(
+        "http",
+        "max_connections",
+        1,
+        1_000_000,
+        "; past it new connections wait to be accepted",
+    ),
+    range(
+        "store",
+        "flush_interval_ms",
+        1,
+        60_000,
+        " (1 ms to 1 minute)",
+    ),
+    range(
+        "store",
+        "segment_bytes",
+        4096,
+        GIB,
+        " (4 KiB to 1 GiB per segment file)",
+    ),
+    range(
+        "store",
+        "retention_hours",
+        1,
+        87_600,
+        " (1 hour to 10 years)",
+    ),
+    range(
+        "broker",
+        "default_queues",
+        1,
+        crate::broker::resources::MAX_QUEUES as i64,
+        "",
+    ),
+    range(
+        "broker",
+        "max_body_bytes",
+        1,
+        crate::broker::config::MAX_MESSAGE_BYTES as i64,
+        " (4 MiB is the spec's ceiling)",
+    ),
+    range(
+        "broker",
+        "max_properties_bytes",
+        1,
+        32_767,
+        " (32767 is the spec's ceiling)",
+    ),
+    range(
+        "broker",
+        "max_delay_ms",
+        1,
+        40 * DAY_MS,
+        " (40 days is the spec's ceiling)",
+    ),
+    range(
+        "broker",
+        "consumer_heartbeat_timeout_ms",
+        100,
+        3_600_000,
+        " (100 ms to 1 hour)",
+    ),
+    range(
+        "broker",
+        "max_in_flight_messages",
+        1,
+        1_000_000,
+        "; 0 would stop every receive",
+    ),
+    range(
+        "broker",
+        "max_in_flight_bytes",
+        1,
+        64 * GIB,
+        "; 0 would stop every receive",
+    ),
+    range(
+        "testing",
+        "clock_offset_ms",
+        -3650 * DAY_MS,
+        3650 * DAY_MS,
+        " (plus or minus 10 years)",
+    ),
+];
+
+/// One step of a key path: a table key or an array index.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Part {
+    Key(&'static str),
+    Index(usize),
+}
+
+/// A validation failure: the key at fault and what to do.
+#[derive(Debug)]
+struct Problem {
+    path: Vec<Part>,
+    message: String,
+}
+
+impl Problem {
+    fn at(path: &[Part], message: String) -> Problem {
+        Problem {
+            path: path.to_vec(),
+            message,
+        }
+    }
+}
+
 /// 1-based line and column of byte `offset` in `text`.
 fn line_col(text: &str, offset: usize) -> (usize, usize) {
-    let before = &text[..offset.min(text.len())];
+    let before = text.get(..offset).unwrap_or(text);
     let line = before.matches('\n').count() + 1;
-    let col = before
-        .rsplit('\n')
-        .next()
-        .map(|l| l.chars().count())
-        .unwrap_or(0)
-        + 1;
+    let col = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
     (line, col)
 }
 
-/// Best-effort position of a dotted key's last part (`http.listen` → the `listen =` line after `[http]`).
-fn find_key(text: &str, dotted: &str) -> Option<(usize, usize)> {
-    let (section, key) = match dotted.rsplit_once('.') {
-        Some((s, k)) => (Some(s), k),
-        None => (None, dotted),
-    };
-    let mut in_section = section.is_none();
-    let mut offset = 0;
-    for line in text.split_inclusive('\n') {
-        let t = line.trim_start();
-        if t.starts_with('[') {
-            let name = t.trim_matches(|c: char| c == '[' || c == ']' || c.is_whitespace());
-            let name = name.split(']').next().unwrap_or("");
-            in_section = section.is_none_or(|s| s == name);
-        } else if in_section {
-            let lhs = t.split('=').next().unwrap_or("").trim();
-            if t.contains('=') && lhs == key {
-                return Some(line_col(text, offset + (line.len() - t.len())));
-            }
-        }
-        offset += line.len();
+/// Where `path` is written in `text`, from the TOML parser's spans: the key itself, else an array
+/// element, else the nearest enclosing key that is written (a key left to its default has no
+/// place of its own).
+fn locate(text: &str, path: &[Part]) -> Option<(usize, usize)> {
+    use toml::Spanned;
+    use toml::de::{DeTable, DeValue};
+    fn key<'t, 'a>(
+        table: &'t DeTable<'a>,
+        name: &str,
+    ) -> Option<(std::ops::Range<usize>, &'t Spanned<DeValue<'a>>)> {
+        table
+            .iter()
+            .find(|(k, _)| k.get_ref().as_ref() == name)
+            .map(|(k, v)| (k.span(), v))
     }
-    None
+    let root = DeTable::parse(text).ok()?;
+    // `None` is the root table.
+    let mut here: Option<&Spanned<DeValue<'_>>> = None;
+    let mut found = None;
+    for part in path {
+        let next = match (part, here) {
+            (Part::Key(name), None) => key(root.get_ref(), name),
+            (Part::Key(name), Some(v)) => v.get_ref().as_table().and_then(|t| key(t, name)),
+            (Part::Index(i), Some(v)) => v
+                .get_ref()
+                .as_array()
+                .and_then(|items| items.get(*i))
+                .map(|e| (e.span(), e)),
+            (Part::Index(_), None) => None,
+        };
+        let Some((span, v)) = next else { break };
+        found = Some(span.start);
+        here = Some(v);
+    }
+    found.map(|offset| line_col(text, offset))
 }
 
 #[cfg(test)]
@@ -599,5 +868,175 @@ mod tests {
         };
         let e = Config::resolve(None, &o).unwrap_err();
         assert!(e.message.contains("bad flag"), "{e}");
+    }
+
+    /// `text` must fail at `(line, col)` with a message naming `key`.
+    fn fails_at(text: &str, line: usize, col: usize, key: &str) -> ConfigError {
+        let e = Config::parse(text, "w.toml").expect_err(text);
+        assert_eq!(e.file, "w.toml", "{text} -> {e}");
+        assert_eq!(e.position, Some((line, col)), "{text} -> {e}");
+        assert!(e.message.contains(key), "{text} -> {e}");
+        e
+    }
+
+    #[test]
+    fn every_integer_range_is_enforced_at_both_ends() {
+        for r in INT_RANGES {
+            let key = format!("{}.{}", r.section, r.key);
+            for ok in [r.min, r.max] {
+                let text = format!("[{}]\n{} = {ok}\n", r.section, r.key);
+                assert!(
+                    Config::parse(&text, "w.toml").is_ok(),
+                    "{key} = {ok} is allowed"
+                );
+            }
+            let mut bad = vec![r.max + 1];
+            // Below 0 the unsigned types already refuse the value while parsing.
+            if r.min > 0 || r.section == "testing" {
+                bad.push(r.min - 1);
+            }
+            for v in bad {
+                let text = format!("# {key}\n[{}]\n\n  {} = {v}\n", r.section, r.key);
+                let e = fails_at(&text, 4, 3, &format!("{key} = {v} is out of range"));
+                assert!(
+                    e.message
+                        .contains(&format!("allowed {}..={}", r.min, r.max)),
+                    "{e}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn shipped_config_documents_every_range() {
+        let text = include_str!("../../config/wharf.toml");
+        for r in INT_RANGES {
+            let header = format!("\n[{}]\n", r.section);
+            let section = &text[text.find(&header).expect(r.section)..];
+            let at = section
+                .find(&format!("\n{} = ", r.key))
+                .unwrap_or_else(|| panic!("{}.{} is in config/wharf.toml", r.section, r.key));
+            let comment = section[..at].lines().last().unwrap_or_default();
+            assert_eq!(
+                comment,
+                format!("# Allowed: {}..={}.", r.min, r.max),
+                "the comment above {}.{} in config/wharf.toml",
+                r.section,
+                r.key
+            );
+        }
+    }
+
+    #[test]
+    fn zero_in_flight_messages_is_refused_instead_of_stopping_receives() {
+        let e = fails_at(
+            "[broker]\nmax_in_flight_messages = 0\n",
+            2,
+            1,
+            "broker.max_in_flight_messages",
+        );
+        assert!(e.message.contains("0 would stop every receive"), "{e}");
+        fails_at(
+            "[broker]\nmax_in_flight_bytes = 0\n",
+            2,
+            1,
+            "broker.max_in_flight_bytes",
+        );
+    }
+
+    #[test]
+    fn retry_delay_scale_must_be_positive_and_sane() {
+        for bad in ["0.0", "-1.0", "1000.5", "nan", "inf"] {
+            fails_at(
+                &format!("[broker]\nretry_delay_scale = {bad}\n"),
+                2,
+                1,
+                "broker.retry_delay_scale",
+            );
+        }
+        for ok in ["0.0001", "1.0", "1000.0"] {
+            let text = format!("[broker]\nretry_delay_scale = {ok}\n");
+            assert!(Config::parse(&text, "w.toml").is_ok(), "{ok}");
+        }
+    }
+
+    #[test]
+    fn enum_like_strings_name_what_is_allowed() {
+        for (text, allowed) in [
+            ("[store]\nflush = \"sometimes\"\n", "`sync`"),
+            ("[store]\nbackend = \"sqlite\"\n", "`embedded`"),
+            ("[log]\nformat = \"xml\"\n", "`human`"),
+        ] {
+            let e = Config::parse(text, "w.toml").unwrap_err();
+            assert_eq!(e.position.map(|p| p.0), Some(2), "{e}");
+            assert!(e.message.contains(allowed), "{e}");
+        }
+        fails_at("[log]\nfilter = \"info,[\"\n", 2, 1, "log.filter");
+        fails_at("[mqtt]\nlisten = \"1883\"\n", 2, 1, "mqtt.listen");
+        fails_at("[remoting]\nlisten = \"x:y\"\n", 2, 1, "remoting.listen");
+        assert!(Config::parse("[mqtt]\nlisten = \"\"\n", "w.toml").is_ok());
+        fails_at("[store]\ndata_dir = \"\"\n", 2, 1, "store.data_dir");
+        fails_at("[plugins]\ndir = \"\"\n", 2, 1, "plugins.dir");
+        fails_at(
+            "[store.postgres]\nurl = \"mysql://x\"\n",
+            2,
+            1,
+            "store.postgres.url",
+        );
+        fails_at("[store]\nbackend = \"postgres\"\n", 2, 1, "store.backend");
+    }
+
+    const TWO_KEYS: &str = "[[auth.keys]]\naccess_key = \"AK_A\"\nsecret_key = \"a\"\nallow_subscribe = [\"Trade\"]\n\n[[auth.keys]]\naccess_key = \"AK_B\"\nsecret_key = \"b\"\n";
+
+    #[test]
+    fn auth_key_errors_point_into_the_entry_at_fault() {
+        assert!(Config::parse(TWO_KEYS, "w.toml").is_ok());
+        // The same key name exists in entry 1: the location must still be entry 2's.
+        let e = fails_at(
+            &format!("{TWO_KEYS}allow_subscribe = [\"Trade\", \"bad name\"]\n"),
+            9,
+            29,
+            "allow_subscribe",
+        );
+        assert!(e.message.contains("entry 2"), "{e}");
+        let e = fails_at(
+            &TWO_KEYS.replace("\"AK_B\"", "\"AK_A\""),
+            7,
+            1,
+            "access_key",
+        );
+        assert!(e.message.contains("already used by entry 1"), "{e}");
+        fails_at(
+            &TWO_KEYS.replace("\"AK_B\"", "\"AK:B\""),
+            7,
+            1,
+            "access_key",
+        );
+        fails_at(&TWO_KEYS.replace("\"b\"", "\"\""), 8, 1, "secret_key");
+        fails_at(
+            &format!("{TWO_KEYS}allow_publish = [\"*\", \"x\"]\n"),
+            9,
+            23,
+            "allow_publish",
+        );
+        // Unknown keys inside an entry are located by the parser, also in the second entry.
+        let e = Config::parse(&format!("{TWO_KEYS}admn = true\n"), "w.toml").unwrap_err();
+        assert_eq!(e.position, Some((9, 1)), "{e}");
+        assert!(e.message.contains("admn"), "{e}");
+    }
+
+    #[test]
+    fn a_bad_flag_value_is_reported_as_the_flag() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("w.toml");
+        std::fs::write(&path, "[http]\nlisten = \"127.0.0.1:0\"\n").unwrap();
+        let o = Overrides {
+            http: Some("nowhere".into()),
+            ..Overrides::default()
+        };
+        let e = Config::resolve(Some(&path), &o).unwrap_err();
+        assert_eq!(e.file, "<command line>");
+        assert_eq!(e.position, None);
+        assert!(e.message.contains("--http"), "{e}");
     }
 }

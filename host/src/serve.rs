@@ -1,23 +1,21 @@
 //! `wharf serve`: open the store, start the broker and plugins, serve HTTP, stop gracefully.
 //!
 //! Shutdown order on SIGINT/SIGTERM: stop accepting connections and let in-flight requests finish
-//! (bounded by `[http] shutdown_grace_ms`), stop plugins (they hand back in-flight messages), then
-//! shut the broker down, which flushes the store.
+//! (long polls return at once; bounded by `[http] shutdown_grace_ms`, see [`crate::net`]), stop
+//! plugins (they hand back in-flight messages), then shut the broker down, which flushes the store.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use axum::serve::ListenerExt as _;
-use tokio::net::TcpListener;
 use tracing::{info, warn};
 
 use crate::broker::Broker;
 use crate::clock::{SharedClock, SystemClock};
 use crate::config::{Config, LogFormat};
 use crate::http::auth::Authenticator;
-use crate::http::{AppState, HttpMetrics};
+use crate::http::{AppState, HttpHandler, HttpMetrics};
+use crate::net::{Listener, Shutdown};
 use crate::plugin::PluginHost;
 
 /// Installs the tracing subscriber: `RUST_LOG` wins over `filter`; logs go to stderr so stdout
@@ -108,7 +106,14 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         );
     }
 
-    let listener = match bind(&config.http.listen).await {
+    let listener = match Listener::bind("http", &config.http.listen, config.http.max_connections)
+        .await
+        .with_context(|| {
+            format!(
+                "cannot listen on {} ([http] listen / --http)",
+                config.http.listen
+            )
+        }) {
         Ok(l) => l,
         Err(e) => {
             plugins.shutdown().await;
@@ -116,30 +121,17 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             return Err(e);
         }
     };
-    let addr = listener.local_addr()?;
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let addr = listener.local_addr();
+    let shutdown = Shutdown::new();
     let state = Arc::new(AppState {
         broker: broker.clone(),
         plugins: plugins.clone(),
         auth,
         config: config.http.clone(),
         metrics: HttpMetrics::default(),
-        shutdown: stop_rx.clone(),
+        shutdown: shutdown.token(),
     });
-    let app = crate::http::router(state);
-
-    let mut stop_rx = stop_rx;
-    let server = axum::serve(
-        listener.tap_io(|tcp| {
-            // Small request/response pairs: without NODELAY, Nagle adds up to 40 ms per answer.
-            let _ = tcp.set_nodelay(true);
-        }),
-        app.into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(async move {
-        let _ = stop_rx.changed().await;
-    });
-    let mut server = tokio::spawn(server.into_future());
+    shutdown.serve(listener, HttpHandler::new(state));
 
     info!("listening http={addr}");
     for (name, listen) in [
@@ -158,43 +150,22 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         let _ = out.flush();
     }
 
-    let early = tokio::select! {
-        _ = shutdown_signal() => None,
-        r = &mut server => Some(r),
-    };
-    let mut result = Ok(());
-    match early {
-        Some(r) => {
-            result = Err(match r {
-                Ok(Ok(())) => anyhow::anyhow!("the HTTP server stopped unexpectedly"),
-                Ok(Err(e)) => anyhow::Error::new(e).context("the HTTP server failed"),
-                Err(e) => anyhow::Error::new(e).context("the HTTP server task failed"),
-            });
-        }
-        None => {
-            info!("shutting down: no new connections; finishing in-flight requests");
-            let _ = stop_tx.send(true);
-            let grace = Duration::from_millis(config.http.shutdown_grace_ms);
-            if tokio::time::timeout(grace, &mut server).await.is_err() {
-                warn!(
-                    grace_ms = config.http.shutdown_grace_ms,
-                    "in-flight requests did not finish in time; closing them"
-                );
-                server.abort();
-            }
-        }
+    shutdown_signal().await;
+    info!("shutting down: no new connections; finishing in-flight requests");
+    if !shutdown
+        .stop(Duration::from_millis(config.http.shutdown_grace_ms))
+        .await
+    {
+        warn!(
+            grace_ms = config.http.shutdown_grace_ms,
+            "in-flight requests did not finish in time; closing them"
+        );
     }
     plugins.shutdown().await;
     info!("plugins stopped");
     broker.shutdown().await.context("flushing the store")?;
     info!("broker stopped; store flushed; bye");
-    result
-}
-
-async fn bind(listen: &str) -> anyhow::Result<TcpListener> {
-    TcpListener::bind(listen)
-        .await
-        .with_context(|| format!("cannot listen on {listen} ([http] listen / --http)"))
+    Ok(())
 }
 
 /// Resolves on SIGINT or SIGTERM.

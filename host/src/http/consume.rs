@@ -128,16 +128,10 @@ pub async fn receive(
         .await?;
     // A long poll must not hold up shutdown. Dropping it mid-way is safe: whatever it had taken
     // stays un-acknowledged and is delivered again after the restart.
-    let mut shutdown = st.shutdown.clone();
     let wait = Duration::from_millis(wait_ms);
     let delivered = tokio::select! {
         r = st.broker.receive_topics(&group, &instance_id, &topics, max, wait) => r?,
-        _ = async {
-            // A dropped sender means no shutdown signal will ever come.
-            if shutdown.wait_for(|stopping| *stopping).await.is_err() {
-                std::future::pending::<()>().await;
-            }
-        } => Vec::new(),
+        () = st.shutdown.cancelled() => Vec::new(),
     };
     let receipts: Vec<String> = delivered
         .iter()

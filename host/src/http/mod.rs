@@ -49,6 +49,9 @@ use axum::http::{HeaderMap, Method, Uri, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use self::auth::{Authenticator, Principal, SignedParts};
@@ -57,6 +60,7 @@ use crate::broker::Broker;
 use crate::config::HttpConfig;
 use crate::error::WharfError;
 use crate::metrics::Histogram;
+use crate::net::{Connection, Handler};
 use crate::plugin::PluginHost;
 
 /// Everything a handler may use.
@@ -71,8 +75,8 @@ pub struct AppState {
     pub config: HttpConfig,
     /// Request counters for `/metrics`.
     pub metrics: HttpMetrics,
-    /// Turns true when the host starts shutting down; long polls end early then.
-    pub shutdown: tokio::sync::watch::Receiver<bool>,
+    /// Cancelled when the host starts shutting down; long polls end early then.
+    pub shutdown: CancellationToken,
 }
 
 /// Shared handler state.
@@ -145,6 +149,58 @@ impl<S: Send + Sync> FromRequestParts<S> for ClientAddr {
                 .get::<axum::extract::ConnectInfo<SocketAddr>>()
                 .map(|c| c.0),
         ))
+    }
+}
+
+/// Serves the HTTP API on connections of the shared listener loop ([`crate::net`]).
+pub struct HttpHandler {
+    router: Router,
+    http1: hyper::server::conn::http1::Builder,
+}
+
+impl HttpHandler {
+    /// A handler serving [`router`] over HTTP/1.1 with keep-alive.
+    pub fn new(state: Shared) -> HttpHandler {
+        // hyper's defaults: keep-alive on, no header-read timer (as `axum::serve` had it).
+        HttpHandler {
+            router: router(state),
+            http1: hyper::server::conn::http1::Builder::new(),
+        }
+    }
+}
+
+impl Handler for HttpHandler {
+    async fn serve(&self, conn: Connection) {
+        let Connection {
+            stream,
+            peer,
+            shutdown,
+        } = conn;
+        let router = self.router.clone();
+        let service = hyper::service::service_fn(move |mut req: Request<Incoming>| {
+            // What `into_make_service_with_connect_info` did: `ClientAddr` reads it.
+            req.extensions_mut()
+                .insert(axum::extract::ConnectInfo(peer));
+            tower_service::Service::call(&mut router.clone(), req)
+        });
+        let conn = self.http1.serve_connection(TokioIo::new(stream), service);
+        let mut conn = std::pin::pin!(conn);
+        let stopping = shutdown.cancelled();
+        let mut stopping = std::pin::pin!(stopping);
+        let mut asked = false;
+        let result = loop {
+            tokio::select! {
+                r = conn.as_mut() => break r,
+                () = &mut stopping, if !asked => {
+                    // Idle: closes now; busy: answers the request in hand, then closes.
+                    asked = true;
+                    conn.as_mut().graceful_shutdown();
+                }
+            }
+        };
+        if let Err(e) = result {
+            tracing::debug!(error = %e, "HTTP connection ended with an error");
+        }
     }
 }
 

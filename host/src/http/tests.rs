@@ -1,13 +1,12 @@
 //! The router end to end in process: a real embedded store in a temp dir, a real listener, and
 //! raw HTTP requests, checking that every failure path answers with the contract's JSON error.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 use serde_json::{Value, json};
 
 use super::auth::{Authenticator, sign, string_to_sign};
-use super::{AppState, HttpMetrics, router};
+use super::{AppState, HttpHandler, HttpMetrics};
 use crate::broker::{Broker, BrokerConfig};
 use crate::clock::{SharedClock, SystemClock};
 use crate::config::{AccessKey, AuthConfig, HttpConfig};
@@ -44,6 +43,7 @@ async fn start(auth: AuthConfig) -> Host {
     )
     .await
     .unwrap();
+    let shutdown = crate::net::Shutdown::new();
     let state = Arc::new(AppState {
         broker,
         plugins,
@@ -53,17 +53,13 @@ async fn start(auth: AuthConfig) -> Host {
             ..HttpConfig::default()
         },
         metrics: HttpMetrics::default(),
-        shutdown: tokio::sync::watch::channel(false).1,
+        shutdown: shutdown.token(),
     });
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        let _ = axum::serve(
-            listener,
-            router(state).into_make_service_with_connect_info::<SocketAddr>(),
-        )
-        .await;
-    });
+    let listener = crate::net::Listener::bind("http", "127.0.0.1:0", 64)
+        .await
+        .unwrap();
+    let addr = listener.local_addr();
+    shutdown.serve(listener, HttpHandler::new(state));
     Host {
         base: format!("http://{addr}"),
         _dir: dir,
