@@ -2,6 +2,8 @@
 
 pub mod e2e;
 pub mod http;
+pub mod longpoll;
+pub mod nginx;
 pub mod plugin;
 pub mod send;
 pub mod util;
@@ -11,10 +13,12 @@ pub mod util;
 pub enum BenchCommand {
     /// Store append through the broker send path (group commit): msgs/s, MB/s, p50/p99.
     Send(send::SendArgs),
-    /// End-to-end HTTP sends against a running host (keep-alive connections).
+    /// HTTP against a running host: keep-alive sends (optionally against nginx), or the pull consumer.
     Http(http::HttpArgs),
     /// Send → consume → ack through the consumption engine; timer insertion and memory.
     E2e(e2e::E2eArgs),
+    /// Send throughput with and without thousands of long polls parked on other queues.
+    Longpoll(longpoll::LongpollArgs),
     /// Messages/s through a trivial wasm plugin against a native closure; deploy and start times.
     Plugin(plugin::PluginArgs),
 }
@@ -26,6 +30,7 @@ impl BenchCommand {
             BenchCommand::Send(a) => send::run(a).await,
             BenchCommand::Http(a) => http::run(a).await,
             BenchCommand::E2e(a) => e2e::run(a).await,
+            BenchCommand::Longpoll(a) => longpoll::run(a).await,
             BenchCommand::Plugin(a) => plugin::run(a).await,
         }
     }

@@ -10,12 +10,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
-use anyhow::{Context, bail};
+use anyhow::bail;
 use bytes::Bytes;
 
-use crate::broker::{Broker, BrokerConfig, OutgoingMessage, TopicSpec, TopicType};
-use crate::clock::{SharedClock, SystemClock};
-use crate::store::{FlushMode, Store, StoreConfig, open_store};
+use super::util::{ScratchDir, open_broker, parse_flush};
+use crate::broker::{Broker, OutgoingMessage, TopicSpec, TopicType};
+use crate::store::FlushMode;
 
 /// Options of `wharf bench send`.
 #[derive(Debug, clap::Args)]
@@ -42,14 +42,6 @@ pub struct SendArgs {
     /// is often tmpfs where fsync costs nothing), deleted afterwards.
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
-}
-
-fn parse_flush(s: &str) -> Result<FlushMode, String> {
-    match s {
-        "sync" => Ok(FlushMode::Sync),
-        "async" => Ok(FlushMode::Async),
-        _ => Err(format!("'{s}' is not a flush mode; use sync or async")),
-    }
 }
 
 /// Latency percentiles of one run, from exact per-operation samples.
@@ -107,15 +99,51 @@ impl fmt::Display for LatencySummary {
     }
 }
 
-/// Removes the bench's own scratch directory when the run ends, however it ends.
-struct ScratchDir(Option<PathBuf>);
-
-impl Drop for ScratchDir {
-    fn drop(&mut self) {
-        if let Some(d) = self.0.take() {
-            let _ = std::fs::remove_dir_all(d);
-        }
+/// Sends `total` messages of `body` from `concurrency` tasks, `batch` per call, each waiting for
+/// its acknowledgement before the next; returns every call's latency (µs).
+pub async fn send_concurrently(
+    broker: &Arc<Broker>,
+    topic: &'static str,
+    total: u64,
+    concurrency: usize,
+    batch: usize,
+    body: &Bytes,
+) -> anyhow::Result<Vec<u32>> {
+    let next = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::with_capacity(concurrency);
+    for _ in 0..concurrency {
+        let (broker, next) = (broker.clone(), next.clone());
+        let msgs = bench_messages(body, batch);
+        tasks.push(tokio::spawn(async move {
+            let mut lat_us: Vec<u32> = Vec::new();
+            loop {
+                let first = next.fetch_add(batch as u64, Ordering::Relaxed);
+                if first >= total {
+                    return Ok::<_, crate::error::WharfError>(lat_us);
+                }
+                let n = (batch as u64).min(total - first) as usize;
+                let t = Instant::now();
+                broker.send(topic, msgs[..n].to_vec()).await?;
+                lat_us.push(t.elapsed().as_micros().min(u32::MAX as u128) as u32);
+            }
+        }));
     }
+    let mut all = Vec::with_capacity((total / batch as u64) as usize + 1);
+    for t in tasks {
+        all.extend(t.await??);
+    }
+    Ok(all)
+}
+
+/// `n` tagged messages sharing `body`.
+fn bench_messages(body: &Bytes, n: usize) -> Vec<OutgoingMessage> {
+    (0..n)
+        .map(|_| OutgoingMessage {
+            tag: Some("bench".into()),
+            body: body.clone(),
+            ..OutgoingMessage::default()
+        })
+        .collect()
 }
 
 /// Runs the benchmark.
@@ -123,25 +151,9 @@ pub async fn run(args: SendArgs) -> anyhow::Result<()> {
     if args.messages == 0 || args.concurrency == 0 || args.size == 0 || args.batch == 0 {
         bail!("--messages, --concurrency, --size and --batch must be at least 1");
     }
-    let (dir, _scratch) = match &args.data_dir {
-        Some(d) => (d.clone(), ScratchDir(None)),
-        None => {
-            let d = std::env::current_dir()?.join(format!("wharf-bench-{}", std::process::id()));
-            (d.clone(), ScratchDir(Some(d)))
-        }
-    };
-    let config = StoreConfig {
-        data_dir: dir.clone(),
-        flush: args.flush,
-        ..StoreConfig::default()
-    };
-    let clock: SharedClock = Arc::new(SystemClock::default());
-    let store: Arc<dyn Store> = open_store(&config, clock.clone())
-        .await
-        .with_context(|| format!("open the store in {}", dir.display()))?;
-    let broker = Broker::open(BrokerConfig::default(), store.clone(), clock)
-        .await
-        .context("open the broker")?;
+    let scratch = ScratchDir::new(args.data_dir.as_deref(), "wharf-bench")?;
+    let dir = scratch.path();
+    let (broker, store, _clock) = open_broker(dir, args.flush).await?;
     let topic = "BenchSend";
     if broker.topic(topic).is_err() {
         broker
@@ -153,48 +165,26 @@ pub async fn run(args: SendArgs) -> anyhow::Result<()> {
             .await?;
     }
     let body = Bytes::from(vec![b'x'; args.size]);
-    let make = |n: usize| -> Vec<OutgoingMessage> {
-        (0..n)
-            .map(|_| OutgoingMessage {
-                tag: Some("bench".into()),
-                body: body.clone(),
-                ..OutgoingMessage::default()
-            })
-            .collect()
-    };
 
     // Warm-up: files created, pages touched, tasks scheduled; not measured.
     let warm = (args.messages / 50).clamp(1, 2_000) as usize;
     for _ in 0..warm.div_ceil(args.batch) {
-        broker.send(topic, make(args.batch)).await?;
+        broker
+            .send(topic, bench_messages(&body, args.batch))
+            .await?;
     }
 
     let before = store.stats();
-    let next = Arc::new(AtomicU64::new(0));
     let started = Instant::now();
-    let mut tasks = Vec::with_capacity(args.concurrency);
-    for _ in 0..args.concurrency {
-        let (broker, next) = (broker.clone(), next.clone());
-        let (total, batch) = (args.messages, args.batch as u64);
-        let msgs = make(args.batch);
-        tasks.push(tokio::spawn(async move {
-            let mut lat_us: Vec<u32> = Vec::new();
-            loop {
-                let first = next.fetch_add(batch, Ordering::Relaxed);
-                if first >= total {
-                    return Ok::<_, crate::error::WharfError>(lat_us);
-                }
-                let n = batch.min(total - first) as usize;
-                let t = Instant::now();
-                broker.send(topic, msgs[..n].to_vec()).await?;
-                lat_us.push(t.elapsed().as_micros().min(u32::MAX as u128) as u32);
-            }
-        }));
-    }
-    let mut all = Vec::with_capacity((args.messages / args.batch as u64) as usize + 1);
-    for t in tasks {
-        all.extend(t.await??);
-    }
+    let mut all = send_concurrently(
+        &broker,
+        topic,
+        args.messages,
+        args.concurrency,
+        args.batch,
+        &body,
+    )
+    .await?;
     let secs = started.elapsed().as_secs_f64();
     let after = store.stats();
     let summary = LatencySummary::from_micros(&mut all);
@@ -247,12 +237,5 @@ mod tests {
         assert_eq!(s.count, 1000);
         assert!((s.mean_us - 500.5).abs() < 1e-9);
         assert_eq!(LatencySummary::from_micros(&mut []).count, 0);
-    }
-
-    #[test]
-    fn flush_modes_parse() {
-        assert_eq!(parse_flush("sync"), Ok(FlushMode::Sync));
-        assert_eq!(parse_flush("async"), Ok(FlushMode::Async));
-        assert!(parse_flush("fast").is_err());
     }
 }

@@ -43,6 +43,14 @@ impl ScratchDir {
         })
     }
 
+    /// A fresh `<temp dir>/<prefix>-<pid>`, created now and removed on drop; for files whose
+    /// disk does not matter (configs, logs).
+    pub fn temp(prefix: &str) -> anyhow::Result<ScratchDir> {
+        let path = std::env::temp_dir().join(format!("{prefix}-{}", std::process::id()));
+        std::fs::create_dir_all(&path).with_context(|| format!("create {}", path.display()))?;
+        Ok(ScratchDir { path, owned: true })
+    }
+
     /// The directory.
     pub fn path(&self) -> &Path {
         &self.path
@@ -108,6 +116,12 @@ mod tests {
         let path = owned.path().to_path_buf();
         std::fs::create_dir_all(&path).unwrap();
         drop(owned);
+        assert!(!path.exists());
+
+        let temp = ScratchDir::temp("wharf-util-temp").unwrap();
+        let path = temp.path().to_path_buf();
+        assert!(path.is_dir());
+        drop(temp);
         assert!(!path.exists());
     }
 
