@@ -89,6 +89,7 @@ pub fn failure_copy(
         born_ms: m.born_ms,
         deliver_at_ms,
         reconsume_times,
+        wire: m.wire,
     }
 }
 
@@ -182,6 +183,7 @@ mod tests {
             stored_ms: 5,
             deliver_at_ms: None,
             reconsume_times,
+            wire: Default::default(),
         }
     }
 
