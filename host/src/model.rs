@@ -2,6 +2,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::net::SocketAddr;
 use std::str::FromStr;
 
 use bytes::Bytes;
@@ -115,6 +116,22 @@ pub struct NewMessage {
     pub deliver_at_ms: Option<u64>,
     /// How many times it has been redelivered already.
     pub reconsume_times: u32,
+    /// RocketMQ wire fields, kept for the remoting front end.
+    pub wire: WireInfo,
+}
+
+/// RocketMQ wire fields of a message that the broker itself does not interpret; the remoting
+/// front end sets them on send and returns them on pull. All default to "not set".
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct WireInfo {
+    /// The producer's `flag` (opaque to the broker).
+    pub flag: i32,
+    /// The producer's `sysFlag` (compression, transaction type, ...).
+    pub sys_flag: i32,
+    /// Address of the producer that sent it.
+    pub born_host: Option<SocketAddr>,
+    /// Address of the broker that stored it.
+    pub store_host: Option<SocketAddr>,
 }
 
 /// A message as stored, with its system fields.
@@ -144,6 +161,8 @@ pub struct StoredMessage {
     pub deliver_at_ms: Option<u64>,
     /// Redelivery count.
     pub reconsume_times: u32,
+    /// RocketMQ wire fields, as sent.
+    pub wire: WireInfo,
 }
 
 /// Where an appended message landed.

@@ -73,6 +73,7 @@ fn message(size: usize, tag: &str) -> StoredMessage {
         stored_ms: 0,
         deliver_at_ms: None,
         reconsume_times: 0,
+        wire: Default::default(),
     }
 }
 

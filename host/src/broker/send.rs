@@ -126,6 +126,7 @@ impl Broker {
                 born_ms: m.born_ms.unwrap_or(now),
                 deliver_at_ms,
                 reconsume_times: 0,
+                wire: Default::default(),
             });
         }
         let body_bytes: u64 = batch.iter().map(|m| m.body.len() as u64).sum();

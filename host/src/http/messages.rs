@@ -257,6 +257,7 @@ mod tests {
             stored_ms: 2,
             deliver_at_ms: None,
             reconsume_times: 0,
+            wire: Default::default(),
         };
         let v = serde_json::to_value(MessageJson::new(&m)).unwrap();
         assert_eq!(v["body_base64"], "/wA=");

@@ -102,6 +102,7 @@ fn message(tag: &str, props: &[(&str, &str)]) -> StoredMessage {
         stored_ms: 2,
         deliver_at_ms: None,
         reconsume_times: 0,
+        wire: Default::default(),
     }
 }
 

@@ -4,6 +4,8 @@
 //! offsets are all assigned and kept by the store, so several hosts could share one backend.
 //! Callers (the broker) never touch files; front ends never touch the store.
 
+#[cfg(test)]
+pub(crate) mod conformance;
 pub mod embedded;
 
 use std::path::PathBuf;
@@ -164,12 +166,132 @@ pub struct CommittedOffset {
     pub offset: u64,
 }
 
+/// A metadata value with its version (1 for the first write, +1 on every write).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MetaEntry {
+    /// The stored bytes.
+    pub value: Vec<u8>,
+    /// 1 for the first write of the key, +1 on every write after (a deleted key starts over).
+    pub version: u64,
+}
+
+/// When a conditional metadata write may happen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PutCondition {
+    /// Always (create or replace).
+    Any,
+    /// Only when the key does not exist (create-if-absent).
+    Absent,
+    /// Only when the key exists at this version (compare-and-set).
+    Version(u64),
+}
+
+/// Result of a conditional write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PutOutcome {
+    /// The value was written (durably) and now has `version`.
+    Written {
+        /// The new version.
+        version: u64,
+    },
+    /// The condition did not hold; nothing was written.
+    Conflict {
+        /// The key's version now (`None`: absent).
+        current: Option<u64>,
+    },
+}
+
+/// Who balances a member's queues.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MemberKind {
+    /// The host assigns its queues (dispatchers of plugins and HTTP pull consumers).
+    HostAssigned,
+    /// The member splits queues itself from the member list (RocketMQ SDK consumers).
+    SelfBalancing,
+}
+
+/// One live member of a consumer group (a host's dispatcher, an SDK client, ...).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MemberRow {
+    /// Consumer group.
+    pub group: String,
+    /// Member id, unique in the group.
+    pub member_id: String,
+    /// Who balances its queues.
+    pub kind: MemberKind,
+    /// Opaque data the member published with its last heartbeat (e.g. its subscriptions).
+    pub data: Vec<u8>,
+    /// Store time (ms) at which the row expires unless renewed.
+    pub expires_at_ms: u64,
+}
+
+/// A queue of a group that one holder may serve at a time.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct LeaseKey {
+    /// Consumer group.
+    pub group: String,
+    /// Topic.
+    pub topic: String,
+    /// Queue id.
+    pub queue_id: u32,
+}
+
+/// A held lease: epoch grows by one every time the queue changes holder.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lease {
+    /// The queue.
+    pub key: LeaseKey,
+    /// Who holds it.
+    pub holder: String,
+    /// Fencing epoch: +1 each time the lease is taken anew (a new holder, or the same holder
+    /// after expiry or release); unchanged by renewals. Never goes backwards for a queue.
+    pub epoch: u64,
+    /// Store time (ms) at which the lease expires unless renewed.
+    pub expires_at_ms: u64,
+}
+
 /// The storage API every backend implements.
+///
+/// # Contract (every backend; `conformance.rs` checks each point through this trait alone)
+/// - **Offsets** of a queue are gapless (0, 1, 2, ...) and become visible in offset order: a
+///   reader never sees offset 11 before 10, however many appenders race. `QueueBounds::max`
+///   only grows; `min` only grows (retention).
+/// - **Append** returns once durable per the flush mode; a batch is all-or-nothing (a batch
+///   with a message the store cannot take fails whole and stores none of it), and its
+///   messages of one queue get consecutive offsets in input order.
+/// - **Timers**: a message whose `deliver_at_ms` is in the future is stored at once (found by
+///   id, key and time range) but enters its queue only when revealed, never before its deliver
+///   time; a past deliver time means visible now.
+/// - **Metadata** has get, list, delete and conditional put (create-if-absent, compare-and-set
+///   on a version); versions start at 1, grow by one per write and survive restarts; a
+///   conditional write is atomic, so of two racing creates exactly one wins.
+/// - **Member and lease rows** expire by time the store compares (the injected clock for the
+///   embedded store, the database's for PostgreSQL): a row is live while `now <
+///   expires_at_ms`. Lease epochs never go backwards for a queue; a fenced commit lands only
+///   under the epoch of the last lease taken on its queue.
+/// - **Lookup by position**: the position inside a `MessageId` finds the message without the
+///   rest of the id (remoting's send-back and offset message ids carry only it).
+/// - **Time range** queries list every message stored in the range, timer messages included.
+/// - **Format versions**: records and segments (or the backend's equivalent) carry a format
+///   version; a new version reads every older one without migrating user data.
+/// - **Notifications**: `watch_queue` wakes when that queue's visible max moves, not for
+///   other queues; updates are made per queue per write round, never per message.
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
     // ---- durable metadata (topics, groups, plugin registry, ...): small values by namespace + key.
 
-    /// Creates or replaces `namespace/key`; durable on return.
+    /// The value of `namespace/key` and its version, if present.
+    async fn meta_get(&self, namespace: &str, key: &str) -> Result<Option<MetaEntry>>;
+    /// Writes `namespace/key` if `cond` holds (atomically with the check); durable on return.
+    async fn meta_put_if(
+        &self,
+        namespace: &str,
+        key: &str,
+        value: Vec<u8>,
+        cond: PutCondition,
+    ) -> Result<PutOutcome>;
+    /// Creates or replaces `namespace/key` (`meta_put_if` with [`PutCondition::Any`]).
     async fn meta_put(&self, namespace: &str, key: &str, value: Vec<u8>) -> Result<()>;
     /// Deletes `namespace/key` (no error if absent); durable on return.
     async fn meta_delete(&self, namespace: &str, key: &str) -> Result<()>;
@@ -183,9 +305,13 @@ pub trait Store: Send + Sync + 'static {
     async fn append(&self, batch: Vec<NewMessage>) -> Result<Vec<Appended>>;
     /// Finds a message by id without scanning.
     async fn get(&self, id: MessageId) -> Result<Option<StoredMessage>>;
+    /// The message stored at a log position (the position inside its MessageId; remoting's
+    /// send-back and offset message ids carry only this).
+    async fn get_by_position(&self, position: u64) -> Result<Option<StoredMessage>>;
     /// The newest `limit` messages of `topic` carrying `key`, newest first.
     async fn by_key(&self, topic: &str, key: &str, limit: usize) -> Result<Vec<StoredMessage>>;
-    /// Messages of `topic` stored in `[begin_ms, end_ms]`, paged.
+    /// Every message of `topic` stored in `[begin_ms, end_ms]` (timer messages too, pending or
+    /// revealed, with `deliver_at_ms` set), in store-time order, paged.
     async fn by_time(
         &self,
         topic: &str,
@@ -229,6 +355,47 @@ pub trait Store: Send + Sync + 'static {
     async fn load_offsets(&self, group: &str) -> Result<Vec<CommittedOffset>>;
     /// Forgets every offset of `group` (group deleted).
     async fn delete_offsets(&self, group: &str) -> Result<()>;
+    /// Commits offsets, each fenced by the lease epoch it was read under: a commit whose epoch
+    /// is not the queue's current lease epoch is refused (false at its index), the others are
+    /// written. (Same durability as commit_offsets.)
+    async fn commit_offsets_fenced(
+        &self,
+        group: &str,
+        offsets: &[(CommittedOffset, u64)],
+    ) -> Result<Vec<bool>>;
+
+    // ---- members and leases (rows that expire by the store's time)
+
+    /// Upserts a member whose row lives `ttl_ms` from the store's now; true when it was not
+    /// live before.
+    async fn member_heartbeat(
+        &self,
+        group: &str,
+        member_id: &str,
+        kind: MemberKind,
+        data: Vec<u8>,
+        ttl_ms: u64,
+    ) -> Result<bool>;
+    /// Live (unexpired) members of `group`, sorted by member_id.
+    async fn member_list(&self, group: &str) -> Result<Vec<MemberRow>>;
+    /// Removes a member; true if it was live.
+    async fn member_remove(&self, group: &str, member_id: &str) -> Result<bool>;
+    /// Takes the lease if free, expired, or already held by `holder` (then renews it, same
+    /// epoch); None when another holder's lease is live.
+    async fn lease_acquire(
+        &self,
+        key: &LeaseKey,
+        holder: &str,
+        ttl_ms: u64,
+    ) -> Result<Option<Lease>>;
+    /// Extends a held lease; None when it was lost (taken by another holder / epoch moved on,
+    /// or released). A lease past its expiry that nobody took since can still be renewed.
+    async fn lease_renew(&self, lease: &Lease, ttl_ms: u64) -> Result<Option<Lease>>;
+    /// Gives a lease up (no error if already lost). Its epoch stays the queue's fence until
+    /// the next holder takes the lease, so commits made before giving up still land.
+    async fn lease_release(&self, lease: &Lease) -> Result<()>;
+    /// Every live lease of `group`, sorted by key.
+    async fn lease_list(&self, group: &str) -> Result<Vec<Lease>>;
 
     // ---- housekeeping
 
@@ -236,6 +403,11 @@ pub trait Store: Send + Sync + 'static {
     async fn enforce_retention(&self, now_ms: u64) -> Result<RetentionReport>;
     /// A counter bumped after every append or reveal; long polls wait on it.
     fn changes(&self) -> watch::Receiver<u64>;
+    /// Per-queue change notification replacing the global counter for waiters: the receiver's
+    /// value is the queue's visible max offset (QueueBounds::max), updated when an append or
+    /// timer reveal makes entries of THAT queue visible. Appends to other queues must not wake
+    /// it. Cheap for 10,000+ idle waiters.
+    fn watch_queue(&self, topic: &str, queue_id: u32) -> watch::Receiver<u64>;
     /// Counters for `/metrics`.
     fn stats(&self) -> StoreStats;
     /// True when writes can be taken now (disk writable, not failed).

@@ -166,6 +166,7 @@ mod tests {
             stored_ms: 1,
             deliver_at_ms: None,
             reconsume_times: 0,
+            wire: Default::default(),
         })
     }
 

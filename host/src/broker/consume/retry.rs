@@ -93,6 +93,7 @@ pub fn failure_copy(
         born_ms: m.born_ms,
         deliver_at_ms,
         reconsume_times,
+        wire: m.wire,
     }
 }
 
@@ -242,6 +243,7 @@ mod tests {
             stored_ms: 5,
             deliver_at_ms: None,
             reconsume_times,
+            wire: Default::default(),
         }
     }
 

@@ -5,6 +5,11 @@
 //! visible time u64 (store time, or reveal time for timers; never decreasing within a queue).
 //! Entries are split over files of `entries_per_file` entries named by their first offset, so
 //! retention can delete whole files. A zero size marks a hole (never written).
+//!
+//! Besides the consumable queues, each topic that ever held a timer message has a `held` queue
+//! of the same entry layout: one entry per timer message, at append time, with its store time
+//! as the visible time. It is the time index that lets a time-range query list timer messages
+//! stored in the range whether they are revealed yet or not; nobody consumes from it.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::{self, File, OpenOptions};
@@ -14,7 +19,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use parking_lot::RwLock;
+use parking_lot::{Mutex, RwLock};
+use tokio::sync::watch;
 
 /// Bytes per entry.
 pub const ENTRY: usize = 32;
@@ -78,6 +84,8 @@ pub struct ConsumeQueue {
     pub last_visible_ms: AtomicU64,
     /// Lowest offset written since the last checkpoint (`u64::MAX`: nothing).
     dirty_from: AtomicU64,
+    /// Carries `max` to the queue's waiters; updated once per publish, never per entry.
+    notify: watch::Sender<u64>,
 }
 
 fn file_name(first: u64) -> String {
@@ -111,9 +119,23 @@ impl ConsumeQueue {
             next_assign: AtomicU64::new(0),
             last_visible_ms: AtomicU64::new(0),
             dirty_from: AtomicU64::new(u64::MAX),
+            notify: watch::channel(0).0,
         };
         q.trim_tail(keep_below)?;
+        q.notify_waiters();
         Ok(q)
+    }
+
+    /// Tells waiters the current `max` if it moved (no wake-up when nothing became visible).
+    pub fn notify_waiters(&self) {
+        self.notify.send_if_modified(|v| {
+            let max = self.max.load(Ordering::Acquire);
+            let moved = *v < max;
+            if moved {
+                *v = max;
+            }
+            moved
+        });
     }
 
     /// Removes tail entries that are holes or were created at/after `keep_below`, and sets
@@ -349,6 +371,9 @@ pub fn topic_from_dir_name(name: &str) -> Option<String> {
 /// The queues of one topic by id.
 type TopicQueues = RwLock<BTreeMap<u32, Arc<ConsumeQueue>>>;
 
+/// Directory name of a topic's held-timer queue (never a number, so never a queue id).
+const HELD_DIR: &str = "held";
+
 /// All consume queues, by topic then queue id.
 #[derive(Debug, Default)]
 pub struct Queues {
@@ -357,6 +382,11 @@ pub struct Queues {
     /// Entries per file.
     pub per_file: u64,
     topics: RwLock<HashMap<String, Arc<TopicQueues>>>,
+    /// Held-timer queue per topic (see the module doc).
+    held: RwLock<HashMap<String, Arc<ConsumeQueue>>>,
+    /// Waiters' channels of queues that do not exist yet; a queue takes its channel when
+    /// created. Lock order: `early`, then `topics`, then a topic's map.
+    early: Mutex<HashMap<(String, u32), watch::Sender<u64>>>,
 }
 
 impl Queues {
@@ -367,6 +397,8 @@ impl Queues {
             dir: dir.to_path_buf(),
             per_file,
             topics: RwLock::new(HashMap::new()),
+            held: RwLock::new(HashMap::new()),
+            early: Mutex::new(HashMap::new()),
         };
         for t in fs::read_dir(dir)? {
             let t = t?;
@@ -380,6 +412,11 @@ impl Queues {
             let mut map = BTreeMap::new();
             for q in fs::read_dir(t.path())? {
                 let q = q?;
+                if q.file_name() == HELD_DIR {
+                    let held = ConsumeQueue::open(&q.path(), per_file, keep_below)?;
+                    qs.held.write().insert(topic.clone(), Arc::new(held));
+                    continue;
+                }
                 let Some(id) = q.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
                     continue;
                 };
@@ -408,6 +445,7 @@ impl Queues {
         if let Some(q) = self.get(topic, queue_id) {
             return Ok(q);
         }
+        let mut early = self.early.lock();
         let t = {
             let mut topics = self.topics.write();
             topics
@@ -423,12 +461,64 @@ impl Queues {
             .dir
             .join(topic_dir_name(topic))
             .join(queue_id.to_string());
-        let q = Arc::new(ConsumeQueue::open(&dir, self.per_file, u64::MAX)?);
+        let mut q = ConsumeQueue::open(&dir, self.per_file, u64::MAX)?;
+        if let Some(tx) = early.remove(&(topic.to_string(), queue_id)) {
+            q.notify = tx;
+            q.notify_waiters();
+        }
+        let q = Arc::new(q);
         if let Some(topic_dir) = dir.parent() {
             super::log::sync_dir(topic_dir)?;
         }
         super::log::sync_dir(&self.dir)?;
         t.insert(queue_id, q.clone());
+        Ok(q)
+    }
+
+    /// A receiver of the queue's visible max offset, woken only when that queue's max moves.
+    /// Works for a queue not written yet (it gets the channel when created).
+    pub fn watch(&self, topic: &str, queue_id: u32) -> watch::Receiver<u64> {
+        if let Some(q) = self.get(topic, queue_id) {
+            return q.notify.subscribe();
+        }
+        let mut early = self.early.lock();
+        if let Some(q) = self.get(topic, queue_id) {
+            return q.notify.subscribe();
+        }
+        // Channels nobody listens to any more are dropped now and then, so polls of queues
+        // that are never written cannot grow this map without bound.
+        if early.len() >= 1024 && early.len().is_power_of_two() {
+            early.retain(|_, tx| tx.receiver_count() > 0);
+        }
+        early
+            .entry((topic.to_string(), queue_id))
+            .or_insert_with(|| watch::channel(0).0)
+            .subscribe()
+    }
+
+    /// The held-timer queue of `topic`, if it ever held a timer.
+    pub fn held(&self, topic: &str) -> Option<Arc<ConsumeQueue>> {
+        self.held.read().get(topic).cloned()
+    }
+
+    /// The held-timer queue of `topic`, created on first use.
+    pub fn held_or_create(&self, topic: &str) -> io::Result<Arc<ConsumeQueue>> {
+        if let Some(q) = self.held(topic) {
+            return Ok(q);
+        }
+        let mut held = self.held.write();
+        if let Some(q) = held.get(topic) {
+            return Ok(q.clone());
+        }
+        let topic_dir = self.dir.join(topic_dir_name(topic));
+        let q = Arc::new(ConsumeQueue::open(
+            &topic_dir.join(HELD_DIR),
+            self.per_file,
+            u64::MAX,
+        )?);
+        super::log::sync_dir(&topic_dir)?;
+        super::log::sync_dir(&self.dir)?;
+        held.insert(topic.to_string(), q.clone());
         Ok(q)
     }
 
@@ -440,12 +530,14 @@ impl Queues {
         }
     }
 
-    /// Every queue.
+    /// Every queue, held-timer queues included.
     pub fn all(&self) -> Vec<Arc<ConsumeQueue>> {
         let topics: Vec<_> = self.topics.read().values().cloned().collect();
-        topics
+        let mut all: Vec<_> = topics
             .iter()
             .flat_map(|t| t.read().values().cloned().collect::<Vec<_>>())
-            .collect()
+            .collect();
+        all.extend(self.held.read().values().cloned());
+        all
     }
 }

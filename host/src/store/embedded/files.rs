@@ -1,4 +1,5 @@
-//! Small whole-file state: metadata namespaces, consumer offsets, node id, index checkpoint.
+//! Small whole-file state: metadata namespaces, consumer offsets, node id, boot counter, index
+//! checkpoint.
 //! Each is rewritten atomically (write temp, fsync, rename, fsync directory) and carries a
 //! CRC so a damaged file is reported instead of misread.
 
@@ -10,7 +11,8 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use super::log::sync_dir;
-use super::record::get_u32;
+use super::record::{get_u32, get_u64};
+use crate::store::MetaEntry;
 
 /// Replaces `path` with `bytes` (plus a CRC trailer) so that a crash leaves the old or the new
 /// content, never a mix.
@@ -55,28 +57,35 @@ pub fn read_atomic(path: &Path) -> io::Result<Option<Vec<u8>>> {
     Ok(Some(b))
 }
 
-/// One metadata namespace: key → value.
-pub type Namespace = BTreeMap<String, Vec<u8>>;
+/// One metadata namespace: key → value and version.
+pub type Namespace = BTreeMap<String, MetaEntry>;
+
+/// First u32 of a namespace file of format 2 (format 1 starts with the entry count instead).
+const NAMESPACE_V2: u32 = u32::MAX;
 
 /// File of a namespace (hex name, so any namespace string is a safe file name).
 pub fn namespace_path(dir: &Path, ns: &str) -> PathBuf {
     dir.join(format!("{}.meta", hex::encode(ns)))
 }
 
-/// Serialises a namespace: count u32, then (key len u32, key, value len u32, value)*.
+/// Serialises a namespace (format 2): `u32::MAX`, count u32, then
+/// (key len u32, key, value len u32, value, version u64)*.
 pub fn encode_namespace(ns: &Namespace) -> Vec<u8> {
     let mut b = Vec::new();
+    b.extend_from_slice(&NAMESPACE_V2.to_le_bytes());
     b.extend_from_slice(&(ns.len() as u32).to_le_bytes());
-    for (k, v) in ns {
+    for (k, e) in ns {
         b.extend_from_slice(&(k.len() as u32).to_le_bytes());
         b.extend_from_slice(k.as_bytes());
-        b.extend_from_slice(&(v.len() as u32).to_le_bytes());
-        b.extend_from_slice(v);
+        b.extend_from_slice(&(e.value.len() as u32).to_le_bytes());
+        b.extend_from_slice(&e.value);
+        b.extend_from_slice(&e.version.to_le_bytes());
     }
     b
 }
 
-/// Parses [`encode_namespace`] output.
+/// Parses [`encode_namespace`] output, or format 1 (count u32, then (key len u32, key,
+/// value len u32, value)*, no versions: each entry reads as version 1).
 pub fn decode_namespace(b: &[u8]) -> Option<Namespace> {
     let mut at = 0usize;
     let mut take = |n: usize| -> Option<&[u8]> {
@@ -84,14 +93,19 @@ pub fn decode_namespace(b: &[u8]) -> Option<Namespace> {
         at += n;
         Some(s)
     };
-    let count = get_u32(take(4)?, 0);
+    let mut count = get_u32(take(4)?, 0);
+    let versioned = count == NAMESPACE_V2;
+    if versioned {
+        count = get_u32(take(4)?, 0);
+    }
     let mut ns = Namespace::new();
     for _ in 0..count {
         let kl = get_u32(take(4)?, 0) as usize;
         let k = String::from_utf8(take(kl)?.to_vec()).ok()?;
         let vl = get_u32(take(4)?, 0) as usize;
-        let v = take(vl)?.to_vec();
-        ns.insert(k, v);
+        let value = take(vl)?.to_vec();
+        let version = if versioned { get_u64(take(8)?, 0) } else { 1 };
+        ns.insert(k, MetaEntry { value, version });
     }
     Some(ns)
 }
@@ -135,9 +149,17 @@ pub fn decode_offsets(b: &[u8]) -> Option<Offsets> {
     Some(o)
 }
 
+/// Layout of the derived indexes (consume queues, held-timer queues, key index, timers). A
+/// checkpoint of another format (checkpoints before numbering read as 0) makes the next open
+/// rebuild every index from the log, which is how a data dir takes a new index layout.
+pub const INDEX_FORMAT: u32 = 2;
+
 /// What the derived indexes cover, written after they are fsynced.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Checkpoint {
+    /// Index layout the files follow ([`INDEX_FORMAT`] when written by this version).
+    #[serde(default)]
+    pub format: u32,
     /// Every index reflects exactly the records before this log position.
     pub log_pos: u64,
     /// Per segment base: newest store time and pending timers whose message lives there.
@@ -167,6 +189,26 @@ impl Checkpoint {
     }
 }
 
+/// Counts opens of a data dir: returns the previous count + 1, durably recorded.
+pub fn next_boot(dir: &Path) -> io::Result<u64> {
+    let path = dir.join("boot");
+    let last = match read_atomic(&path)? {
+        Some(b) => String::from_utf8_lossy(&b)
+            .trim()
+            .parse::<u64>()
+            .map_err(|_| {
+                io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("{} does not hold a boot count", path.display()),
+                )
+            })?,
+        None => 0,
+    };
+    let boot = last + 1;
+    write_atomic(&path, boot.to_string().as_bytes())?;
+    Ok(boot)
+}
+
 /// Reads the node id of a data dir, creating a random one on first use.
 pub fn node_id(dir: &Path) -> io::Result<u16> {
     let path = dir.join("node_id");
@@ -182,4 +224,44 @@ pub fn node_id(dir: &Path) -> io::Result<u16> {
     let id: u16 = rand::random();
     write_atomic(&path, id.to_string().as_bytes())?;
     Ok(id)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn namespaces_keep_versions_and_read_format1() {
+        let mut ns = Namespace::new();
+        ns.insert(
+            "a".into(),
+            MetaEntry {
+                value: b"x".to_vec(),
+                version: 9,
+            },
+        );
+        ns.insert(
+            "b".into(),
+            MetaEntry {
+                value: Vec::new(),
+                version: 1,
+            },
+        );
+        assert_eq!(decode_namespace(&encode_namespace(&ns)), Some(ns));
+        // Format 1: count, then key and value only.
+        let mut v1 = 1u32.to_le_bytes().to_vec();
+        v1.extend_from_slice(&1u32.to_le_bytes());
+        v1.extend_from_slice(b"k");
+        v1.extend_from_slice(&2u32.to_le_bytes());
+        v1.extend_from_slice(b"vv");
+        let old = decode_namespace(&v1).unwrap();
+        assert_eq!(
+            old["k"],
+            MetaEntry {
+                value: b"vv".to_vec(),
+                version: 1
+            }
+        );
+        assert!(decode_namespace(&v1[..v1.len() - 1]).is_none());
+    }
 }

@@ -13,7 +13,7 @@ use parking_lot::Mutex;
 use tracing::error;
 
 use super::Shared;
-use super::files::{Checkpoint, SegmentInfo, encode_offsets, write_atomic};
+use super::files::{Checkpoint, INDEX_FORMAT, SegmentInfo, encode_offsets, write_atomic};
 use super::log::{Segment, sync_dir};
 use super::timers::BucketId;
 use crate::store::FlushMode;
@@ -157,6 +157,7 @@ fn checkpoint(sh: &Shared, job: CheckpointJob) -> Done {
         sync_dir(dir)?;
     }
     Checkpoint {
+        format: INDEX_FORMAT,
         log_pos: job.pos,
         segments: job.segments,
     }

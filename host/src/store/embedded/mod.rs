@@ -3,10 +3,17 @@
 //! Layout of `data_dir`:
 //! - `log/{position:020}.log` — message log segments (the source of truth);
 //! - `cq/{topic}/{queue}/{offset:020}.cq` — consume queues (32-byte entries);
+//! - `cq/{topic}/held/{offset:020}.cq` — every timer message of the topic, by store time;
 //! - `keys/{position:020}.idx` — key index (hash slots + chained entries);
 //! - `timers/{bucket}.tmr|.done` — pending timers by deliver-time bucket;
-//! - `checkpoint` — log position every index covers (replayed from on open);
-//! - `meta/{namespace-hex}.meta`, `offsets`, `node_id`, `LOCK`.
+//! - `checkpoint` — log position every index covers (replayed from on open), index format;
+//! - `meta/{namespace-hex}.meta` (values with versions), `offsets`, `node_id`, `boot`, `LOCK`.
+//!
+//! Format versions: every record carries its format (see `record`), every segment starts
+//! with a header record naming the segment format (segments without one are format 1), and the
+//! checkpoint names the index format. Data written by earlier versions is read unchanged;
+//! indexes of another format are rebuilt from the log on open. A segment of a newer format than
+//! this build knows makes open fail rather than misread it.
 //!
 //! One writer thread owns appends (group commit), reveals, checkpoints and retention; reads go
 //! straight to the files with positional reads from the calling task.
@@ -18,11 +25,15 @@
 //! zero-filled ahead of use by a background thread (`WHARF_STORE_PREALLOCATE=0` turns this
 //! off), so the per-round fdatasync writes data only, not file-size metadata.
 //!
-//! Time queries (`by_time`, `offset_for_time`) order entries by the time they became visible
-//! (store time; for a timer message, the time it was revealed), and `by_time` returns only
-//! messages whose store time lies in the range — so a timer message stored in the range but
-//! revealed after its end is not listed.
+//! `offset_for_time` orders a queue's entries by the time they became visible (store time; for
+//! a timer message, the time it was revealed). `by_time` lists messages by store time: plain
+//! messages from the consume queues, timer messages (pending or revealed) from the topic's held
+//! queue, so every message stored in the range is listed exactly once.
+//!
+//! Members and leases live in memory (`coord`); see there for why lease epochs still never go
+//! backwards across restarts.
 
+mod coord;
 mod cq;
 mod files;
 mod flusher;
@@ -33,7 +44,7 @@ mod timers;
 mod writer;
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::{self, File, OpenOptions};
@@ -49,16 +60,17 @@ use parking_lot::{Condvar, Mutex};
 use tokio::sync::{oneshot, watch};
 use tracing::{info, warn};
 
+use self::coord::Coord;
 use self::cq::Queues;
-use self::files::{Checkpoint, Namespace, Offsets};
+use self::files::{Checkpoint, INDEX_FORMAT, Namespace, Offsets};
 use self::keyindex::KeyIndex;
 use self::log::Log;
 use self::record::EncodedBatch;
 use self::timers::TimerIndex;
 use self::writer::{Request, Writer};
 use super::{
-    CommittedOffset, QueueBounds, QueueRead, RetentionReport, Store, StoreConfig, StoreStats,
-    TimePage,
+    CommittedOffset, Lease, LeaseKey, MemberKind, MemberRow, MetaEntry, PutCondition, PutOutcome,
+    QueueBounds, QueueRead, RetentionReport, Store, StoreConfig, StoreStats, TimePage,
 };
 use crate::clock::SharedClock;
 use crate::error::{Result, WharfError};
@@ -139,6 +151,8 @@ pub(crate) struct Shared {
     loaded_timers: AtomicU64,
     offsets: Mutex<(Offsets, bool)>,
     meta: Mutex<HashMap<String, Namespace>>,
+    /// Member and lease rows (memory only: see `coord`).
+    coord: Mutex<Coord>,
     stats: Counters,
     changes: watch::Sender<u64>,
     writable: AtomicBool,
@@ -270,6 +284,7 @@ impl EmbeddedStore {
             ))
         };
         let node = files::node_id(&dir).map_err(|e| unwritable(&dir, &e))?;
+        let boot = files::next_boot(&dir).map_err(|e| unwritable(&dir, &e))?;
         let offsets = match files::read_atomic(&dir.join("offsets")) {
             Ok(Some(b)) => files::decode_offsets(&b).unwrap_or_else(|| {
                 warn!("consumer offsets file is unreadable; starting with none");
@@ -282,9 +297,12 @@ impl EmbeddedStore {
             }
         };
         let log = Log::open(&dir.join("log")).map_err(|e| fail("opening the log", e))?;
+        check_segment_formats(&log)?;
         let ck = Checkpoint::load(&dir.join("checkpoint"));
-        let (from, full) =
-            recover_log(&log, ck.as_ref()).map_err(|e| fail("checking the log", e))?;
+        // Indexes of another layout are rebuilt from the log (the checkpoint still tells
+        // where the log goes on if every segment is gone).
+        let index_ck = ck.as_ref().filter(|c| c.format == INDEX_FORMAT);
+        let (from, full) = recover_log(&log, index_ck).map_err(|e| fail("checking the log", e))?;
         let mut seg_info = BTreeMap::new();
         if full {
             for sub in ["cq", "keys", "timers"] {
@@ -295,10 +313,12 @@ impl EmbeddedStore {
                     _ => {}
                 }
             }
-            if ck.is_some() {
+            if index_ck.is_some() {
                 warn!(dir = %dir.display(), "log is behind the index checkpoint; rebuilding every index");
+            } else if ck.is_some() {
+                info!(dir = %dir.display(), "indexes are of an earlier format; rebuilding them from the log");
             }
-        } else if let Some(ck) = &ck {
+        } else if let Some(ck) = index_ck {
             seg_info = ck.segments.clone();
         }
         let queues = Queues::open(&dir.join("cq"), tuning.cq_entries_per_file, from)
@@ -341,6 +361,7 @@ impl EmbeddedStore {
             loaded_timers: AtomicU64::new(0),
             offsets: Mutex::new((offsets, false)),
             meta: Mutex::new(HashMap::new()),
+            coord: Mutex::new(Coord::new(boot)),
             stats: Counters::default(),
             changes,
             writable: AtomicBool::new(true),
@@ -363,7 +384,7 @@ impl EmbeddedStore {
             .name("wharf-store-writer".into())
             .spawn(move || w.run())
             .map_err(|e| WharfError::internal(format!("starting the store writer: {e}")))?;
-        info!(dir = %dir.display(), node, "embedded store open");
+        info!(dir = %dir.display(), node, boot, "embedded store open");
         Ok(Arc::new(EmbeddedStore {
             sh,
             writer: Mutex::new(Some(handle)),
@@ -432,6 +453,18 @@ impl EmbeddedStore {
         let rec = self.sh.log.read_record(pos, size)?;
         record::decode_message(rec, self.sh.node)
     }
+
+    /// Fills in the queue offset of a message stored as a timer, once it has been revealed.
+    fn with_revealed_offset(&self, mut m: StoredMessage) -> Result<StoredMessage> {
+        if m.queue_offset.is_none()
+            && let Some(at) = m.deliver_at_ms
+        {
+            m.queue_offset = self
+                .revealed_offset(&m.topic, m.queue_id, at, m.id.position())
+                .map_err(|e| read_err("a consume queue", e))?;
+        }
+        Ok(m)
+    }
 }
 
 impl Drop for EmbeddedStore {
@@ -442,6 +475,33 @@ impl Drop for EmbeddedStore {
             let _ = self.sh.submit(Request::Close { reply: tx });
         }
     }
+}
+
+/// Refuses a log with a segment written in a newer format than this build reads; anything else
+/// (format 1 segments without a header record, format 2 with one) is readable.
+fn check_segment_formats(log: &Log) -> Result<()> {
+    for seg in log.segments() {
+        let Some(rec) = log.read_record(seg.base, None) else {
+            continue;
+        };
+        let h = record::Header::parse(&rec);
+        let newer_segment = h.kind == record::KIND_SEGMENT && h.flags > record::SEGMENT_FORMAT;
+        if newer_segment || h.format > record::RECORD_FORMAT {
+            return Err(WharfError::unavailable(format!(
+                "log segment {} was written by a newer wharf (segment format {}, record format                  {}; this build reads up to {} and {}); run that version or newer on this data                  dir",
+                seg.path.display(),
+                if h.kind == record::KIND_SEGMENT {
+                    h.flags
+                } else {
+                    1
+                },
+                h.format,
+                record::SEGMENT_FORMAT,
+                record::RECORD_FORMAT
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// Validates the log from the checkpoint on, truncating a torn or corrupt tail. Returns the
@@ -506,11 +566,12 @@ fn recover_log(log: &Log, ck: Option<&Checkpoint>) -> io::Result<(u64, bool)> {
     }
 }
 
-fn time_token(k: (u64, u32, u64)) -> String {
-    format!("{}.{}.{}", k.0, k.1, k.2)
+/// A page token: the (store time, log position) of the last message listed.
+fn time_token(k: (u64, u64)) -> String {
+    format!("{}.{}", k.0, k.1)
 }
 
-fn parse_time_token(s: &str) -> Result<(u64, u32, u64)> {
+fn parse_time_token(s: &str) -> Result<(u64, u64)> {
     let bad = || {
         WharfError::bad_request(format!(
             "page_token '{s}' is not valid; pass the next_page_token of the previous page"
@@ -519,11 +580,10 @@ fn parse_time_token(s: &str) -> Result<(u64, u32, u64)> {
     let mut it = s.split('.');
     let a = it.next().and_then(|x| x.parse().ok()).ok_or_else(bad)?;
     let b = it.next().and_then(|x| x.parse().ok()).ok_or_else(bad)?;
-    let c = it.next().and_then(|x| x.parse().ok()).ok_or_else(bad)?;
     if it.next().is_some() {
         return Err(bad());
     }
-    Ok((a, b, c))
+    Ok((a, b))
 }
 
 /// Queue entries examined per `read_queue` call at most, so a filter that matches nothing
@@ -534,28 +594,44 @@ const MAX_KEY_STEPS: usize = 100_000;
 
 #[async_trait]
 impl Store for EmbeddedStore {
-    async fn meta_put(&self, namespace: &str, key: &str, value: Vec<u8>) -> Result<()> {
+    async fn meta_get(&self, namespace: &str, key: &str) -> Result<Option<MetaEntry>> {
         let sh = self.sh.clone();
         let (ns, key) = (namespace.to_string(), key.to_string());
         tokio::task::spawn_blocking(move || {
-            meta_update(&sh, &ns, |m| {
-                m.insert(key, value);
-            })
+            let mut meta = sh.meta.lock();
+            Ok(meta_loaded(&sh, &mut meta, &ns)?.get(&key).cloned())
         })
         .await
         .map_err(|e| WharfError::internal(format!("metadata task failed: {e}")))?
     }
 
+    async fn meta_put_if(
+        &self,
+        namespace: &str,
+        key: &str,
+        value: Vec<u8>,
+        cond: PutCondition,
+    ) -> Result<PutOutcome> {
+        let sh = self.sh.clone();
+        let (ns, key) = (namespace.to_string(), key.to_string());
+        tokio::task::spawn_blocking(move || meta_apply(&sh, &ns, &key, Some(value), cond))
+            .await
+            .map_err(|e| WharfError::internal(format!("metadata task failed: {e}")))?
+    }
+
+    async fn meta_put(&self, namespace: &str, key: &str, value: Vec<u8>) -> Result<()> {
+        self.meta_put_if(namespace, key, value, PutCondition::Any)
+            .await
+            .map(|_| ())
+    }
+
     async fn meta_delete(&self, namespace: &str, key: &str) -> Result<()> {
         let sh = self.sh.clone();
         let (ns, key) = (namespace.to_string(), key.to_string());
-        tokio::task::spawn_blocking(move || {
-            meta_update(&sh, &ns, |m| {
-                m.remove(&key);
-            })
-        })
-        .await
-        .map_err(|e| WharfError::internal(format!("metadata task failed: {e}")))?
+        tokio::task::spawn_blocking(move || meta_apply(&sh, &ns, &key, None, PutCondition::Any))
+            .await
+            .map_err(|e| WharfError::internal(format!("metadata task failed: {e}")))?
+            .map(|_| ())
     }
 
     async fn meta_list(&self, namespace: &str) -> Result<Vec<(String, Vec<u8>)>> {
@@ -564,7 +640,9 @@ impl Store for EmbeddedStore {
         tokio::task::spawn_blocking(move || {
             let mut meta = sh.meta.lock();
             let m = meta_loaded(&sh, &mut meta, &ns)?;
-            Ok(m.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+            Ok(m.iter()
+                .map(|(k, e)| (k.clone(), e.value.clone()))
+                .collect())
         })
         .await
         .map_err(|e| WharfError::internal(format!("metadata task failed: {e}")))?
@@ -589,20 +667,20 @@ impl Store for EmbeddedStore {
         if id.node() != self.sh.node {
             return Ok(None);
         }
-        let Some(mut m) = self
+        let Some(m) = self
             .read_message(id.position(), None)
             .filter(|m| m.stored_ms == id.stored_ms())
         else {
             return Ok(None);
         };
-        if m.queue_offset.is_none()
-            && let Some(at) = m.deliver_at_ms
-        {
-            m.queue_offset = self
-                .revealed_offset(&m.topic, m.queue_id, at, id.position())
-                .map_err(|e| read_err("a consume queue", e))?;
+        self.with_revealed_offset(m).map(Some)
+    }
+
+    async fn get_by_position(&self, position: u64) -> Result<Option<StoredMessage>> {
+        match self.read_message(position, None) {
+            Some(m) => self.with_revealed_offset(m).map(Some),
+            None => Ok(None),
         }
-        Ok(Some(m))
     }
 
     async fn by_key(&self, topic: &str, key: &str, limit: usize) -> Result<Vec<StoredMessage>> {
@@ -638,10 +716,21 @@ impl Store for EmbeddedStore {
     ) -> Result<TimePage> {
         let after = page_token.map(parse_time_token).transpose()?;
         let limit = limit.max(1);
-        let mut cands: Vec<((u64, u32, u64), cq::CqEntry)> = Vec::new();
+        let from_ms = after.map_or(begin_ms, |a| a.0.max(begin_ms));
+        // Plain messages come from the consume queues (visible time = store time); timer
+        // messages from the held queue, at their store time, revealed or not.
+        let mut sources: Vec<(Option<u32>, Arc<cq::ConsumeQueue>)> = self
+            .sh
+            .queues
+            .of_topic(topic)
+            .into_iter()
+            .map(|(qid, q)| (Some(qid), q))
+            .collect();
+        sources.extend(self.sh.queues.held(topic).map(|q| (None, q)));
+        // (store time, position), record size, (queue id, offset) when read from a queue.
+        let mut cands: Vec<((u64, u64), u32, Option<(u32, u64)>)> = Vec::new();
         let mut truncated = false;
-        for (qid, q) in self.sh.queues.of_topic(topic) {
-            let from_ms = after.map_or(begin_ms, |a| a.0.max(begin_ms));
+        for (qid, q) in sources {
             let mut off = q
                 .search_time(from_ms)
                 .map_err(|e| read_err("a consume queue", e))?;
@@ -656,13 +745,14 @@ impl Store for EmbeddedStore {
                 for e in entries {
                     let this = off;
                     off += 1;
-                    if !e.is_set() {
+                    // A revealed timer's queue entry: listed from the held queue instead.
+                    if !e.is_set() || (qid.is_some() && e.src_pos != e.pos) {
                         continue;
                     }
                     if e.visible_ms > end_ms {
                         break 'queue;
                     }
-                    let k = (e.visible_ms, qid, this);
+                    let k = (e.visible_ms, e.pos);
                     if after.is_some_and(|a| k <= a) || e.visible_ms < begin_ms {
                         continue;
                     }
@@ -670,7 +760,7 @@ impl Store for EmbeddedStore {
                         truncated = true;
                         break 'queue;
                     }
-                    cands.push((k, e));
+                    cands.push((k, e.size, qid.map(|id| (id, this))));
                     taken += 1;
                 }
             }
@@ -679,21 +769,24 @@ impl Store for EmbeddedStore {
         let mut messages = Vec::new();
         let mut last = None;
         let mut consumed = 0;
-        for (k, e) in &cands {
+        for (k, size, at) in &cands {
             if messages.len() == limit {
                 break;
             }
             consumed += 1;
             last = Some(*k);
-            // Queue entries are ordered by visible time; a revealed timer's store time is earlier.
-            if let Some(mut m) = self.read_message(e.pos, Some(e.size))
-                && (begin_ms..=end_ms).contains(&m.stored_ms)
-                && m.topic == topic
-                && m.queue_id == k.1
-            {
-                m.queue_offset = Some(k.2);
-                messages.push(m);
+            let Some(mut m) = self.read_message(k.1, Some(*size)) else {
+                continue;
+            };
+            if !(begin_ms..=end_ms).contains(&m.stored_ms) || m.topic != topic {
+                continue;
             }
+            match at {
+                Some((qid, off)) if m.queue_id == *qid => m.queue_offset = Some(*off),
+                Some(_) => continue,
+                None => m = self.with_revealed_offset(m)?,
+            }
+            messages.push(m);
         }
         let more = truncated || consumed < cands.len();
         Ok(TimePage {
@@ -848,6 +941,80 @@ impl Store for EmbeddedStore {
         Ok(())
     }
 
+    async fn commit_offsets_fenced(
+        &self,
+        group: &str,
+        offsets: &[(CommittedOffset, u64)],
+    ) -> Result<Vec<bool>> {
+        // Holding the lease rows while writing keeps a takeover from slipping between the
+        // epoch check and the write.
+        let coord = self.sh.coord.lock();
+        let ok: Vec<bool> = offsets
+            .iter()
+            .map(|(c, epoch)| coord.is_current(group, &c.topic, c.queue_id, *epoch))
+            .collect();
+        if ok.iter().any(|k| *k) {
+            let mut o = self.sh.offsets.lock();
+            let g = o.0.entry(group.to_string()).or_default();
+            for ((c, _), _) in offsets.iter().zip(&ok).filter(|(_, k)| **k) {
+                g.insert((c.topic.clone(), c.queue_id), c.offset);
+            }
+            o.1 = true;
+        }
+        Ok(ok)
+    }
+
+    async fn member_heartbeat(
+        &self,
+        group: &str,
+        member_id: &str,
+        kind: MemberKind,
+        data: Vec<u8>,
+        ttl_ms: u64,
+    ) -> Result<bool> {
+        let now = self.sh.clock.now_ms();
+        Ok(self
+            .sh
+            .coord
+            .lock()
+            .heartbeat(now, group, member_id, kind, data, ttl_ms))
+    }
+
+    async fn member_list(&self, group: &str) -> Result<Vec<MemberRow>> {
+        let now = self.sh.clock.now_ms();
+        Ok(self.sh.coord.lock().members(now, group))
+    }
+
+    async fn member_remove(&self, group: &str, member_id: &str) -> Result<bool> {
+        let now = self.sh.clock.now_ms();
+        Ok(self.sh.coord.lock().remove_member(now, group, member_id))
+    }
+
+    async fn lease_acquire(
+        &self,
+        key: &LeaseKey,
+        holder: &str,
+        ttl_ms: u64,
+    ) -> Result<Option<Lease>> {
+        let now = self.sh.clock.now_ms();
+        Ok(self.sh.coord.lock().acquire(now, key, holder, ttl_ms))
+    }
+
+    async fn lease_renew(&self, lease: &Lease, ttl_ms: u64) -> Result<Option<Lease>> {
+        let now = self.sh.clock.now_ms();
+        Ok(self.sh.coord.lock().renew(now, lease, ttl_ms))
+    }
+
+    async fn lease_release(&self, lease: &Lease) -> Result<()> {
+        self.sh.coord.lock().release(lease);
+        Ok(())
+    }
+
+    async fn lease_list(&self, group: &str) -> Result<Vec<Lease>> {
+        let now = self.sh.clock.now_ms();
+        Ok(self.sh.coord.lock().leases(now, group))
+    }
+
     async fn enforce_retention(&self, now_ms: u64) -> Result<RetentionReport> {
         let (tx, rx) = oneshot::channel();
         self.sh.submit(Request::Retention { now_ms, reply: tx })?;
@@ -856,6 +1023,10 @@ impl Store for EmbeddedStore {
 
     fn changes(&self) -> watch::Receiver<u64> {
         self.sh.changes.subscribe()
+    }
+
+    fn watch_queue(&self, topic: &str, queue_id: u32) -> watch::Receiver<u64> {
+        self.sh.queues.watch(topic, queue_id)
     }
 
     fn stats(&self) -> StoreStats {
@@ -915,11 +1086,39 @@ fn meta_loaded<'a>(
         .ok_or_else(|| WharfError::internal("metadata cache lost a namespace"))
 }
 
-fn meta_update(sh: &Shared, ns: &str, f: impl FnOnce(&mut Namespace)) -> Result<()> {
+/// Writes (`value` = Some) or deletes (None) `ns/key` when `cond` holds, durably, under the
+/// metadata lock so the check and the write are one step.
+fn meta_apply(
+    sh: &Shared,
+    ns: &str,
+    key: &str,
+    value: Option<Vec<u8>>,
+    cond: PutCondition,
+) -> Result<PutOutcome> {
     let mut meta = sh.meta.lock();
     let current = meta_loaded(sh, &mut meta, ns)?;
+    let version = current.get(key).map(|e| e.version);
+    let allowed = match cond {
+        PutCondition::Any => true,
+        PutCondition::Absent => version.is_none(),
+        PutCondition::Version(v) => version == Some(v),
+    };
+    if !allowed {
+        return Ok(PutOutcome::Conflict { current: version });
+    }
     let mut next = current.clone();
-    f(&mut next);
+    let written = match value {
+        Some(value) => {
+            let v = version.map_or(1, |v| v + 1);
+            next.insert(key.to_string(), MetaEntry { value, version: v });
+            v
+        }
+        None if version.is_none() => return Ok(PutOutcome::Written { version: 0 }),
+        None => {
+            next.remove(key);
+            0
+        }
+    };
     let dir = sh.dir.join("meta");
     let write = || -> io::Result<()> {
         fs::create_dir_all(&dir)?;
@@ -935,5 +1134,5 @@ fn meta_update(sh: &Shared, ns: &str, f: impl FnOnce(&mut Namespace)) -> Result<
         ))
     })?;
     *current = next;
-    Ok(())
+    Ok(PutOutcome::Written { version: written })
 }

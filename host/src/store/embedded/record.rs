@@ -1,16 +1,23 @@
 //! Byte layout of log records: a fixed 80-byte header followed by variable fields.
 //!
+//! Format versions: byte `O_VERSION` of the header holds the record format. Format 1 records
+//! (written before the byte existed) have a zero there, because the header's tail was padding;
+//! they are read unchanged. Format 2 (written now) adds the optional RocketMQ wire block
+//! (`F_WIRE`) and the segment header record (`KIND_SEGMENT`). A record of a newer format than
+//! [`RECORD_FORMAT`] is never decoded as something else: it reads as absent.
+//!
 //! Every record starts with its total length and a CRC32C over everything after the CRC, so a
 //! torn or corrupted record is detected wherever it is read (recovery scan, `get`, queue reads).
 //! The header also repeats the record's own global position, which lets a reader reject a valid
 //! record that merely happens to sit at a reused position after a crash truncated the log.
 
 use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use bytes::Bytes;
 
 use crate::error::{Result, WharfError};
-use crate::model::{MessageId, NewMessage, StoredMessage, tag_hash};
+use crate::model::{MessageId, NewMessage, StoredMessage, WireInfo, tag_hash};
 
 /// Fixed header size of every record.
 pub const HEADER: usize = 80;
@@ -21,6 +28,14 @@ pub const MAX_RECORD: usize = 64 * 1024 * 1024;
 pub const KIND_MESSAGE: u8 = 1;
 /// A marker that makes a held timer message visible in its consume queue.
 pub const KIND_REVEAL: u8 = 2;
+/// The first record of a segment (format 2 on): names the segment format in `O_FLAGS`.
+pub const KIND_SEGMENT: u8 = 3;
+
+/// Record format written now.
+pub const RECORD_FORMAT: u8 = 2;
+/// Segment format written now: segments start with a `KIND_SEGMENT` record. Format 1 segments
+/// (no header record) are read unchanged.
+pub const SEGMENT_FORMAT: u8 = 2;
 
 /// `deliver_at_ms` is present.
 pub const F_DELIVER: u8 = 1;
@@ -28,6 +43,9 @@ pub const F_DELIVER: u8 = 1;
 pub const F_TAG: u8 = 2;
 /// The message was held as a timer when stored (no consume-queue entry at append).
 pub const F_HELD: u8 = 4;
+/// A wire block (flag, sys flag, born and store host) sits between properties and body
+/// (format 2 on; absent when every wire field is unset, so plain messages cost nothing).
+pub const F_WIRE: u8 = 8;
 
 /// Offset of the total record length (u32).
 pub const O_LEN: usize = 0;
@@ -63,6 +81,8 @@ pub const O_KEYS: usize = 66;
 pub const O_PROPS: usize = 68;
 /// Offset of the body length (u32).
 pub const O_BODY_LEN: usize = 72;
+/// Offset of the record format (u8; 0 means format 1). Bytes after it are reserved (zero).
+pub const O_VERSION: usize = 76;
 
 /// Queue offset stored for a message that has none yet (held timer).
 pub const NO_OFFSET: u64 = u64::MAX;
@@ -159,6 +179,7 @@ impl EncodedBatch {
                         .map(|(k, v)| k.len() + v.len() + 4)
                         .sum::<usize>()
                     + m.body.len()
+                    + wire_len(&m.wire)
             })
             .sum();
         let mut b = EncodedBatch {
@@ -190,10 +211,15 @@ impl EncodedBatch {
         if m.tag.is_some() {
             flags |= F_TAG;
         }
+        let wire = m.wire != WireInfo::default();
+        if wire {
+            flags |= F_WIRE;
+        }
         let th = tag_hash(m.tag.as_deref());
         let mut h = [0u8; HEADER];
         h[O_KIND] = KIND_MESSAGE;
         h[O_FLAGS] = flags;
+        h[O_VERSION] = RECORD_FORMAT;
         put_u16(&mut h, O_TOPIC_LEN, topic_len);
         put_u32(&mut h, O_QUEUE, m.queue_id);
         put_u64(&mut h, O_QOFF, NO_OFFSET);
@@ -225,6 +251,9 @@ impl EncodedBatch {
             self.buf.extend_from_slice(k.as_bytes());
             self.buf.extend_from_slice(&vn.to_le_bytes());
             self.buf.extend_from_slice(v.as_bytes());
+        }
+        if wire {
+            put_wire(&mut self.buf, &m.wire);
         }
         self.buf.extend_from_slice(&m.body);
         let len = self.buf.len() - start;
@@ -289,6 +318,7 @@ pub fn encode_reveal(
     r[O_KIND] = KIND_REVEAL;
     // Reveal markers carry the timer's bucket tier in the flags byte.
     r[O_FLAGS] = target_tier;
+    r[O_VERSION] = RECORD_FORMAT;
     put_u16(r, O_TOPIC_LEN, topic.len() as u16);
     put_u32(r, O_QUEUE, queue_id);
     put_u64(r, O_POS, pos);
@@ -299,6 +329,59 @@ pub fn encode_reveal(
     put_u32(r, O_RECONSUME, target_size);
     put_u32(r, O_TAG_HASH, tag_hash);
     seal(r);
+}
+
+/// Builds the header record that starts a segment at `pos` into `out`.
+pub fn encode_segment_header(out: &mut Vec<u8>, pos: u64, stored_ms: u64) {
+    let start = out.len();
+    out.resize(start + HEADER, 0);
+    let r = &mut out[start..];
+    put_u32(r, O_LEN, HEADER as u32);
+    r[O_KIND] = KIND_SEGMENT;
+    r[O_FLAGS] = SEGMENT_FORMAT;
+    r[O_VERSION] = RECORD_FORMAT;
+    put_u64(r, O_POS, pos);
+    put_u64(r, O_STORED, stored_ms);
+    put_u64(r, O_QOFF, NO_OFFSET);
+    seal(r);
+}
+
+/// Bytes the wire block of `w` takes (0 when every field is unset: no block is written).
+fn wire_len(w: &WireInfo) -> usize {
+    if *w == WireInfo::default() {
+        return 0;
+    }
+    8 + addr_len(w.born_host) + addr_len(w.store_host)
+}
+
+fn addr_len(a: Option<SocketAddr>) -> usize {
+    match a {
+        None => 1,
+        Some(SocketAddr::V4(_)) => 1 + 4 + 2,
+        Some(SocketAddr::V6(_)) => 1 + 16 + 2,
+    }
+}
+
+/// Wire block: flag i32 | sys flag i32 | born host | store host, each host as family u8
+/// (0 none, 4, 6) then the address bytes and port u16.
+fn put_wire(out: &mut Vec<u8>, w: &WireInfo) {
+    out.extend_from_slice(&w.flag.to_le_bytes());
+    out.extend_from_slice(&w.sys_flag.to_le_bytes());
+    for a in [w.born_host, w.store_host] {
+        match a {
+            None => out.push(0),
+            Some(SocketAddr::V4(v4)) => {
+                out.push(4);
+                out.extend_from_slice(&v4.ip().octets());
+                out.extend_from_slice(&v4.port().to_le_bytes());
+            }
+            Some(SocketAddr::V6(v6)) => {
+                out.push(6);
+                out.extend_from_slice(&v6.ip().octets());
+                out.extend_from_slice(&v6.port().to_le_bytes());
+            }
+        }
+    }
 }
 
 /// Why bytes are not a valid record.
@@ -327,7 +410,7 @@ pub fn validate(buf: &[u8], pos: u64) -> std::result::Result<usize, Invalid> {
         return Err(Invalid::Corrupt);
     }
     let kind = r[O_KIND];
-    if kind != KIND_MESSAGE && kind != KIND_REVEAL {
+    if !matches!(kind, KIND_MESSAGE | KIND_REVEAL | KIND_SEGMENT) {
         return Err(Invalid::Corrupt);
     }
     if HEADER + get_u16(r, O_TOPIC_LEN) as usize > len {
@@ -341,8 +424,10 @@ pub fn validate(buf: &[u8], pos: u64) -> std::result::Result<usize, Invalid> {
 pub struct Header {
     /// Total length.
     pub len: u32,
-    /// `KIND_MESSAGE` or `KIND_REVEAL`.
+    /// `KIND_MESSAGE`, `KIND_REVEAL` or `KIND_SEGMENT`.
     pub kind: u8,
+    /// Record format (1 for records written before formats were numbered).
+    pub format: u8,
     /// Flags (`F_*`; a reveal marker's tier).
     pub flags: u8,
     /// Queue id.
@@ -369,6 +454,7 @@ impl Header {
         Header {
             len: get_u32(r, O_LEN),
             kind: r[O_KIND],
+            format: r[O_VERSION].max(1),
             flags: r[O_FLAGS],
             queue_id: get_u32(r, O_QUEUE),
             pos: get_u64(r, O_POS),
@@ -415,6 +501,37 @@ impl<'a> Cursor<'a> {
         self.take(2)
             .map(|s| u16::from_le_bytes([s[0], s[1]]) as usize)
     }
+
+    fn i32(&mut self) -> Option<i32> {
+        self.take(4)
+            .map(|s| i32::from_le_bytes([s[0], s[1], s[2], s[3]]))
+    }
+
+    fn addr(&mut self) -> Option<Option<SocketAddr>> {
+        let ip = match self.take(1)?[0] {
+            0 => return Some(None),
+            4 => {
+                let b: [u8; 4] = self.take(4)?.try_into().ok()?;
+                IpAddr::V4(Ipv4Addr::from(b))
+            }
+            6 => {
+                let b: [u8; 16] = self.take(16)?.try_into().ok()?;
+                IpAddr::V6(Ipv6Addr::from(b))
+            }
+            _ => return None,
+        };
+        let port = self.u16()? as u16;
+        Some(Some(SocketAddr::new(ip, port)))
+    }
+
+    fn wire(&mut self) -> Option<WireInfo> {
+        Some(WireInfo {
+            flag: self.i32()?,
+            sys_flag: self.i32()?,
+            born_host: self.addr()?,
+            store_host: self.addr()?,
+        })
+    }
 }
 
 /// Key strings of a validated message record (for rebuilding the key index).
@@ -440,12 +557,12 @@ pub fn keys_of(r: &[u8]) -> Vec<&str> {
     out
 }
 
-/// Decodes a validated message record (owned bytes, so the body is shared, not copied).
-/// Returns `None` for a reveal marker or a malformed body.
+/// Decodes a validated message record of format 1 or 2 (owned bytes, so the body is shared,
+/// not copied). Returns `None` for any other kind, a newer format, or a malformed body.
 pub fn decode_message(rec: Bytes, node: u16) -> Option<StoredMessage> {
     let r = &rec[..];
     let h = Header::parse(r);
-    if h.kind != KIND_MESSAGE {
+    if h.kind != KIND_MESSAGE || h.format > RECORD_FORMAT {
         return None;
     }
     let mut c = Cursor { b: r, at: HEADER };
@@ -468,6 +585,11 @@ pub fn decode_message(rec: Bytes, node: u16) -> Option<StoredMessage> {
         let v = c.str(vn)?;
         properties.insert(k, v);
     }
+    let wire = if h.flags & F_WIRE != 0 {
+        c.wire()?
+    } else {
+        WireInfo::default()
+    };
     let body_len = get_u32(r, O_BODY_LEN) as usize;
     let body_start = c.at;
     if body_start + body_len != r.len() {
@@ -487,6 +609,7 @@ pub fn decode_message(rec: Bytes, node: u16) -> Option<StoredMessage> {
         stored_ms: h.stored_ms,
         deliver_at_ms: (h.flags & F_DELIVER != 0).then_some(h.deliver_ms),
         reconsume_times: h.reconsume,
+        wire,
     })
 }
 
@@ -505,6 +628,7 @@ mod tests {
             born_ms: 10,
             deliver_at_ms: Some(99),
             reconsume_times: 2,
+            wire: WireInfo::default(),
         }
     }
 
@@ -527,5 +651,56 @@ mod tests {
         assert_eq!(m.id, MessageId::new(77, 7, 4096));
         rec[HEADER + 2] ^= 1;
         assert_eq!(validate(&rec, 4096), Err(Invalid::Corrupt));
+    }
+
+    #[test]
+    fn wire_fields_round_trip_only_when_set() {
+        let plain = EncodedBatch::encode(&[msg()]).unwrap();
+        assert_eq!(
+            plain.buf[O_FLAGS] & F_WIRE,
+            0,
+            "unset wire fields cost no bytes"
+        );
+        assert_eq!(plain.buf[O_VERSION], RECORD_FORMAT);
+        for (born, store) in [
+            (Some("10.0.0.1:123"), None),
+            (None, Some("[::1]:10911")),
+            (Some("[fe80::1]:1"), Some("192.168.1.9:10911")),
+        ] {
+            let wire = WireInfo {
+                flag: i32::MIN,
+                sys_flag: 7,
+                born_host: born.map(|a| a.parse().unwrap()),
+                store_host: store.map(|a| a.parse().unwrap()),
+            };
+            let b = EncodedBatch::encode(&[NewMessage { wire, ..msg() }]).unwrap();
+            assert_eq!(b.buf.len(), plain.buf.len() + wire_len(&wire));
+            let mut rec = b.buf.clone();
+            finish(&mut rec, 0, 1, 0, false);
+            assert_eq!(validate(&rec, 0), Ok(rec.len()));
+            let m = decode_message(Bytes::from(rec), 1).unwrap();
+            assert_eq!(m.wire, wire);
+            assert_eq!(&m.body[..], b"hello");
+            assert_eq!(m.properties["a"], "b");
+        }
+    }
+
+    #[test]
+    fn format1_records_read_and_newer_formats_do_not() {
+        let b = EncodedBatch::encode(&[msg()]).unwrap();
+        let mut rec = b.buf.clone();
+        rec[O_VERSION] = 0;
+        finish(&mut rec, 8, 2, 1, false);
+        let m = decode_message(Bytes::from(rec.clone()), 1).unwrap();
+        assert_eq!(Header::parse(&rec).format, 1);
+        assert_eq!((m.topic.as_str(), m.wire), ("TopicA", WireInfo::default()));
+        rec[O_VERSION] = RECORD_FORMAT + 1;
+        seal(&mut rec);
+        assert_eq!(validate(&rec, 8), Ok(rec.len()));
+        assert!(decode_message(Bytes::from(rec), 1).is_none());
+        let mut seg = Vec::new();
+        encode_segment_header(&mut seg, 4096, 3);
+        assert_eq!(validate(&seg, 4096), Ok(HEADER));
+        assert!(decode_message(Bytes::from(seg), 1).is_none());
     }
 }

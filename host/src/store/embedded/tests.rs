@@ -54,6 +54,7 @@ fn msg(topic: &str, queue_id: u32, tag: Option<&str>, keys: &[&str], body: &str)
         born_ms: 1,
         deliver_at_ms: None,
         reconsume_times: 0,
+        wire: Default::default(),
     }
 }
 
@@ -1047,5 +1048,246 @@ async fn far_future_timers_share_coarse_buckets_and_keep_order() {
         .collect();
     assert_eq!(spread, (0..200).collect::<Vec<_>>());
     assert_eq!(s.stats().pending_timers, 0);
+    s.close().await.unwrap();
+}
+
+// ------------------------------------------------------------------ conformance, formats
+
+/// The embedded store in a temporary data dir, reopened over the same dir.
+struct Fixture {
+    dir: tempfile::TempDir,
+    clock: Arc<ManualClock>,
+}
+
+#[async_trait::async_trait]
+impl crate::store::conformance::Fixture for Fixture {
+    async fn open(&mut self) -> Arc<dyn Store> {
+        open(self.dir.path(), &self.clock).await
+    }
+
+    fn reopens(&self) -> bool {
+        true
+    }
+}
+
+/// The conformance suite's factory for the embedded store.
+pub(crate) fn fixture(clock: Arc<ManualClock>) -> Box<dyn crate::store::conformance::Fixture> {
+    Box::new(Fixture {
+        dir: tempfile::tempdir().unwrap(),
+        clock,
+    })
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        if e.file_type().unwrap().is_dir() {
+            copy_dir(&e.path(), &to.join(e.file_name()));
+        } else {
+            std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+        }
+    }
+}
+
+/// `testdata/format1` is a data dir written by the store before formats were numbered (record
+/// format 1, no segment header, unversioned metadata, index checkpoint without a format): two
+/// plain messages at T0, two timers at T0+10 (one revealed at T0+2000, one pending until
+/// T0+10^7), a third message at T0+2010, metadata `topics/Legacy` and an offset of GID_legacy.
+#[tokio::test]
+async fn a_format1_data_dir_reads_back_unchanged() {
+    let d = tempfile::tempdir().unwrap();
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src/store/embedded/testdata/format1");
+    copy_dir(&src, d.path());
+    let raw = std::fs::read(d.path().join("log/00000000000000000000.log")).unwrap();
+    assert_eq!(
+        raw[record::O_KIND],
+        record::KIND_MESSAGE,
+        "no segment header"
+    );
+    assert_eq!(raw[record::O_VERSION], 0, "the fixture really is format 1");
+
+    let clock = ManualClock::new(T0 + 3_000);
+    let s = open(d.path(), &clock).await;
+    let first = s.by_key("Legacy", "k1", 10).await.unwrap();
+    assert_eq!(first.len(), 1);
+    let m = &first[0];
+    assert_eq!(body(m), "first");
+    assert_eq!(m.tag.as_deref(), Some("TagA"));
+    assert_eq!(m.keys, ["k1", "k2"]);
+    assert_eq!(m.properties["p"], "first");
+    assert_eq!((m.born_ms, m.stored_ms), (T0 - 5, T0));
+    assert_eq!(m.wire, crate::model::WireInfo::default());
+    assert_eq!(s.get(m.id).await.unwrap().as_ref(), Some(m));
+    assert_eq!(
+        s.get_by_position(m.id.position()).await.unwrap().as_ref(),
+        Some(m)
+    );
+
+    let q0 = read_all(&s, "Legacy", 0).await;
+    let names: Vec<_> = q0.iter().map(body).collect();
+    assert_eq!(names, ["first", "timer-due", "third"]);
+    assert_eq!(q0[1].deliver_at_ms, Some(T0 + 1_000));
+    assert_eq!(body(&read_all(&s, "Legacy", 1).await[0]), "second");
+    assert_eq!(s.next_timer_ms(), Some(T0 + 10_000_000));
+    let page = s
+        .by_time("Legacy", T0, T0 + 3_000, 100, None)
+        .await
+        .unwrap();
+    let names: Vec<_> = page.messages.iter().map(body).collect();
+    assert_eq!(
+        names,
+        ["first", "second", "timer-due", "timer-pending", "third"],
+        "indexes of the old layout were rebuilt, held timers included"
+    );
+
+    let e = s.meta_get("topics", "Legacy").await.unwrap().unwrap();
+    assert_eq!((e.value.as_slice(), e.version), (&b"{\"queues\":2}"[..], 1));
+    let w = s
+        .meta_put_if("topics", "Legacy", b"{}".to_vec(), PutCondition::Version(1))
+        .await
+        .unwrap();
+    assert_eq!(w, PutOutcome::Written { version: 2 });
+    assert_eq!(
+        s.load_offsets("GID_legacy").await.unwrap(),
+        [CommittedOffset {
+            topic: "Legacy".into(),
+            queue_id: 0,
+            offset: 1
+        }]
+    );
+
+    // New records (format 2) go on in the format 1 segment; both read back after a restart.
+    let mut new = msg("Legacy", 0, None, &["k9"], "new");
+    new.wire.flag = 5;
+    let a = s.append(vec![new]).await.unwrap();
+    assert_eq!(a[0].queue_offset, Some(3));
+    s.close().await.unwrap();
+    let s = open(d.path(), &clock).await;
+    let q0 = read_all(&s, "Legacy", 0).await;
+    let names: Vec<_> = q0.iter().map(body).collect();
+    assert_eq!(names, ["first", "timer-due", "third", "new"]);
+    assert_eq!(q0[3].wire.flag, 5);
+    assert_eq!(
+        s.meta_get("topics", "Legacy")
+            .await
+            .unwrap()
+            .unwrap()
+            .version,
+        2
+    );
+    s.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn segments_start_with_a_format_header() {
+    let d = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(T0);
+    let s = open(d.path(), &clock).await;
+    let big = "x".repeat(6_000);
+    let mut ids = Vec::new();
+    for _ in 0..6 {
+        ids.push(
+            s.append(vec![msg("Seg", 0, None, &[], &big)])
+                .await
+                .unwrap()[0]
+                .id,
+        );
+    }
+    s.close().await.unwrap();
+    let mut segs: Vec<_> = std::fs::read_dir(d.path().join("log"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "log"))
+        .collect();
+    segs.sort();
+    assert!(segs.len() >= 2, "the test needs a segment roll");
+    for seg in &segs {
+        let raw = std::fs::read(seg).unwrap();
+        assert_eq!(raw[record::O_KIND], record::KIND_SEGMENT);
+        assert_eq!(raw[record::O_FLAGS], record::SEGMENT_FORMAT);
+        assert_eq!(raw[record::O_VERSION], record::RECORD_FORMAT);
+        let next = record::HEADER;
+        assert_eq!(raw[next + record::O_KIND], record::KIND_MESSAGE);
+        assert_eq!(raw[next + record::O_VERSION], record::RECORD_FORMAT);
+    }
+    let s = open(d.path(), &clock).await;
+    assert!(
+        s.get_by_position(0).await.unwrap().is_none(),
+        "a header is no message"
+    );
+    for id in ids {
+        assert!(s.get(id).await.unwrap().is_some());
+    }
+    s.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_newer_segment_format_is_refused_untouched() {
+    let d = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(T0);
+    let s = open(d.path(), &clock).await;
+    s.append(vec![msg("New", 0, None, &[], "x")]).await.unwrap();
+    s.close().await.unwrap();
+    let path = d.path().join("log/00000000000000000000.log");
+    let mut raw = std::fs::read(&path).unwrap();
+    raw[record::O_FLAGS] = record::SEGMENT_FORMAT + 1;
+    record::seal(&mut raw[..record::HEADER]);
+    std::fs::write(&path, &raw).unwrap();
+    let err = EmbeddedStore::open_with(&cfg(d.path()), clock.clone(), small())
+        .await
+        .unwrap_err();
+    assert_eq!(err.code, ErrorCode::ServiceNotAvailable);
+    assert!(err.message.contains("newer wharf"), "{}", err.message);
+    assert_eq!(std::fs::read(&path).unwrap(), raw, "nothing was truncated");
+}
+
+#[tokio::test]
+async fn by_time_lists_timers_once_after_a_crash() {
+    let d = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(T0);
+    let s = open(d.path(), &clock).await;
+    let mut want = Vec::new();
+    for i in 0..20u64 {
+        clock.set(T0 + i);
+        let m = if i % 3 == 0 {
+            timer("Crash", (i % 2) as u32, &format!("t{i}"), T0 + 100 + i)
+        } else {
+            msg("Crash", (i % 2) as u32, None, &[], &format!("m{i}"))
+        };
+        want.push(s.append(vec![m]).await.unwrap()[0].id);
+        if i == 10 {
+            // Reveal markers are stamped with the store clock, not the deliver time.
+            assert_eq!(s.reveal_due(T0 + 105, 100).await.unwrap(), 2);
+        }
+    }
+    s.halt().await;
+    drop(s);
+    let s = open(d.path(), &clock).await;
+    let page = s.by_time("Crash", T0, T0 + 19, 100, None).await.unwrap();
+    let got: Vec<_> = page.messages.iter().map(|m| m.id).collect();
+    assert_eq!(got, want);
+    s.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn ten_thousand_idle_watches_wake_only_their_queue() {
+    let d = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(T0);
+    let s = open(d.path(), &clock).await;
+    let mut rxs: Vec<_> = (0..10_000u32).map(|q| s.watch_queue("Many", q)).collect();
+    // Dropping some exercises the cleanup of channels nobody listens to.
+    rxs.truncate(9_000);
+    s.append(vec![msg("Many", 77, None, &[], "x")])
+        .await
+        .unwrap();
+    let woken: Vec<_> = rxs
+        .iter()
+        .enumerate()
+        .filter(|(_, r)| r.has_changed().unwrap())
+        .map(|(q, _)| q)
+        .collect();
+    assert_eq!(woken, [77]);
+    assert_eq!(*rxs[77].borrow(), 1);
     s.close().await.unwrap();
 }

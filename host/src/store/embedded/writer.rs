@@ -17,7 +17,7 @@ use tracing::{debug, error, info, warn};
 
 use super::Shared;
 use super::cq::{ConsumeQueue, CqEntry};
-use super::files::{Checkpoint, SegmentInfo};
+use super::files::{Checkpoint, INDEX_FORMAT, SegmentInfo};
 use super::flusher::{CheckpointJob, Flusher, flush_offsets};
 use super::log::{self, Segment};
 use super::record::{self, EncodedBatch, Header};
@@ -230,6 +230,10 @@ impl Writer {
                         tier: tier_for(h.deliver_ms, h.stored_ms),
                     };
                     self.timer_adds.push((t, seg_base));
+                    // Held entries were numbered in log order, which replay repeats.
+                    let hq = self.sh.queues.held_or_create(topic)?;
+                    let off = hq.next_assign.fetch_add(1, Ordering::Relaxed);
+                    self.push_held(hq, off, pos, &h);
                 } else if h.queue_offset != record::NO_OFFSET {
                     self.replay_visible(topic, &h, pos, pos, h.len)?;
                 }
@@ -237,6 +241,7 @@ impl Writer {
                     self.key_ops.push((record::key_hash(topic, k), pos));
                 }
             }
+            record::KIND_SEGMENT => {}
             _ => {
                 // A reveal marker: its consume-queue entry points at the timer message it reveals.
                 let target = h.born_ms;
@@ -251,6 +256,22 @@ impl Writer {
             }
         }
         Ok(())
+    }
+
+    /// Queues the held-queue entry of the timer message at `pos` (header `h`), at `off`.
+    fn push_held(&mut self, hq: Arc<ConsumeQueue>, off: u64, pos: u64, h: &Header) {
+        hq.last_visible_ms.fetch_max(h.stored_ms, Ordering::Relaxed);
+        self.cq_ops.push((
+            hq,
+            off,
+            CqEntry {
+                pos,
+                src_pos: pos,
+                size: h.len,
+                tag_hash: h.tag_hash,
+                visible_ms: h.stored_ms,
+            },
+        ));
     }
 
     /// Queues the consume-queue entry a replayed record made visible at `h.queue_offset`:
@@ -524,6 +545,7 @@ impl Writer {
         let existing: Vec<u64> = self.sh.log.segments().iter().map(|s| s.base).collect();
         self.seg_info.retain(|b, _| existing.contains(b));
         let ck = Checkpoint {
+            format: INDEX_FORMAT,
             log_pos: pos,
             segments: self.seg_info.clone(),
         };
@@ -635,8 +657,9 @@ impl Writer {
     }
 
     /// Makes room for a record of `len` bytes, rolling to a new segment when the active one is
-    /// full. Returns the position the record will get.
-    fn reserve(&mut self, len: usize) -> io::Result<u64> {
+    /// full, and starts an empty segment with its header record (stamped `now`). Returns the
+    /// position the record will get.
+    fn reserve(&mut self, len: usize, now: u64) -> io::Result<u64> {
         let used = self.written + self.wbuf.len() as u64;
         let full = used > 0 && used + len as u64 > self.sh.config.segment_bytes;
         // An append-mode segment (fresh start) asks for a spare only once real traffic shows
@@ -693,6 +716,9 @@ impl Writer {
             *self.sh.active.lock() = Some(seg.clone());
             self.active = seg;
             self.written = 0;
+        }
+        if self.written == 0 && self.wbuf.is_empty() {
+            record::encode_segment_header(&mut self.wbuf, self.active.base, now);
         }
         Ok(self.end_pos())
     }
@@ -817,7 +843,7 @@ impl Writer {
         let mut last_q: Option<(std::ops::Range<usize>, u32, Arc<ConsumeQueue>)> = None;
         for r in &batch.recs {
             let len = r.len as usize;
-            let pos = self.reserve(len)?;
+            let pos = self.reserve(len, now)?;
             let held = r.deliver_at.is_some_and(|d| d > now);
             let topic_bytes = &batch.buf[r.topic.clone()];
             let topic = std::str::from_utf8(topic_bytes).map_err(io::Error::other)?;
@@ -868,6 +894,20 @@ impl Writer {
                     tier: tier_for(deliver, now),
                 };
                 self.timer_adds.push((t, self.active.base));
+                let hq = self.sh.queues.held_or_create(topic)?;
+                let off = self.assign_offset(&hq);
+                hq.last_visible_ms.fetch_max(now, Ordering::Relaxed);
+                self.cq_ops.push((
+                    hq,
+                    off,
+                    CqEntry {
+                        pos,
+                        src_pos: pos,
+                        size: r.len,
+                        tag_hash: r.tag_hash,
+                        visible_ms: now,
+                    },
+                ));
             }
             out.push(Appended {
                 id: MessageId::new(now, self.sh.node, pos),
@@ -914,7 +954,7 @@ impl Writer {
             }
             let q = self.sh.queues.get_or_create(topic, h.queue_id)?;
             let len = record::HEADER + topic.len();
-            let rpos = self.reserve(len)?;
+            let rpos = self.reserve(len, now)?;
             let qoff = self.assign_offset(&q);
             let visible = now.max(q.last_visible_ms.load(Ordering::Relaxed));
             q.last_visible_ms.store(visible, Ordering::Relaxed);
@@ -975,6 +1015,7 @@ impl Writer {
                 break;
             }
             q.publish(first + (j - i) as u64);
+            q.notify_waiters();
             i = j;
         }
         ops.clear();
