@@ -18,7 +18,6 @@ use tokio::sync::Notify;
 
 use super::send::{LatencySummary, send_concurrently};
 use super::util::{ScratchDir, open_broker, parse_flush};
-use crate::broker::consume::PullRequest;
 use crate::broker::resources::MAX_QUEUES;
 use crate::broker::{Broker, ConsumeModel, GroupKind, GroupSpec, TopicSpec, TopicType};
 use crate::store::FlushMode;
@@ -61,20 +60,9 @@ const PARK_TIMEOUT: Duration = Duration::from_secs(120);
 /// One parked long poll on `queue_id` of the idle topic: the only place the bench waits, so
 /// switching to another wait API changes this function alone. Returns the messages it got.
 async fn park(broker: &Broker, queue_id: u32) -> crate::error::Result<usize> {
-    let pulled = broker
-        .pull_queue(
-            GROUP,
-            PullRequest {
-                topic: IDLE_TOPIC,
-                queue_id,
-                offset: 0,
-                max: 32,
-                expression: "*",
-                wait: PARK_WAIT,
-            },
-        )
-        .await?;
-    Ok(pulled.messages.len())
+    let deadline = tokio::time::Instant::now() + PARK_WAIT;
+    let arrived = broker.wait_queue(IDLE_TOPIC, queue_id, 0, deadline).await;
+    Ok(usize::from(arrived))
 }
 
 /// Runs the benchmark.

@@ -94,6 +94,8 @@ impl Broker {
     /// Flushes the store and stops background work (graceful shutdown).
     pub async fn shutdown(&self) -> Result<()> {
         self.engine.shutdown().await;
+        // Hand the queues to the other hosts now rather than when the leases expire.
+        self.release_all_leases().await;
         self.store.close().await
     }
 }

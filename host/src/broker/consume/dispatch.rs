@@ -181,8 +181,7 @@ impl Broker {
         inst.assigned
             .iter()
             .filter(|k| wanted.queue(&k.0))
-            .map(|_| self.store.changes())
-            .take(1)
+            .map(|k| self.store.watch_queue(&k.0, k.1))
             .collect()
     }
 
@@ -278,6 +277,7 @@ impl Broker {
     ) {
         let seq = &self.engine.deliveries_seq;
         let mut taken = (0usize, 0usize);
+        let lease = st.leases.get(key).map_or(0, |l| l.epoch);
         if let Some(q) = progress_mut(st, instance, key)
             && q.owner.as_deref() == Some(instance)
         {
@@ -285,6 +285,7 @@ impl Broker {
                 instance,
                 key,
                 epoch: q.epoch,
+                lease,
                 deadline_ms,
             };
             for (offset, entry) in q.pending.iter_mut() {
@@ -354,6 +355,8 @@ impl Broker {
             q.owner = Some(instance.to_string());
         }
         match model {
+            // Served only under this host's lease; the lease may have gone while we looked.
+            ConsumeModel::Clustering if !st.leases.contains_key(key) => {}
             ConsumeModel::Clustering => {
                 st.queues.entry(key.clone()).or_insert(q);
             }
@@ -429,6 +432,7 @@ impl Broker {
         guard.armed = false;
         let mut st = handle.state.lock();
         let seq = &self.engine.deliveries_seq;
+        let lease = st.leases.get(key).map_or(0, |l| l.epoch);
         let Some(q) = progress_mut(&mut st, instance, key) else {
             return Ok(());
         };
@@ -442,6 +446,7 @@ impl Broker {
             instance,
             key,
             epoch: q.epoch,
+            lease,
             deadline_ms,
         };
         let mut taken = (0usize, 0usize);
@@ -518,6 +523,23 @@ impl Broker {
             let mut settled = 0u64;
             for (token, outcome) in batch {
                 let key: QueueKey = (token.topic.clone(), token.queue_id);
+                if model == ConsumeModel::Clustering {
+                    let now_held = st.leases.get(&key).map(|l| l.epoch);
+                    if now_held != Some(token.lease) {
+                        let why = match now_held {
+                            Some(e) => format!(
+                                "the queue's lease moved since delivery (epoch {}, now {e}); it is served anew",
+                                token.lease
+                            ),
+                            None => format!(
+                                "this host no longer holds the queue's lease (epoch {}): another host serves it",
+                                token.lease
+                            ),
+                        };
+                        results.push(Err(stale(token, &why)));
+                        continue;
+                    }
+                }
                 let taken = match find_progress(&mut st, &key, token) {
                     None => Err(stale(token, "the instance or queue is no longer consuming on this host")),
                     Some(q) => take_in_flight(q, token, *outcome, model),
@@ -604,6 +626,7 @@ struct Recipient<'a> {
     instance: &'a str,
     key: &'a QueueKey,
     epoch: u64,
+    lease: u64,
     deadline_ms: u64,
 }
 
@@ -625,6 +648,7 @@ impl Recipient<'_> {
                 queue_id: self.key.1,
                 offset,
                 epoch: self.epoch,
+                lease: self.lease,
                 delivery,
             },
         });

@@ -7,7 +7,7 @@ use super::filter::TagFilter;
 use super::progress::{QueueKey, QueueState};
 use super::rebalance::average_share;
 use crate::broker::ConsumeModel;
-use crate::store::CommittedOffset;
+use crate::store::{CommittedOffset, Lease};
 
 /// One live consumer instance.
 #[derive(Debug)]
@@ -136,6 +136,10 @@ pub struct GroupState {
     pub persisted_subscriptions: Option<Vec<Subscription>>,
     /// Last consistency verdict logged, so a warning is logged once per change.
     pub warned_inconsistent: Vec<String>,
+    /// Clustering: the queue leases this host holds for the group; only these are served.
+    pub leases: BTreeMap<QueueKey, Lease>,
+    /// Clock time of the last lease pass (renewals run every `LEASE_RENEW_MS`).
+    pub last_lease_pass_ms: u64,
 }
 
 impl GroupState {
@@ -156,6 +160,8 @@ impl GroupState {
             last_consume_ms: None,
             persisted_subscriptions: None,
             warned_inconsistent: Vec::new(),
+            leases: BTreeMap::new(),
+            last_lease_pass_ms: 0,
         }
     }
 

@@ -155,6 +155,8 @@ impl Broker {
             let mut st = handle.state.lock();
             self.rebalance_locked(&g.name, &mut st);
             info!(group = %g.name, leased = st.leases.len(), "queue leases changed");
+            drop(st);
+            handle.notify.notify_waiters();
         }
         Ok(changed)
     }
@@ -192,19 +194,22 @@ impl Broker {
     /// Commits a queue's offset under its lease, gives the lease back and forgets the queue.
     async fn give_up(&self, g: &Group, handle: &GroupHandle, key: &QueueKey, lease: &Lease) {
         let offset = handle.state.lock().queues.get(key).map(|q| q.committed());
+        let mut committed = None;
         if let Some(offset) = offset {
             let commit = CommittedOffset {
                 topic: key.0.clone(),
                 queue_id: key.1,
                 offset,
             };
-            if let Err(e) = self
+            match self
                 .store
                 .commit_offsets_fenced(&g.name, &[(commit, lease.epoch)])
                 .await
             {
-                warn!(group = %g.name, topic = %key.0, queue = key.1, error = %e,
-                    "could not commit offset before giving the queue up; the next holder redelivers from the last commit");
+                Ok(ok) if ok.first() == Some(&true) => committed = Some(offset),
+                Ok(_) => {}
+                Err(e) => warn!(group = %g.name, topic = %key.0, queue = key.1, error = %e,
+                    "could not commit offset before giving the queue up; the next holder redelivers from the last commit"),
             }
         }
         if let Err(e) = self.store.lease_release(lease).await {
@@ -214,10 +219,14 @@ impl Broker {
         let mut st = handle.state.lock();
         st.leases.remove(key);
         st.queues.remove(key);
+        // Status and delivery queries still know where the group stands on the queue.
+        if let Some(offset) = committed {
+            st.loaded.insert(key.clone(), offset);
+        }
     }
 
     /// Gives back every lease this host holds (clean shutdown), committing offsets first.
-    pub(super) async fn release_all_leases(&self) {
+    pub(in crate::broker) async fn release_all_leases(&self) {
         for (name, handle) in self.engine.all_handles() {
             let Ok(g) = self.group(&name) else { continue };
             let held: Vec<(QueueKey, Lease)> = handle

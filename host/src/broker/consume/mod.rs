@@ -15,6 +15,8 @@
 pub mod dispatch;
 pub mod filter;
 pub mod group_state;
+pub mod leases;
+pub mod members;
 pub mod progress;
 pub mod queue_api;
 pub mod rebalance;
@@ -42,10 +44,11 @@ use super::{Broker, ConsumeModel, Delivery, GroupKind, SendReceipt};
 use crate::error::{ErrorCode, ErrorKind, Result, WharfError};
 use crate::model::StoredMessage;
 use crate::store::{Store, TimePage};
-use filter::TagFilter;
+pub use filter::TagFilter;
 use group_state::{GroupState, Instance};
 
-pub use queue_api::{PullRequest, QueuePull};
+pub use members::{Member, MemberSpec};
+pub use queue_api::{DelayPolicy, PullRequest, QueuePull, SendBack, SentBack};
 
 /// One (topic, tag expression) pair a consumer subscribes.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -91,8 +94,11 @@ pub struct DeliveryToken {
     pub queue_id: u32,
     /// Queue offset.
     pub offset: u64,
-    /// The queue's epoch at delivery (moves on rebalance, offset reset and lease change).
+    /// The queue's local epoch at delivery (moves on rebalance and offset reset).
     pub epoch: u64,
+    /// The lease epoch this host held the queue under (0 when the queue is not leased:
+    /// broadcasting); a settle after the lease moved is told so.
+    pub lease: u64,
     /// Unique number of this delivery.
     pub delivery: u64,
 }
@@ -352,7 +358,36 @@ impl Broker {
     /// Recomputes queue ownership of a group after its instances changed.
     fn rebalance_locked(&self, group: &str, state: &mut GroupState) {
         let retry = retry_topic(group);
-        state.rebalance(&|t| (0..self.engine_queue_count(t)).collect(), &retry);
+        let leased = |t: &str| -> Vec<u32> {
+            state
+                .leases
+                .keys()
+                .filter(|(topic, _)| topic == t)
+                .map(|(_, q)| *q)
+                .collect()
+        };
+        let queues: BTreeMap<String, Vec<u32>> = match state.model {
+            ConsumeModel::Clustering => state
+                .instances
+                .values()
+                .flat_map(|i| i.filters.keys().cloned())
+                .chain(std::iter::once(retry.clone()))
+                .map(|t| {
+                    let q = leased(&t);
+                    (t, q)
+                })
+                .collect(),
+            ConsumeModel::Broadcasting => state
+                .instances
+                .values()
+                .flat_map(|i| i.filters.keys().cloned())
+                .map(|t| {
+                    let q = (0..self.engine_queue_count(&t)).collect();
+                    (t, q)
+                })
+                .collect(),
+        };
+        state.rebalance(&|t| queues.get(t).cloned().unwrap_or_default(), &retry);
         let odd = state.inconsistent_instances();
         if odd != state.warned_inconsistent {
             if !odd.is_empty() {
@@ -438,6 +473,8 @@ impl Broker {
                 None
             }
         };
+        // Take (or give back) the queues this host serves before fixing start positions.
+        self.lease_pass(&g, &handle).await?;
         // Fix every start position now, not at the first receive: "start at the newest" means
         // the newest when the consumer joined.
         let missing: Vec<(String, progress::QueueKey)> = {
@@ -523,6 +560,8 @@ impl Broker {
             if removed {
                 info!("consumer instance left");
                 h.notify.notify_waiters();
+                let g = self.consumer_group(group)?;
+                self.lease_pass(&g, &h).await?;
             }
         }
         Ok(())

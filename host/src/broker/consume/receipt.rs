@@ -22,7 +22,8 @@ pub struct Receipt {
 const VERSION: &str = "r2";
 
 impl Receipt {
-    /// A receipt for `token`, delivered by `host` to an instance of `group`.
+    /// A receipt for `token`, delivered by `host` to an instance of `group` (the lease epoch travels
+    /// inside the token).
     pub fn new(host: &str, group: &str, token: &DeliveryToken) -> Receipt {
         Receipt {
             host: host.to_string(),
@@ -35,8 +36,8 @@ impl Receipt {
     pub fn encode(&self) -> String {
         let t = &self.token;
         let raw = format!(
-            "{VERSION}\n{}\n{}\n{}\n{}\n{}\n{}\n{}",
-            self.host, self.group, t.topic, t.queue_id, t.offset, t.epoch, t.delivery
+            "{VERSION}\n{}\n{}\n{}\n{}\n{}\n{}\n{}\n{}",
+            self.host, self.group, t.topic, t.queue_id, t.offset, t.epoch, t.lease, t.delivery
         );
         URL_SAFE_NO_PAD.encode(raw)
     }
@@ -66,6 +67,7 @@ impl Receipt {
             queue,
             offset,
             epoch,
+            lease,
             delivery,
         ] = parts[..]
         else {
@@ -82,6 +84,7 @@ impl Receipt {
                 queue_id: queue.parse().map_err(|_| bad())?,
                 offset: offset.parse().map_err(|_| bad())?,
                 epoch: epoch.parse().map_err(|_| bad())?,
+                lease: lease.parse().map_err(|_| bad())?,
                 delivery: delivery.parse().map_err(|_| bad())?,
             },
         })
@@ -110,6 +113,7 @@ mod tests {
                 queue_id: 7,
                 offset: 123_456_789,
                 epoch: 4,
+                lease: 12,
                 delivery: 99,
             },
         };

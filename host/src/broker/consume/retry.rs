@@ -209,6 +209,7 @@ pub async fn resend_dead_letter(
         born_ms: dead.born_ms,
         deliver_at_ms: None,
         reconsume_times: 0,
+        wire: dead.wire,
     };
     let appended = broker
         .store

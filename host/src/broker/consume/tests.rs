@@ -945,7 +945,8 @@ fn pull<'a>(
         queue_id,
         offset,
         max: 32,
-        expression: expr,
+        // A test helper may keep its parsed filter for the whole run.
+        filter: Box::leak(Box::new(TagFilter::parse(expr).unwrap())),
         wait,
     }
 }
@@ -1007,7 +1008,7 @@ async fn queue_level_pull_and_commit() {
     let p = poll.await.unwrap().unwrap();
     assert!(!p.messages.is_empty());
     e.broker
-        .commit_queue_offset("GID_q", "Trade", 1, 2)
+        .commit_queue_offset("GID_q", "Trade", 1, 2, None)
         .await
         .unwrap();
     e.restart().await;

@@ -11,6 +11,7 @@ use tracing::{info, warn};
 
 use super::dispatch::progress_mut;
 use super::progress::{Entry, QueueKey, weight};
+use super::leases::LEASE_RENEW_MS;
 use super::{Engine, GroupHandle, broadcast_offsets_key};
 use crate::broker::{Broker, ConsumeModel};
 use crate::error::Result;
@@ -155,8 +156,20 @@ impl Broker {
             };
             if !silent.is_empty() {
                 info!(group = %name, instances = ?silent,
-                    "consumer instances stopped heartbeating; their queues and un-acked messages moved to the others");
+                    "consumer instances stopped heartbeating; their queues moved to the others (what they hold stays theirs until the consume timeout)");
                 handle.notify.notify_waiters();
+            }
+            let lease_due = g.model == ConsumeModel::Clustering && {
+                let mut st = handle.state.lock();
+                let due = !silent.is_empty()
+                    || now.saturating_sub(st.last_lease_pass_ms) >= LEASE_RENEW_MS;
+                if due {
+                    st.last_lease_pass_ms = now;
+                }
+                due
+            };
+            if lease_due && let Err(e) = self.lease_pass(&g, &handle).await {
+                warn!(group = %name, error = %e, "queue lease pass failed; will retry");
             }
             let expired = expire_in_flight(&handle, now);
             if !expired.is_empty() {
@@ -229,6 +242,43 @@ fn expire_in_flight(
 }
 
 impl Engine {
+    /// Commits a clustering group's offsets fenced by the lease epoch each queue is held under;
+    /// a queue whose lease another holder took is dropped here (its deliveries are void) and left
+    /// out of `offsets`, and the next lease pass runs at once.
+    async fn commit_fenced(
+        &self,
+        group: &str,
+        handle: &GroupHandle,
+        offsets: &mut Vec<CommittedOffset>,
+    ) -> Result<()> {
+        let fenced: Vec<(CommittedOffset, u64)> = {
+            let st = handle.state.lock();
+            offsets
+                .iter()
+                .filter_map(|o| {
+                    let epoch = st.leases.get(&(o.topic.clone(), o.queue_id))?.epoch;
+                    Some((o.clone(), epoch))
+                })
+                .collect()
+        };
+        let accepted = self.store.commit_offsets_fenced(group, &fenced).await?;
+        let mut st = handle.state.lock();
+        offsets.clear();
+        for ((o, _), ok) in fenced.into_iter().zip(accepted) {
+            if ok {
+                offsets.push(o);
+            } else {
+                let key = (o.topic.clone(), o.queue_id);
+                warn!(group, topic = %o.topic, queue = o.queue_id,
+                    "offset commit refused: another holder took the queue's lease; dropping it here");
+                st.leases.remove(&key);
+                st.queues.remove(&key);
+                st.last_lease_pass_ms = 0;
+            }
+        }
+        Ok(())
+    }
+
     /// Writes every changed committed offset to the store.
     pub async fn flush_offsets(&self) -> Result<()> {
         for (name, handle) in self.all_handles() {
@@ -261,8 +311,13 @@ impl Engine {
                 batches
             };
             let mut batches = batches.into_iter();
-            while let Some((owner, offsets)) = batches.next() {
-                if let Err(e) = self.store.commit_offsets(&owner, &offsets).await {
+            while let Some((owner, mut offsets)) = batches.next() {
+                let written = if owner == name {
+                    self.commit_fenced(&name, &handle, &mut offsets).await
+                } else {
+                    self.store.commit_offsets(&owner, &offsets).await
+                };
+                if let Err(e) = written {
                     // A departed broadcasting instance's offsets exist only in this batch list;
                     // keep every unwritten batch for the next pass instead of dropping it.
                     let mut st = handle.state.lock();
