@@ -1311,3 +1311,197 @@ async fn patching_a_group_changes_only_what_it_names() {
         .unwrap_err();
     assert_eq!(err.code, ErrorCode::SubscriptionGroupNotExist);
 }
+
+#[tokio::test]
+async fn two_hosts_on_one_store_split_queues_and_a_dead_hosts_queues_move() {
+    let e = env().await;
+    e.topic("Trade", 4).await;
+    e.group("GID_h", ConsumeModel::Clustering, None).await;
+    let other = Broker::open(e.config.clone(), e.store.clone(), e.clock.clone())
+        .await
+        .unwrap();
+    assert_ne!(other.host_id(), e.broker.host_id());
+    e.join("GID_h", "a", &[("Trade", "*")]).await;
+    other
+        .register_consumer(InstanceSpec {
+            group: "GID_h".into(),
+            instance_id: "b".into(),
+            address: "10.0.0.2".into(),
+            pid: None,
+            subscriptions: vec![Subscription {
+                topic: "Trade".into(),
+                expression: "*".into(),
+            }],
+        })
+        .await
+        .unwrap();
+    // The first host gives back what is no longer its share at its next lease pass.
+    e.clock.advance(leases::LEASE_RENEW_MS);
+    e.broker.expire_pass().await;
+    other.expire_pass().await;
+    let leases = e.store.lease_list("GID_h").await.unwrap();
+    let mine = |h: &str| leases.iter().filter(|l| l.holder == h && l.key.topic == "Trade").count();
+    assert_eq!(mine(e.broker.host_id()), 2, "{leases:?}");
+    assert_eq!(mine(other.host_id()), 2, "{leases:?}");
+    let mut seen = BTreeSet::new();
+    for i in 0..40 {
+        e.send("Trade", None, &format!("m{i}")).await;
+    }
+    let from_a = e.recv_n("GID_h", "a", 20).await;
+    let from_b = other
+        .receive("GID_h", "b", 100, Duration::from_millis(200))
+        .await
+        .unwrap();
+    assert_eq!(from_a.len() + from_b.len(), 40);
+    for d in from_a.iter().chain(&from_b) {
+        assert!(seen.insert(d.message.id), "delivered twice: {}", d.message.id);
+    }
+    for d in &from_a {
+        e.ack("GID_h", d).await;
+    }
+    // A receipt of one host is refused by the other, precisely.
+    let err = other
+        .settle("GID_h", &e.receipt("GID_h", &from_a[0]), Outcome::CommitMessage)
+        .await
+        .unwrap_err();
+    assert!(err.message.contains("issued by host"), "{}", err.message);
+    // The second host dies without a word (nothing released, nothing acked): once its
+    // leases expire the first host takes every queue and redelivers what b held.
+    other.engine().stop_tasks().await;
+    drop(other);
+    e.clock.advance(leases::LEASE_TTL_MS + 1);
+    e.broker.expire_pass().await;
+    let leases = e.store.lease_list("GID_h").await.unwrap();
+    assert_eq!(
+        leases.iter().filter(|l| l.holder == e.broker.host_id()).count(),
+        5,
+        "4 queues and the retry queue: {leases:?}"
+    );
+    let again = e.recv_n("GID_h", "a", from_b.len()).await;
+    assert_eq!(bodies(&again), bodies(&from_b), "nothing b held is lost");
+}
+
+#[tokio::test]
+async fn self_balancing_members_heartbeat_list_and_send_back() {
+    let e = env().await;
+    e.topic("Trade", 2).await;
+    e.group("GID_sdk", ConsumeModel::Clustering, Some(3)).await;
+    let spec = |id: &str, expr: &str| MemberSpec {
+        member_id: id.into(),
+        address: "10.1.1.1:5000".into(),
+        pid: Some(7),
+        subscriptions: vec![Subscription {
+            topic: "Trade".into(),
+            expression: expr.into(),
+        }],
+    };
+    assert!(e.broker.heartbeat_member("GID_sdk", spec("c2", "*")).await.unwrap());
+    assert!(e.broker.heartbeat_member("GID_sdk", spec("c1", "*")).await.unwrap());
+    assert!(
+        !e.broker.heartbeat_member("GID_sdk", spec("c1", "*")).await.unwrap(),
+        "a plain heartbeat changes nothing"
+    );
+    assert!(
+        e.broker.heartbeat_member("GID_sdk", spec("c1", "a||b")).await.unwrap(),
+        "new subscriptions are a change"
+    );
+    assert_eq!(e.broker.member_ids("GID_sdk").await.unwrap(), ["c1", "c2"]);
+    let err = e
+        .broker
+        .heartbeat_member("GID_sdk", spec("c3", "a|||"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code, ErrorCode::SubscriptionParseFailed);
+    // Members expire by the clock unless they heartbeat.
+    e.clock.advance(e.config.consumer_heartbeat_timeout_ms + 1);
+    assert!(e.broker.member_ids("GID_sdk").await.unwrap().is_empty());
+    assert!(!e.broker.leave("GID_sdk", "c1").await.unwrap());
+
+    // Send-back: a delay level, then dead-letter now; the copy is found by position too.
+    e.send("Trade", Some("a"), "x").await;
+    let filter = TagFilter::parse("*").unwrap();
+    let mut m = None;
+    for q in 0..2 {
+        let read = e.broker.read_queue("Trade", q, 0, 10, &filter).await.unwrap();
+        m = m.or(read.messages.into_iter().next());
+    }
+    let m = m.unwrap();
+    let by_pos = e.broker.message_at(m.id.position()).await.unwrap().unwrap();
+    assert_eq!(by_pos.id, m.id);
+    let back = e
+        .broker
+        .send_back(
+            "GID_sdk",
+            &m,
+            SendBack {
+                delay: DelayPolicy::Level(3),
+                max_reconsume_times: None,
+            },
+        )
+        .await
+        .unwrap();
+    let now = e.clock.now_ms();
+    assert_eq!(
+        back,
+        SentBack::Retry {
+            reconsume_times: 1,
+            deliver_at_ms: Some(now + 10), // level 3 = 10 s, scaled 1000× down
+        }
+    );
+    let back = e
+        .broker
+        .send_back(
+            "GID_sdk",
+            &m,
+            SendBack {
+                delay: DelayPolicy::DeadLetterNow,
+                max_reconsume_times: None,
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(back, SentBack::DeadLetter);
+    let dlq = e.broker.dead_letters("GID_sdk", 10, None).await.unwrap();
+    assert_eq!(dlq.messages.len(), 1);
+    // A client's own maximum of 0 dead-letters on the first failure.
+    let back = e
+        .broker
+        .send_back(
+            "GID_sdk",
+            &m,
+            SendBack {
+                delay: DelayPolicy::GroupSchedule,
+                max_reconsume_times: Some(0),
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(back, SentBack::DeadLetter);
+}
+
+#[tokio::test]
+async fn waiting_on_one_queue_is_woken_only_by_that_queue() {
+    let e = env().await;
+    e.topic("Quiet", 2).await;
+    e.topic("Busy", 1).await;
+    let b = e.broker.clone();
+    let waiter = tokio::spawn(async move {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        b.wait_queue("Quiet", 1, 0, deadline).await
+    });
+    for i in 0..20 {
+        e.send("Busy", None, &format!("b{i}")).await;
+    }
+    tokio::task::yield_now().await;
+    assert!(!waiter.is_finished(), "appends to another topic do not end the wait");
+    e.send_msg(
+        "Quiet",
+        OutgoingMessage {
+            body: Bytes::from_static(b"q"),
+            queue: crate::broker::QueueChoice::Queue(1),
+            ..Default::default()
+        },
+    )
+    .await;
+    assert!(waiter.await.unwrap(), "its own queue's append wakes it");
+}
