@@ -852,7 +852,11 @@ pub async fn leases_acquire_renew_release_and_expire(make: Factory) {
 
     clock.set(T0 + 1_200);
     let listed = s.lease_list("G").await.unwrap();
-    assert_eq!(listed, std::slice::from_ref(&other), "an expired lease is not listed");
+    assert_eq!(
+        listed,
+        std::slice::from_ref(&other),
+        "an expired lease is not listed"
+    );
     let l2 = s.lease_acquire(&k0, "h2", 1_000).await.unwrap().unwrap();
     assert_eq!(l2.epoch, l1.epoch + 1, "a new holder: the next epoch");
     assert!(
