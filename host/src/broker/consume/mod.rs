@@ -675,7 +675,7 @@ impl Broker {
         retry::dead_letters(self, group, limit, page_token).await
     }
 
-    /// Re-sends one dead letter to its original topic.
+    /// Re-sends one dead letter (by the id the producer got) to its own group only.
     pub async fn resend_dead_letter(&self, group: &str, message_id: &str) -> Result<SendReceipt> {
         retry::resend_dead_letter(self, group, message_id).await
     }
