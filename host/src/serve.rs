@@ -11,6 +11,7 @@ use anyhow::Context;
 use tracing::{info, warn};
 
 use crate::broker::Broker;
+use crate::broker::api::BrokerApi;
 use crate::clock::{SharedClock, SystemClock};
 use crate::config::{Config, LogFormat};
 use crate::http::auth::Authenticator;
@@ -72,9 +73,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let store = crate::store::open_store(&config.store, clock.clone())
         .await
         .with_context(|| format!("opening the store in {}", config.store.data_dir.display()))?;
-    let broker = Broker::open(config.broker.clone(), store, clock.clone())
-        .await
-        .context("starting the broker")?;
+    let broker = BrokerApi::new(
+        Broker::open(config.broker.clone(), store, clock.clone())
+            .await
+            .context("starting the broker")?,
+    );
     let plugins = match PluginHost::start(
         broker.clone(),
         config.plugins.clone(),

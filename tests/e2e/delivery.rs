@@ -24,7 +24,12 @@ fn send(api: &Api, topic: &str, body: &str) -> String {
         &format!("/v1/topics/{topic}/messages"),
         &json!({ "body": body }),
     );
-    assert!(r.status == 200 || r.status == 201, "{} {}", r.status, r.text);
+    assert!(
+        r.status == 200 || r.status == 201,
+        "{} {}",
+        r.status,
+        r.text
+    );
     r.body["message_id"].as_str().unwrap().to_string()
 }
 
@@ -39,7 +44,10 @@ fn receive(api: &Api, group: &str, topic: &str, instance: &str, wait_ms: u64) ->
 }
 
 fn ack(api: &Api, group: &str, msgs: &[&Value]) -> crate::harness::Resp {
-    let receipts: Vec<&str> = msgs.iter().map(|m| m["receipt"].as_str().unwrap()).collect();
+    let receipts: Vec<&str> = msgs
+        .iter()
+        .map(|m| m["receipt"].as_str().unwrap())
+        .collect();
     api.post_json(
         &format!("/v1/groups/{group}/ack"),
         &json!({ "receipts": receipts }),
@@ -69,7 +77,11 @@ fn a_slow_http_consumer_keeps_its_batch_past_the_heartbeat_timeout() {
     // Meanwhile another instance joins and takes the queue over: the held message stays held.
     assert!(receive(api, "GID_slow", "Slow", "other", 300).is_empty());
     let r = ack(api, "GID_slow", &[&got[0]]);
-    assert_eq!(r.status, 200, "the slow consumer's ack must land: {}", r.text);
+    assert_eq!(
+        r.status, 200,
+        "the slow consumer's ack must land: {}",
+        r.text
+    );
     // Nothing comes back: the message was consumed once, without a retry.
     assert!(receive(api, "GID_slow", "Slow", "other", 500).is_empty());
     let view = api.get(&format!("/v1/messages/{id}")).expect(200);

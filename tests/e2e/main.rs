@@ -4,9 +4,9 @@
 //! at one; `.ci/run` does both.
 
 mod consume;
-mod delivery;
 mod crash;
 mod defects;
+mod delivery;
 mod foundation;
 mod harness;
 mod plugin_runtime;

@@ -18,10 +18,9 @@ use bytes::Bytes;
 
 use super::send::LatencySummary;
 use super::util::{ScratchDir, open_broker, parse_flush, rss_bytes};
+use crate::broker::api::BrokerApi;
 use crate::broker::consume::{InstanceSpec, Outcome, Subscription};
-use crate::broker::{
-    Broker, ConsumeModel, GroupKind, GroupSpec, OutgoingMessage, TopicSpec, TopicType,
-};
+use crate::broker::{ConsumeModel, GroupKind, GroupSpec, OutgoingMessage, TopicSpec, TopicType};
 use crate::clock::Clock;
 use crate::store::FlushMode;
 
@@ -161,7 +160,7 @@ fn age_us(body: &[u8], epoch: Instant) -> u32 {
 
 /// Consumer instances that settle every message until `target` were settled in total.
 fn spawn_consumers(
-    broker: &Arc<Broker>,
+    broker: &BrokerApi,
     args: &E2eArgs,
     settled: &Arc<AtomicU64>,
     target: u64,
@@ -196,7 +195,7 @@ fn spawn_consumers(
         .collect()
 }
 
-async fn throughput(broker: &Arc<Broker>, args: &E2eArgs, epoch: Instant) -> anyhow::Result<()> {
+async fn throughput(broker: &BrokerApi, args: &E2eArgs, epoch: Instant) -> anyhow::Result<()> {
     let settled = Arc::new(AtomicU64::new(0));
     let next = Arc::new(AtomicU64::new(0));
     let started = Instant::now();
@@ -250,7 +249,7 @@ async fn throughput(broker: &Arc<Broker>, args: &E2eArgs, epoch: Instant) -> any
     Ok(())
 }
 
-async fn latency(broker: &Arc<Broker>, args: &E2eArgs, epoch: Instant) -> anyhow::Result<()> {
+async fn latency(broker: &BrokerApi, args: &E2eArgs, epoch: Instant) -> anyhow::Result<()> {
     let total = args.rate * args.latency_secs;
     if total == 0 {
         return Ok(());
@@ -259,7 +258,7 @@ async fn latency(broker: &Arc<Broker>, args: &E2eArgs, epoch: Instant) -> anyhow
     let consumers = spawn_consumers(broker, args, &settled, total, epoch);
     // One send per slot of 1/rate s; sends run concurrently so a slow fsync does not delay the
     // schedule (that would hide latency: coordinated omission).
-    let fsync_before = broker.store().stats().fsync_latency_us;
+    let fsync_before = broker.store_stats().fsync_latency_us;
     let started = Instant::now();
     let mut sends = tokio::task::JoinSet::new();
     let mut tick = tokio::time::interval(Duration::from_millis(1));
@@ -311,7 +310,7 @@ async fn latency(broker: &Arc<Broker>, args: &E2eArgs, epoch: Instant) -> anyhow
         "    send acknowledgement alone: {}",
         LatencySummary::from_micros(&mut send_lat)
     );
-    let fsync = broker.store().stats().fsync_latency_us;
+    let fsync = broker.store_stats().fsync_latency_us;
     let mut delta = fsync.clone();
     for (d, b) in delta.buckets.iter_mut().zip(&fsync_before.buckets) {
         *d = d.saturating_sub(*b);
@@ -339,7 +338,7 @@ async fn latency(broker: &Arc<Broker>, args: &E2eArgs, epoch: Instant) -> anyhow
     Ok(())
 }
 
-async fn timers(broker: &Arc<Broker>, args: &E2eArgs, clock: &dyn Clock) -> anyhow::Result<()> {
+async fn timers(broker: &BrokerApi, args: &E2eArgs, clock: &dyn Clock) -> anyhow::Result<()> {
     if args.timers == 0 {
         return Ok(());
     }
@@ -351,7 +350,7 @@ async fn timers(broker: &Arc<Broker>, args: &E2eArgs, clock: &dyn Clock) -> anyh
             queues: Some(args.queues),
         })
         .await?;
-    let before_pending = broker.store().stats().pending_timers;
+    let before_pending = broker.store_stats().pending_timers;
     let rss_before = rss_bytes();
     let body = Bytes::from(vec![b't'; args.timer_size.max(1)]);
     let now = clock.now_ms();
@@ -387,7 +386,7 @@ async fn timers(broker: &Arc<Broker>, args: &E2eArgs, clock: &dyn Clock) -> anyh
     }
     let secs = started.elapsed().as_secs_f64();
     let rss_after = rss_bytes();
-    let pending = broker.store().stats().pending_timers - before_pending;
+    let pending = broker.store_stats().pending_timers - before_pending;
     println!(
         "  timers: {} inserted in {:.2}s = {:.0} timers/s (batches of {batch}, body {} B, due {}..{} ms ahead); store reports {} pending",
         args.timers,

@@ -613,12 +613,18 @@ async fn drain_one(
         let t = Instant::now();
         let (status, body) = conn.call("POST", &ack_path, ack).await?;
         if status != 200 {
-            bail!("ack failed: HTTP {status} {}", String::from_utf8_lossy(&body));
+            bail!(
+                "ack failed: HTTP {status} {}",
+                String::from_utf8_lossy(&body)
+            );
         }
         let settled: AckAnswer =
             serde_json::from_slice(&body).context("read the answer to an ack")?;
         if settled.settled != n {
-            bail!("acked {n} receipts but the host settled {}", settled.settled);
+            bail!(
+                "acked {n} receipts but the host settled {}",
+                settled.settled
+            );
         }
         stats.ack_us.push(micros(t));
         progress.record_ack(n);

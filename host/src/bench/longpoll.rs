@@ -18,8 +18,9 @@ use tokio::sync::Notify;
 
 use super::send::{LatencySummary, send_concurrently};
 use super::util::{ScratchDir, open_broker, parse_flush};
+use crate::broker::api::BrokerApi;
 use crate::broker::resources::MAX_QUEUES;
-use crate::broker::{Broker, ConsumeModel, GroupKind, GroupSpec, TopicSpec, TopicType};
+use crate::broker::{ConsumeModel, GroupKind, GroupSpec, TopicSpec, TopicType};
 use crate::store::FlushMode;
 
 /// Options of `wharf bench longpoll`.
@@ -59,7 +60,7 @@ const PARK_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// One parked long poll on `queue_id` of the idle topic: the only place the bench waits, so
 /// switching to another wait API changes this function alone. Returns the messages it got.
-async fn park(broker: &Broker, queue_id: u32) -> crate::error::Result<usize> {
+async fn park(broker: &BrokerApi, queue_id: u32) -> crate::error::Result<usize> {
     let deadline = tokio::time::Instant::now() + PARK_WAIT;
     let arrived = broker.wait_queue(IDLE_TOPIC, queue_id, 0, deadline).await;
     Ok(usize::from(arrived))
@@ -182,13 +183,13 @@ pub async fn run(args: LongpollArgs) -> anyhow::Result<()> {
 
 /// One measured phase: `--messages` sends; returns seconds and per-send latencies.
 async fn timed(
-    broker: &Arc<Broker>,
+    broker: &BrokerApi,
     args: &LongpollArgs,
     body: &Bytes,
 ) -> anyhow::Result<(f64, Vec<u32>)> {
     let started = Instant::now();
-    let lat = send_concurrently(broker, SEND_TOPIC, args.messages, args.concurrency, 1, body)
-        .await?;
+    let lat =
+        send_concurrently(broker, SEND_TOPIC, args.messages, args.concurrency, 1, body).await?;
     Ok((started.elapsed().as_secs_f64(), lat))
 }
 

@@ -18,10 +18,11 @@ use anyhow::{Context, bail};
 use bytes::Bytes;
 
 use super::util::{ScratchDir, open_broker, rss_bytes};
+use crate::broker::api::BrokerApi;
 use crate::broker::consume::{Outcome, Subscription};
-use crate::broker::{Broker, GroupKind, GroupSpec, OutgoingMessage, TopicSpec};
+use crate::broker::{GroupKind, GroupSpec, OutgoingMessage, TopicSpec};
 use crate::model::{MessageId, StoredMessage};
-use crate::plugin::runtime::{BrokerApi, Instance, InstanceConfig, Runtime};
+use crate::plugin::runtime::{BrokerSender, Instance, InstanceConfig, Runtime};
 use crate::plugin::worker::{Handler, NativeFn, PluginStats, WorkerSpec, Workers};
 use crate::store::FlushMode;
 
@@ -79,7 +80,7 @@ fn message(size: usize, tag: &str) -> StoredMessage {
 
 /// Consumes the prefilled topic with a fresh group; returns messages per second.
 async fn engine_run(
-    broker: &Arc<Broker>,
+    broker: &BrokerApi,
     args: &PluginArgs,
     group: &str,
     handler: Handler,
@@ -174,7 +175,7 @@ pub async fn run(args: PluginArgs) -> anyhow::Result<()> {
     );
 
     let (broker, _store, _clock) = open_broker(&dir.join("store"), FlushMode::Async).await?;
-    let api = Arc::new(BrokerApi {
+    let api = Arc::new(BrokerSender {
         broker: broker.clone(),
         handle: tokio::runtime::Handle::current(),
     });

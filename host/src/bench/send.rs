@@ -14,7 +14,8 @@ use anyhow::bail;
 use bytes::Bytes;
 
 use super::util::{ScratchDir, open_broker, parse_flush};
-use crate::broker::{Broker, OutgoingMessage, TopicSpec, TopicType};
+use crate::broker::api::BrokerApi;
+use crate::broker::{OutgoingMessage, TopicSpec, TopicType};
 use crate::store::FlushMode;
 
 /// Options of `wharf bench send`.
@@ -102,7 +103,7 @@ impl fmt::Display for LatencySummary {
 /// Sends `total` messages of `body` from `concurrency` tasks, `batch` per call, each waiting for
 /// its acknowledgement before the next; returns every call's latency (µs).
 pub async fn send_concurrently(
-    broker: &Arc<Broker>,
+    broker: &BrokerApi,
     topic: &'static str,
     total: u64,
     concurrency: usize,

@@ -6,7 +6,8 @@ use std::sync::Arc;
 
 use anyhow::Context;
 
-use crate::broker::{Broker, BrokerConfig};
+use crate::broker::BrokerConfig;
+use crate::broker::api::BrokerApi;
 use crate::clock::{SharedClock, SystemClock};
 use crate::store::{FlushMode, Store, StoreConfig, open_store};
 
@@ -69,7 +70,7 @@ impl Drop for ScratchDir {
 pub async fn open_broker(
     dir: &Path,
     flush: FlushMode,
-) -> anyhow::Result<(Arc<Broker>, Arc<dyn Store>, SharedClock)> {
+) -> anyhow::Result<(BrokerApi, Arc<dyn Store>, SharedClock)> {
     let config = StoreConfig {
         data_dir: dir.to_path_buf(),
         flush,
@@ -79,9 +80,10 @@ pub async fn open_broker(
     let store: Arc<dyn Store> = open_store(&config, clock.clone())
         .await
         .with_context(|| format!("open the store in {}", dir.display()))?;
-    let broker = Broker::open(BrokerConfig::default(), store.clone(), clock.clone())
+    let broker = crate::broker::Broker::open(BrokerConfig::default(), store.clone(), clock.clone())
         .await
         .context("open the broker")?;
+    let broker = BrokerApi::new(broker);
     Ok((broker, store, clock))
 }
 

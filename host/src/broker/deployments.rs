@@ -54,7 +54,7 @@ impl PluginRecord {
 impl Broker {
     /// Every plugin deployment record.
     #[instrument(skip(self))]
-    pub async fn deployments(&self) -> Result<Vec<PluginRecord>> {
+    pub(in crate::broker) async fn deployments(&self) -> Result<Vec<PluginRecord>> {
         let mut out = Vec::new();
         for (name, raw) in self.store.meta_list(NAMESPACE).await? {
             let record: PluginRecord = serde_json::from_slice(&raw).map_err(|e| {
@@ -69,7 +69,7 @@ impl Broker {
 
     /// Writes one plugin's record (durable on return).
     #[instrument(skip_all, fields(plugin = %record.name))]
-    pub async fn save_deployment(&self, record: &PluginRecord) -> Result<()> {
+    pub(in crate::broker) async fn save_deployment(&self, record: &PluginRecord) -> Result<()> {
         let raw = serde_json::to_vec(record)
             .map_err(|e| WharfError::internal(format!("cannot encode plugin record: {e}")))?;
         self.store.meta_put(NAMESPACE, &record.name, raw).await
@@ -77,7 +77,7 @@ impl Broker {
 
     /// Deletes one plugin's record.
     #[instrument(skip(self))]
-    pub async fn delete_deployment(&self, name: &str) -> Result<()> {
+    pub(in crate::broker) async fn delete_deployment(&self, name: &str) -> Result<()> {
         self.store.meta_delete(NAMESPACE, name).await
     }
 }

@@ -2,6 +2,7 @@
 //!
 //! Every front end (HTTP, plugins, later MQTT and remoting) calls this API; none touches the store.
 
+pub mod api;
 pub mod config;
 pub mod consume;
 pub mod deployments;

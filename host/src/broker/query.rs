@@ -61,14 +61,14 @@ impl Broker {
     /// Finds a message by id, with its delivery status per group (for callers that may read
     /// every topic; front ends check rights between [`Broker::find_message`] and
     /// [`Broker::message_view`]).
-    pub async fn message(&self, id: &str) -> Result<MessageView> {
+    pub(in crate::broker) async fn message(&self, id: &str) -> Result<MessageView> {
         let message = self.find_message(id).await?;
         self.message_view(message).await
     }
 
     /// The stored message with this id (a retry or dead-letter copy as stored), without any
     /// delivery work, so a caller can check rights on [`original_topic`] first.
-    pub async fn find_message(&self, id: &str) -> Result<StoredMessage> {
+    pub(in crate::broker) async fn find_message(&self, id: &str) -> Result<StoredMessage> {
         let parsed: MessageId = id.parse()?;
         self.store
             .get(parsed)
@@ -77,7 +77,10 @@ impl Broker {
     }
 
     /// Adds the per-group delivery status to a message found by [`Broker::find_message`].
-    pub async fn message_view(&self, mut message: StoredMessage) -> Result<MessageView> {
+    pub(in crate::broker) async fn message_view(
+        &self,
+        mut message: StoredMessage,
+    ) -> Result<MessageView> {
         let deliveries = self.engine.deliveries(self, &message).await?;
         if retry::is_copy_topic(&message.topic) {
             retry::strip_origin_key(&mut message);
@@ -89,13 +92,17 @@ impl Broker {
     }
 
     /// The newest ≤ 64 messages of `topic` carrying `key`.
-    pub async fn by_key(&self, topic: &str, key: &str) -> Result<Vec<StoredMessage>> {
+    pub(in crate::broker) async fn by_key(
+        &self,
+        topic: &str,
+        key: &str,
+    ) -> Result<Vec<StoredMessage>> {
         self.topic(topic)?;
         self.store.by_key(topic, key, KEY_QUERY_LIMIT).await
     }
 
     /// Messages of `topic` stored in `[begin_ms, end_ms]`, paged.
-    pub async fn by_time(
+    pub(in crate::broker) async fn by_time(
         &self,
         topic: &str,
         begin_ms: u64,

@@ -289,7 +289,7 @@ impl Broker {
     }
 
     /// Creates a topic; 409 if it exists.
-    pub async fn create_topic(&self, spec: TopicSpec) -> Result<Topic> {
+    pub(in crate::broker) async fn create_topic(&self, spec: TopicSpec) -> Result<Topic> {
         validate_name("topic", &spec.name)?;
         let queues = spec.queues.unwrap_or(self.config.default_queues);
         if queues == 0 || queues > MAX_QUEUES {
@@ -309,12 +309,12 @@ impl Broker {
     }
 
     /// Every topic, sorted by name.
-    pub fn list_topics(&self) -> Vec<Topic> {
+    pub(in crate::broker) fn list_topics(&self) -> Vec<Topic> {
         self.registry.read().topics.values().cloned().collect()
     }
 
     /// One topic, or `TOPIC_NOT_EXIST`.
-    pub fn topic(&self, name: &str) -> Result<Topic> {
+    pub(in crate::broker) fn topic(&self, name: &str) -> Result<Topic> {
         self.registry
             .read()
             .topics
@@ -324,7 +324,7 @@ impl Broker {
     }
 
     /// Deletes a topic (its stored messages age out with retention).
-    pub async fn delete_topic(&self, name: &str) -> Result<()> {
+    pub(in crate::broker) async fn delete_topic(&self, name: &str) -> Result<()> {
         let _writes = self.registry_writes.lock().await;
         self.topic(name)?;
         self.store.meta_delete(TOPICS, name).await?;
@@ -334,7 +334,7 @@ impl Broker {
     }
 
     /// Creates a group; 409 if it exists.
-    pub async fn create_group(&self, spec: GroupSpec) -> Result<Group> {
+    pub(in crate::broker) async fn create_group(&self, spec: GroupSpec) -> Result<Group> {
         validate_name("group", &spec.name)?;
         if spec.kind == GroupKind::Mqtt {
             validate_mqtt_group(&spec.name)?;
@@ -359,7 +359,7 @@ impl Broker {
     }
 
     /// Replaces a group's settings (the latest setting wins for all instances).
-    pub async fn update_group(&self, group: Group) -> Result<Group> {
+    pub(in crate::broker) async fn update_group(&self, group: Group) -> Result<Group> {
         validate_group_settings(group.max_reconsume_times, Some(group.consume_timeout_ms))?;
         self.put_resource(group, false).await
     }
@@ -370,7 +370,11 @@ impl Broker {
     /// new values apply to every instance from the next message on. `kind` and `model` may be
     /// repeated but not changed: a live group switching between clustering and broadcasting
     /// would strand its offsets and in-flight messages.
-    pub async fn patch_group(&self, name: &str, patch: GroupPatch) -> Result<Group> {
+    pub(in crate::broker) async fn patch_group(
+        &self,
+        name: &str,
+        patch: GroupPatch,
+    ) -> Result<Group> {
         let _writes = self.registry_writes.lock().await;
         let mut group = self.group(name)?;
         if let Some(kind) = patch.kind
@@ -406,12 +410,12 @@ impl Broker {
     }
 
     /// Every group, sorted by name.
-    pub fn list_groups(&self) -> Vec<Group> {
+    pub(in crate::broker) fn list_groups(&self) -> Vec<Group> {
         self.registry.read().groups.values().cloned().collect()
     }
 
     /// One group, or `SUBSCRIPTION_GROUP_NOT_EXIST`.
-    pub fn group(&self, name: &str) -> Result<Group> {
+    pub(in crate::broker) fn group(&self, name: &str) -> Result<Group> {
         self.registry
             .read()
             .groups
@@ -424,7 +428,7 @@ impl Broker {
     /// remembered subscriptions, so a group created again under the same name starts clean.
     /// State is removed before the group record: a crash midway leaves a group that starts
     /// afresh, never a new group that resumes at the old one's offsets.
-    pub async fn delete_group(&self, name: &str) -> Result<()> {
+    pub(in crate::broker) async fn delete_group(&self, name: &str) -> Result<()> {
         let _writes = self.registry_writes.lock().await;
         self.group(name)?;
         let prefix = broadcast_offsets_key(name, "");

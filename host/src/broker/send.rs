@@ -94,7 +94,11 @@ impl Broker {
     /// Sends a batch to `topic`; returns once durably stored (per flush mode). All or nothing:
     /// one illegal message rejects the whole batch before anything is stored.
     #[instrument(skip_all, fields(topic = %topic, count = msgs.len()))]
-    pub async fn send(&self, topic: &str, msgs: Vec<OutgoingMessage>) -> Result<Vec<SendReceipt>> {
+    pub(in crate::broker) async fn send(
+        &self,
+        topic: &str,
+        msgs: Vec<OutgoingMessage>,
+    ) -> Result<Vec<SendReceipt>> {
         let t = self.topic(topic)?;
         if msgs.is_empty() {
             return Err(WharfError::illegal(

@@ -56,7 +56,7 @@ use tracing::Instrument;
 
 use self::auth::{Authenticator, Principal, SignedParts};
 use self::error::{ApiError, BodyLimit, read_body};
-use crate::broker::Broker;
+use crate::broker::api::BrokerApi;
 use crate::config::HttpConfig;
 use crate::error::WharfError;
 use crate::metrics::Histogram;
@@ -66,7 +66,7 @@ use crate::plugin::PluginHost;
 /// Everything a handler may use.
 pub struct AppState {
     /// The broker.
-    pub broker: Arc<Broker>,
+    pub broker: BrokerApi,
     /// The plugin runtime.
     pub plugins: Arc<PluginHost>,
     /// Signature checks.

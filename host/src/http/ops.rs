@@ -14,7 +14,7 @@ use crate::error::WharfError;
 
 /// `GET /healthz`: 200 only while the store can take writes.
 pub async fn healthz(State(st): State<Shared>) -> Response {
-    if st.broker.store().writable() {
+    if st.broker.writable() {
         Json(json!({"status": "ok"})).into_response()
     } else {
         ApiError::from(WharfError::unavailable(
@@ -28,7 +28,7 @@ pub async fn healthz(State(st): State<Shared>) -> Response {
 pub async fn metrics(State(st): State<Shared>) -> Response {
     let mut out = String::with_capacity(8 * 1024);
     crate::metrics::send_counters().render(&mut out);
-    let s = st.broker.store().stats();
+    let s = st.broker.store_stats();
     gauge(
         &mut out,
         "wharf_store_appended_messages_total",
@@ -69,7 +69,7 @@ pub async fn metrics(State(st): State<Shared>) -> Response {
         "wharf_store_writable",
         "gauge",
         "1 while the store can take writes.",
-        u64::from(st.broker.store().writable()),
+        u64::from(st.broker.writable()),
     );
     s.append_latency_us.render(
         &mut out,

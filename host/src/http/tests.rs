@@ -7,7 +7,8 @@ use serde_json::{Value, json};
 
 use super::auth::{Authenticator, sign, string_to_sign};
 use super::{AppState, HttpHandler, HttpMetrics};
-use crate::broker::{Broker, BrokerConfig};
+use crate::broker::BrokerConfig;
+use crate::broker::api::BrokerApi;
 use crate::clock::{SharedClock, SystemClock};
 use crate::config::{AccessKey, AuthConfig, HttpConfig};
 use crate::plugin::{PluginHost, PluginsConfig};
@@ -31,9 +32,10 @@ async fn start(auth: AuthConfig) -> Host {
     )
     .await
     .unwrap();
-    let broker = Broker::open(BrokerConfig::default(), store, clock.clone())
+    let broker = crate::broker::Broker::open(BrokerConfig::default(), store, clock.clone())
         .await
         .unwrap();
+    let broker = BrokerApi::new(broker);
     let plugins = PluginHost::start(
         broker.clone(),
         PluginsConfig {

@@ -8,18 +8,19 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 
 use super::{PluginHost, PluginsConfig, testkit};
-use crate::broker::{Broker, BrokerConfig, OutgoingMessage, TopicSpec};
+use crate::broker::api::BrokerApi;
+use crate::broker::{BrokerConfig, OutgoingMessage, TopicSpec};
 use crate::clock::{SharedClock, SystemClock};
 use crate::store::StoreConfig;
 use crate::store::embedded::EmbeddedStore;
 
 struct Env {
-    broker: Arc<Broker>,
+    broker: BrokerApi,
     host: Arc<PluginHost>,
     dir: tempfile::TempDir,
 }
 
-async fn open(dir: &Path) -> (Arc<Broker>, Arc<PluginHost>) {
+async fn open(dir: &Path) -> (BrokerApi, Arc<PluginHost>) {
     let clock: SharedClock = Arc::new(SystemClock::default());
     let sc = StoreConfig {
         data_dir: dir.to_path_buf(),
@@ -30,7 +31,11 @@ async fn open(dir: &Path) -> (Arc<Broker>, Arc<PluginHost>) {
         retry_delay_scale: 0.0001,
         ..BrokerConfig::default()
     };
-    let broker = Broker::open(config, store, clock).await.unwrap();
+    let broker = BrokerApi::new(
+        crate::broker::Broker::open(config, store, clock)
+            .await
+            .unwrap(),
+    );
     let plugins = PluginsConfig {
         dir: dir.join("no-plugins-dir"),
     };
@@ -460,7 +465,7 @@ async fn plugins_dir_is_deployed_at_start_once() {
     // A broken neighbour is reported in the log and skipped; it does not stop the host.
     std::fs::create_dir_all(plugins.join("broken")).unwrap();
     std::fs::write(plugins.join("broken/plugin.toml"), "name = 1\n").unwrap();
-    let start = |broker: Arc<Broker>| {
+    let start = |broker: BrokerApi| {
         let cfg = PluginsConfig {
             dir: plugins.clone(),
         };

@@ -22,11 +22,12 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use tracing::{error, info, warn};
 
-use crate::broker::{Broker, ConsumeModel, GroupKind, GroupSpec, SendReceipt};
+use crate::broker::api::BrokerApi;
+use crate::broker::{ConsumeModel, GroupKind, GroupSpec, SendReceipt};
 use crate::error::{ErrorCode, Result, WharfError};
 use manifest::Manifest;
 use registry::{PluginRecord, VersionFiles, VersionRecord};
-use runtime::{BrokerApi, InstanceConfig, Loaded, Runtime};
+use runtime::{BrokerSender, InstanceConfig, Loaded, Runtime};
 use trigger::Routes;
 use worker::{PluginStats, WorkerSpec, Workers};
 
@@ -94,7 +95,7 @@ struct Slot {
 
 /// The plugin runtime.
 pub struct PluginHost {
-    broker: Arc<Broker>,
+    broker: BrokerApi,
     runtime: Arc<Runtime>,
     files: VersionFiles,
     handle: tokio::runtime::Handle,
@@ -110,7 +111,7 @@ pub struct PluginHost {
 impl PluginHost {
     /// Starts the runtime: loads deployed versions from the store, deploys `[plugins] dir`.
     pub async fn start(
-        broker: Arc<Broker>,
+        broker: BrokerApi,
         config: PluginsConfig,
         data_dir: PathBuf,
     ) -> Result<Arc<PluginHost>> {
@@ -530,7 +531,7 @@ impl PluginHost {
             readable,
             memory_bytes: m.limits.memory_mib as usize * 1024 * 1024,
             timeout: Duration::from_millis(m.consumer.consume_timeout_ms),
-            api: Arc::new(BrokerApi {
+            api: Arc::new(BrokerSender {
                 broker: self.broker.clone(),
                 handle: self.handle.clone(),
             }),

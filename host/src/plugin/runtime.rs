@@ -25,8 +25,9 @@ use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 use wharf_codec::properties;
 
+use crate::broker::api::BrokerApi;
 use crate::broker::consume::Outcome;
-use crate::broker::{Broker, OutgoingMessage, SendReceipt};
+use crate::broker::{OutgoingMessage, SendReceipt};
 use crate::error::{ErrorCode, Result, WharfError};
 use crate::model::{MessageId, StoredMessage};
 
@@ -63,14 +64,14 @@ pub trait HostApi: Send + Sync + 'static {
 
 /// [`HostApi`] over the broker; called from plugin worker threads, which are outside the async
 /// runtime, so blocking on the broker's futures is allowed there.
-pub struct BrokerApi {
+pub struct BrokerSender {
     /// The broker.
-    pub broker: Arc<Broker>,
+    pub broker: BrokerApi,
     /// Runtime the broker's futures run on.
     pub handle: tokio::runtime::Handle,
 }
 
-impl HostApi for BrokerApi {
+impl HostApi for BrokerSender {
     fn send(&self, topic: &str, message: OutgoingMessage) -> Result<SendReceipt> {
         let mut receipts = self
             .handle

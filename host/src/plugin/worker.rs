@@ -22,8 +22,9 @@ use serde::Serialize;
 use tracing::{debug, debug_span, info, warn};
 
 use super::runtime::{Failure, Instance, InstanceConfig, PluginPre};
+use crate::broker::ConsumeModel;
+use crate::broker::api::BrokerApi;
 use crate::broker::consume::{Delivered, InstanceSpec, Outcome, Subscription};
-use crate::broker::{Broker, ConsumeModel};
 use crate::error::{ErrorCode, Result, WharfError};
 use crate::metrics::Histogram;
 use crate::model::{MessageId, StoredMessage};
@@ -222,7 +223,7 @@ impl Live {
 /// What a set of workers runs.
 pub struct WorkerSpec {
     /// The broker.
-    pub broker: Arc<Broker>,
+    pub broker: BrokerApi,
     /// Runtime handle for blocking on broker futures.
     pub handle: tokio::runtime::Handle,
     /// What answers messages.
@@ -243,7 +244,7 @@ pub struct Workers {
     handles: Vec<JoinHandle<()>>,
     ids: Vec<String>,
     group: String,
-    broker: Arc<Broker>,
+    broker: BrokerApi,
     live: Arc<AtomicUsize>,
 }
 

@@ -541,7 +541,10 @@ impl Broker {
                     }
                 }
                 let taken = match find_progress(&mut st, &key, token) {
-                    None => Err(stale(token, "the instance or queue is no longer consuming on this host")),
+                    None => Err(stale(
+                        token,
+                        "the instance or queue is no longer consuming on this host",
+                    )),
                     Some(q) => take_in_flight(q, token, *outcome, model),
                 };
                 let (holder, message) = match taken {

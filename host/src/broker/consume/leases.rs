@@ -59,12 +59,41 @@ impl Broker {
         };
         let held: BTreeMap<QueueKey, Lease> = handle.state.lock().leases.clone();
         if topics.is_empty() {
-            // Nobody here consumes the group any more: hand every queue to the other hosts.
-            let changed = !held.is_empty();
+            // Nobody here consumes the group any more: hand the queues to the other hosts, but
+            // keep those with deliveries still out, so a consumer that went quiet can still
+            // settle them until their consume timeout (then they are retried from here).
+            let mut changed = false;
+            let mut kept = 0usize;
+            let now = self.clock.now_ms();
             for (key, lease) in &held {
-                self.give_up(g, handle, key, lease).await;
+                let busy = handle.state.lock().queues.get(key).is_some_and(|q| {
+                    q.pending
+                        .values()
+                        .any(|e| !matches!(e, super::progress::Entry::Ready { .. }))
+                });
+                if !busy {
+                    self.give_up(g, handle, key, lease).await;
+                    changed = true;
+                    continue;
+                }
+                kept += 1;
+                if lease.expires_at_ms.saturating_sub(now) <= LEASE_TTL_MS - LEASE_RENEW_MS {
+                    match self.store.lease_renew(lease, LEASE_TTL_MS).await? {
+                        Some(l) => {
+                            handle.state.lock().leases.insert(key.clone(), l);
+                        }
+                        None => {
+                            let mut st = handle.state.lock();
+                            st.leases.remove(key);
+                            st.queues.remove(key);
+                            changed = true;
+                        }
+                    }
+                }
             }
-            self.store.member_remove(&g.name, &self.host_id).await?;
+            if kept == 0 {
+                self.store.member_remove(&g.name, &self.host_id).await?;
+            }
             return Ok(changed);
         }
         let data = serde_json::to_vec(&HostMember {

@@ -58,7 +58,11 @@ impl Broker {
     /// heartbeat timeout. True when the member list changed (it joined, or its subscriptions
     /// did), so the front end should tell the group's other members to rebalance.
     #[instrument(skip(self, spec), fields(group = %group, member = %spec.member_id))]
-    pub async fn heartbeat_member(&self, group: &str, spec: MemberSpec) -> Result<bool> {
+    pub(in crate::broker) async fn heartbeat_member(
+        &self,
+        group: &str,
+        spec: MemberSpec,
+    ) -> Result<bool> {
         let g = self.consumer_group(group)?;
         let id = spec.member_id.as_str();
         if id.is_empty()
@@ -110,7 +114,7 @@ impl Broker {
     }
 
     /// Live members of `group`, sorted by id: self-balancing clients and hosts' dispatchers.
-    pub async fn members(&self, group: &str) -> Result<Vec<Member>> {
+    pub(in crate::broker) async fn members(&self, group: &str) -> Result<Vec<Member>> {
         self.consumer_group(group)?;
         let rows = self.store.member_list(group).await?;
         Ok(rows
@@ -135,7 +139,7 @@ impl Broker {
     }
 
     /// Ids of the group's live self-balancing members, sorted: the list SDK clients split by.
-    pub async fn member_ids(&self, group: &str) -> Result<Vec<String>> {
+    pub(in crate::broker) async fn member_ids(&self, group: &str) -> Result<Vec<String>> {
         Ok(self
             .members(group)
             .await?
@@ -146,7 +150,7 @@ impl Broker {
     }
 
     /// A self-balancing client leaves (unregister); true when it was a live member.
-    pub async fn leave(&self, group: &str, member_id: &str) -> Result<bool> {
+    pub(in crate::broker) async fn leave(&self, group: &str, member_id: &str) -> Result<bool> {
         self.consumer_group(group)?;
         let left = self.store.member_remove(group, member_id).await?;
         if left {

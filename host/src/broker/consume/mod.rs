@@ -403,7 +403,7 @@ impl Broker {
 
     /// Registers (or refreshes) a consumer instance; counts as a heartbeat.
     #[instrument(skip_all, fields(group = %spec.group, instance = %spec.instance_id))]
-    pub async fn register_consumer(&self, spec: InstanceSpec) -> Result<()> {
+    pub(in crate::broker) async fn register_consumer(&self, spec: InstanceSpec) -> Result<()> {
         let g = self.consumer_group(&spec.group)?;
         let id = spec.instance_id.as_str();
         super::resources::validate_instance_id(id)?;
@@ -507,7 +507,7 @@ impl Broker {
     /// Registers the instance, or adds (replacing same-topic) `spec.subscriptions` to the ones it
     /// has while keeping its other topics: for front ends whose requests name some topics at a
     /// time (HTTP pull). Nothing is rebalanced unless the subscription set really changes.
-    pub async fn subscribe(&self, spec: InstanceSpec) -> Result<()> {
+    pub(in crate::broker) async fn subscribe(&self, spec: InstanceSpec) -> Result<()> {
         let mut subscriptions: Vec<Subscription> = self
             .engine
             .existing(&spec.group)
@@ -529,7 +529,7 @@ impl Broker {
     }
 
     /// Marks an instance alive without changing its subscriptions.
-    pub fn heartbeat(&self, group: &str, instance_id: &str) {
+    pub(in crate::broker) fn heartbeat(&self, group: &str, instance_id: &str) {
         if let Some(h) = self.engine.existing(group)
             && let Some(inst) = h.state.lock().instances.get_mut(instance_id)
         {
@@ -538,7 +538,7 @@ impl Broker {
     }
 
     /// True when the instance is registered and alive (front ends re-register when false).
-    pub fn is_registered(&self, group: &str, instance_id: &str) -> bool {
+    pub(in crate::broker) fn is_registered(&self, group: &str, instance_id: &str) -> bool {
         self.engine
             .existing(group)
             .is_some_and(|h| h.state.lock().instances.contains_key(instance_id))
@@ -547,7 +547,11 @@ impl Broker {
     /// Removes an instance that leaves on purpose; it hands its un-acknowledged messages back,
     /// so the others get them at once (without counting a retry).
     #[instrument(skip(self))]
-    pub async fn unregister_consumer(&self, group: &str, instance_id: &str) -> Result<()> {
+    pub(in crate::broker) async fn unregister_consumer(
+        &self,
+        group: &str,
+        instance_id: &str,
+    ) -> Result<()> {
         self.consumer_group(group)?;
         if let Some(h) = self.engine.existing(group) {
             let removed = {
@@ -591,7 +595,7 @@ impl Broker {
     }
 
     /// Long-polls up to `wait` for at most `max` messages for this instance.
-    pub async fn receive(
+    pub(in crate::broker) async fn receive(
         &self,
         group: &str,
         instance_id: &str,
@@ -604,7 +608,7 @@ impl Broker {
 
     /// Like [`Broker::receive`], but only messages of `topics` (retries included, by the topic
     /// they came from); the instance's other subscriptions wait for a receive that names them.
-    pub async fn receive_topics(
+    pub(in crate::broker) async fn receive_topics(
         &self,
         group: &str,
         instance_id: &str,
@@ -618,12 +622,17 @@ impl Broker {
 
     /// The receipt a remote consumer settles `delivered` with: it names this host (and boot),
     /// the group and the delivery, so a receipt from elsewhere is told apart.
-    pub fn receipt(&self, group: &str, delivered: &Delivered) -> String {
+    pub(in crate::broker) fn receipt(&self, group: &str, delivered: &Delivered) -> String {
         receipt::Receipt::new(&self.host_id, group, &delivered.token).encode()
     }
 
     /// Settles one delivered message by its receipt; a stale or unknown receipt is a clear error.
-    pub async fn settle(&self, group: &str, receipt: &str, outcome: Outcome) -> Result<()> {
+    pub(in crate::broker) async fn settle(
+        &self,
+        group: &str,
+        receipt: &str,
+        outcome: Outcome,
+    ) -> Result<()> {
         let r = receipt::Receipt::decode(receipt)?;
         if r.group != group {
             return Err(WharfError::bad_request(format!(
@@ -647,7 +656,7 @@ impl Broker {
 
     /// Settles deliveries an in-process consumer holds, in one pass and without receipts; one
     /// result per entry, in order.
-    pub async fn settle_batch(
+    pub(in crate::broker) async fn settle_batch(
         &self,
         group: &str,
         batch: &[(DeliveryToken, Outcome)],
@@ -656,17 +665,22 @@ impl Broker {
     }
 
     /// Status of a consumer group.
-    pub async fn group_status(&self, group: &str) -> Result<GroupStatus> {
+    pub(in crate::broker) async fn group_status(&self, group: &str) -> Result<GroupStatus> {
         status::group_status(self, group).await
     }
 
     /// Resets the group's offset on `topic` to the first message stored at or after `timestamp_ms`.
-    pub async fn reset_offset(&self, group: &str, topic: &str, timestamp_ms: u64) -> Result<()> {
+    pub(in crate::broker) async fn reset_offset(
+        &self,
+        group: &str,
+        topic: &str,
+        timestamp_ms: u64,
+    ) -> Result<()> {
         status::reset_offset(self, group, topic, timestamp_ms).await
     }
 
     /// Dead letters of a group, paged like a time-range query.
-    pub async fn dead_letters(
+    pub(in crate::broker) async fn dead_letters(
         &self,
         group: &str,
         limit: usize,
@@ -676,7 +690,11 @@ impl Broker {
     }
 
     /// Re-sends one dead letter (by the id the producer got) to its own group only.
-    pub async fn resend_dead_letter(&self, group: &str, message_id: &str) -> Result<SendReceipt> {
+    pub(in crate::broker) async fn resend_dead_letter(
+        &self,
+        group: &str,
+        message_id: &str,
+    ) -> Result<SendReceipt> {
         retry::resend_dead_letter(self, group, message_id).await
     }
 

@@ -210,7 +210,10 @@ mod tests {
         assert_eq!(q.next_deadline(), Some(100));
         assert_eq!(q.recall_from("a"), vec![4]);
         assert!(matches!(q.pending[&0], Entry::Ready { .. }));
-        assert!(matches!(q.pending[&1], Entry::InFlight { .. }), "b's delivery stays b's");
+        assert!(
+            matches!(q.pending[&1], Entry::InFlight { .. }),
+            "b's delivery stays b's"
+        );
         assert_eq!(q.recall_from("b"), vec![4]);
         assert!(q.pending.values().all(|e| matches!(e, Entry::Ready { .. })));
         assert_eq!(q.next_deadline(), None);

@@ -210,7 +210,10 @@ impl Broker {
                     .await?
             }
             Some(epoch) => {
-                let accepted = self.store.commit_offsets_fenced(group, &[(o, epoch)]).await?;
+                let accepted = self
+                    .store
+                    .commit_offsets_fenced(group, &[(o, epoch)])
+                    .await?;
                 if accepted.first() != Some(&true) {
                     return Err(WharfError::new(
                         ErrorCode::SystemBusy,
@@ -274,9 +277,7 @@ impl Broker {
         policy: SendBack,
     ) -> Result<SentBack> {
         let g = self.consumer_group(group)?;
-        let max = policy
-            .max_reconsume_times
-            .unwrap_or(g.max_reconsume_times);
+        let max = policy.max_reconsume_times.unwrap_or(g.max_reconsume_times);
         let scale = self.config.retry_delay_scale;
         let now = self.clock.now_ms();
         let mut copy = failure_copy(&g.name, message, max, scale, now);

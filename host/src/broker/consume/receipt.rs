@@ -126,6 +126,10 @@ mod tests {
         }
         let old = URL_SAFE_NO_PAD.encode("r1\nGID_a\ni\nT\n0\n1\n0\n5");
         let e = Receipt::decode(&old).unwrap_err();
-        assert!(e.message.contains("before this host restarted"), "{}", e.message);
+        assert!(
+            e.message.contains("before this host restarted"),
+            "{}",
+            e.message
+        );
     }
 }

@@ -316,7 +316,10 @@ async fn silent_instance_is_removed_but_keeps_its_deliveries_until_the_consume_t
         e.ack("GID_r", d).await;
     }
     done.extend(bodies(&rest));
-    assert!(e.recv("GID_r", "b", 100).await.is_empty(), "a's 15 are still a's");
+    assert!(
+        e.recv("GID_r", "b", 100).await.is_empty(),
+        "a's 15 are still a's"
+    );
     // a comes back within the consume timeout: its receipt still settles.
     e.ack("GID_r", &held_by_a[0]).await;
     done.extend(bodies(&held_by_a[..1]));
@@ -332,11 +335,18 @@ async fn silent_instance_is_removed_but_keeps_its_deliveries_until_the_consume_t
         e.ack("GID_r", d).await;
     }
     done.extend(bodies(&retried));
-    assert_eq!(done, sent, "every message consumed exactly once more or less");
+    assert_eq!(
+        done, sent,
+        "every message consumed exactly once more or less"
+    );
     // a's other receipts are stale now, and say why.
     let err = e
         .broker
-        .settle("GID_r", &e.receipt("GID_r", &held_by_a[1]), Outcome::CommitMessage)
+        .settle(
+            "GID_r",
+            &e.receipt("GID_r", &held_by_a[1]),
+            Outcome::CommitMessage,
+        )
         .await
         .unwrap_err();
     assert!(err.message.contains("receipt expired"), "{}", err.message);
@@ -1118,7 +1128,11 @@ async fn subscribing_more_topics_keeps_the_others_and_their_receipts() {
         .receive_topics("GID_one", "http@1", &only("TopicB"), 10, NO_WAIT)
         .await
         .unwrap();
-    assert_eq!(bodies(&b), BTreeSet::from(["b".to_string()]), "only TopicB's");
+    assert_eq!(
+        bodies(&b),
+        BTreeSet::from(["b".to_string()]),
+        "only TopicB's"
+    );
     // The receipt from TopicA is still good: adding TopicB did not move TopicA's queue.
     e.ack("GID_one", &a[0]).await;
     // Asking for TopicA again changes nothing and still serves it.
@@ -1340,7 +1354,12 @@ async fn two_hosts_on_one_store_split_queues_and_a_dead_hosts_queues_move() {
     e.broker.expire_pass().await;
     other.expire_pass().await;
     let leases = e.store.lease_list("GID_h").await.unwrap();
-    let mine = |h: &str| leases.iter().filter(|l| l.holder == h && l.key.topic == "Trade").count();
+    let mine = |h: &str| {
+        leases
+            .iter()
+            .filter(|l| l.holder == h && l.key.topic == "Trade")
+            .count()
+    };
     assert_eq!(mine(e.broker.host_id()), 2, "{leases:?}");
     assert_eq!(mine(other.host_id()), 2, "{leases:?}");
     let mut seen = BTreeSet::new();
@@ -1354,14 +1373,22 @@ async fn two_hosts_on_one_store_split_queues_and_a_dead_hosts_queues_move() {
         .unwrap();
     assert_eq!(from_a.len() + from_b.len(), 40);
     for d in from_a.iter().chain(&from_b) {
-        assert!(seen.insert(d.message.id), "delivered twice: {}", d.message.id);
+        assert!(
+            seen.insert(d.message.id),
+            "delivered twice: {}",
+            d.message.id
+        );
     }
     for d in &from_a {
         e.ack("GID_h", d).await;
     }
     // A receipt of one host is refused by the other, precisely.
     let err = other
-        .settle("GID_h", &e.receipt("GID_h", &from_a[0]), Outcome::CommitMessage)
+        .settle(
+            "GID_h",
+            &e.receipt("GID_h", &from_a[0]),
+            Outcome::CommitMessage,
+        )
         .await
         .unwrap_err();
     assert!(err.message.contains("issued by host"), "{}", err.message);
@@ -1373,7 +1400,10 @@ async fn two_hosts_on_one_store_split_queues_and_a_dead_hosts_queues_move() {
     e.broker.expire_pass().await;
     let leases = e.store.lease_list("GID_h").await.unwrap();
     assert_eq!(
-        leases.iter().filter(|l| l.holder == e.broker.host_id()).count(),
+        leases
+            .iter()
+            .filter(|l| l.holder == e.broker.host_id())
+            .count(),
         5,
         "4 queues and the retry queue: {leases:?}"
     );
@@ -1395,14 +1425,30 @@ async fn self_balancing_members_heartbeat_list_and_send_back() {
             expression: expr.into(),
         }],
     };
-    assert!(e.broker.heartbeat_member("GID_sdk", spec("c2", "*")).await.unwrap());
-    assert!(e.broker.heartbeat_member("GID_sdk", spec("c1", "*")).await.unwrap());
     assert!(
-        !e.broker.heartbeat_member("GID_sdk", spec("c1", "*")).await.unwrap(),
+        e.broker
+            .heartbeat_member("GID_sdk", spec("c2", "*"))
+            .await
+            .unwrap()
+    );
+    assert!(
+        e.broker
+            .heartbeat_member("GID_sdk", spec("c1", "*"))
+            .await
+            .unwrap()
+    );
+    assert!(
+        !e.broker
+            .heartbeat_member("GID_sdk", spec("c1", "*"))
+            .await
+            .unwrap(),
         "a plain heartbeat changes nothing"
     );
     assert!(
-        e.broker.heartbeat_member("GID_sdk", spec("c1", "a||b")).await.unwrap(),
+        e.broker
+            .heartbeat_member("GID_sdk", spec("c1", "a||b"))
+            .await
+            .unwrap(),
         "new subscriptions are a change"
     );
     assert_eq!(e.broker.member_ids("GID_sdk").await.unwrap(), ["c1", "c2"]);
@@ -1422,7 +1468,11 @@ async fn self_balancing_members_heartbeat_list_and_send_back() {
     let filter = TagFilter::parse("*").unwrap();
     let mut m = None;
     for q in 0..2 {
-        let read = e.broker.read_queue("Trade", q, 0, 10, &filter).await.unwrap();
+        let read = e
+            .broker
+            .read_queue("Trade", q, 0, 10, &filter)
+            .await
+            .unwrap();
         m = m.or(read.messages.into_iter().next());
     }
     let m = m.unwrap();
@@ -1493,7 +1543,10 @@ async fn waiting_on_one_queue_is_woken_only_by_that_queue() {
         e.send("Busy", None, &format!("b{i}")).await;
     }
     tokio::task::yield_now().await;
-    assert!(!waiter.is_finished(), "appends to another topic do not end the wait");
+    assert!(
+        !waiter.is_finished(),
+        "appends to another topic do not end the wait"
+    );
     e.send_msg(
         "Quiet",
         OutgoingMessage {

@@ -10,8 +10,8 @@ use tokio::sync::watch;
 use tracing::{info, warn};
 
 use super::dispatch::progress_mut;
-use super::progress::{Entry, QueueKey, weight};
 use super::leases::LEASE_RENEW_MS;
+use super::progress::{Entry, QueueKey, weight};
 use super::{Engine, GroupHandle, broadcast_offsets_key};
 use crate::broker::{Broker, ConsumeModel};
 use crate::error::Result;

@@ -1,0 +1,361 @@
+//! The broker API: the whole surface front ends (HTTP, plugins, benches, and the MQTT and
+//! remoting front ends to come) may call. The broker's own methods are private to `broker`;
+//! nothing outside it reaches the store.
+//!
+//! The parts, top to bottom: resources (topics, groups); produce with a queue choice; query;
+//! queue-level consumption for clients that balance queues themselves and for fan-out (read a
+//! queue through a tag filter, wait on one queue, commit an offset fenced by a lease epoch,
+//! send back under a delay policy, look a message up by log position); membership and queue
+//! leases; broker-assigned consumption served by this host's dispatcher (subscribe, receive,
+//! settle by receipt or by token in batches); dead letters and status; plugin deployment
+//! records; host operations.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+pub use super::consume::{
+    DelayPolicy, Delivered, DeliveryToken, GroupStatus, InstanceSpec, InstanceStatus, Member,
+    MemberSpec, Outcome, PullRequest, QueuePull, SendBack, SentBack, Subscription, TagFilter,
+};
+pub use super::deployments::{PluginRecord, VersionRecord};
+pub use super::query::{Delivery, DeliveryStatus, MessageView};
+pub use super::resources::{
+    ConsumeModel, Group, GroupKind, GroupPatch, GroupSpec, Topic, TopicSpec, TopicType,
+};
+pub use super::send::{OutgoingMessage, QueueChoice, SendReceipt};
+pub use super::{Broker, BrokerConfig};
+pub use crate::store::{Lease, LeaseKey, MemberKind, StoreStats, TimePage};
+
+use crate::clock::SharedClock;
+use crate::error::Result;
+use crate::model::StoredMessage;
+
+/// A handle on the broker for front ends; cheap to clone.
+#[derive(Clone)]
+pub struct BrokerApi {
+    broker: Arc<Broker>,
+}
+
+impl BrokerApi {
+    /// The API over `broker`.
+    pub fn new(broker: Arc<Broker>) -> BrokerApi {
+        BrokerApi { broker }
+    }
+
+    // ---- resources
+
+    /// Creates a topic (409 if it exists).
+    pub async fn create_topic(&self, spec: TopicSpec) -> Result<Topic> {
+        self.broker.create_topic(spec).await
+    }
+    /// Every topic, sorted by name.
+    pub fn list_topics(&self) -> Vec<Topic> {
+        self.broker.list_topics()
+    }
+    /// One topic (`TOPIC_NOT_EXIST` if unknown).
+    pub fn topic(&self, name: &str) -> Result<Topic> {
+        self.broker.topic(name)
+    }
+    /// Deletes a topic.
+    pub async fn delete_topic(&self, name: &str) -> Result<()> {
+        self.broker.delete_topic(name).await
+    }
+    /// Creates a group (409 if it exists).
+    pub async fn create_group(&self, spec: GroupSpec) -> Result<Group> {
+        self.broker.create_group(spec).await
+    }
+    /// Replaces a group's settings as a whole (plugins deploying their manifest's settings).
+    pub async fn update_group(&self, group: Group) -> Result<Group> {
+        self.broker.update_group(group).await
+    }
+    /// Changes the settings `patch` names; the latest setting wins for every instance at once.
+    pub async fn patch_group(&self, name: &str, patch: GroupPatch) -> Result<Group> {
+        self.broker.patch_group(name, patch).await
+    }
+    /// Every group, sorted by name.
+    pub fn list_groups(&self) -> Vec<Group> {
+        self.broker.list_groups()
+    }
+    /// One group (`SUBSCRIPTION_GROUP_NOT_EXIST` if unknown).
+    pub fn group(&self, name: &str) -> Result<Group> {
+        self.broker.group(name)
+    }
+    /// Deletes a group and everything consumption kept for it.
+    pub async fn delete_group(&self, name: &str) -> Result<()> {
+        self.broker.delete_group(name).await
+    }
+
+    // ---- produce and query
+
+    /// Sends a batch (all or nothing); answers once durable per the flush mode. Each message
+    /// picks its queue by [`QueueChoice`].
+    pub async fn send(&self, topic: &str, msgs: Vec<OutgoingMessage>) -> Result<Vec<SendReceipt>> {
+        self.broker.send(topic, msgs).await
+    }
+    /// A message by id, with per-group delivery status.
+    pub async fn message(&self, id: &str) -> Result<MessageView> {
+        self.broker.message(id).await
+    }
+    /// A message by id, without delivery status (cheap; for permission checks first).
+    pub async fn find_message(&self, id: &str) -> Result<StoredMessage> {
+        self.broker.find_message(id).await
+    }
+    /// Per-group delivery status of a message already found.
+    pub async fn message_view(&self, message: StoredMessage) -> Result<MessageView> {
+        self.broker.message_view(message).await
+    }
+    /// The newest ≤ 64 messages of `topic` carrying `key`.
+    pub async fn by_key(&self, topic: &str, key: &str) -> Result<Vec<StoredMessage>> {
+        self.broker.by_key(topic, key).await
+    }
+    /// Messages of `topic` stored in `[begin_ms, end_ms]`, paged.
+    pub async fn by_time(
+        &self,
+        topic: &str,
+        begin_ms: u64,
+        end_ms: u64,
+        limit: usize,
+        page_token: Option<&str>,
+    ) -> Result<TimePage> {
+        self.broker
+            .by_time(topic, begin_ms, end_ms, limit, page_token)
+            .await
+    }
+
+    // ---- queue level: self-balancing clients and fan-out
+
+    /// Reads up to `max` messages of one queue from `from` through `filter`; no state.
+    pub async fn read_queue(
+        &self,
+        topic: &str,
+        queue_id: u32,
+        from: u64,
+        max: usize,
+        filter: &TagFilter,
+    ) -> Result<QueuePull> {
+        self.broker
+            .read_queue(topic, queue_id, from, max, filter)
+            .await
+    }
+    /// Waits until one queue has a visible message at or past `offset` (true) or `deadline`.
+    pub async fn wait_queue(
+        &self,
+        topic: &str,
+        queue_id: u32,
+        offset: u64,
+        deadline: Instant,
+    ) -> bool {
+        self.broker
+            .wait_queue(topic, queue_id, offset, deadline)
+            .await
+    }
+    /// Read + wait for `group`: RocketMQ's long-polling PULL.
+    pub async fn pull_queue(&self, group: &str, req: PullRequest<'_>) -> Result<QueuePull> {
+        self.broker.pull_queue(group, req).await
+    }
+    /// Commits the next offset to consume; fenced when `epoch` (a lease epoch) is given.
+    pub async fn commit_queue_offset(
+        &self,
+        group: &str,
+        topic: &str,
+        queue_id: u32,
+        offset: u64,
+        epoch: Option<u64>,
+    ) -> Result<()> {
+        self.broker
+            .commit_queue_offset(group, topic, queue_id, offset, epoch)
+            .await
+    }
+    /// The committed offset of (group, topic, queue), if any.
+    pub async fn committed_queue_offset(
+        &self,
+        group: &str,
+        topic: &str,
+        queue_id: u32,
+    ) -> Result<Option<u64>> {
+        self.broker
+            .committed_queue_offset(group, topic, queue_id)
+            .await
+    }
+    /// The message at a log position.
+    pub async fn message_at(&self, position: u64) -> Result<Option<StoredMessage>> {
+        self.broker.message_at(position).await
+    }
+    /// Schedules another attempt of `message` for `group` (or dead-letters it) under `policy`.
+    pub async fn send_back(
+        &self,
+        group: &str,
+        message: &StoredMessage,
+        policy: SendBack,
+    ) -> Result<SentBack> {
+        self.broker.send_back(group, message, policy).await
+    }
+
+    // ---- membership and leases
+
+    /// A self-balancing client's heartbeat; true when the member list changed.
+    pub async fn heartbeat_member(&self, group: &str, spec: MemberSpec) -> Result<bool> {
+        self.broker.heartbeat_member(group, spec).await
+    }
+    /// Live members of a group.
+    pub async fn members(&self, group: &str) -> Result<Vec<Member>> {
+        self.broker.members(group).await
+    }
+    /// Ids of a group's live self-balancing members, sorted.
+    pub async fn member_ids(&self, group: &str) -> Result<Vec<String>> {
+        self.broker.member_ids(group).await
+    }
+    /// A self-balancing client leaves; true when it was live.
+    pub async fn leave(&self, group: &str, member_id: &str) -> Result<bool> {
+        self.broker.leave(group, member_id).await
+    }
+    /// Takes the lease on a queue for `holder` (e.g. an ordered consumer's lock) for `ttl_ms`;
+    /// `None` while another holder's lease is live.
+    pub async fn acquire_lease(
+        &self,
+        key: &LeaseKey,
+        holder: &str,
+        ttl_ms: u64,
+    ) -> Result<Option<Lease>> {
+        self.broker.group(&key.group)?;
+        self.broker.store.lease_acquire(key, holder, ttl_ms).await
+    }
+    /// Extends a held lease; `None` when it was lost.
+    pub async fn renew_lease(&self, lease: &Lease, ttl_ms: u64) -> Result<Option<Lease>> {
+        self.broker.store.lease_renew(lease, ttl_ms).await
+    }
+    /// Gives a lease up.
+    pub async fn release_lease(&self, lease: &Lease) -> Result<()> {
+        self.broker.store.lease_release(lease).await
+    }
+
+    // ---- broker-assigned consumers (this host's dispatcher)
+
+    /// Registers (or refreshes) an instance with exactly these subscriptions.
+    pub async fn register_consumer(&self, spec: InstanceSpec) -> Result<()> {
+        self.broker.register_consumer(spec).await
+    }
+    /// Registers an instance, or adds these subscriptions to the ones it has.
+    pub async fn subscribe(&self, spec: InstanceSpec) -> Result<()> {
+        self.broker.subscribe(spec).await
+    }
+    /// Marks an instance alive without changing its subscriptions.
+    pub fn heartbeat(&self, group: &str, instance_id: &str) {
+        self.broker.heartbeat(group, instance_id)
+    }
+    /// True when the instance is registered and alive.
+    pub fn is_registered(&self, group: &str, instance_id: &str) -> bool {
+        self.broker.is_registered(group, instance_id)
+    }
+    /// An instance leaves on purpose, handing back what it holds.
+    pub async fn unregister_consumer(&self, group: &str, instance_id: &str) -> Result<()> {
+        self.broker.unregister_consumer(group, instance_id).await
+    }
+    /// Long-polls up to `wait` for at most `max` messages for the instance.
+    pub async fn receive(
+        &self,
+        group: &str,
+        instance_id: &str,
+        max: usize,
+        wait: Duration,
+    ) -> Result<Vec<Delivered>> {
+        self.broker.receive(group, instance_id, max, wait).await
+    }
+    /// Like [`BrokerApi::receive`], only messages of `topics`.
+    pub async fn receive_topics(
+        &self,
+        group: &str,
+        instance_id: &str,
+        topics: &[String],
+        max: usize,
+        wait: Duration,
+    ) -> Result<Vec<Delivered>> {
+        self.broker
+            .receive_topics(group, instance_id, topics, max, wait)
+            .await
+    }
+    /// The receipt a remote consumer settles `delivered` with.
+    pub fn receipt(&self, group: &str, delivered: &Delivered) -> String {
+        self.broker.receipt(group, delivered)
+    }
+    /// Settles one delivery by its receipt.
+    pub async fn settle(&self, group: &str, receipt: &str, outcome: Outcome) -> Result<()> {
+        self.broker.settle(group, receipt, outcome).await
+    }
+    /// Settles in-process deliveries by token, in one pass; one result per entry.
+    pub async fn settle_batch(
+        &self,
+        group: &str,
+        batch: &[(DeliveryToken, Outcome)],
+    ) -> Result<Vec<Result<()>>> {
+        self.broker.settle_batch(group, batch).await
+    }
+
+    // ---- dead letters and status
+
+    /// Status of a consumer group.
+    pub async fn group_status(&self, group: &str) -> Result<GroupStatus> {
+        self.broker.group_status(group).await
+    }
+    /// Resets the group's offset on `topic` to a store time.
+    pub async fn reset_offset(&self, group: &str, topic: &str, timestamp_ms: u64) -> Result<()> {
+        self.broker.reset_offset(group, topic, timestamp_ms).await
+    }
+    /// Dead letters of a group, paged.
+    pub async fn dead_letters(
+        &self,
+        group: &str,
+        limit: usize,
+        page_token: Option<&str>,
+    ) -> Result<TimePage> {
+        self.broker.dead_letters(group, limit, page_token).await
+    }
+    /// Re-sends one dead letter to its group only.
+    pub async fn resend_dead_letter(&self, group: &str, message_id: &str) -> Result<SendReceipt> {
+        self.broker.resend_dead_letter(group, message_id).await
+    }
+
+    // ---- plugin deployment records
+
+    /// Every stored plugin deployment.
+    pub async fn deployments(&self) -> Result<Vec<PluginRecord>> {
+        self.broker.deployments().await
+    }
+    /// Stores a plugin deployment record.
+    pub async fn save_deployment(&self, record: &PluginRecord) -> Result<()> {
+        self.broker.save_deployment(record).await
+    }
+    /// Forgets a plugin's deployment record.
+    pub async fn delete_deployment(&self, name: &str) -> Result<()> {
+        self.broker.delete_deployment(name).await
+    }
+
+    // ---- host operations
+
+    /// True when the store can take writes now (`/healthz`).
+    pub fn writable(&self) -> bool {
+        self.broker.store.writable()
+    }
+    /// Store counters and histograms for `/metrics`.
+    pub fn store_stats(&self) -> StoreStats {
+        self.broker.store.stats()
+    }
+    /// The injected clock.
+    pub fn clock(&self) -> &SharedClock {
+        self.broker.clock()
+    }
+    /// Broker settings.
+    pub fn config(&self) -> &BrokerConfig {
+        self.broker.config()
+    }
+    /// This host's identity for this boot.
+    pub fn host_id(&self) -> &str {
+        self.broker.host_id()
+    }
+    /// Flushes and stops (graceful shutdown).
+    pub async fn shutdown(&self) -> Result<()> {
+        self.broker.shutdown().await
+    }
+}
