@@ -11,7 +11,7 @@ use super::messages::{MessageJson, parse_send};
 use super::{Caller, Shared};
 use crate::broker::query::original_topic;
 use crate::error::{ErrorKind, WharfError};
-use crate::store::TimePage;
+use crate::broker::api::TimePage;
 
 /// `POST /v1/topics/{topic}/messages`: one message or a batch; answers once durably stored.
 pub async fn send(
