@@ -9,9 +9,9 @@ use serde_json::json;
 use super::error::{ApiPath, ApiQuery, ApiResult, RawBody};
 use super::messages::{MessageJson, parse_send};
 use super::{Caller, Shared};
+use crate::broker::api::TimePage;
 use crate::broker::query::original_topic;
 use crate::error::{ErrorKind, WharfError};
-use crate::broker::api::TimePage;
 
 /// `POST /v1/topics/{topic}/messages`: one message or a batch; answers once durably stored.
 pub async fn send(
