@@ -7,4 +7,5 @@ mod consume;
 mod crash;
 mod foundation;
 mod harness;
+mod listener;
 mod plugins;
