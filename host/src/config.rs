@@ -503,21 +503,21 @@ impl Overrides {
 }
 
 /// Largest `broker.retry_delay_scale` (1000 × the 2 h last step is 83 days; more is a typo).
-pub const MAX_RETRY_DELAY_SCALE: f64 = 1000.0;
+const MAX_RETRY_DELAY_SCALE: f64 = 1000.0;
 
 /// The allowed range of one integer key.
 #[derive(Debug, Clone, Copy)]
-pub struct IntRange {
+struct IntRange {
     /// `[section]`
-    pub section: &'static str,
+    section: &'static str,
     /// Key in the section.
-    pub key: &'static str,
+    key: &'static str,
     /// Smallest allowed value.
-    pub min: i64,
+    min: i64,
     /// Largest allowed value.
-    pub max: i64,
-    /// Why, appended to the error (starts with a space or is empty).
-    pub note: &'static str,
+    max: i64,
+    /// Appended to the error: why, or the range in words (starts with a space or ';', or is empty).
+    note: &'static str,
 }
 
 const fn range(
@@ -541,7 +541,7 @@ const GIB: i64 = 1024 * MIB;
 const DAY_MS: i64 = 24 * 3_600_000;
 
 /// Every integer key of the config and what it may be; [`Config::parse`] enforces them all.
-pub const INT_RANGES: &[IntRange] = &[
+const INT_RANGES: &[IntRange] = &[
     range("http", "max_body_bytes", 1024, GIB, " (1 KiB to 1 GiB)"),
     range("http", "max_upload_bytes", 1024, GIB, " (1 KiB to 1 GiB)"),
     range("http", "max_wait_ms", 0, 600_000, " (up to 10 minutes)"),

@@ -9,5 +9,6 @@ mod defects;
 mod delivery;
 mod foundation;
 mod harness;
+mod listener;
 mod plugin_runtime;
 mod plugins;

@@ -61,7 +61,8 @@ pub struct Listener {
 }
 
 impl Listener {
-    /// Binds `listen` (`IP:PORT`; port 0 picks a free port) for the listener called `name`.
+    /// Binds `listen` (`IP:PORT`; port 0 picks a free port) for the listener called `name`, which
+    /// serves at most `max_connections` connections at once (0 counts as 1: it would never accept).
     pub async fn bind(
         name: &'static str,
         listen: &str,
@@ -101,18 +102,21 @@ impl Listener {
                         );
                     }
                     tokio::select! {
+                        biased;
+                        () = shutdown.stopping.cancelled() => break,
                         p = permits.clone().acquire_owned() => match p {
                             Ok(p) => p,
                             // Never closed; ending the loop is the only sane answer if it were.
                             Err(_) => break,
                         },
-                        () = shutdown.stopping.cancelled() => break,
                     }
                 }
             };
+            // Stopping wins over a connection that is ready at the same moment.
             let accepted = tokio::select! {
-                r = self.tcp.accept() => r,
+                biased;
                 () = shutdown.stopping.cancelled() => break,
+                r = self.tcp.accept() => r,
             };
             match accepted {
                 Ok((stream, peer)) => {
@@ -151,8 +155,8 @@ impl Listener {
                         "cannot accept a connection (out of file descriptors or memory?); retrying"
                     );
                     tokio::select! {
-                        () = tokio::time::sleep(delay) => {}
                         () = shutdown.stopping.cancelled() => break,
+                        () = tokio::time::sleep(delay) => {}
                     }
                 }
             }
