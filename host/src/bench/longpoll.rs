@@ -17,10 +17,10 @@ use bytes::Bytes;
 use tokio::sync::Notify;
 
 use super::send::{LatencySummary, send_concurrently};
-use super::util::{ScratchDir, open_broker, parse_flush};
+use super::util::{ScratchDir, create_consumer_group, open_broker, parse_flush};
 use crate::broker::consume::PullRequest;
 use crate::broker::resources::MAX_QUEUES;
-use crate::broker::{Broker, ConsumeModel, GroupKind, GroupSpec, TopicSpec, TopicType};
+use crate::broker::{Broker, TopicSpec, TopicType};
 use crate::store::FlushMode;
 
 /// Options of `wharf bench longpoll`.
@@ -94,15 +94,7 @@ pub async fn run(args: LongpollArgs) -> anyhow::Result<()> {
             })
             .await?;
     }
-    broker
-        .create_group(GroupSpec {
-            name: GROUP.into(),
-            kind: GroupKind::Consumer,
-            model: ConsumeModel::Clustering,
-            max_reconsume_times: None,
-            consume_timeout_ms: None,
-        })
-        .await?;
+    create_consumer_group(&broker, GROUP).await?;
     let body = Bytes::from(vec![b'x'; args.size]);
 
     // Warm-up: files created, pages touched, tasks scheduled; not measured.
@@ -199,8 +191,8 @@ async fn timed(
     body: &Bytes,
 ) -> anyhow::Result<(f64, Vec<u32>)> {
     let started = Instant::now();
-    let lat = send_concurrently(broker, SEND_TOPIC, args.messages, args.concurrency, 1, body)
-        .await?;
+    let lat =
+        send_concurrently(broker, SEND_TOPIC, args.messages, args.concurrency, 1, body).await?;
     Ok((started.elapsed().as_secs_f64(), lat))
 }
 

@@ -15,7 +15,8 @@ use super::util::ScratchDir;
 pub const NGINX: &str = "/usr/sbin/nginx";
 
 /// What nginx answers to every request: the shape of Wharf's receipt for one sent message.
-const RECEIPT: &str = r#"{"message_id":"0000019AD7E3F1A20000BEEF3ADE68B1","queue_id":0,"queue_offset":0}"#;
+const RECEIPT: &str =
+    r#"{"message_id":"0000019AD7E3F1A20000BEEF3ADE68B1","queue_id":0,"queue_offset":0}"#;
 
 /// How long nginx may take to start listening or to stop.
 const START_STOP_TIMEOUT: Duration = Duration::from_secs(10);
@@ -231,6 +232,9 @@ mod tests {
         assert_eq!(v["message_id"].as_str().map(str::len), Some(32));
         assert_eq!(v["queue_id"], 0);
         assert_eq!(v["queue_offset"], 0);
-        assert!(!RECEIPT.contains('\''), "the receipt is quoted with ' in the config");
+        assert!(
+            !RECEIPT.contains('\''),
+            "the receipt is quoted with ' in the config"
+        );
     }
 }
