@@ -17,10 +17,10 @@ use anyhow::bail;
 use bytes::Bytes;
 
 use super::send::LatencySummary;
-use super::util::{ScratchDir, open_broker, parse_flush, rss_bytes};
+use super::util::{ScratchDir, create_consumer_group, open_broker, parse_flush, rss_bytes};
 use crate::broker::api::BrokerApi;
 use crate::broker::consume::{InstanceSpec, Outcome, Subscription};
-use crate::broker::{ConsumeModel, GroupKind, GroupSpec, OutgoingMessage, TopicSpec, TopicType};
+use crate::broker::{OutgoingMessage, TopicSpec, TopicType};
 use crate::clock::Clock;
 use crate::store::FlushMode;
 
@@ -96,15 +96,7 @@ pub async fn run(args: E2eArgs) -> anyhow::Result<()> {
             queues: Some(args.queues),
         })
         .await?;
-    broker
-        .create_group(GroupSpec {
-            name: GROUP.into(),
-            kind: GroupKind::Consumer,
-            model: ConsumeModel::Clustering,
-            max_reconsume_times: None,
-            consume_timeout_ms: None,
-        })
-        .await?;
+    create_consumer_group(&broker, GROUP).await?;
     for i in 0..args.instances {
         broker
             .register_consumer(InstanceSpec {

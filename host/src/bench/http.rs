@@ -138,6 +138,18 @@ impl Conn {
         let body = resp.into_body().collect().await?.to_bytes();
         Ok((status, body))
     }
+
+    /// POSTs `body`; any answer but 200 is an error naming `what` failed.
+    async fn post_ok(&mut self, path: &str, body: Bytes, what: &str) -> anyhow::Result<Bytes> {
+        let (status, answer) = self.call("POST", path, body).await?;
+        if status != 200 {
+            bail!(
+                "{what} failed: HTTP {status} {}",
+                String::from_utf8_lossy(&answer)
+            );
+        }
+        Ok(answer)
+    }
 }
 
 /// Runs the benchmark.
@@ -438,15 +450,8 @@ async fn drain(args: &HttpArgs, addr: &str, topic: &str, group: &str) -> anyhow:
             format!("bench-{pid}")
         };
         let mut conn = Conn::open(addr).await?;
-        let (status, body) = conn
-            .call("POST", &receive_path, receive_body(topic, &instance, 0))
+        conn.post_ok(&receive_path, receive_body(topic, &instance, 0), "receive")
             .await?;
-        if status != 200 {
-            bail!(
-                "receive failed: HTTP {status} {}",
-                String::from_utf8_lossy(&body)
-            );
-        }
         conns.push((conn, instance));
     }
 
@@ -557,13 +562,7 @@ async fn preload(
                 } else {
                     last.clone()
                 };
-                let (status, answer) = conn.call("POST", &path, body).await?;
-                if status != 200 {
-                    bail!(
-                        "preload send failed: HTTP {status} {}",
-                        String::from_utf8_lossy(&answer)
-                    );
-                }
+                conn.post_ok(&path, body, "preload send").await?;
             }
         }));
     }
@@ -588,13 +587,9 @@ async fn drain_one(
     let mut stats = DrainStats::default();
     while progress.running() {
         let t = Instant::now();
-        let (status, body) = conn.call("POST", &receive_path, receive.clone()).await?;
-        if status != 200 {
-            bail!(
-                "receive failed: HTTP {status} {}",
-                String::from_utf8_lossy(&body)
-            );
-        }
+        let body = conn
+            .post_ok(&receive_path, receive.clone(), "receive")
+            .await?;
         let got: ReceiveAnswer =
             serde_json::from_slice(&body).context("read the answer to a receive")?;
         if got.messages.is_empty() {
@@ -611,13 +606,7 @@ async fn drain_one(
             &serde_json::json!({ "receipts": receipts }),
         )?);
         let t = Instant::now();
-        let (status, body) = conn.call("POST", &ack_path, ack).await?;
-        if status != 200 {
-            bail!(
-                "ack failed: HTTP {status} {}",
-                String::from_utf8_lossy(&body)
-            );
-        }
+        let body = conn.post_ok(&ack_path, ack, "ack").await?;
         let settled: AckAnswer =
             serde_json::from_slice(&body).context("read the answer to an ack")?;
         if settled.settled != n {

@@ -17,10 +17,10 @@ use bytes::Bytes;
 use tokio::sync::Notify;
 
 use super::send::{LatencySummary, send_concurrently};
-use super::util::{ScratchDir, open_broker, parse_flush};
+use super::util::{ScratchDir, create_consumer_group, open_broker, parse_flush};
 use crate::broker::api::BrokerApi;
 use crate::broker::resources::MAX_QUEUES;
-use crate::broker::{ConsumeModel, GroupKind, GroupSpec, TopicSpec, TopicType};
+use crate::broker::{TopicSpec, TopicType};
 use crate::store::FlushMode;
 
 /// Options of `wharf bench longpoll`.
@@ -83,15 +83,7 @@ pub async fn run(args: LongpollArgs) -> anyhow::Result<()> {
             })
             .await?;
     }
-    broker
-        .create_group(GroupSpec {
-            name: GROUP.into(),
-            kind: GroupKind::Consumer,
-            model: ConsumeModel::Clustering,
-            max_reconsume_times: None,
-            consume_timeout_ms: None,
-        })
-        .await?;
+    create_consumer_group(&broker, GROUP).await?;
     let body = Bytes::from(vec![b'x'; args.size]);
 
     // Warm-up: files created, pages touched, tasks scheduled; not measured.

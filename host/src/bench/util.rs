@@ -6,8 +6,8 @@ use std::sync::Arc;
 
 use anyhow::Context;
 
-use crate::broker::BrokerConfig;
 use crate::broker::api::BrokerApi;
+use crate::broker::{BrokerConfig, ConsumeModel, GroupKind, GroupSpec};
 use crate::clock::{SharedClock, SystemClock};
 use crate::store::{FlushMode, Store, StoreConfig, open_store};
 
@@ -85,6 +85,20 @@ pub async fn open_broker(
         .context("open the broker")?;
     let broker = BrokerApi::new(broker);
     Ok((broker, store, clock))
+}
+
+/// Creates the clustering consumer group `name` with the default retry settings.
+pub async fn create_consumer_group(broker: &BrokerApi, name: &str) -> anyhow::Result<()> {
+    broker
+        .create_group(GroupSpec {
+            name: name.into(),
+            kind: GroupKind::Consumer,
+            model: ConsumeModel::Clustering,
+            max_reconsume_times: None,
+            consume_timeout_ms: None,
+        })
+        .await?;
+    Ok(())
 }
 
 /// Resident set size of this process in bytes (Linux `/proc/self/status` VmRSS).
