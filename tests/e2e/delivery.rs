@@ -168,3 +168,40 @@ fn a_receipt_from_before_a_restart_says_so() {
     let again = receive(s.api(), "GID_boot", "Boot", "c", 2_000);
     assert_eq!(bodies(&again), ["x"]);
 }
+
+#[test]
+fn a_time_range_query_lists_timer_messages_stored_in_it_while_consumers_wait() {
+    let s = Server::start(ServerOpts::with_config(FAST));
+    let api = s.api();
+    create_topic(api, "Later", 1);
+    group(api, "GID_later", 600_000);
+    // The consumer subscribes first, so the group starts before both messages.
+    assert!(receive(api, "GID_later", "Later", "c", 0).is_empty());
+    let begin = crate::foundation::now_ms();
+    let r = api.post_json(
+        "/v1/topics/Later/messages",
+        &json!({"body": "in an hour", "delay_ms": 3_600_000}),
+    );
+    assert!(r.status == 200 || r.status == 201, "{}", r.text);
+    let timer_id = r.body["message_id"].as_str().unwrap().to_string();
+    let now_id = send(api, "Later", "now");
+    let listed =
+        crate::foundation::range_all(api, "Later", begin, crate::foundation::now_ms() + 1_000, 10);
+    let ids: Vec<&str> = listed
+        .iter()
+        .filter_map(|m| m["message_id"].as_str())
+        .collect();
+    assert!(
+        ids.contains(&timer_id.as_str()),
+        "the timer message is listed: {listed:?}"
+    );
+    assert!(ids.contains(&now_id.as_str()), "{listed:?}");
+    let timer = listed
+        .iter()
+        .find(|m| m["message_id"] == timer_id.as_str())
+        .unwrap();
+    assert!(timer["deliver_at_ms"].as_u64().is_some(), "{timer}");
+    // Consumers still see only the due one.
+    let got = receive(api, "GID_later", "Later", "c", 1_000);
+    assert_eq!(bodies(&got), ["now"]);
+}

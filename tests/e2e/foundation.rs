@@ -8,7 +8,7 @@ use serde_json::{Value, json};
 
 use crate::harness::{Api, Server, ServerOpts, create_group, create_topic, wait_for};
 
-fn now_ms() -> u64 {
+pub fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap()
