@@ -49,7 +49,7 @@ for _ in $(seq 1 100); do
     kill -0 "$pid" 2>/dev/null || wait "$pid"
     sleep 0.1
 done
-for topic in Trade Notify Flaky; do
+for topic in Trade Notify Flaky Plain; do
     "$wharf" topic create "$topic" >/dev/null 2>&1 || true
 done
 for manifest in plugins/*/plugin.toml; do
