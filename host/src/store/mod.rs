@@ -401,8 +401,6 @@ pub trait Store: Send + Sync + 'static {
 
     /// Deletes whole segments whose newest message is older than the retention period.
     async fn enforce_retention(&self, now_ms: u64) -> Result<RetentionReport>;
-    /// A counter bumped after every append or reveal; long polls wait on it.
-    fn changes(&self) -> watch::Receiver<u64>;
     /// Per-queue change notification replacing the global counter for waiters: the receiver's
     /// value is the queue's visible max offset (QueueBounds::max), updated when an append or
     /// timer reveal makes entries of THAT queue visible. Appends to other queues must not wake

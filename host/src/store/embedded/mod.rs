@@ -154,7 +154,6 @@ pub(crate) struct Shared {
     /// Member and lease rows (memory only: see `coord`).
     coord: Mutex<Coord>,
     stats: Counters,
-    changes: watch::Sender<u64>,
     writable: AtomicBool,
     closed: AtomicBool,
     lock: Mutex<Option<File>>,
@@ -344,7 +343,6 @@ impl EmbeddedStore {
                 log.create(base).map_err(|e| unwritable(&dir, &e))?
             }
         };
-        let (changes, _) = watch::channel(0u64);
         let sh = Arc::new(Shared {
             dir: dir.clone(),
             config: config.clone(),
@@ -363,7 +361,6 @@ impl EmbeddedStore {
             meta: Mutex::new(HashMap::new()),
             coord: Mutex::new(Coord::new(boot)),
             stats: Counters::default(),
-            changes,
             writable: AtomicBool::new(true),
             closed: AtomicBool::new(false),
             lock: Mutex::new(Some(lock)),
@@ -1019,10 +1016,6 @@ impl Store for EmbeddedStore {
         let (tx, rx) = oneshot::channel();
         self.sh.submit(Request::Retention { now_ms, reply: tx })?;
         rx.await.map_err(|_| writer_gone())?
-    }
-
-    fn changes(&self) -> watch::Receiver<u64> {
-        self.sh.changes.subscribe()
     }
 
     fn watch_queue(&self, topic: &str, queue_id: u32) -> watch::Receiver<u64> {

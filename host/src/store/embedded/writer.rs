@@ -622,14 +622,6 @@ impl Writer {
             error!(error = %e, "loading timer bucket failed");
         }
         self.publish_timer_state();
-        let visible = outcomes.iter().any(|o| match o {
-            Ok(Outcome::Appended(a)) => a.iter().any(|a| a.queue_offset.is_some()),
-            Ok(Outcome::Revealed(n)) => *n > 0,
-            Err(_) => false,
-        });
-        if visible {
-            self.sh.changes.send_modify(|c| *c += 1);
-        }
         self.last_round_appends = reqs
             .iter()
             .filter(|r| matches!(r, Request::Append { .. }))
