@@ -137,6 +137,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     shutdown.serve(listener, HttpHandler::new(state));
 
     info!("listening http={addr}");
+    // Every bound listener, by name, for the machine-readable line below.
+    let bound: Vec<(&str, std::net::SocketAddr)> = vec![("http", addr)];
     for (name, listen) in [
         ("mqtt", &config.mqtt.listen),
         ("remoting", &config.remoting.listen),
@@ -148,8 +150,13 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     {
         // Machine-readable, for scripts and tests that start the host on port 0.
         use std::io::Write as _;
+        let line = bound
+            .iter()
+            .map(|(name, a)| format!("{name}={a}"))
+            .collect::<Vec<_>>()
+            .join(" ");
         let mut out = std::io::stdout().lock();
-        let _ = writeln!(out, "wharf: listening http={addr}");
+        let _ = writeln!(out, "wharf: listening {line}");
         let _ = out.flush();
     }
 

@@ -24,13 +24,36 @@ pub use super::query::{Delivery, DeliveryStatus, MessageView};
 pub use super::resources::{
     ConsumeModel, Group, GroupKind, GroupPatch, GroupSpec, Topic, TopicSpec, TopicType,
 };
-pub use super::send::{OutgoingMessage, QueueChoice, SendReceipt};
+pub use super::send::{
+    MQTT_LOCAL_QUEUES, MQTT_LOCAL_TOPIC, OutgoingMessage, QueueChoice, SendReceipt,
+};
 pub use super::{Broker, BrokerConfig};
-pub use crate::store::{Lease, LeaseKey, MemberKind, StoreStats, TimePage};
+pub use crate::store::{Lease, LeaseKey, MemberKind, QueueBounds, StoreStats, TimePage};
 
 use crate::clock::SharedClock;
 use crate::error::Result;
 use crate::model::StoredMessage;
+
+/// The spaces front ends keep durable records in, each apart from the broker's own metadata.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StateSpace {
+    /// MQTT sessions of clean-session=false clients, by client id.
+    MqttSession,
+    /// MQTT retained messages, by topic.
+    MqttRetained,
+    /// MQTT presence counters (`eventIndex`), by client id.
+    MqttPresence,
+}
+
+impl StateSpace {
+    fn namespace(self) -> &'static str {
+        match self {
+            StateSpace::MqttSession => "fe.mqtt.session",
+            StateSpace::MqttRetained => "fe.mqtt.retained",
+            StateSpace::MqttPresence => "fe.mqtt.presence",
+        }
+    }
+}
 
 /// A handle on the broker for front ends; cheap to clone.
 #[derive(Clone)]
@@ -291,6 +314,43 @@ impl BrokerApi {
         batch: &[(DeliveryToken, Outcome)],
     ) -> Result<Vec<Result<()>>> {
         self.broker.settle_batch(group, batch).await
+    }
+
+    // ---- MQTT gateway storage and front-end state
+
+    /// Sends to the MQTT gateway's own topic ([`MQTT_LOCAL_TOPIC`]): MQTT-to-MQTT traffic whose
+    /// first level is no broker topic. Durable per the flush mode, like any send.
+    pub async fn send_mqtt_local(&self, msgs: Vec<OutgoingMessage>) -> Result<Vec<SendReceipt>> {
+        self.broker.send_mqtt_local(msgs).await
+    }
+    /// Oldest kept and next offsets of one queue.
+    pub async fn queue_bounds(&self, topic: &str, queue_id: u32) -> Result<QueueBounds> {
+        self.broker.store.queue_bounds(topic, queue_id).await
+    }
+    /// Queue count of a broker topic or of an engine topic (`%RETRY%`, `%DLQ%`, `%MQTT%`).
+    pub fn queue_count(&self, topic: &str) -> u32 {
+        self.broker.engine_queue_count(topic)
+    }
+    /// A front end's durable record (an MQTT session, a retained message), if stored.
+    pub async fn state_get(&self, space: StateSpace, key: &str) -> Result<Option<Vec<u8>>> {
+        Ok(self
+            .broker
+            .store
+            .meta_get(space.namespace(), key)
+            .await?
+            .map(|e| e.value))
+    }
+    /// Stores a front end's record durably (per the flush mode) before answering.
+    pub async fn state_put(&self, space: StateSpace, key: &str, value: Vec<u8>) -> Result<()> {
+        self.broker.store.meta_put(space.namespace(), key, value).await
+    }
+    /// Forgets a front end's record.
+    pub async fn state_delete(&self, space: StateSpace, key: &str) -> Result<()> {
+        self.broker.store.meta_delete(space.namespace(), key).await
+    }
+    /// Every record of one space.
+    pub async fn state_list(&self, space: StateSpace) -> Result<Vec<(String, Vec<u8>)>> {
+        self.broker.store.meta_list(space.namespace()).await
     }
 
     // ---- dead letters and status

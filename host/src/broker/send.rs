@@ -90,6 +90,13 @@ pub fn encoded_properties_len(msg: &OutgoingMessage) -> usize {
 
 static ROUND_ROBIN: AtomicU32 = AtomicU32::new(0);
 
+/// The MQTT gateway's own topic: messages to MQTT topics whose first level is no broker topic
+/// (open mode). `%` keeps it out of every user's namespace.
+pub const MQTT_LOCAL_TOPIC: &str = "%MQTT%";
+/// Queues of [`MQTT_LOCAL_TOPIC`]; MQTT topics are spread over them by name, so one topic stays
+/// in order.
+pub const MQTT_LOCAL_QUEUES: u32 = 8;
+
 impl Broker {
     /// Sends a batch to `topic`; returns once durably stored (per flush mode). All or nothing:
     /// one illegal message rejects the whole batch before anything is stored.
@@ -100,6 +107,24 @@ impl Broker {
         msgs: Vec<OutgoingMessage>,
     ) -> Result<Vec<SendReceipt>> {
         let t = self.topic(topic)?;
+        self.send_to(&t.name, t.queues, msgs).await
+    }
+
+    /// Sends to the MQTT gateway's own topic (MQTT-to-MQTT traffic whose first level is no
+    /// broker topic): the same validation, queue choice and durability as any send.
+    pub(in crate::broker) async fn send_mqtt_local(
+        &self,
+        msgs: Vec<OutgoingMessage>,
+    ) -> Result<Vec<SendReceipt>> {
+        self.send_to(MQTT_LOCAL_TOPIC, MQTT_LOCAL_QUEUES, msgs).await
+    }
+
+    async fn send_to(
+        &self,
+        topic: &str,
+        queues: u32,
+        msgs: Vec<OutgoingMessage>,
+    ) -> Result<Vec<SendReceipt>> {
         if msgs.is_empty() {
             return Err(WharfError::illegal(
                 "a batch must hold at least one message",
@@ -119,9 +144,9 @@ impl Broker {
                     }
                 }
             })?;
-            let queue_id = m.queue.pick(start, i, t.queues, &t.name)?;
+            let queue_id = m.queue.pick(start, i, queues, topic)?;
             batch.push(NewMessage {
-                topic: t.name.clone(),
+                topic: topic.to_owned(),
                 queue_id,
                 tag: m.tag,
                 keys: m.keys,
@@ -135,7 +160,7 @@ impl Broker {
         }
         let body_bytes: u64 = batch.iter().map(|m| m.body.len() as u64).sum();
         let appended = self.store.append(batch).await?;
-        crate::metrics::send_counters().record(&t.name, appended.len() as u64, body_bytes);
+        crate::metrics::send_counters().record(topic, appended.len() as u64, body_bytes);
         debug!(count = appended.len(), "stored");
         Ok(appended
             .into_iter()

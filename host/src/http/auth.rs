@@ -40,12 +40,16 @@ pub fn sign(secret: &str, data: &str) -> String {
 }
 
 fn hmac_sha1(secret: &str, data: &str) -> Vec<u8> {
+    hmac_sha1_bytes(secret.as_bytes(), data.as_bytes())
+}
+
+fn hmac_sha1_bytes(secret: &[u8], data: &[u8]) -> Vec<u8> {
     // HMAC accepts keys of any length, so this cannot fail.
-    let mut mac = match Hmac::<Sha1>::new_from_slice(secret.as_bytes()) {
+    let mut mac = match Hmac::<Sha1>::new_from_slice(secret) {
         Ok(m) => m,
         Err(_) => unreachable!("HMAC takes keys of any length"),
     };
-    mac.update(data.as_bytes());
+    mac.update(data);
     mac.finalize().into_bytes().to_vec()
 }
 
@@ -316,6 +320,32 @@ impl Authenticator {
             return Err(unauthenticated(
                 "signature does not match: sign METHOD\\nContent-MD5\\nContent-Type\\nDate\\nPath-and-query with HMAC-SHA1 and the secret key, then Base64",
             ));
+        }
+        Ok(principal.clone())
+    }
+}
+
+impl Authenticator {
+    /// For front ends with their own signing scheme (MQTT passwords, ONS signatures): checks that
+    /// `signature` (Base64) is HMAC-SHA1 of `data` under `access_key`'s secret and returns the key's
+    /// principal. The error says which part failed without echoing any secret.
+    pub fn verify_hmac(
+        &self,
+        access_key: &str,
+        data: &[u8],
+        signature: &str,
+    ) -> Result<Arc<Principal>, WharfError> {
+        let (secret, principal) = self.keys.get(access_key).ok_or_else(|| {
+            unauthenticated(format!(
+                "unknown access key '{access_key}'; use a key listed in the host's [[auth.keys]]"
+            ))
+        })?;
+        let expected = hmac_sha1_bytes(secret.as_bytes(), data);
+        let given = B64.decode(signature.trim()).unwrap_or_default();
+        if !constant_time_eq(&expected, &given) {
+            return Err(unauthenticated(format!(
+                "signature for access key '{access_key}' does not match: it must be Base64(HMAC-SHA1(SecretKey, signed data))"
+            )));
         }
         Ok(principal.clone())
     }

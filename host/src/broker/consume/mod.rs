@@ -343,9 +343,11 @@ impl Broker {
     }
 
     /// Queue count of a topic the engine reads (1 for retry topics, 0 for a deleted topic).
-    fn engine_queue_count(&self, topic: &str) -> u32 {
+    pub(in crate::broker) fn engine_queue_count(&self, topic: &str) -> u32 {
         if topic.starts_with("%RETRY%") || topic.starts_with("%DLQ%") {
             1
+        } else if topic == crate::broker::send::MQTT_LOCAL_TOPIC {
+            crate::broker::send::MQTT_LOCAL_QUEUES
         } else {
             self.registry
                 .read()
