@@ -74,18 +74,75 @@ impl Default for HttpConfig {
     }
 }
 
-/// `[mqtt]` section: where the MQTT listener binds (the listener itself is a later issue).
+/// `[mqtt]` section: the MQTT 3.1.1 gateway's listeners and limits.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct MqttConfig {
-    /// `listen = "127.0.0.1:1883"`; `""` disables it.
+    /// `listen = "127.0.0.1:1883"`: plain TCP; `""` disables it.
     pub listen: String,
+    /// `tls_listen = ""`: MQTT over TLS (8883 by convention); needs `tls_cert` and `tls_key`.
+    pub tls_listen: String,
+    /// `ws_listen = ""`: MQTT over WebSocket (subprotocol `mqtt`).
+    pub ws_listen: String,
+    /// `wss_listen = ""`: MQTT over secure WebSocket; needs `tls_cert` and `tls_key`.
+    pub wss_listen: String,
+    /// `ws_path = "/mqtt"`: the HTTP path WebSocket clients connect to.
+    pub ws_path: String,
+    /// `tls_cert = ""`: PEM certificate chain for `tls_listen` and `wss_listen`.
+    pub tls_cert: String,
+    /// `tls_key = ""`: PEM private key for `tls_listen` and `wss_listen`.
+    pub tls_key: String,
+    /// `mode = "strict" | "open"`; absent: strict when `[[auth.keys]]` exist, else open.
+    pub mode: Option<MqttMode>,
+    /// `max_subscriptions = 30`: topic filters one client may hold; more get SUBACK 0x80.
+    pub max_subscriptions: usize,
+    /// `deny_subscribe = []`: filters no client may subscribe to (SUBACK 0x80).
+    pub deny_subscribe: Vec<String>,
+    /// `max_packet_bytes = 4259840`: largest packet accepted; a larger one closes the connection.
+    pub max_packet_bytes: usize,
+    /// `connect_timeout_ms = 10000`: a connection that sends no CONNECT in time is closed.
+    pub connect_timeout_ms: u64,
+    /// `max_inflight = 64`: unacknowledged QoS 1/2 messages to one client at once.
+    pub max_inflight: usize,
+    /// `max_queued = 10000`: messages waiting for one client beyond the in-flight window; past
+    /// it QoS 0 messages are dropped (counted) and a QoS 1/2 message disconnects the client.
+    pub max_queued: usize,
+    /// `max_connections = 100000`: open MQTT connections at once per listener.
+    pub max_connections: usize,
+    /// `session_flush_ms = 200`: how often changed sessions of clean-session=false clients are
+    /// written to the store (on top of every SUBSCRIBE, UNSUBSCRIBE and disconnect).
+    pub session_flush_ms: u64,
+}
+
+/// How the MQTT gateway admits clients.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MqttMode {
+    /// The spec's rules: `GroupID@@@DeviceID`, signed passwords, permissions.
+    Strict,
+    /// A plain MQTT broker: any client id, anonymous login.
+    Open,
 }
 
 impl Default for MqttConfig {
     fn default() -> Self {
         MqttConfig {
             listen: "127.0.0.1:1883".into(),
+            tls_listen: String::new(),
+            ws_listen: String::new(),
+            wss_listen: String::new(),
+            ws_path: "/mqtt".into(),
+            tls_cert: String::new(),
+            tls_key: String::new(),
+            mode: None,
+            max_subscriptions: 30,
+            deny_subscribe: Vec::new(),
+            max_packet_bytes: 4 * 1024 * 1024 + 64 * 1024,
+            connect_timeout_ms: 10_000,
+            max_inflight: 64,
+            max_queued: 10_000,
+            max_connections: 100_000,
+            session_flush_ms: 200,
         }
     }
 }
@@ -341,6 +398,52 @@ impl Config {
         };
         addr("http", &self.http.listen, false)?;
         addr("mqtt", &self.mqtt.listen, true)?;
+        for (key, v) in [
+            ("tls_listen", &self.mqtt.tls_listen),
+            ("ws_listen", &self.mqtt.ws_listen),
+            ("wss_listen", &self.mqtt.wss_listen),
+        ] {
+            if !v.is_empty() && v.parse::<SocketAddr>().is_err() {
+                return Err(Problem::at(
+                    &[Key("mqtt"), Key(key)],
+                    format!(
+                        "mqtt.{key} = \"{v}\" is not an address; write IP:PORT such as \"0.0.0.0:8883\" (or \"\" to turn it off)"
+                    ),
+                ));
+            }
+        }
+        let needs_tls = !self.mqtt.tls_listen.is_empty() || !self.mqtt.wss_listen.is_empty();
+        if needs_tls && (self.mqtt.tls_cert.is_empty() || self.mqtt.tls_key.is_empty()) {
+            return Err(Problem::at(
+                &[
+                    Key("mqtt"),
+                    Key(if self.mqtt.tls_cert.is_empty() {
+                        "tls_cert"
+                    } else {
+                        "tls_key"
+                    }),
+                ],
+                "mqtt.tls_listen / mqtt.wss_listen need both tls_cert and tls_key (PEM file paths)"
+                    .to_string(),
+            ));
+        }
+        if !self.mqtt.ws_path.starts_with('/') {
+            return Err(Problem::at(
+                &[Key("mqtt"), Key("ws_path")],
+                format!(
+                    "mqtt.ws_path = \"{}\" must start with '/', such as \"/mqtt\"",
+                    self.mqtt.ws_path
+                ),
+            ));
+        }
+        for (i, f) in self.mqtt.deny_subscribe.iter().enumerate() {
+            if let Err(e) = crate::mqtt::topic::check_filter(f) {
+                return Err(Problem::at(
+                    &[Key("mqtt"), Key("deny_subscribe"), Index(i)],
+                    e,
+                ));
+            }
+        }
         addr("remoting", &self.remoting.listen, true)?;
 
         let tree = toml::Value::try_from(self).map_err(|e| {
@@ -559,6 +662,25 @@ const INT_RANGES: &[IntRange] = &[
         1_000_000,
         "; past it new connections wait to be accepted",
     ),
+    range("mqtt", "max_subscriptions", 1, 100_000, ""),
+    range(
+        "mqtt",
+        "max_packet_bytes",
+        64,
+        256 * MIB,
+        " (64 B to 256 MiB)",
+    ),
+    range(
+        "mqtt",
+        "connect_timeout_ms",
+        100,
+        600_000,
+        " (100 ms to 10 minutes)",
+    ),
+    range("mqtt", "max_inflight", 1, 65_535, ""),
+    range("mqtt", "max_queued", 1, 10_000_000, ""),
+    range("mqtt", "max_connections", 1, 10_000_000, ""),
+    range("mqtt", "session_flush_ms", 1, 60_000, " (1 ms to 1 minute)"),
     range(
         "store",
         "flush_interval_ms",

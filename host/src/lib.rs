@@ -9,6 +9,7 @@ pub mod error;
 pub mod http;
 pub mod metrics;
 pub mod model;
+pub mod mqtt;
 pub mod net;
 pub mod plugin;
 pub mod serve;

@@ -7,7 +7,8 @@ use clap::{Parser, Subcommand};
 
 use wharf::bench::BenchCommand;
 use wharf::cli::{
-    self, ClientOpts, GroupCommand, PluginCommand, QueryCommand, SendArgs, TopicCommand,
+    self, ClientOpts, GroupCommand, MqttCommand, PluginCommand, QueryCommand, SendArgs,
+    TopicCommand,
 };
 use wharf::config::{Config, LogFormat, Overrides};
 
@@ -57,6 +58,13 @@ enum Command {
         opts: ClientOpts,
         #[command(subcommand)]
         cmd: PluginCommand,
+    },
+    /// Inspect MQTT devices, groups and topics.
+    Mqtt {
+        #[command(flatten)]
+        opts: ClientOpts,
+        #[command(subcommand)]
+        cmd: MqttCommand,
     },
     /// Run a benchmark and print its figures.
     Bench {
@@ -127,6 +135,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Send { opts, args } => cli::send(&opts, args).await,
         Command::Query { opts, cmd } => cli::query(&opts, cmd).await,
         Command::Plugin { opts, cmd } => cli::plugin(&opts, cmd).await,
+        Command::Mqtt { opts, cmd } => cli::mqtt(&opts, cmd).await,
         Command::Bench { kind } => {
             wharf::serve::init_logging(LogFormat::Human, "warn");
             kind.run().await

@@ -16,6 +16,7 @@ use crate::clock::{SharedClock, SystemClock};
 use crate::config::{Config, LogFormat};
 use crate::http::auth::Authenticator;
 use crate::http::{AppState, HttpHandler, HttpMetrics};
+use crate::mqtt::Gateway;
 use crate::net::{Listener, Shutdown};
 use crate::plugin::PluginHost;
 
@@ -126,6 +127,27 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     };
     let addr = listener.local_addr();
     let shutdown = Shutdown::new();
+    let mqtt_on = [
+        &config.mqtt.listen,
+        &config.mqtt.tls_listen,
+        &config.mqtt.ws_listen,
+        &config.mqtt.wss_listen,
+    ]
+    .iter()
+    .any(|l| !l.is_empty());
+    let (mqtt, mqtt_bound) = if mqtt_on {
+        match Gateway::start(broker.clone(), config.mqtt.clone(), auth.clone(), &shutdown).await {
+            Ok((g, bound)) => (Some(g), bound),
+            Err(e) => {
+                shutdown.stop(Duration::ZERO).await;
+                plugins.shutdown().await;
+                let _ = broker.shutdown().await;
+                return Err(e.context("starting the MQTT gateway"));
+            }
+        }
+    } else {
+        (None, Vec::new())
+    };
     let state = Arc::new(AppState {
         broker: broker.clone(),
         plugins: plugins.clone(),
@@ -133,19 +155,19 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         config: config.http.clone(),
         metrics: HttpMetrics::default(),
         shutdown: shutdown.token(),
+        mqtt: mqtt.clone(),
     });
     shutdown.serve(listener, HttpHandler::new(state));
 
     info!("listening http={addr}");
     // Every bound listener, by name, for the machine-readable line below.
-    let bound: Vec<(&str, std::net::SocketAddr)> = vec![("http", addr)];
-    for (name, listen) in [
-        ("mqtt", &config.mqtt.listen),
-        ("remoting", &config.remoting.listen),
-    ] {
-        if !listen.is_empty() {
-            warn!("{name} listener is not built yet: NOT listening on {listen} ([{name}] listen)");
-        }
+    let mut bound: Vec<(&str, std::net::SocketAddr)> = vec![("http", addr)];
+    bound.extend(mqtt_bound);
+    if !config.remoting.listen.is_empty() {
+        warn!(
+            "remoting listener is not built yet: NOT listening on {} ([remoting] listen)",
+            config.remoting.listen
+        );
     }
     {
         // Machine-readable, for scripts and tests that start the host on port 0.
@@ -170,6 +192,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             grace_ms = config.http.shutdown_grace_ms,
             "in-flight requests did not finish in time; closing them"
         );
+    }
+    if let Some(g) = &mqtt {
+        g.stop().await;
+        info!("MQTT sessions stored; router stopped");
     }
     plugins.shutdown().await;
     info!("plugins stopped");

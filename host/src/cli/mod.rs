@@ -749,3 +749,78 @@ mod tests {
         assert!(read_plugin(&dir.path().join("p/plugin.toml")).is_err());
     }
 }
+
+/// `wharf mqtt …`
+#[derive(Debug, clap::Subcommand)]
+pub enum MqttCommand {
+    /// A device: online, address, last connect, subscriptions with QoS.
+    Device {
+        /// Client id (`GroupID@@@DeviceID` in strict mode).
+        client_id: String,
+    },
+    /// An MQTT group: online count, pending deliveries.
+    Group {
+        /// Group id (`GID_…`).
+        group: String,
+    },
+    /// An MQTT parent topic: subscribers, recent in/out rates.
+    Topic {
+        /// Broker topic.
+        topic: String,
+    },
+}
+
+/// Runs `wharf mqtt …`.
+pub async fn mqtt(opts: &ClientOpts, cmd: MqttCommand) -> anyhow::Result<()> {
+    let c = opts.client()?;
+    let path = match &cmd {
+        MqttCommand::Device { client_id } => format!("/v1/mqtt/devices/{}", enc(client_id)),
+        MqttCommand::Group { group } => format!("/v1/mqtt/groups/{}", enc(group)),
+        MqttCommand::Topic { topic } => format!("/v1/mqtt/topics/{}", enc(topic)),
+    };
+    let v = c.call(Method::GET, &path, Body::Empty).await?;
+    show(opts, &v, |v| match cmd {
+        MqttCommand::Device { .. } => {
+            let mut out = format!(
+                "{}: {} from {} (last connect {} ms{})\n",
+                s(&v["client_id"]),
+                if v["online"].as_bool() == Some(true) {
+                    "online"
+                } else {
+                    "offline"
+                },
+                s(&v["address"]),
+                s(&v["last_connect_ms"]),
+                if v["persistent"].as_bool() == Some(true) {
+                    ", session kept"
+                } else {
+                    ""
+                },
+            );
+            out.push_str(&format!(
+                "queued {}, in flight {}\n",
+                s(&v["queued"]),
+                s(&v["inflight"])
+            ));
+            out.push_str(&table(&v["subscriptions"], &["filter", "qos"]));
+            out
+        }
+        MqttCommand::Group { .. } => format!(
+            "{}: {} online, {} sessions, {} pending",
+            s(&v["group"]),
+            s(&v["online"]),
+            s(&v["sessions"]),
+            s(&v["pending"])
+        ),
+        MqttCommand::Topic { .. } => format!(
+            "{}: {} subscribers; in {:.1}/s, out {:.1}/s; totals published {}, delivered {}",
+            s(&v["topic"]),
+            s(&v["subscribers"]),
+            v["rates"]["in_per_sec"].as_f64().unwrap_or(0.0),
+            v["rates"]["out_per_sec"].as_f64().unwrap_or(0.0),
+            s(&v["published_total"]),
+            s(&v["delivered_total"])
+        ),
+    });
+    Ok(())
+}

@@ -30,6 +30,7 @@ pub mod error;
 pub mod messages;
 
 mod consume;
+mod mqtt;
 mod ops;
 mod plugins;
 mod query;
@@ -77,6 +78,8 @@ pub struct AppState {
     pub metrics: HttpMetrics,
     /// Cancelled when the host starts shutting down; long polls end early then.
     pub shutdown: CancellationToken,
+    /// The MQTT gateway, when one of its listeners is on (inspection, metrics).
+    pub mqtt: Option<crate::mqtt::Gateway>,
 }
 
 /// Shared handler state.
@@ -245,6 +248,9 @@ pub fn router(state: Shared) -> Router {
             "/v1/groups/{group}/dead-letters/{message_id}/resend",
             post(consume::resend_dead_letter),
         )
+        .route("/v1/mqtt/devices/{client_id}", get(mqtt::device))
+        .route("/v1/mqtt/groups/{group}", get(mqtt::group))
+        .route("/v1/mqtt/topics/{topic}", get(mqtt::topic))
         .route("/v1/plugins", post(plugins::deploy).get(plugins::list))
         .route(
             "/v1/plugins/{name}",

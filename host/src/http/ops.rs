@@ -28,6 +28,9 @@ pub async fn healthz(State(st): State<Shared>) -> Response {
 pub async fn metrics(State(st): State<Shared>) -> Response {
     let mut out = String::with_capacity(8 * 1024);
     crate::metrics::send_counters().render(&mut out);
+    if let Some(gw) = &st.mqtt {
+        gw.render_metrics(&mut out);
+    }
     let s = st.broker.store_stats();
     gauge(
         &mut out,

@@ -56,6 +56,7 @@ async fn start(auth: AuthConfig) -> Host {
         },
         metrics: HttpMetrics::default(),
         shutdown: shutdown.token(),
+        mqtt: None,
     });
     let listener = crate::net::Listener::bind("http", "127.0.0.1:0", 64)
         .await

@@ -1,0 +1,633 @@
+//! The MQTT 3.1.1 gateway: listeners (TCP, TLS, WebSocket, secure WebSocket), sessions, and the
+//! router that joins MQTT to the broker.
+//!
+//! Shape (after rumqttd's router/link split): one [`router::Router`] per host tails every broker
+//! topic once and fans messages out through a subscription trie; each connection is a thin task
+//! ([`connection`]) that owns packet ids and the in-flight window and never reads the store.
+//! A publish to `Parent/...` is stored in broker topic `Parent` (the sub-topic and QoS kept as
+//! properties), so every broker consumer sees it; a broker message to `Parent` tagged `MQ2MQTT`
+//! reaches the MQTT subscribers of `Parent` + its `mqttSecondTopic`. In open mode, topics whose
+//! first level is no broker topic live in the gateway's own topic, with the same durability.
+
+pub mod codec;
+mod connection;
+pub mod inspect;
+mod metrics;
+mod presence;
+mod retained;
+pub mod router;
+pub mod session;
+pub mod topic;
+mod transport;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use parking_lot::Mutex;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{info, info_span, warn};
+
+pub use metrics::MqttMetrics;
+
+use self::codec::{Connect, ConnectCode};
+use self::presence::Presence;
+use self::retained::Retained;
+use self::router::Router;
+use self::session::{Attached, Delivery, InflightRecord, MessageRef, Session, SessionRecord};
+use crate::broker::api::{BrokerApi, GroupKind, StateSpace};
+use crate::config::{MqttConfig, MqttMode};
+use crate::http::auth::{Authenticator, Principal};
+use crate::net::{Connection, Handler, Listener, Shutdown};
+
+/// Property holding the MQTT sub-topic of a message stored in a broker topic (`/a/b` of
+/// `Parent/a/b`); also set by broker producers on `MQ2MQTT` messages.
+pub const PROP_SECOND_TOPIC: &str = "mqttSecondTopic";
+/// Property holding the QoS a message was published with.
+pub const PROP_QOS: &str = "qoslevel";
+/// Property holding the full MQTT topic of a message in the gateway's own topic.
+pub const PROP_TOPIC: &str = "mqttTopic";
+/// Property holding the client id of the MQTT publisher.
+pub const PROP_CLIENT_ID: &str = "clientId";
+/// Property marking an empty MQTT payload (the broker stores one placeholder byte).
+pub const PROP_EMPTY: &str = "mqttEmptyPayload";
+/// Tag of broker messages meant for MQTT subscribers.
+pub const TAG_MQ2MQTT: &str = "MQ2MQTT";
+/// Separator of group and device in a strict-mode client id.
+pub const CLIENT_ID_SEPARATOR: &str = "@@@";
+
+/// The running gateway; cheap to clone (HTTP inspection holds one).
+#[derive(Clone)]
+pub struct Gateway {
+    inner: Arc<Inner>,
+}
+
+/// Shared state of the gateway.
+pub(crate) struct Inner {
+    broker: BrokerApi,
+    config: MqttConfig,
+    mode: MqttMode,
+    auth: Arc<Authenticator>,
+    router: Arc<Router>,
+    sessions: Mutex<HashMap<String, Arc<Session>>>,
+    retained: Retained,
+    presence: Presence,
+    metrics: Arc<MqttMetrics>,
+    session_seq: AtomicU64,
+    conn_seq: AtomicU64,
+    /// Per topic: (sample time, counts then, last computed rate), for inspection rates.
+    rate_samples: Mutex<HashMap<String, (u64, metrics::TopicCounts, Option<inspect::Rates>)>>,
+    stop: CancellationToken,
+    tasks: TaskTracker,
+}
+
+/// Which kind of listener a connection came in on.
+#[derive(Clone)]
+enum Kind {
+    Tcp,
+    Tls(tokio_rustls::TlsAcceptor),
+    Ws,
+    Wss(tokio_rustls::TlsAcceptor),
+}
+
+impl Kind {
+    fn name(&self) -> &'static str {
+        match self {
+            Kind::Tcp => "mqtt",
+            Kind::Tls(_) => "mqtts",
+            Kind::Ws => "mqtt-ws",
+            Kind::Wss(_) => "mqtt-wss",
+        }
+    }
+}
+
+struct MqttHandler {
+    gw: Arc<Inner>,
+    kind: Kind,
+}
+
+impl Handler for MqttHandler {
+    async fn serve(&self, conn: Connection) {
+        let Connection {
+            stream,
+            peer,
+            shutdown,
+        } = conn;
+        let gw = self.gw.clone();
+        let handshake = Duration::from_millis(gw.config.connect_timeout_ms);
+        // A TLS or WebSocket handshake that never finishes counts against the CONNECT timeout.
+        let kind = self.kind.clone();
+        let name = kind.name();
+        match kind {
+            Kind::Tcp => {
+                let (r, w) = transport::split_stream(stream);
+                connection::run(gw, r, w, peer, shutdown, name).await
+            }
+            Kind::Tls(acceptor) => {
+                match tokio::time::timeout(handshake, acceptor.accept(stream)).await {
+                    Ok(Ok(tls)) => {
+                        let (r, w) = transport::split_stream(tls);
+                        connection::run(gw, r, w, peer, shutdown, name).await
+                    }
+                    Ok(Err(e)) => info!(%peer, error = %e, "mqtt TLS handshake failed; closing"),
+                    Err(_) => info!(%peer, "mqtt TLS handshake did not finish in time; closing"),
+                }
+            }
+            Kind::Ws => match tokio::time::timeout(
+                handshake,
+                transport::accept_ws(stream, &gw.config.ws_path),
+            )
+            .await
+            {
+                Ok(Ok((r, w))) => connection::run(gw, r, w, peer, shutdown, name).await,
+                Ok(Err(e)) => info!(%peer, error = %e, "mqtt WebSocket handshake failed; closing"),
+                Err(_) => info!(%peer, "mqtt WebSocket handshake did not finish in time; closing"),
+            },
+            Kind::Wss(acceptor) => {
+                let ws = async {
+                    let tls = acceptor.accept(stream).await?;
+                    transport::accept_ws(tls, &gw.config.ws_path).await
+                };
+                match tokio::time::timeout(handshake, ws).await {
+                    Ok(Ok((r, w))) => connection::run(gw, r, w, peer, shutdown, name).await,
+                    Ok(Err(e)) => {
+                        info!(%peer, error = %e, "mqtt secure WebSocket handshake failed; closing")
+                    }
+                    Err(_) => {
+                        info!(%peer, "mqtt secure WebSocket handshake did not finish in time; closing")
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// What admission found out about a CONNECT.
+pub(crate) struct Admitted {
+    /// The client id to use (generated for an empty one in open mode).
+    pub client_id: String,
+    /// Who is connecting (everything allowed in open mode).
+    pub principal: Arc<Principal>,
+}
+
+impl Gateway {
+    /// Loads stored sessions and retained messages, starts the router and binds every
+    /// configured listener on `shutdown`. Returns the gateway and the bound addresses by
+    /// listener name (`mqtt`, `mqtts`, `mqtt-ws`, `mqtt-wss`).
+    pub async fn start(
+        broker: BrokerApi,
+        config: MqttConfig,
+        auth: Arc<Authenticator>,
+        shutdown: &Shutdown,
+    ) -> anyhow::Result<(Gateway, Vec<(&'static str, SocketAddr)>)> {
+        let mode = config.mode.unwrap_or(if auth.is_open() {
+            MqttMode::Open
+        } else {
+            MqttMode::Strict
+        });
+        if mode == MqttMode::Open && !auth.is_open() {
+            warn!(
+                "[mqtt] mode = \"open\" with access keys configured: MQTT clients connect without credentials"
+            );
+        }
+        let metrics = Arc::new(MqttMetrics::default());
+        let router = Router::new(broker.clone(), metrics.clone(), config.max_queued);
+        let inner = Arc::new(Inner {
+            retained: Retained::load(&broker)
+                .await
+                .context("loading MQTT retained messages")?,
+            presence: Presence::new(broker.clone()),
+            broker,
+            mode,
+            auth,
+            router,
+            sessions: Mutex::new(HashMap::new()),
+            metrics,
+            session_seq: AtomicU64::new(1),
+            conn_seq: AtomicU64::new(1),
+            rate_samples: Mutex::new(HashMap::new()),
+            stop: CancellationToken::new(),
+            tasks: TaskTracker::new(),
+            config,
+        });
+        inner
+            .load_sessions()
+            .await
+            .context("loading stored MQTT sessions")?;
+        inner.router.start().await;
+        let persister = inner.clone();
+        inner
+            .tasks
+            .spawn(async move { persister.run_persister().await });
+
+        let mut bound = Vec::new();
+        let c = &inner.config;
+        let tls = if c.tls_listen.is_empty() && c.wss_listen.is_empty() {
+            None
+        } else {
+            Some(
+                transport::tls_acceptor(Path::new(&c.tls_cert), Path::new(&c.tls_key))
+                    .context("[mqtt] tls_cert / tls_key")?,
+            )
+        };
+        let listeners: [(&str, Option<Kind>); 4] = [
+            (c.listen.as_str(), Some(Kind::Tcp)),
+            (c.tls_listen.as_str(), tls.clone().map(Kind::Tls)),
+            (c.ws_listen.as_str(), Some(Kind::Ws)),
+            (c.wss_listen.as_str(), tls.map(Kind::Wss)),
+        ];
+        for (listen, kind) in listeners {
+            let Some(kind) = kind else { continue };
+            if listen.is_empty() {
+                continue;
+            }
+            let name = kind.name();
+            let l = Listener::bind(name, listen, c.max_connections)
+                .await
+                .with_context(|| format!("cannot listen on {listen} for {name} ([mqtt])"))?;
+            let addr = l.local_addr();
+            info!(mode = ?mode, "listening {name}={addr}");
+            bound.push((name, addr));
+            shutdown.serve(
+                l,
+                MqttHandler {
+                    gw: inner.clone(),
+                    kind,
+                },
+            );
+        }
+        Ok((Gateway { inner }, bound))
+    }
+
+    /// Writes every stored session and stops the router (after the listeners have stopped).
+    pub async fn stop(&self) {
+        let g = &self.inner;
+        g.stop.cancel();
+        g.tasks.close();
+        g.tasks.wait().await;
+        g.flush_sessions(true).await;
+        g.router.stop().await;
+    }
+
+    /// Prometheus text for `/metrics`.
+    pub fn render_metrics(&self, out: &mut String) {
+        self.inner.metrics.render(out);
+        use std::fmt::Write as _;
+        let _ = writeln!(
+            out,
+            "# HELP wharf_mqtt_retained_messages Retained messages kept."
+        );
+        let _ = writeln!(out, "# TYPE wharf_mqtt_retained_messages gauge");
+        let _ = writeln!(
+            out,
+            "wharf_mqtt_retained_messages {}",
+            self.inner.retained.len()
+        );
+    }
+}
+
+impl Inner {
+    /// Checks a CONNECT against the mode's rules; the error is the CONNACK code to answer.
+    pub(crate) fn admit(&self, c: &Connect) -> Result<Admitted, (ConnectCode, String)> {
+        let client_id = if c.client_id.is_empty() {
+            if !c.clean_session {
+                return Err((
+                    ConnectCode::IdentifierRejected,
+                    "an empty client id needs clean session = true [MQTT-3.1.3-8]".into(),
+                ));
+            }
+            if self.mode == MqttMode::Strict {
+                return Err((
+                    ConnectCode::IdentifierRejected,
+                    "strict mode needs a client id GroupID@@@DeviceID".into(),
+                ));
+            }
+            format!("wharf-{:016x}", rand::random::<u64>())
+        } else {
+            c.client_id.clone()
+        };
+        if self.mode == MqttMode::Open {
+            return Ok(Admitted {
+                client_id,
+                principal: self.auth.anonymous(),
+            });
+        }
+        let Some((group, device)) = client_id.split_once(CLIENT_ID_SEPARATOR) else {
+            return Err((
+                ConnectCode::IdentifierRejected,
+                format!("client id '{client_id}' is not GroupID@@@DeviceID"),
+            ));
+        };
+        if device.is_empty() {
+            return Err((
+                ConnectCode::IdentifierRejected,
+                format!("client id '{client_id}' has no device id after @@@"),
+            ));
+        }
+        match self.broker.group(group) {
+            Ok(g) if g.kind == GroupKind::Mqtt => {}
+            Ok(_) => {
+                return Err((
+                    ConnectCode::IdentifierRejected,
+                    format!("group '{group}' is not an MQTT group; create it with kind \"mqtt\""),
+                ));
+            }
+            Err(_) => {
+                return Err((
+                    ConnectCode::IdentifierRejected,
+                    format!(
+                        "MQTT group '{group}' does not exist; create it with kind \"mqtt\" first"
+                    ),
+                ));
+            }
+        }
+        let (Some(user), Some(password)) = (&c.username, &c.password) else {
+            return Err((
+                ConnectCode::BadCredentials,
+                "strict mode needs user name = AccessKey and password = Base64(HMAC-SHA1(SecretKey, GroupID))".into(),
+            ));
+        };
+        let password = String::from_utf8_lossy(password);
+        let principal = self
+            .auth
+            .verify_hmac(user, group.as_bytes(), &password)
+            .map_err(|e| (ConnectCode::NotAuthorized, e.message))?;
+        if let Some(w) = &c.will {
+            let parent = topic::first_level(&w.topic);
+            if let Err(e) = principal.check_publish(parent) {
+                return Err((
+                    ConnectCode::NotAuthorized,
+                    format!("will topic: {}", e.message),
+                ));
+            }
+        }
+        Ok(Admitted {
+            client_id,
+            principal,
+        })
+    }
+
+    /// Binds a session to a new connection, taking over from a connection with the same client
+    /// id. Returns the session and whether it was resumed (CONNACK's session present).
+    pub(crate) async fn attach(
+        &self,
+        client_id: &str,
+        clean: bool,
+        attached: Arc<Attached>,
+    ) -> (Arc<Session>, bool) {
+        // Take over: disconnect the current holder and wait for it to let go of the session.
+        for _ in 0..500 {
+            let holder = self.sessions.lock().get(client_id).cloned();
+            match holder {
+                Some(s) if s.online() => {
+                    s.kick(&format!(
+                        "client id taken over by a new connection from {}",
+                        attached.address
+                    ));
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                _ => break,
+            }
+        }
+        let mut sessions = self.sessions.lock();
+        let existing = sessions.get(client_id).cloned();
+        let (session, present) = match existing {
+            Some(s) if !clean && s.persistent && !s.online() => (s, true),
+            other => {
+                if let Some(old) = other
+                    && old.persistent
+                {
+                    self.metrics.sessions_stored.fetch_sub(1, Ordering::Relaxed);
+                    let broker = self.broker.clone();
+                    let id = client_id.to_owned();
+                    self.tasks.spawn(async move {
+                        if let Err(e) = broker.state_delete(StateSpace::MqttSession, &id).await {
+                            warn!(client_id = %id, error = %e, "cannot forget the stored MQTT session");
+                        }
+                    });
+                }
+                let s = Arc::new(Session::new(
+                    client_id.to_owned(),
+                    self.session_seq.fetch_add(1, Ordering::Relaxed),
+                    !clean,
+                ));
+                if !clean {
+                    self.metrics.sessions_stored.fetch_add(1, Ordering::Relaxed);
+                }
+                sessions.insert(client_id.to_owned(), s.clone());
+                (s, false)
+            }
+        };
+        {
+            let mut st = session.state.lock();
+            st.last_connect_ms = self.broker.clock().now_ms();
+            st.last_address = attached.address.clone();
+        }
+        *session.attached.lock() = Some(attached);
+        session.touch();
+        (session, present)
+    }
+
+    /// Lets go of a session when its connection ends: a clean one is forgotten, a stored one
+    /// written now (with the positions the router recorded for it).
+    pub(crate) async fn detach(&self, session: &Arc<Session>) {
+        self.router.detach(session);
+        *session.attached.lock() = None;
+        session.state.lock().last_disconnect_ms = Some(self.broker.clock().now_ms());
+        if session.persistent {
+            // Queued messages stay queued in the session; they go out on reconnect.
+            session.touch();
+            self.persist(session).await;
+        } else {
+            let mut sessions = self.sessions.lock();
+            if sessions
+                .get(&session.client_id)
+                .is_some_and(|s| s.key == session.key)
+            {
+                sessions.remove(&session.client_id);
+            }
+        }
+    }
+
+    /// The stored form of a session: for an online one taken while no tail routes, so its queue
+    /// and in-flight messages agree with the positions.
+    fn record(&self, s: &Session) -> SessionRecord {
+        let build = |positions: Option<&std::collections::BTreeMap<(String, u32), u64>>| {
+            let st = s.state.lock();
+            SessionRecord {
+                v: 1,
+                client_id: s.client_id.clone(),
+                subs: st.subs.iter().map(|(f, q)| (f.clone(), *q)).collect(),
+                inflight: st
+                    .inflight
+                    .iter()
+                    .map(|(pid, i)| InflightRecord {
+                        pid: *pid,
+                        stage: i.stage,
+                        message: MessageRef::of(&i.delivery),
+                    })
+                    .collect(),
+                queued: s
+                    .outbox
+                    .snapshot()
+                    .iter()
+                    .filter(|d| d.qos > 0)
+                    .map(MessageRef::of)
+                    .collect(),
+                inbound_qos2: st.inbound_qos2.iter().copied().collect(),
+                positions: positions
+                    .unwrap_or(&st.positions)
+                    .iter()
+                    .map(|((t, q), o)| (t.clone(), *q, *o))
+                    .collect(),
+                next_pid: st.next_pid,
+                last_connect_ms: st.last_connect_ms,
+                last_disconnect_ms: st.last_disconnect_ms,
+                last_address: st.last_address.clone(),
+            }
+        };
+        if s.online() {
+            self.router.with_positions(|p| build(Some(p)))
+        } else {
+            build(None)
+        }
+    }
+
+    /// Writes one stored session now if it changed.
+    pub(crate) async fn persist(&self, s: &Session) {
+        if !s.persistent || !s.dirty.swap(false, Ordering::AcqRel) {
+            return;
+        }
+        let record = self.record(s);
+        if let Err(e) = self
+            .broker
+            .state_put(StateSpace::MqttSession, &s.client_id, record.encode())
+            .await
+        {
+            s.dirty.store(true, Ordering::Release);
+            warn!(client_id = %s.client_id, error = %e, "cannot store MQTT session; will retry");
+        }
+    }
+
+    async fn flush_sessions(&self, all: bool) {
+        let sessions: Vec<Arc<Session>> = self
+            .sessions
+            .lock()
+            .values()
+            .filter(|s| s.persistent && (all || s.dirty.load(Ordering::Relaxed)))
+            .cloned()
+            .collect();
+        for s in sessions {
+            self.persist(&s).await;
+        }
+    }
+
+    async fn run_persister(self: Arc<Self>) {
+        let every = Duration::from_millis(self.config.session_flush_ms);
+        loop {
+            tokio::select! {
+                _ = self.stop.cancelled() => return,
+                _ = tokio::time::sleep(every) => self.flush_sessions(false).await,
+            }
+        }
+    }
+
+    /// Restores every stored session (offline until its client returns).
+    async fn load_sessions(&self) -> crate::error::Result<()> {
+        let records = self.broker.state_list(StateSpace::MqttSession).await?;
+        let mut restored = 0usize;
+        for (client_id, raw) in records {
+            let record = match SessionRecord::decode(&raw) {
+                Ok(r) => r,
+                Err(e) => {
+                    warn!(client_id = %client_id, error = %e, "stored MQTT session is unreadable; starting it afresh");
+                    continue;
+                }
+            };
+            let s = Arc::new(Session::new(
+                client_id.clone(),
+                self.session_seq.fetch_add(1, Ordering::Relaxed),
+                true,
+            ));
+            let mut queued = Vec::new();
+            for r in &record.queued {
+                if let Some(d) = self.load_message(r).await {
+                    queued.push(d);
+                }
+            }
+            {
+                let mut st = s.state.lock();
+                st.subs = record.subs.iter().cloned().collect();
+                st.inbound_qos2 = record.inbound_qos2.iter().copied().collect();
+                st.positions = record
+                    .positions
+                    .iter()
+                    .map(|(t, q, o)| ((t.clone(), *q), *o))
+                    .collect();
+                st.next_pid = record.next_pid;
+                st.last_connect_ms = record.last_connect_ms;
+                st.last_disconnect_ms = record.last_disconnect_ms;
+                st.last_address = record.last_address.clone();
+            }
+            for i in &record.inflight {
+                if let Some(d) = self.load_message(&i.message).await {
+                    s.state.lock().inflight.insert(
+                        i.pid,
+                        session::Inflight {
+                            delivery: d,
+                            stage: i.stage,
+                        },
+                    );
+                }
+            }
+            s.outbox.push_front_batch(queued);
+            s.dirty.store(false, Ordering::Relaxed);
+            self.sessions.lock().insert(client_id, s);
+            restored += 1;
+        }
+        self.metrics
+            .sessions_stored
+            .store(restored as u64, Ordering::Relaxed);
+        if restored > 0 {
+            info!(sessions = restored, "restored stored MQTT sessions");
+        }
+        Ok(())
+    }
+
+    async fn load_message(&self, r: &MessageRef) -> Option<Delivery> {
+        if let Some(p) = r.inline_payload() {
+            return Some(r.delivery(p));
+        }
+        let pos = r.position?;
+        match self.broker.message_at(pos).await {
+            Ok(Some(m)) => router::to_routed(&m).map(|routed| r.delivery(routed.payload)),
+            Ok(None) => {
+                warn!(topic = %r.topic, position = pos, "a message a stored MQTT session held is gone (retention); skipping it");
+                None
+            }
+            Err(e) => {
+                warn!(topic = %r.topic, error = %e, "cannot read a message of a stored MQTT session; skipping it");
+                None
+            }
+        }
+    }
+
+    /// A new connection id, also the presence `channelId`.
+    pub(crate) fn next_channel_id(&self) -> String {
+        format!(
+            "{}-{}",
+            self.broker.host_id(),
+            self.conn_seq.fetch_add(1, Ordering::Relaxed)
+        )
+    }
+}
+
+/// Runs a connection's future in a span naming the client.
+pub(crate) fn session_span(client_id: &str, transport: &str, peer: SocketAddr) -> tracing::Span {
+    info_span!("mqtt_session", client_id = %client_id, transport, %peer)
+}

@@ -1,0 +1,489 @@
+//! The per-host router: tails every queue of every broker topic (and the gateway's own topic)
+//! once, turns stored messages into MQTT messages, matches them against one subscription trie
+//! and pushes them into the outboxes of the sessions they go to. Sessions never read the store:
+//! the router also replays, for a reconnecting clean-session=false client, what arrived while
+//! it was away, from the queue positions its session had reached.
+//!
+//! Consistency rule: a tail routes a batch and advances its `routed_upto` under the read lock;
+//! attaching or detaching a session takes the write lock. So at the moment a session attaches,
+//! every message below `routed_upto` is the catch-up's to replay and every message from it on
+//! reaches the session live: nothing is missed, nothing doubled.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use parking_lot::RwLock;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, info, warn};
+
+use super::metrics::MqttMetrics;
+use super::session::{Delivery, Pushed, Routed, Session};
+use super::topic::{Trie, matches};
+use super::{PROP_EMPTY, PROP_QOS, PROP_SECOND_TOPIC, PROP_TOPIC, TAG_MQ2MQTT};
+use crate::broker::api::{BrokerApi, MQTT_LOCAL_TOPIC, TagFilter};
+use crate::model::StoredMessage;
+
+/// Messages read from a queue per step.
+const READ_BATCH: usize = 512;
+/// How often the router looks for created and deleted topics.
+const TOPIC_SYNC: Duration = Duration::from_secs(1);
+
+/// One queue being tailed.
+#[derive(Debug)]
+struct Tail {
+    /// Every message below this offset has been routed (or skipped while nobody was online).
+    routed_upto: AtomicU64,
+    cancel: CancellationToken,
+}
+
+#[derive(Default)]
+struct RouterState {
+    trie: Trie<u64, u8>,
+    online: HashMap<u64, Arc<Session>>,
+    by_client: HashMap<String, Arc<Session>>,
+    tails: HashMap<(String, u32), Arc<Tail>>,
+}
+
+/// A range of one queue a reconnecting session must replay.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CatchUp {
+    /// Broker topic (or the gateway's own).
+    pub topic: String,
+    /// Queue id.
+    pub queue_id: u32,
+    /// First offset to replay.
+    pub from: u64,
+    /// First offset the live tail delivers.
+    pub to: u64,
+}
+
+/// The router (one per host).
+pub struct Router {
+    broker: BrokerApi,
+    state: RwLock<RouterState>,
+    metrics: Arc<MqttMetrics>,
+    max_queued: usize,
+    cancel: CancellationToken,
+    tracker: TaskTracker,
+}
+
+impl Router {
+    /// A router over `broker`; call [`Router::start`] to begin tailing.
+    pub fn new(broker: BrokerApi, metrics: Arc<MqttMetrics>, max_queued: usize) -> Arc<Router> {
+        Arc::new(Router {
+            broker,
+            state: RwLock::new(RouterState::default()),
+            metrics,
+            max_queued,
+            cancel: CancellationToken::new(),
+            tracker: TaskTracker::new(),
+        })
+    }
+
+    /// Starts tailing every topic from its end, and watching for new topics.
+    pub async fn start(self: &Arc<Self>) {
+        self.sync_topics(true).await;
+        let me = self.clone();
+        self.tracker.spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = me.cancel.cancelled() => return,
+                    _ = tokio::time::sleep(TOPIC_SYNC) => me.sync_topics(false).await,
+                }
+            }
+        });
+    }
+
+    /// Stops every tail.
+    pub async fn stop(&self) {
+        self.cancel.cancel();
+        self.tracker.close();
+        self.tracker.wait().await;
+    }
+
+    /// Starts tails for topics that appeared and stops those of deleted topics. Topics found at
+    /// start are tailed from their end; a topic created later from its start, so nothing sent to
+    /// it before the tail began is missed.
+    async fn sync_topics(self: &Arc<Self>, at_start: bool) {
+        let mut wanted: Vec<(String, u32)> = self
+            .broker
+            .list_topics()
+            .into_iter()
+            .map(|t| (t.name, t.queues))
+            .collect();
+        wanted.push((
+            MQTT_LOCAL_TOPIC.to_owned(),
+            self.broker.queue_count(MQTT_LOCAL_TOPIC),
+        ));
+        let mut keep = std::collections::HashSet::new();
+        for (topic, queues) in wanted {
+            for q in 0..queues {
+                keep.insert((topic.clone(), q));
+                if self.state.read().tails.contains_key(&(topic.clone(), q)) {
+                    continue;
+                }
+                let bounds = match self.broker.queue_bounds(&topic, q).await {
+                    Ok(b) => b,
+                    Err(e) => {
+                        warn!(topic = %topic, queue = q, error = %e, "mqtt router cannot read queue bounds; retrying");
+                        continue;
+                    }
+                };
+                let start = if at_start || topic == MQTT_LOCAL_TOPIC {
+                    bounds.max
+                } else {
+                    bounds.min
+                };
+                let tail = Arc::new(Tail {
+                    routed_upto: AtomicU64::new(start),
+                    cancel: self.cancel.child_token(),
+                });
+                self.state
+                    .write()
+                    .tails
+                    .insert((topic.clone(), q), tail.clone());
+                let me = self.clone();
+                let topic = topic.clone();
+                self.tracker
+                    .spawn(async move { me.run_tail(topic, q, tail).await });
+            }
+        }
+        let mut st = self.state.write();
+        st.tails.retain(|k, t| {
+            let live = keep.contains(k);
+            if !live {
+                t.cancel.cancel();
+            }
+            live
+        });
+    }
+
+    async fn run_tail(self: Arc<Self>, topic: String, queue_id: u32, tail: Arc<Tail>) {
+        debug!(topic = %topic, queue = queue_id, "mqtt router tails queue");
+        let all = TagFilter::All;
+        let mut next = tail.routed_upto.load(Ordering::Acquire);
+        loop {
+            if tail.cancel.is_cancelled() {
+                return;
+            }
+            let nobody = self.state.read().online.is_empty();
+            if nobody {
+                // Nobody online: skip reading; clean-session=false sessions catch up later
+                // from their own positions.
+                match self.broker.queue_bounds(&topic, queue_id).await {
+                    Ok(b) => {
+                        let st = self.state.read();
+                        if st.online.is_empty() {
+                            next = next.max(b.max);
+                            tail.routed_upto.store(next, Ordering::Release);
+                        } else {
+                            continue;
+                        }
+                    }
+                    Err(e) => {
+                        warn!(topic = %topic, queue = queue_id, error = %e, "mqtt router cannot read queue bounds");
+                    }
+                }
+            } else {
+                match self
+                    .broker
+                    .read_queue(&topic, queue_id, next, READ_BATCH, &all)
+                    .await
+                {
+                    Ok(pull) => {
+                        let routed: Vec<Arc<Routed>> = pull
+                            .messages
+                            .iter()
+                            .filter_map(|m| to_routed(m).map(Arc::new))
+                            .collect();
+                        {
+                            let st = self.state.read();
+                            for r in &routed {
+                                self.route(&st, r);
+                            }
+                            next = pull.next_offset.max(next);
+                            tail.routed_upto.store(next, Ordering::Release);
+                        }
+                        if pull.next_offset < pull.bounds.max {
+                            continue;
+                        }
+                    }
+                    Err(e) => {
+                        warn!(topic = %topic, queue = queue_id, error = %e, "mqtt router cannot read queue; retrying in 1 s");
+                        tokio::select! {
+                            _ = tail.cancel.cancelled() => return,
+                            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                        }
+                        continue;
+                    }
+                }
+            }
+            let deadline = Instant::now() + Duration::from_secs(30);
+            tokio::select! {
+                _ = tail.cancel.cancelled() => return,
+                _ = self.broker.wait_queue(&topic, queue_id, next, deadline) => {}
+            }
+        }
+    }
+
+    /// Pushes one message to every session it goes to, at the highest QoS granted among the
+    /// matching filters ([MQTT-3.3.5-1]), or to its one P2P target.
+    fn route(&self, st: &RouterState, r: &Arc<Routed>) {
+        self.metrics.record_in_router(&r.parent);
+        if let Some(target) = p2p_target(&r.topic) {
+            if let Some(s) = st.by_client.get(target) {
+                self.push(s, r, r.qos);
+            }
+            return;
+        }
+        let mut hits: Vec<(u64, u8)> = Vec::new();
+        st.trie.for_each_match(&r.topic, |k, q| {
+            match hits.iter_mut().find(|(key, _)| key == k) {
+                Some(h) => h.1 = h.1.max(*q),
+                None => hits.push((*k, *q)),
+            }
+        });
+        for (k, granted) in hits {
+            if let Some(s) = st.online.get(&k) {
+                self.push(s, r, r.qos.min(granted));
+            }
+        }
+    }
+
+    fn push(&self, s: &Arc<Session>, r: &Arc<Routed>, qos: u8) {
+        let d = Delivery {
+            msg: r.clone(),
+            qos,
+            retain: false,
+        };
+        match s.outbox.push(d, self.max_queued) {
+            Pushed::Queued => {
+                if qos > 0 {
+                    s.touch();
+                }
+            }
+            Pushed::Dropped => {
+                s.dropped.fetch_add(1, Ordering::Relaxed);
+                self.metrics.dropped_qos0.fetch_add(1, Ordering::Relaxed);
+            }
+            Pushed::Overflow => {
+                self.metrics
+                    .overflow_disconnects
+                    .fetch_add(1, Ordering::Relaxed);
+                s.kick(&format!(
+                    "{} messages wait for it (the [mqtt] max_queued cap): the client reads too slowly; its QoS 1/2 messages stay queued in its session",
+                    self.max_queued
+                ));
+            }
+        }
+    }
+
+    /// Makes an online session's subscriptions live. Returns the ranges it must replay (from the
+    /// positions a stored session reached; none for a fresh one) and starts holding live
+    /// messages back until [`Router::catch_up`] has replayed them.
+    pub fn attach(&self, s: &Arc<Session>) -> Vec<CatchUp> {
+        let mut st = self.state.write();
+        let state = s.state.lock();
+        for (filter, qos) in &state.subs {
+            st.trie.insert(filter, s.key, *qos);
+        }
+        let mut ranges = Vec::new();
+        for ((topic, q), from) in &state.positions {
+            if let Some(t) = st.tails.get(&(topic.clone(), *q)) {
+                let to = t.routed_upto.load(Ordering::Acquire);
+                if *from < to {
+                    ranges.push(CatchUp {
+                        topic: topic.clone(),
+                        queue_id: *q,
+                        from: *from,
+                        to,
+                    });
+                }
+            }
+        }
+        drop(state);
+        if !ranges.is_empty() {
+            s.outbox.begin_catch_up();
+        }
+        st.online.insert(s.key, s.clone());
+        st.by_client.insert(s.client_id.clone(), s.clone());
+        ranges
+    }
+
+    /// Takes a session offline: its filters leave the trie, and a stored session remembers
+    /// where every queue stood so it can catch up when it returns.
+    pub fn detach(&self, s: &Session) {
+        let mut st = self.state.write();
+        let mut state = s.state.lock();
+        for filter in state.subs.keys() {
+            st.trie.remove(filter, &s.key);
+        }
+        st.online.remove(&s.key);
+        if st
+            .by_client
+            .get(&s.client_id)
+            .is_some_and(|x| x.key == s.key)
+        {
+            st.by_client.remove(&s.client_id);
+        }
+        if s.persistent {
+            state.positions = positions(&st);
+        }
+    }
+
+    /// Adds (or regrants) one subscription of an online session.
+    pub fn subscribe(&self, s: &Session, filter: &str, qos: u8) {
+        let mut st = self.state.write();
+        if st.online.contains_key(&s.key) {
+            st.trie.insert(filter, s.key, qos);
+        }
+    }
+
+    /// Removes one subscription of an online session.
+    pub fn unsubscribe(&self, s: &Session, filter: &str) {
+        self.state.write().trie.remove(filter, &s.key);
+    }
+
+    /// Runs `f` with every queue's routed position while no tail routes, so what a session has
+    /// queued and in flight is consistent with the positions (a session snapshot).
+    pub fn with_positions<R>(&self, f: impl FnOnce(&BTreeMap<(String, u32), u64>) -> R) -> R {
+        let st = self.state.write();
+        let p = positions(&st);
+        f(&p)
+    }
+
+    /// Replays `ranges` into the session's outbox (only messages its filters match, or P2P
+    /// messages to it), then releases the live messages held back meanwhile.
+    pub fn catch_up(self: &Arc<Self>, s: Arc<Session>, ranges: Vec<CatchUp>) {
+        if ranges.is_empty() {
+            return;
+        }
+        let me = self.clone();
+        self.tracker.spawn(async move {
+            let all = TagFilter::All;
+            let mut replayed = 0usize;
+            'ranges: for r in &ranges {
+                let mut next = r.from;
+                while next < r.to {
+                    if me.cancel.is_cancelled() || !s.online() {
+                        break 'ranges;
+                    }
+                    // Flow control: the outbox is bounded for live traffic; catch-up waits for
+                    // the client to take what it has before reading more.
+                    while s.outbox.len() > me.max_queued / 2 && s.online() && !me.cancel.is_cancelled() {
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                    }
+                    let max = READ_BATCH.min((r.to - next) as usize);
+                    let pull = match me.broker.read_queue(&r.topic, r.queue_id, next, max, &all).await {
+                        Ok(p) => p,
+                        Err(e) => {
+                            warn!(client_id = %s.client_id, topic = %r.topic, error = %e, "mqtt catch-up read failed; retrying in 1 s");
+                            tokio::time::sleep(Duration::from_secs(1)).await;
+                            continue;
+                        }
+                    };
+                    if pull.next_offset <= next {
+                        break;
+                    }
+                    let subs: Vec<(String, u8)> = s.state.lock().subs.iter().map(|(f, q)| (f.clone(), *q)).collect();
+                    let mut batch = Vec::new();
+                    for m in pull.messages.iter().filter(|m| m.queue_offset.is_some_and(|o| o < r.to)) {
+                        let Some(routed) = to_routed(m) else { continue };
+                        let qos = if p2p_target(&routed.topic) == Some(s.client_id.as_str()) {
+                            Some(routed.qos)
+                        } else if p2p_target(&routed.topic).is_some() {
+                            None
+                        } else {
+                            subs.iter()
+                                .filter(|(f, _)| matches(f, &routed.topic))
+                                .map(|(_, q)| *q)
+                                .max()
+                                .map(|g| g.min(routed.qos))
+                        };
+                        if let Some(qos) = qos {
+                            batch.push(Delivery { msg: Arc::new(routed), qos, retain: false });
+                        }
+                    }
+                    replayed += batch.len();
+                    s.outbox.push_catch_up(batch);
+                    next = pull.next_offset;
+                }
+            }
+            s.outbox.end_catch_up();
+            s.touch();
+            if replayed > 0 {
+                info!(client_id = %s.client_id, replayed, "mqtt session caught up on messages from while it was away");
+            }
+        });
+    }
+
+    /// Online sessions' client ids.
+    pub fn online_count(&self) -> usize {
+        self.state.read().online.len()
+    }
+}
+
+fn positions(st: &RouterState) -> BTreeMap<(String, u32), u64> {
+    st.tails
+        .iter()
+        .map(|(k, t)| (k.clone(), t.routed_upto.load(Ordering::Acquire)))
+        .collect()
+}
+
+/// The P2P target of `Parent/p2p/<clientId>`.
+pub fn p2p_target(topic: &str) -> Option<&str> {
+    let mut parts = topic.splitn(3, '/');
+    let (_, p2p, target) = (parts.next()?, parts.next()?, parts.next()?);
+    (p2p == "p2p" && !target.is_empty()).then_some(target)
+}
+
+/// The MQTT view of a stored message, or None when it is not for MQTT clients: messages of the
+/// gateway's own topic; messages MQTT clients published to a broker topic; broker messages
+/// tagged `MQ2MQTT` (sub-topic from `mqttSecondTopic`, QoS from `qoslevel`, else 1).
+pub fn to_routed(m: &StoredMessage) -> Option<Routed> {
+    let topic = if m.topic == MQTT_LOCAL_TOPIC {
+        m.properties.get(PROP_TOPIC)?.clone()
+    } else if let Some(second) = m.properties.get(PROP_SECOND_TOPIC) {
+        format!("{}{}", m.topic, second)
+    } else if m.tag.as_deref() == Some(TAG_MQ2MQTT) {
+        m.topic.clone()
+    } else {
+        return None;
+    };
+    let qos = m
+        .properties
+        .get(PROP_QOS)
+        .and_then(|q| q.parse::<u8>().ok())
+        .map_or(1, |q| q.min(2));
+    let payload = if m.properties.contains_key(PROP_EMPTY) {
+        Bytes::new()
+    } else {
+        m.body.clone()
+    };
+    let position = m.id.position();
+    Some(Routed::new(
+        topic,
+        payload,
+        qos,
+        Some(position),
+        m.topic.clone(),
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn p2p_targets() {
+        assert_eq!(p2p_target("T/p2p/GID_a@@@d1"), Some("GID_a@@@d1"));
+        assert_eq!(p2p_target("T/p2p/"), None);
+        assert_eq!(p2p_target("T/x/GID"), None);
+        assert_eq!(p2p_target("T/p2p"), None);
+    }
+}

@@ -1,0 +1,176 @@
+//! The byte streams MQTT runs over: TCP, TLS (rustls), WebSocket and secure WebSocket
+//! (tungstenite, subprotocol `mqtt`). Each is split into a read half and a write half so the
+//! session can read a client's acknowledgements while its writer is blocked on a slow socket.
+
+use std::future::Future;
+use std::io;
+use std::path::Path;
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+use futures_util::stream::{SplitSink, SplitStream};
+use futures_util::{SinkExt, StreamExt};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
+use tokio_rustls::TlsAcceptor;
+use tokio_rustls::rustls::ServerConfig;
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
+use tokio_tungstenite::tungstenite::http::{HeaderValue, StatusCode};
+
+/// Reads bytes from a client.
+pub trait Reader: Send + 'static {
+    /// Appends what arrived to `buf`; `Ok(0)` at end of stream.
+    fn read(&mut self, buf: &mut BytesMut) -> impl Future<Output = io::Result<usize>> + Send;
+}
+
+/// Writes bytes to a client.
+pub trait Writer: Send + 'static {
+    /// Writes all of `data` (one or more whole packets).
+    fn write(&mut self, data: Bytes) -> impl Future<Output = io::Result<()>> + Send;
+    /// Closes the stream (TCP FIN, TLS close_notify, WebSocket close frame).
+    fn close(&mut self) -> impl Future<Output = ()> + Send;
+}
+
+/// A plain or TLS byte stream's read half.
+pub struct StreamReader<S>(pub ReadHalf<S>);
+/// A plain or TLS byte stream's write half.
+pub struct StreamWriter<S>(pub WriteHalf<S>);
+
+/// Splits a byte stream.
+pub fn split_stream<S: AsyncRead + AsyncWrite + Send + 'static>(
+    s: S,
+) -> (StreamReader<S>, StreamWriter<S>) {
+    let (r, w) = tokio::io::split(s);
+    (StreamReader(r), StreamWriter(w))
+}
+
+impl<S: AsyncRead + AsyncWrite + Send + 'static> Reader for StreamReader<S> {
+    async fn read(&mut self, buf: &mut BytesMut) -> io::Result<usize> {
+        if buf.capacity() - buf.len() < 4096 {
+            buf.reserve(16 * 1024);
+        }
+        self.0.read_buf(buf).await
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Send + 'static> Writer for StreamWriter<S> {
+    async fn write(&mut self, data: Bytes) -> io::Result<()> {
+        self.0.write_all(&data).await?;
+        self.0.flush().await
+    }
+
+    async fn close(&mut self) {
+        let _ = self.0.shutdown().await;
+    }
+}
+
+/// A WebSocket's read half: binary frames carry MQTT bytes (a packet may span frames).
+pub struct WsReader<S>(pub SplitStream<WebSocketStream<S>>);
+/// A WebSocket's write half.
+pub struct WsWriter<S>(pub SplitSink<WebSocketStream<S>, Message>);
+
+impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Reader for WsReader<S> {
+    async fn read(&mut self, buf: &mut BytesMut) -> io::Result<usize> {
+        loop {
+            match self.0.next().await {
+                None | Some(Ok(Message::Close(_))) => return Ok(0),
+                Some(Ok(Message::Binary(data))) => {
+                    if data.is_empty() {
+                        continue;
+                    }
+                    buf.extend_from_slice(&data);
+                    return Ok(data.len());
+                }
+                Some(Ok(Message::Text(_))) => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        "MQTT over WebSocket uses binary frames; a text frame arrived [MQTT-6.0.0-1]",
+                    ));
+                }
+                // Pings are answered by tungstenite on the next write or flush.
+                Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => continue,
+                Some(Err(e)) => return Err(io::Error::other(e)),
+            }
+        }
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Writer for WsWriter<S> {
+    async fn write(&mut self, data: Bytes) -> io::Result<()> {
+        self.0
+            .send(Message::Binary(data))
+            .await
+            .map_err(io::Error::other)
+    }
+
+    async fn close(&mut self) {
+        let _ = self.0.close().await;
+    }
+}
+
+/// Completes the WebSocket handshake: the path must be `path`; the `mqtt` subprotocol is chosen
+/// when the client offers it (`mqttv3.1` too, for older clients).
+pub async fn accept_ws<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
+    stream: S,
+    path: &str,
+) -> io::Result<(WsReader<S>, WsWriter<S>)> {
+    let want = path.to_owned();
+    let check = move |req: &Request, mut resp: Response| -> Result<Response, ErrorResponse> {
+        if req.uri().path() != want {
+            let mut e = ErrorResponse::new(Some(format!(
+                "MQTT over WebSocket is served at {want}, not {}\n",
+                req.uri().path()
+            )));
+            *e.status_mut() = StatusCode::NOT_FOUND;
+            return Err(e);
+        }
+        let offered = req
+            .headers()
+            .get_all("sec-websocket-protocol")
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(',').map(str::trim))
+            .find(|p| *p == "mqtt" || *p == "mqttv3.1")
+            .map(str::to_owned);
+        if let Some(p) = offered
+            && let Ok(v) = HeaderValue::from_str(&p)
+        {
+            resp.headers_mut().insert("sec-websocket-protocol", v);
+        }
+        Ok(resp)
+    };
+    let ws = tokio_tungstenite::accept_hdr_async(stream, check)
+        .await
+        .map_err(io::Error::other)?;
+    let (w, r) = ws.split();
+    Ok((WsReader(r), WsWriter(w)))
+}
+
+/// A TLS acceptor from PEM certificate chain and key files.
+pub fn tls_acceptor(cert: &Path, key: &Path) -> anyhow::Result<TlsAcceptor> {
+    use anyhow::Context as _;
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
+        .with_context(|| format!("reading TLS certificate {}", cert.display()))?
+        .collect::<Result<_, _>>()
+        .with_context(|| format!("parsing TLS certificate {} (PEM)", cert.display()))?;
+    if certs.is_empty() {
+        anyhow::bail!("{} holds no PEM certificate", cert.display());
+    }
+    let key = PrivateKeyDer::from_pem_file(key).with_context(|| {
+        format!(
+            "reading TLS private key {} (PEM: PKCS#8, PKCS#1 or SEC1)",
+            key.display()
+        )
+    })?;
+    let provider = Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
+    let config = ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .context("TLS protocol versions")?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .context("the TLS certificate and key do not go together")?;
+    Ok(TlsAcceptor::from(Arc::new(config)))
+}
