@@ -10,5 +10,6 @@ mod delivery;
 mod foundation;
 mod harness;
 mod listener;
+mod mqtt;
 mod plugin_runtime;
 mod plugins;

@@ -41,9 +41,12 @@ use super::transport::{Reader, Writer};
 /// Replies waiting for their turn at most; past it the loop stops reading the socket.
 const MAX_PENDING_REPLIES: usize = 256;
 /// Deliveries encoded per outbox pump.
-const PUMP_BATCH: usize = 1024;
-/// Writer queue depth (chunks of packets).
-const WRITE_QUEUE: usize = 64;
+const PUMP_BATCH: usize = 512;
+/// Bytes encoded per outbox pump (about).
+const PUMP_BYTES: usize = 128 * 1024;
+/// Writer queue depth (chunks of packets): with [`PUMP_BYTES`], at most ~1 MiB per connection
+/// waits for its socket.
+const WRITE_QUEUE: usize = 8;
 /// How long a closing connection's writer may take to flush.
 const WRITER_DRAIN: Duration = Duration::from_secs(2);
 
@@ -636,10 +639,14 @@ impl Conn {
             };
             let mut qos_taken = 0usize;
             let mut total = 0usize;
+            let mut bytes = 0usize;
             let ds = self.session.outbox.pop_while(|d| {
-                if total >= PUMP_BATCH {
+                // Bounded in count and bytes: what waits for the socket stays small, and the
+                // rest waits in the outbox, where the per-session cap applies.
+                if total >= PUMP_BATCH || bytes >= PUMP_BYTES {
                     return false;
                 }
+                bytes += d.msg.payload.len() + d.msg.topic.len() + 8;
                 if d.qos > 0 {
                     if qos_taken >= room {
                         return false;

@@ -436,6 +436,11 @@ impl Inner {
     /// Lets go of a session when its connection ends: a clean one is forgotten, a stored one
     /// written now (with the positions the router recorded for it).
     pub(crate) async fn detach(&self, session: &Arc<Session>) {
+        if session.persistent {
+            // A topic created moments ago may have no tail yet; give it one first, so the
+            // session's positions cover it and nothing sent to it meanwhile is missed.
+            self.router.sync_topics(false).await;
+        }
         self.router.detach(session);
         *session.attached.lock() = None;
         session.state.lock().last_disconnect_ms = Some(self.broker.clock().now_ms());

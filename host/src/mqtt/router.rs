@@ -109,7 +109,7 @@ impl Router {
     /// Starts tails for topics that appeared and stops those of deleted topics. Topics found at
     /// start are tailed from their end; a topic created later from its start, so nothing sent to
     /// it before the tail began is missed.
-    async fn sync_topics(self: &Arc<Self>, at_start: bool) {
+    pub async fn sync_topics(self: &Arc<Self>, at_start: bool) {
         let mut wanted: Vec<(String, u32)> = self
             .broker
             .list_topics()
