@@ -49,9 +49,11 @@ for _ in $(seq 1 100); do
     kill -0 "$pid" 2>/dev/null || wait "$pid"
     sleep 0.1
 done
-for topic in Trade Notify Flaky Plain; do
+for topic in Trade Notify Flaky Plain GID_iot_MQTT DeviceState; do
     "$wharf" topic create "$topic" >/dev/null 2>&1 || true
 done
+# MQTT clients GID_iot@@@<device> (device-presence tracks them).
+"$wharf" group create GID_iot --kind mqtt >/dev/null 2>&1 || true
 for manifest in plugins/*/plugin.toml; do
     name=$(sed -n 's/^name *= *"\(.*\)"/\1/p' "$manifest" | head -n1)
     if ! "$wharf" plugin status "$name" >/dev/null 2>&1; then

@@ -762,3 +762,51 @@ impl RawClient {
         wait_eof(&mut self.stream, within)
     }
 }
+
+/// The device's newest state in `DeviceState`, as the device-presence plugin wrote it.
+fn device_state(s: &Server, client_id: &str) -> Option<(String, String)> {
+    let v = s
+        .get(&format!("/v1/topics/DeviceState/messages?key={}", client_id.replace('@', "%40")))
+        .expect(200);
+    let newest = v["messages"].as_array()?.first()?.clone();
+    Some((
+        newest["tag"].as_str()?.to_string(),
+        newest["properties"]["channelId"].as_str()?.to_string(),
+    ))
+}
+
+#[test]
+fn device_presence_plugin_keeps_the_state_right_under_takeover() {
+    let s = mqtt_server("");
+    create_topic(s.api(), "GID_iot_MQTT", 2);
+    create_topic(s.api(), "DeviceState", 2);
+    s.post_json("/v1/groups", &json!({"name": "GID_iot", "kind": "mqtt"})).expect(201);
+    let manifest = crate::plugins::example_manifest(&s, "device-presence", |t| t);
+    let deployed = crate::plugins::deploy(&s, &manifest);
+    assert_eq!(deployed["status"], "running", "{deployed}");
+    let a = addr(&s);
+    let id = "GID_iot@@@lamp";
+    let (first, _) = Mq::connect(opts(&a, id));
+    let (state, ch1) = crate::harness::wait_for("lamp online", WAIT, || {
+        device_state(&s, id).filter(|(t, _)| t == "online")
+    });
+    assert_eq!(state, "online");
+    // Takeover: the new connection's `connect` and the old one's `tcpclean` race; the old close
+    // must not mark the device offline.
+    let (second, _) = Mq::connect(opts(&a, id));
+    first.closed();
+    crate::harness::wait_for("lamp online on the new connection", WAIT, || {
+        device_state(&s, id).filter(|(t, c)| t == "online" && *c != ch1)
+    });
+    crate::harness::wait_for("every presence event handled", WAIT, || {
+        let st = s.get("/v1/groups/GID_device_presence/status").expect(200);
+        (st["backlog"] == 0 && messages_of(&s, "GID_iot_MQTT").len() >= 3).then_some(())
+    });
+    let (state, _) = device_state(&s, id).expect("state");
+    assert_eq!(state, "online", "a stale tcpclean must not win over the newer connect");
+    second.client.disconnect().expect("disconnect");
+    second.closed();
+    crate::harness::wait_for("lamp offline", WAIT, || {
+        device_state(&s, id).filter(|(t, _)| t == "offline")
+    });
+}

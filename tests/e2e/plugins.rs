@@ -30,7 +30,7 @@ fn repo_root() -> PathBuf {
 }
 
 /// Writes `<work>/<dir>/plugin.toml` from an example manifest, pointing at the built component.
-fn example_manifest(s: &Server, example: &str, edit: impl Fn(String) -> String) -> PathBuf {
+pub(crate) fn example_manifest(s: &Server, example: &str, edit: impl Fn(String) -> String) -> PathBuf {
     let text = std::fs::read_to_string(
         repo_root()
             .join("plugins")
@@ -85,7 +85,7 @@ expression = "commit"
     write_manifest(s, &format!("{name}-{version}"), &text)
 }
 
-fn deploy(s: &Server, manifest: &Path) -> Value {
+pub(crate) fn deploy(s: &Server, manifest: &Path) -> Value {
     s.wharf(&[
         "plugin",
         "deploy",

@@ -122,7 +122,8 @@ impl Presence {
         };
         let msg = OutgoingMessage {
             tag: Some(kind.tag().to_owned()),
-            keys: vec![client_id.to_owned()],
+            // By client id and by channel, so a consumer can tell which connection an event is of.
+            keys: vec![client_id.to_owned(), channel_id.to_owned()],
             body: Bytes::from(serde_json::to_vec(&body).unwrap_or_default()),
             // One client's events stay in one queue, in order.
             queue: QueueChoice::ShardingKey(client_id.to_owned()),
