@@ -4,7 +4,11 @@
 
 use bytes::{Bytes, BytesMut};
 use libfuzzer_sys::fuzz_target;
-use wharf::mqtt::codec;
+
+/// The host's MQTT codec, compiled from its own source.
+#[path = "../../host/src/mqtt/codec/mod.rs"]
+#[allow(dead_code)]
+mod codec;
 
 fuzz_target!(|data: &[u8]| {
     let mut buf = BytesMut::from(data);
