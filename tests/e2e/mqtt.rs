@@ -351,7 +351,16 @@ fn persistent_sessions_queue_offline_messages_across_restarts_and_kill9() {
     let mut want: Vec<String> = (0..10).map(|i| format!("m{i}")).collect();
     want.sort();
     assert_eq!(seen, want);
-    // None acknowledged; kill -9: they come again, whether the last session snapshot holds them
+    // None acknowledged; a reconnect gets them again with DUP and their packet ids [MQTT-4.4.0-1].
+    c.client.disconnect().expect("disconnect");
+    c.closed();
+    let (c, present) = Mq::connect(o.clone());
+    assert!(present);
+    for _ in 0..10 {
+        let m = c.msg();
+        assert!(m.dup && m.pkid != 0, "an in-flight message is re-sent with DUP: {m:?}");
+    }
+    // kill -9: they come again, whether the last session snapshot holds them
     // in flight (re-sent with DUP) or predates them (replayed from the queue positions).
     s.kill9();
     drop(c);
