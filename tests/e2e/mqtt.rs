@@ -358,7 +358,10 @@ fn persistent_sessions_queue_offline_messages_across_restarts_and_kill9() {
     assert!(present);
     for _ in 0..10 {
         let m = c.msg();
-        assert!(m.dup && m.pkid != 0, "an in-flight message is re-sent with DUP: {m:?}");
+        assert!(
+            m.dup && m.pkid != 0,
+            "an in-flight message is re-sent with DUP: {m:?}"
+        );
     }
     // kill -9: they come again, whether the last session snapshot holds them
     // in flight (re-sent with DUP) or predates them (replayed from the queue positions).
@@ -537,9 +540,17 @@ fn p2p_subscription_limit_and_deny_list() {
         d.subscribe("secret/x", QoS::AtMostOnce),
         vec![SubscribeReasonCode::Failure]
     );
+    // A wider filter is granted; the denied topics never reach it.
     assert_eq!(
-        d.subscribe("#", QoS::AtMostOnce),
-        vec![SubscribeReasonCode::Failure]
+        d.subscribe("#", QoS::AtLeastOnce),
+        vec![SubscribeReasonCode::Success(QoS::AtLeastOnce)]
+    );
+    sender.publish("secret/plans", QoS::AtLeastOnce, false, b"hidden");
+    sender.publish("open/news", QoS::AtLeastOnce, false, b"shown");
+    let m = d.msg();
+    assert_eq!(
+        (m.topic.as_str(), &m.payload[..]),
+        ("open/news", &b"shown"[..])
     );
     // 10,000 filters from one client: refused past the limit, the host stays up.
     let mut raw = RawClient::connect(&a, "flood", 30, None);
@@ -775,7 +786,10 @@ impl RawClient {
 /// The device's newest state in `DeviceState`, as the device-presence plugin wrote it.
 fn device_state(s: &Server, client_id: &str) -> Option<(String, String)> {
     let v = s
-        .get(&format!("/v1/topics/DeviceState/messages?key={}", client_id.replace('@', "%40")))
+        .get(&format!(
+            "/v1/topics/DeviceState/messages?key={}",
+            client_id.replace('@', "%40")
+        ))
         .expect(200);
     let newest = v["messages"].as_array()?.first()?.clone();
     Some((
@@ -789,7 +803,8 @@ fn device_presence_plugin_keeps_the_state_right_under_takeover() {
     let s = mqtt_server("");
     create_topic(s.api(), "GID_iot_MQTT", 2);
     create_topic(s.api(), "DeviceState", 2);
-    s.post_json("/v1/groups", &json!({"name": "GID_iot", "kind": "mqtt"})).expect(201);
+    s.post_json("/v1/groups", &json!({"name": "GID_iot", "kind": "mqtt"}))
+        .expect(201);
     let manifest = crate::plugins::example_manifest(&s, "device-presence", |t| t);
     let deployed = crate::plugins::deploy(&s, &manifest);
     assert_eq!(deployed["status"], "running", "{deployed}");
@@ -812,7 +827,10 @@ fn device_presence_plugin_keeps_the_state_right_under_takeover() {
         (st["backlog"] == 0 && messages_of(&s, "GID_iot_MQTT").len() >= 3).then_some(())
     });
     let (state, _) = device_state(&s, id).expect("state");
-    assert_eq!(state, "online", "a stale tcpclean must not win over the newer connect");
+    assert_eq!(
+        state, "online",
+        "a stale tcpclean must not win over the newer connect"
+    );
     second.client.disconnect().expect("disconnect");
     second.closed();
     crate::harness::wait_for("lamp offline", WAIT, || {

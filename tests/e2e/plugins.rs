@@ -30,7 +30,11 @@ fn repo_root() -> PathBuf {
 }
 
 /// Writes `<work>/<dir>/plugin.toml` from an example manifest, pointing at the built component.
-pub(crate) fn example_manifest(s: &Server, example: &str, edit: impl Fn(String) -> String) -> PathBuf {
+pub(crate) fn example_manifest(
+    s: &Server,
+    example: &str,
+    edit: impl Fn(String) -> String,
+) -> PathBuf {
     let text = std::fs::read_to_string(
         repo_root()
             .join("plugins")

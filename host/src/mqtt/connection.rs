@@ -867,7 +867,11 @@ impl Conn {
                         st.subs.insert(filter.clone(), *qos);
                         drop(st);
                         self.gw.router.subscribe(&self.session, filter, *qos);
-                        for m in self.gw.retained.matching(filter) {
+                        let retained_now = self.gw.retained.matching(filter);
+                        for m in retained_now
+                            .into_iter()
+                            .filter(|m| !self.gw.router.denied(&m.topic))
+                        {
                             retained.push(Delivery {
                                 qos: m.qos.min(*qos),
                                 msg: m,
@@ -907,10 +911,12 @@ impl Conn {
             .config
             .deny_subscribe
             .iter()
-            .find(|d| overlaps(d, filter))
+            .find(|d| covers(d, filter))
         {
+            // A filter inside a denied one is refused; a wider filter is granted and the router
+            // keeps the denied topics from it (as broker ACLs do).
             return Err(Refusal::Code(format!(
-                "'{filter}' overlaps '{d}' in [mqtt] deny_subscribe"
+                "'{filter}' is within '{d}' in [mqtt] deny_subscribe"
             )));
         }
         if self.gw.mode == MqttMode::Strict {
@@ -986,17 +992,36 @@ enum Refusal {
     Close(String),
 }
 
-/// True when some topic matches both filters.
-fn overlaps(a: &str, b: &str) -> bool {
-    let mut x = a.split('/');
-    let mut y = b.split('/');
+/// True when every topic `filter` matches is also matched by `deny`.
+fn covers(deny: &str, filter: &str) -> bool {
+    let mut d = deny.split('/');
+    let mut f = filter.split('/');
     loop {
-        match (x.next(), y.next()) {
-            (Some("#"), _) | (_, Some("#")) => return true,
+        match (d.next(), f.next()) {
+            (Some("#"), _) => return true,
             (None, None) => return true,
-            (Some(l), Some(r)) if l == "+" || r == "+" || l == r => {}
+            (Some("+"), Some(l)) if l != "#" => {}
+            (Some(a), Some(b)) if a == b && b != "+" && b != "#" => {}
             _ => return false,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::covers;
+
+    #[test]
+    fn deny_covers_only_narrower_filters() {
+        assert!(covers("secret/#", "secret/x"));
+        assert!(covers("secret/#", "secret/+/y"));
+        assert!(covers("secret/#", "secret"));
+        assert!(covers("a/+", "a/b"));
+        assert!(covers("a/+", "a/+"));
+        assert!(!covers("a/+", "a/#"));
+        assert!(!covers("secret/#", "#"));
+        assert!(!covers("test/nosubscribe", "+/+"));
+        assert!(covers("test/nosubscribe", "test/nosubscribe"));
     }
 }
 

@@ -65,6 +65,8 @@ pub struct CatchUp {
 /// The router (one per host).
 pub struct Router {
     broker: BrokerApi,
+    /// `[mqtt] deny_subscribe`: topics no subscription receives, whatever its filter.
+    deny: Vec<String>,
     state: RwLock<RouterState>,
     metrics: Arc<MqttMetrics>,
     max_queued: usize,
@@ -74,9 +76,15 @@ pub struct Router {
 
 impl Router {
     /// A router over `broker`; call [`Router::start`] to begin tailing.
-    pub fn new(broker: BrokerApi, metrics: Arc<MqttMetrics>, max_queued: usize) -> Arc<Router> {
+    pub fn new(
+        broker: BrokerApi,
+        metrics: Arc<MqttMetrics>,
+        max_queued: usize,
+        deny: Vec<String>,
+    ) -> Arc<Router> {
         Arc::new(Router {
             broker,
+            deny,
             state: RwLock::new(RouterState::default()),
             metrics,
             max_queued,
@@ -241,6 +249,9 @@ impl Router {
             }
             return;
         }
+        if self.denied(&r.topic) {
+            return;
+        }
         let mut hits: Vec<(u64, u8)> = Vec::new();
         st.trie.for_each_match(&r.topic, |k, q| {
             match hits.iter_mut().find(|(key, _)| key == k) {
@@ -396,7 +407,7 @@ impl Router {
                         let Some(routed) = to_routed(m) else { continue };
                         let qos = if p2p_target(&routed.topic) == Some(s.client_id.as_str()) {
                             Some(routed.qos)
-                        } else if p2p_target(&routed.topic).is_some() {
+                        } else if p2p_target(&routed.topic).is_some() || me.denied(&routed.topic) {
                             None
                         } else {
                             subs.iter()
@@ -420,6 +431,11 @@ impl Router {
                 info!(client_id = %s.client_id, replayed, "mqtt session caught up on messages from while it was away");
             }
         });
+    }
+
+    /// True when `topic` is kept from every subscription (`[mqtt] deny_subscribe`).
+    pub fn denied(&self, topic: &str) -> bool {
+        self.deny.iter().any(|d| matches(d, topic))
     }
 
     /// Online sessions' client ids.

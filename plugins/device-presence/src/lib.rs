@@ -49,7 +49,9 @@ fn string_field(body: &str, name: &str) -> Option<String> {
 
 fn number_field(body: &str, name: &str) -> Option<u64> {
     let rest = value_start(body, name)?;
-    let end = rest.find(|c: char| !c.is_ascii_digit()).unwrap_or(rest.len());
+    let end = rest
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(rest.len());
     rest[..end].parse().ok()
 }
 
@@ -89,14 +91,20 @@ fn ids(list: &[wharf_sdk::Found]) -> Vec<&str> {
 impl Plugin for DevicePresence {
     fn consume(message: &Message, _context: &Context) -> Action {
         let Some(ev) = message.body_str().and_then(parse) else {
-            log(Level::Warn, "presence event body is not the gateway's JSON; ignored");
+            log(
+                Level::Warn,
+                "presence event body is not the gateway's JSON; ignored",
+            );
             return Action::CommitMessage;
         };
         // The event's connection: has it closed already?
         let channel_events = match find_by_key(message.topic(), &ev.channel_id) {
             Ok(f) => f,
             Err(e) => {
-                log(Level::Error, &format!("cannot read presence of {}: {e}", ev.client_id));
+                log(
+                    Level::Error,
+                    &format!("cannot read presence of {}: {e}", ev.client_id),
+                );
                 return Action::ReconsumeLater;
             }
         };
@@ -110,19 +118,28 @@ impl Plugin for DevicePresence {
         ) {
             (Ok(a), Ok(b)) => (a, b),
             (Err(e), _) | (_, Err(e)) => {
-                log(Level::Error, &format!("cannot read the state of {}: {e}", ev.client_id));
+                log(
+                    Level::Error,
+                    &format!("cannot read the state of {}: {e}", ev.client_id),
+                );
                 return Action::ReconsumeLater;
             }
         };
         let of_channel = ids(&of_channel);
-        let current = states
-            .first()
-            .map(|s| (s.tag.as_deref().unwrap_or(""), of_channel.contains(&s.message_id.as_str())));
+        let current = states.first().map(|s| {
+            (
+                s.tag.as_deref().unwrap_or(""),
+                of_channel.contains(&s.message_id.as_str()),
+            )
+        });
         match decide(&ev.event_type, channel_closed, current) {
             Decision::Keep(why) => {
                 log(
                     Level::Debug,
-                    &format!("{} {} on {}: {why}", ev.client_id, ev.event_type, ev.channel_id),
+                    &format!(
+                        "{} {} on {}: {why}",
+                        ev.client_id, ev.event_type, ev.channel_id
+                    ),
                 );
                 Action::CommitMessage
             }
@@ -136,11 +153,17 @@ impl Plugin for DevicePresence {
                     .property("eventType", &ev.event_type);
                 match send(out) {
                     Ok(_) => {
-                        log(Level::Info, &format!("{} is {state} ({})", ev.client_id, ev.channel_id));
+                        log(
+                            Level::Info,
+                            &format!("{} is {state} ({})", ev.client_id, ev.channel_id),
+                        );
                         Action::CommitMessage
                     }
                     Err(e) => {
-                        log(Level::Error, &format!("cannot write the state of {}: {e}", ev.client_id));
+                        log(
+                            Level::Error,
+                            &format!("cannot write the state of {}: {e}", ev.client_id),
+                        );
                         Action::ReconsumeLater
                     }
                 }
@@ -174,12 +197,30 @@ mod tests {
     #[test]
     fn flapping_rules() {
         // Takeover: the old connection's close after the new connect changes nothing.
-        assert_eq!(decide("tcpclean", true, Some(("online", false))), Decision::Keep("a newer connection is online"));
-        assert_eq!(decide("tcpclean", true, Some(("online", true))), Decision::Write("offline"));
+        assert_eq!(
+            decide("tcpclean", true, Some(("online", false))),
+            Decision::Keep("a newer connection is online")
+        );
+        assert_eq!(
+            decide("tcpclean", true, Some(("online", true))),
+            Decision::Write("offline")
+        );
         // A late connect of a connection that already closed.
-        assert_eq!(decide("connect", true, None), Decision::Keep("this connection has closed already"));
-        assert_eq!(decide("connect", false, Some(("offline", false))), Decision::Write("online"));
-        assert_eq!(decide("connect", false, Some(("online", true))), Decision::Keep("already online on this connection"));
-        assert_eq!(decide("disconnect", true, Some(("offline", true))), Decision::Keep("already offline"));
+        assert_eq!(
+            decide("connect", true, None),
+            Decision::Keep("this connection has closed already")
+        );
+        assert_eq!(
+            decide("connect", false, Some(("offline", false))),
+            Decision::Write("online")
+        );
+        assert_eq!(
+            decide("connect", false, Some(("online", true))),
+            Decision::Keep("already online on this connection")
+        );
+        assert_eq!(
+            decide("disconnect", true, Some(("offline", true))),
+            Decision::Keep("already offline")
+        );
     }
 }
