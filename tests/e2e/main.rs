@@ -10,5 +10,6 @@ mod delivery;
 mod foundation;
 mod harness;
 mod listener;
+mod mqtt_clients;
 mod plugin_runtime;
 mod plugins;
