@@ -318,7 +318,11 @@ fn mosquitto_retained_reaches_a_later_subscriber_over_tcp_and_tls() {
             "mosquitto_sub of a retained topic",
             &s,
         );
-        assert_eq!(got, format!("1 {topic} kept\n"), "{listener}: retained flag, topic, payload");
+        assert_eq!(
+            got,
+            format!("1 {topic} kept\n"),
+            "{listener}: retained flag, topic, payload"
+        );
 
         // An empty retained payload deletes it: a later subscriber gets nothing (-W expires).
         run_ok(
@@ -332,7 +336,10 @@ fn mosquitto_retained_reaches_a_later_subscriber_over_tcp_and_tls() {
                 .args(["-t", &topic, "-q", "1", "-C", "1", "-W", "2"]),
             "mosquitto_sub after the delete",
         );
-        assert_eq!(after.stdout, "", "{listener}: retained message still delivered after delete");
+        assert_eq!(
+            after.stdout, "",
+            "{listener}: retained message still delivered after delete"
+        );
     }
 }
 
@@ -343,7 +350,15 @@ fn mosquitto_will_is_published_when_the_publisher_is_killed() {
     for listener in ["mqtt", "mqtts"] {
         let id = unique();
         let will_topic = format!("mosq/will/{listener}/{id}");
-        let watcher = spawn_sub(&s, listener, &cert, &format!("watch-{id}"), &will_topic, 1, 1);
+        let watcher = spawn_sub(
+            &s,
+            listener,
+            &cert,
+            &format!("watch-{id}"),
+            &will_topic,
+            1,
+            1,
+        );
 
         // `mosquitto_pub -l` stays connected while its stdin is open.
         let dying_id = format!("dying-{id}");
@@ -381,8 +396,16 @@ fn mqtt_publish_is_read_back_over_http_and_mq2mqtt_reaches_mosquitto_sub() {
     // MQTT → broker: a QoS 1 publish to Parent/x is stored in broker topic Parent.
     let body = format!("from mqtt {id}");
     run_ok(
-        mosquitto("mosquitto_pub", &s, "mqtt", &cert)
-            .args(["-i", &format!("pub-{id}"), "-t", "Parent/x", "-q", "1", "-m", &body]),
+        mosquitto("mosquitto_pub", &s, "mqtt", &cert).args([
+            "-i",
+            &format!("pub-{id}"),
+            "-t",
+            "Parent/x",
+            "-q",
+            "1",
+            "-m",
+            &body,
+        ]),
         "mosquitto_pub to Parent/x",
         &s,
     );
@@ -392,7 +415,9 @@ fn mqtt_publish_is_read_back_over_http_and_mq2mqtt_reaches_mosquitto_sub() {
         .as_millis()
         + 60_000;
     let found = s
-        .get(&format!("/v1/topics/Parent/messages?begin_ms=0&end_ms={end}&limit=100"))
+        .get(&format!(
+            "/v1/topics/Parent/messages?begin_ms=0&end_ms={end}&limit=100"
+        ))
         .expect(200);
     let msgs = found["messages"]
         .as_array()
@@ -405,13 +430,26 @@ fn mqtt_publish_is_read_back_over_http_and_mq2mqtt_reaches_mosquitto_sub() {
     assert_eq!(m["properties"]["mqttSecondTopic"], json!("/x"), "{m}");
 
     // Broker → MQTT: an HTTP send tagged MQ2MQTT with mqttSecondTopic reaches Parent/notice/.
-    let sub = spawn_sub(&s, "mqtt", &cert, &format!("notice-{id}"), "Parent/notice/", 1, 1);
+    let sub = spawn_sub(
+        &s,
+        "mqtt",
+        &cert,
+        &format!("notice-{id}"),
+        "Parent/notice/",
+        1,
+        1,
+    );
     let notice = format!("notice {id}");
     let r = s.post_json(
         "/v1/topics/Parent/messages",
         &json!({"tag": "MQ2MQTT", "properties": {"mqttSecondTopic": "/notice/"}, "body": notice}),
     );
-    assert!(r.status == 200 || r.status == 201, "send: {} {}", r.status, r.text);
+    assert!(
+        r.status == 200 || r.status == 201,
+        "send: {} {}",
+        r.status,
+        r.text
+    );
     let got = finish(sub, "mosquitto_sub of Parent/notice/", CLIENT_TIMEOUT);
     assert_eq!(
         got.stdout,
@@ -453,7 +491,11 @@ fn paho(s: &Server, cert: &Cert, scenario: &str, listener: &str) {
         // The certificate names localhost; the listener is bound to 127.0.0.1, also in its SAN.
         cmd.arg("--cafile").arg(cert.cert());
     }
-    let out = run_ok(&mut cmd, &format!("paho-mqtt {scenario} over {listener}"), s);
+    let out = run_ok(
+        &mut cmd,
+        &format!("paho-mqtt {scenario} over {listener}"),
+        s,
+    );
     assert!(out.contains("ok "), "{out}");
 }
 
@@ -494,8 +536,16 @@ fn mqtt_js_over_websocket_secure_websocket_tcp_and_tls() {
     let (s, cert) = start_all_listeners("");
     let port = |name: &str| host_port(&s, name).1;
     // The certificate names localhost, so TLS URLs use that name.
-    mqtt_js(&s, &cert, &format!("ws://127.0.0.1:{}/mqtt", port("mqtt-ws")));
-    mqtt_js(&s, &cert, &format!("wss://localhost:{}/mqtt", port("mqtt-wss")));
+    mqtt_js(
+        &s,
+        &cert,
+        &format!("ws://127.0.0.1:{}/mqtt", port("mqtt-ws")),
+    );
+    mqtt_js(
+        &s,
+        &cert,
+        &format!("wss://localhost:{}/mqtt", port("mqtt-wss")),
+    );
     mqtt_js(&s, &cert, &format!("mqtt://127.0.0.1:{}", port("mqtt")));
     mqtt_js(&s, &cert, &format!("mqtts://localhost:{}", port("mqtts")));
 }
