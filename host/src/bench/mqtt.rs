@@ -70,7 +70,7 @@ struct Row {
 
 impl Row {
     fn label(&self) -> String {
-        let size = if self.payload >= 1024 && self.payload % 1024 == 0 {
+        let size = if self.payload >= 1024 && self.payload.is_multiple_of(1024) {
             format!("{} KiB", self.payload / 1024)
         } else {
             format!("{} B", self.payload)
