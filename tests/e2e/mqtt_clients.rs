@@ -324,21 +324,37 @@ fn mosquitto_retained_reaches_a_later_subscriber_over_tcp_and_tls() {
             "{listener}: retained flag, topic, payload"
         );
 
-        // An empty retained payload deletes it: a later subscriber gets nothing (-W expires).
+        // An empty retained payload deletes it: a later subscriber's first message is a live
+        // one published after its SUBACK (a retained copy would have come before it).
         run_ok(
             mosquitto("mosquitto_pub", &s, listener, &cert)
                 .args(["-t", &topic, "-q", "1", "-r", "-n"]),
             "mosquitto_pub -r -n",
             &s,
         );
-        let after = run(
-            mosquitto("mosquitto_sub", &s, listener, &cert)
-                .args(["-t", &topic, "-q", "1", "-C", "1", "-W", "2"]),
-            "mosquitto_sub after the delete",
+        let sub_id = format!("after-delete-{id}");
+        let later = mosquitto("mosquitto_sub", &s, listener, &cert)
+            .args([
+                "-i", &sub_id, "-t", &topic, "-q", "1", "-C", "1", "-W", "50",
+            ])
+            .args(["-F", "%r %t %p"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start mosquitto_sub");
+        wait_subscribed(&s, &sub_id, &topic);
+        run_ok(
+            mosquitto("mosquitto_pub", &s, listener, &cert)
+                .args(["-t", &topic, "-q", "1", "-m", "live"]),
+            "mosquitto_pub live",
+            &s,
         );
+        let after = finish(later, "mosquitto_sub after the delete", CLIENT_TIMEOUT);
         assert_eq!(
-            after.stdout, "",
-            "{listener}: retained message still delivered after delete"
+            after.stdout,
+            format!("0 {topic} live\n"),
+            "{listener}: the deleted retained message must not come back"
         );
     }
 }
