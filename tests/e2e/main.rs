@@ -11,5 +11,6 @@ mod foundation;
 mod harness;
 mod listener;
 mod mqtt;
+mod mqtt_clients;
 mod plugin_runtime;
 mod plugins;

@@ -3,6 +3,8 @@
 pub mod e2e;
 pub mod http;
 pub mod longpoll;
+pub mod mqtt;
+pub mod mqtt_brokers;
 pub mod nginx;
 pub mod plugin;
 pub mod send;
@@ -19,6 +21,8 @@ pub enum BenchCommand {
     E2e(e2e::E2eArgs),
     /// Send throughput with and without thousands of long polls parked on other queues.
     Longpoll(longpoll::LongpollArgs),
+    /// MQTT gateway against Mosquitto (same rows, same run): msgs/s, p50/p99, idle-connection memory.
+    Mqtt(mqtt::MqttArgs),
     /// Messages/s through a trivial wasm plugin against a native closure; deploy and start times.
     Plugin(plugin::PluginArgs),
 }
@@ -32,6 +36,7 @@ impl BenchCommand {
             BenchCommand::E2e(a) => e2e::run(a).await,
             BenchCommand::Longpoll(a) => longpoll::run(a).await,
             BenchCommand::Plugin(a) => plugin::run(a).await,
+            BenchCommand::Mqtt(a) => mqtt::run(a).await,
         }
     }
 }
