@@ -1017,8 +1017,11 @@ mod tests {
             1,
             "store.postgres.statement_timeout_ms",
         );
-        let e = Config::parse("[store.postgres]\nurl = \"mysql://u:hunter2@h/d\"\n", "w.toml")
-            .unwrap_err();
+        let e = Config::parse(
+            "[store.postgres]\nurl = \"mysql://u:hunter2@h/d\"\n",
+            "w.toml",
+        )
+        .unwrap_err();
         assert!(!e.to_string().contains("hunter2"), "{e}");
     }
 

@@ -342,7 +342,10 @@ impl BrokerApi {
     }
     /// Stores a front end's record durably (per the flush mode) before answering.
     pub async fn state_put(&self, space: StateSpace, key: &str, value: Vec<u8>) -> Result<()> {
-        self.broker.store.meta_put(space.namespace(), key, value).await
+        self.broker
+            .store
+            .meta_put(space.namespace(), key, value)
+            .await
     }
     /// Forgets a front end's record.
     pub async fn state_delete(&self, space: StateSpace, key: &str) -> Result<()> {

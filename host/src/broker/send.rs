@@ -116,7 +116,8 @@ impl Broker {
         &self,
         msgs: Vec<OutgoingMessage>,
     ) -> Result<Vec<SendReceipt>> {
-        self.send_to(MQTT_LOCAL_TOPIC, MQTT_LOCAL_QUEUES, msgs).await
+        self.send_to(MQTT_LOCAL_TOPIC, MQTT_LOCAL_QUEUES, msgs)
+            .await
     }
 
     async fn send_to(

@@ -80,12 +80,12 @@ pub const MAX_SKEW_MS: i64 = 2_000;
 /// Queue entries examined per `read_queue` call at most (as the embedded store).
 const MAX_SCAN: i64 = 16_384;
 /// Advisory lock key serialising partition DDL across hosts ("Wharf" in ASCII).
-const PARTITION_LOCK: i64 = 0x5768_6172_66;
+const PARTITION_LOCK: i64 = 0x0057_6861_7266;
 
 /// The migrations, embedded so the binary needs no files beside it.
 fn migrator() -> sqlx::migrate::Migrator {
-    use sqlx::migrate::{Migration, MigrationType, Migrator};
     use sqlx::SqlSafeStr;
+    use sqlx::migrate::{Migration, MigrationType, Migrator};
     Migrator::with_migrations(vec![Migration::new(
         1,
         "schema".into(),
@@ -509,7 +509,8 @@ impl PostgresStore {
 
 /// Builds a [`StoredMessage`] from the [`msg_cols`] columns starting at column `at`.
 fn decode_message(row: &PgRow, node: u16, at: usize) -> Result<StoredMessage> {
-    let bad = |e: sqlx::Error| WharfError::internal(format!("a stored message row is unreadable: {e}"));
+    let bad =
+        |e: sqlx::Error| WharfError::internal(format!("a stored message row is unreadable: {e}"));
     let format: i16 = row.try_get(at + 16).map_err(bad)?;
     if format > ROW_FORMAT {
         return Err(WharfError::internal(format!(
@@ -592,11 +593,12 @@ impl Store for PostgresStore {
         if has_nul(namespace) || has_nul(key) {
             return Ok(None);
         }
-        let r = sqlx::query("SELECT value, version FROM wharf_meta WHERE namespace = $1 AND key = $2")
-            .bind(namespace)
-            .bind(key)
-            .fetch_optional(&self.inner.pool)
-            .await;
+        let r =
+            sqlx::query("SELECT value, version FROM wharf_meta WHERE namespace = $1 AND key = $2")
+                .bind(namespace)
+                .bind(key)
+                .fetch_optional(&self.inner.pool)
+                .await;
         let row = self.inner.ok("reading metadata", r)?;
         Ok(row.map(|row| MetaEntry {
             value: row.try_get(0).unwrap_or_default(),
@@ -1280,7 +1282,7 @@ where
     .map(|_| ())
 }
 
-/// The message as the append statement stores it (validated, properties encoded).
+/// A tag's hash as PostgreSQL's int4 holds it (the same 32 bits).
 pub(crate) fn tag_hash_i32(tag: Option<&str>) -> i32 {
     tag_hash(tag) as i32
 }

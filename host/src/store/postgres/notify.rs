@@ -143,10 +143,7 @@ mod tests {
     #[test]
     fn payloads_parse_and_garbage_is_refused() {
         assert_eq!(parse_payload("3 17 Trade"), Some(("Trade", 3, 17)));
-        assert_eq!(
-            parse_payload("0 1 %RETRY%G x"),
-            Some(("%RETRY%G x", 0, 1))
-        );
+        assert_eq!(parse_payload("0 1 %RETRY%G x"), Some(("%RETRY%G x", 0, 1)));
         for bad in ["", "3", "3 x T", "x 1 T", "3 17", "-1 2 T"] {
             assert_eq!(parse_payload(bad), None, "{bad}");
         }

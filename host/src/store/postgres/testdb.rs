@@ -87,9 +87,16 @@ fn start(base: &Path) -> u16 {
     }
     let data = base.join("data");
     let mut init = pg_command("initdb");
-    init.arg("-D")
-        .arg(&data)
-        .args(["-A", "trust", "-U", "postgres", "-E", "UTF8", "--locale=C", "--no-sync"]);
+    init.arg("-D").arg(&data).args([
+        "-A",
+        "trust",
+        "-U",
+        "postgres",
+        "-E",
+        "UTF8",
+        "--locale=C",
+        "--no-sync",
+    ]);
     run(init, "initdb");
     let port = free_port();
     // fsync off: the tests check what the store makes visible and when, not the disk.
@@ -111,16 +118,25 @@ fn start(base: &Path) -> u16 {
 }
 
 /// Stops the server and removes its directory once process `runner` is gone.
+#[expect(
+    clippy::zombie_processes,
+    reason = "the watchdog must outlive this test process; init reaps it"
+)]
 fn spawn_watchdog(base: &Path, runner: u32) {
     let data = base.join("data");
     let stop = if is_root() {
-        format!("runuser -u postgres -- {BIN}/pg_ctl -D '{}' -m immediate stop", data.display())
+        format!(
+            "runuser -u postgres -- {BIN}/pg_ctl -D '{}' -m immediate stop",
+            data.display()
+        )
     } else {
         format!("{BIN}/pg_ctl -D '{}' -m immediate stop", data.display())
     };
     let script = format!(
-        "while kill -0 {runner} 2>/dev/null; do sleep 1; done; {stop} >/dev/null 2>&1; rm -rf '{}'",
-        base.display()
+        "while kill -0 {runner} 2>/dev/null; do sleep 1; done; {stop} >/dev/null 2>&1; \
+         rm -rf '{}' '{}'",
+        base.display(),
+        lock_path(runner).display()
     );
     use std::os::unix::process::CommandExt;
     Command::new("sh")
@@ -133,13 +149,16 @@ fn spawn_watchdog(base: &Path, runner: u32) {
         .expect("spawn the test server's watchdog");
 }
 
+fn lock_path(runner: u32) -> PathBuf {
+    std::env::temp_dir().join(format!("wharf-pg-{runner}.lock"))
+}
+
 fn server() -> &'static Server {
     SERVER.get_or_init(|| {
         let runner = std::os::unix::process::parent_id();
         let base: PathBuf = std::env::temp_dir().join(format!("wharf-pg-{runner}"));
         fs::create_dir_all(&base).expect("create the test server directory");
-        let lock = File::create(std::env::temp_dir().join(format!("wharf-pg-{runner}.lock")))
-            .expect("create the test server lock file");
+        let lock = File::create(lock_path(runner)).expect("create the test server lock file");
         lock.lock().expect("lock the test server directory");
         let port_file = base.join("port");
         let known = fs::read_to_string(&port_file)
@@ -163,7 +182,10 @@ fn server() -> &'static Server {
 
 /// The URL of database `db` on the shared test server (trust auth: any password is accepted).
 pub fn url(db: &str) -> String {
-    format!("postgres://postgres:pw-not-checked@127.0.0.1:{}/{db}", server().port)
+    format!(
+        "postgres://postgres:pw-not-checked@127.0.0.1:{}/{db}",
+        server().port
+    )
 }
 
 /// Creates a fresh, empty database on the shared server and returns its URL.

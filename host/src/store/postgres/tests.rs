@@ -83,8 +83,14 @@ async fn an_unreachable_database_is_service_not_available_without_the_password()
         .expect("no database listens there");
     assert_eq!(e.code, ErrorCode::ServiceNotAvailable, "{e}");
     let shown = e.to_string();
-    assert!(!shown.contains("Very%2FSecret-42") && !shown.contains("Very/Secret-42"), "{shown}");
-    assert!(shown.contains(&format!("127.0.0.1:{port}")), "names the database: {shown}");
+    assert!(
+        !shown.contains("Very%2FSecret-42") && !shown.contains("Very/Secret-42"),
+        "{shown}"
+    );
+    assert!(
+        shown.contains(&format!("127.0.0.1:{port}")),
+        "names the database: {shown}"
+    );
     assert!(shown.contains("wharf:***@"), "{shown}");
 
     let e = open_store(&config("postgres://u:pw@[::1"), ManualClock::new(T0))
@@ -105,7 +111,10 @@ async fn two_hosts_migrating_at_once_both_open() {
     );
     let (a, b) = (a.unwrap(), b.unwrap());
     let m = a.append(vec![msg("Mig", 0, "x")]).await.unwrap();
-    assert_eq!(b.get(m[0].id).await.unwrap().map(|m| m.body), Some(Bytes::from("x")));
+    assert_eq!(
+        b.get(m[0].id).await.unwrap().map(|m| m.body),
+        Some(Bytes::from("x"))
+    );
     a.close().await.unwrap();
     b.close().await.unwrap();
 }
@@ -116,8 +125,12 @@ async fn two_hosts_migrating_at_once_both_open() {
 async fn two_hosts_share_offsets_and_wake_each_other() {
     let url = testdb::fresh_database().await;
     let clock = ManualClock::new(T0);
-    let a = PostgresStore::open(&config(&url), clock.clone()).await.unwrap();
-    let b = PostgresStore::open(&config(&url), clock.clone()).await.unwrap();
+    let a = PostgresStore::open(&config(&url), clock.clone())
+        .await
+        .unwrap();
+    let b = PostgresStore::open(&config(&url), clock.clone())
+        .await
+        .unwrap();
     let mut wb = b.watch_queue("Shared", 0);
     a.append(vec![msg("Shared", 0, "first")]).await.unwrap();
     tokio::time::timeout(Duration::from_secs(10), wb.wait_for(|m| *m >= 1))
@@ -130,7 +143,10 @@ async fn two_hosts_share_offsets_and_wake_each_other() {
         tasks.push(tokio::spawn(async move {
             let mut offs = Vec::new();
             for n in 0..50 {
-                let r = s.append(vec![msg("Shared", 0, &format!("{i}-{n}"))]).await.unwrap();
+                let r = s
+                    .append(vec![msg("Shared", 0, &format!("{i}-{n}"))])
+                    .await
+                    .unwrap();
                 offs.push(r[0].queue_offset.unwrap());
             }
             offs
@@ -159,15 +175,24 @@ async fn two_hosts_share_offsets_and_wake_each_other() {
 async fn leases_fence_across_hosts() {
     let url = testdb::fresh_database().await;
     let clock = ManualClock::new(T0);
-    let a = PostgresStore::open(&config(&url), clock.clone()).await.unwrap();
-    let b = PostgresStore::open(&config(&url), clock.clone()).await.unwrap();
+    let a = PostgresStore::open(&config(&url), clock.clone())
+        .await
+        .unwrap();
+    let b = PostgresStore::open(&config(&url), clock.clone())
+        .await
+        .unwrap();
     let k = LeaseKey {
         group: "G".into(),
         topic: "T".into(),
         queue_id: 0,
     };
     let la = a.lease_acquire(&k, "host-a", 1_000).await.unwrap().unwrap();
-    assert!(b.lease_acquire(&k, "host-b", 1_000).await.unwrap().is_none());
+    assert!(
+        b.lease_acquire(&k, "host-b", 1_000)
+            .await
+            .unwrap()
+            .is_none()
+    );
     clock.advance(1_000);
     let lb = b.lease_acquire(&k, "host-b", 1_000).await.unwrap().unwrap();
     assert_eq!(lb.epoch, la.epoch + 1);
@@ -176,8 +201,18 @@ async fn leases_fence_across_hosts() {
         queue_id: 0,
         offset: o,
     };
-    assert_eq!(a.commit_offsets_fenced("G", &[(off(5), la.epoch)]).await.unwrap(), [false]);
-    assert_eq!(b.commit_offsets_fenced("G", &[(off(6), lb.epoch)]).await.unwrap(), [true]);
+    assert_eq!(
+        a.commit_offsets_fenced("G", &[(off(5), la.epoch)])
+            .await
+            .unwrap(),
+        [false]
+    );
+    assert_eq!(
+        b.commit_offsets_fenced("G", &[(off(6), lb.epoch)])
+            .await
+            .unwrap(),
+        [true]
+    );
     assert_eq!(a.load_offsets("G").await.unwrap(), [off(6)]);
     a.close().await.unwrap();
     b.close().await.unwrap();
@@ -188,7 +223,9 @@ async fn leases_fence_across_hosts() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nul_in_a_key_is_refused_alone() {
     let url = testdb::fresh_database().await;
-    let s = PostgresStore::open(&config(&url), ManualClock::new(T0)).await.unwrap();
+    let s = PostgresStore::open(&config(&url), ManualClock::new(T0))
+        .await
+        .unwrap();
     let mut bad = msg("Nul", 0, "b");
     bad.keys = vec!["a\0b".into()];
     let (bad, good) = tokio::join!(s.append(vec![bad]), s.append(vec![msg("Nul", 0, "g")]));

@@ -123,7 +123,10 @@ async fn store_round(inner: &Inner, jobs: &mut [Job]) {
     match round(inner, jobs).await {
         Ok(answers) => {
             for (j, a) in jobs.iter_mut().zip(answers) {
-                inner.stats.append_latency.record(j.started.elapsed().as_micros() as u64);
+                inner
+                    .stats
+                    .append_latency
+                    .record(j.started.elapsed().as_micros() as u64);
                 j.answer(Ok(a));
             }
         }
@@ -236,7 +239,8 @@ async fn round(inner: &Inner, jobs: &[Job]) -> Result<Vec<Vec<Appended>>> {
             cols.flag.push(m.wire.flag);
             cols.sys_flag.push(m.wire.sys_flag);
             cols.born_host.push(m.wire.born_host.map(|a| a.to_string()));
-            cols.store_host.push(m.wire.store_host.map(|a| a.to_string()));
+            cols.store_host
+                .push(m.wire.store_host.map(|a| a.to_string()));
         }
     }
     // Sorted (BTreeMap order), so every round locks queue rows in the same order.
@@ -280,7 +284,9 @@ async fn round(inner: &Inner, jobs: &[Job]) -> Result<Vec<Vec<Appended>>> {
             .await;
         match r {
             // Another host's retention dropped the partition we knew of: make it again.
-            Err(sqlx::Error::Database(d)) if attempt == 0 && d.code().as_deref() == Some("23514") => {
+            Err(sqlx::Error::Database(d))
+                if attempt == 0 && d.code().as_deref() == Some("23514") =>
+            {
                 attempt += 1;
                 inner.partitions.lock().remove(&part);
                 inner.ensure_partition(part).await?;
@@ -327,7 +333,10 @@ async fn round(inner: &Inner, jobs: &[Job]) -> Result<Vec<Vec<Appended>>> {
             let rank = cols.rank[i];
             let queue_offset = if rank >= 0 {
                 let key = (m.topic.clone(), m.queue_id);
-                let cnt = counts.get(&(m.topic.as_str(), m.queue_id)).copied().unwrap_or(0);
+                let cnt = counts
+                    .get(&(m.topic.as_str(), m.queue_id))
+                    .copied()
+                    .unwrap_or(0);
                 let top = max.get(&key).copied().ok_or_else(|| {
                     WharfError::internal("the append statement lost a queue's new max offset")
                 })?;
@@ -351,7 +360,10 @@ async fn round(inner: &Inner, jobs: &[Job]) -> Result<Vec<Vec<Appended>>> {
         .stats
         .appended_messages
         .fetch_add(messages as u64, Ordering::Relaxed);
-    inner.stats.appended_bytes.fetch_add(bytes, Ordering::Relaxed);
+    inner
+        .stats
+        .appended_bytes
+        .fetch_add(bytes, Ordering::Relaxed);
     if !held.is_empty() {
         let mut t = inner.timers.lock();
         t.pending += held.len() as u64;
@@ -426,11 +438,10 @@ pub async fn reveal(inner: &Inner, now_ms: u64, max: usize) -> Result<usize> {
     // earlier of the two views (an early hint costs one empty reveal, a late one a delay).
     for _ in 0..3 {
         let generation = inner.timers.lock().generation;
-        let r = sqlx::query(
-            "SELECT min(deliver_at_ms) FROM wharf_message WHERE queue_offset IS NULL",
-        )
-        .fetch_one(&inner.pool)
-        .await;
+        let r =
+            sqlx::query("SELECT min(deliver_at_ms) FROM wharf_message WHERE queue_offset IS NULL")
+                .fetch_one(&inner.pool)
+                .await;
         let row = inner.ok("reading pending timers", r)?;
         let next: Option<i64> = row.try_get(0).unwrap_or(None);
         let mut t = inner.timers.lock();
@@ -466,7 +477,9 @@ pub async fn retention(inner: &Inner, now_ms: u64) -> Result<RetentionReport> {
         let name = partition_name(start);
         let mut tx = inner.ok(what, inner.pool.begin().await)?;
         // Dropping a partition locks its parent; give up for this pass rather than stall sends.
-        let r = sqlx::query("SET LOCAL lock_timeout = '2s'").execute(&mut *tx).await;
+        let r = sqlx::query("SET LOCAL lock_timeout = '2s'")
+            .execute(&mut *tx)
+            .await;
         inner.ok(what, r)?;
         let lock = format!("LOCK TABLE {name} IN ACCESS EXCLUSIVE MODE");
         if let Err(e) = sqlx::query(AssertSqlSafe(lock)).execute(&mut *tx).await {
