@@ -12,3 +12,8 @@ mod harness;
 mod listener;
 mod plugin_runtime;
 mod plugins;
+mod postgres;
+// The PostgreSQL test server, shared with the host crate's PostgreSQL tests.
+#[allow(dead_code)]
+#[path = "../../host/src/store/postgres/testdb.rs"]
+mod testdb;

@@ -121,8 +121,10 @@ mod tests {
     }
 
     proptest! {
+        // '*' is left out of the alphabet: a password made of mask characters is "found" in
+        // the mask itself.
         #[test]
-        fn no_password_survives(pw in "[A-Za-z0-9!$&'()*+,;=._~-]{1,24}", host in "[a-z]{1,10}") {
+        fn no_password_survives(pw in "[A-Za-z0-9!$&'()+,;=._~-]{1,24}", host in "[a-z]{1,10}") {
             let url = format!("postgres://user:{pw}@{host}:5432/db");
             let shown = redacted_url(&url);
             let exposed = format!(":{pw}@");

@@ -5,13 +5,37 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use sqlx::Connection;
 
-use super::testdb;
+use super::testdb::PgServer;
 use super::*;
 use crate::clock::ManualClock;
 use crate::error::ErrorCode;
 use crate::store::conformance::{RETENTION_MS, T0};
 use crate::store::{Backend, PostgresConfig, open_store};
+
+static NEXT_DB: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+
+/// Creates a fresh, empty database on the shared test server and returns its URL.
+async fn fresh_database() -> String {
+    let name = format!(
+        "t_{}_{}",
+        std::process::id(),
+        NEXT_DB.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    );
+    let server = tokio::task::spawn_blocking(PgServer::shared)
+        .await
+        .expect("start the test server");
+    let mut c = sqlx::PgConnection::connect(&server.url("postgres"))
+        .await
+        .expect("connect to the test server");
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+        .execute(&mut c)
+        .await
+        .expect("create a test database");
+    let _ = c.close().await;
+    server.url(&name)
+}
 
 fn config(url: &str) -> StoreConfig {
     StoreConfig {
@@ -36,7 +60,7 @@ struct Fixture {
 impl crate::store::conformance::Fixture for Fixture {
     async fn open(&mut self) -> Arc<dyn Store> {
         if self.url.is_none() {
-            self.url = Some(testdb::fresh_database().await);
+            self.url = Some(fresh_database().await);
         }
         let url = self.url.clone().unwrap_or_default();
         let s: Arc<dyn Store> = PostgresStore::open(&config(&url), self.clock.clone())
@@ -102,7 +126,7 @@ async fn an_unreachable_database_is_service_not_available_without_the_password()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_hosts_migrating_at_once_both_open() {
-    let url = testdb::fresh_database().await;
+    let url = fresh_database().await;
     let clock = ManualClock::new(T0);
     let c = config(&url);
     let (a, b) = tokio::join!(
@@ -123,7 +147,7 @@ async fn two_hosts_migrating_at_once_both_open() {
 /// wakes for the other's appends (NOTIFY, or the poll behind it).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_hosts_share_offsets_and_wake_each_other() {
-    let url = testdb::fresh_database().await;
+    let url = fresh_database().await;
     let clock = ManualClock::new(T0);
     let a = PostgresStore::open(&config(&url), clock.clone())
         .await
@@ -173,7 +197,7 @@ async fn two_hosts_share_offsets_and_wake_each_other() {
 /// database, not in either process.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn leases_fence_across_hosts() {
-    let url = testdb::fresh_database().await;
+    let url = fresh_database().await;
     let clock = ManualClock::new(T0);
     let a = PostgresStore::open(&config(&url), clock.clone())
         .await
@@ -222,7 +246,7 @@ async fn leases_fence_across_hosts() {
 /// round still lands.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nul_in_a_key_is_refused_alone() {
-    let url = testdb::fresh_database().await;
+    let url = fresh_database().await;
     let s = PostgresStore::open(&config(&url), ManualClock::new(T0))
         .await
         .unwrap();
@@ -233,5 +257,57 @@ async fn nul_in_a_key_is_refused_alone() {
     assert_eq!(e.code, ErrorCode::MessageIllegal);
     assert!(e.message.contains("NUL"), "{e}");
     assert_eq!(good.unwrap()[0].queue_offset, Some(0));
+    s.close().await.unwrap();
+}
+
+/// While the database is down, appends fail with SERVICE_NOT_AVAILABLE and `writable()` says
+/// so; once it is back the store recovers by itself and nothing acknowledged is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outage_fails_writes_and_the_store_recovers_by_itself() {
+    let pg = Arc::new(
+        tokio::task::spawn_blocking(PgServer::private)
+            .await
+            .unwrap(),
+    );
+    let s = PostgresStore::open(&config(&pg.url("postgres")), ManualClock::new(T0))
+        .await
+        .unwrap();
+    let before = s.append(vec![msg("Outage", 0, "before")]).await.unwrap();
+    let p = pg.clone();
+    tokio::task::spawn_blocking(move || p.stop()).await.unwrap();
+
+    let e = s
+        .append(vec![msg("Outage", 0, "during")])
+        .await
+        .unwrap_err();
+    assert_eq!(e.code, ErrorCode::ServiceNotAvailable, "{e}");
+    assert!(!e.message.contains("pw-not-checked"), "{e}");
+    assert!(!s.writable(), "an unreachable database is not writable");
+
+    let p = pg.clone();
+    tokio::task::spawn_blocking(move || p.start())
+        .await
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let after = loop {
+        match s.append(vec![msg("Outage", 0, "after")]).await {
+            Ok(a) => break a,
+            Err(e) => {
+                assert_eq!(e.code, ErrorCode::ServiceNotAvailable, "{e}");
+                assert!(tokio::time::Instant::now() < deadline, "no recovery: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    assert!(s.writable());
+    assert_eq!(before[0].queue_offset, Some(0));
+    assert_eq!(
+        after[0].queue_offset,
+        Some(1),
+        "the failed append took no offset"
+    );
+    let r = s.read_queue("Outage", 0, 0, 10, None).await.unwrap();
+    let bodies: Vec<_> = r.messages.iter().map(|m| m.body.clone()).collect();
+    assert_eq!(bodies, [Bytes::from("before"), Bytes::from("after")]);
     s.close().await.unwrap();
 }
