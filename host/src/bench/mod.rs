@@ -4,6 +4,7 @@ pub mod e2e;
 pub mod http;
 pub mod longpoll;
 pub mod nginx;
+pub mod pgbench;
 pub mod plugin;
 pub mod send;
 pub mod util;
