@@ -509,8 +509,29 @@ impl Config {
             return Err(Problem::at(
                 &[Key("store"), Key("postgres"), Key("url")],
                 format!(
-                    "store.postgres.url = \"{url}\" is not a PostgreSQL URL; write \
-                     \"postgres://user:pass@host/db\" (or \"\" when backend = \"embedded\")"
+                    "store.postgres.url = \"{}\" is not a PostgreSQL URL; write \
+                     \"postgres://user:pass@host/db\" (or \"\" when backend = \"embedded\")",
+                    crate::store::postgres::redacted_url(url)
+                ),
+            ));
+        }
+        let pg = &store.postgres;
+        if !(2..=1000).contains(&pg.pool_size) {
+            return Err(Problem::at(
+                &[Key("store"), Key("postgres"), Key("pool_size")],
+                format!(
+                    "store.postgres.pool_size = {} is out of range; allowed 2..=1000 connections",
+                    pg.pool_size
+                ),
+            ));
+        }
+        if pg.statement_timeout_ms > 3_600_000 {
+            return Err(Problem::at(
+                &[Key("store"), Key("postgres"), Key("statement_timeout_ms")],
+                format!(
+                    "store.postgres.statement_timeout_ms = {} is out of range; allowed 0..=3600000 \
+                     (0 = no timeout)",
+                    pg.statement_timeout_ms
                 ),
             ));
         }
@@ -1106,6 +1127,24 @@ mod tests {
             "store.postgres.url",
         );
         fails_at("[store]\nbackend = \"postgres\"\n", 2, 1, "store.backend");
+        fails_at(
+            "[store.postgres]\npool_size = 1\n",
+            2,
+            1,
+            "store.postgres.pool_size",
+        );
+        fails_at(
+            "[store.postgres]\nstatement_timeout_ms = 3600001\n",
+            2,
+            1,
+            "store.postgres.statement_timeout_ms",
+        );
+        let e = Config::parse(
+            "[store.postgres]\nurl = \"mysql://u:hunter2@h/d\"\n",
+            "w.toml",
+        )
+        .unwrap_err();
+        assert!(!e.to_string().contains("hunter2"), "{e}");
     }
 
     const TWO_KEYS: &str = "[[auth.keys]]\naccess_key = \"AK_A\"\nsecret_key = \"a\"\nallow_subscribe = [\"Trade\"]\n\n[[auth.keys]]\naccess_key = \"AK_B\"\nsecret_key = \"b\"\n";

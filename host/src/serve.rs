@@ -73,7 +73,15 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     }
     let store = crate::store::open_store(&config.store, clock.clone())
         .await
-        .with_context(|| format!("opening the store in {}", config.store.data_dir.display()))?;
+        .with_context(|| match config.store.backend {
+            crate::store::Backend::Embedded => {
+                format!("opening the store in {}", config.store.data_dir.display())
+            }
+            crate::store::Backend::Postgres => format!(
+                "opening the PostgreSQL store at {}",
+                crate::store::postgres::redacted_url(&config.store.postgres.url)
+            ),
+        })?;
     let broker = BrokerApi::new(
         Broker::open(config.broker.clone(), store, clock.clone())
             .await

@@ -6,6 +6,7 @@ pub mod longpoll;
 pub mod mqtt;
 pub mod mqtt_brokers;
 pub mod nginx;
+pub mod pgbench;
 pub mod plugin;
 pub mod send;
 pub mod util;

@@ -13,10 +13,10 @@ use std::time::Instant;
 use anyhow::bail;
 use bytes::Bytes;
 
-use super::util::{ScratchDir, open_broker, parse_flush};
+use super::util::{ScratchDir, open_broker, open_broker_on, parse_flush};
 use crate::broker::api::BrokerApi;
 use crate::broker::{OutgoingMessage, TopicSpec, TopicType};
-use crate::store::FlushMode;
+use crate::store::{Backend, FlushMode, PostgresConfig, StoreConfig};
 
 /// Options of `wharf bench send`.
 #[derive(Debug, clap::Args)]
@@ -43,6 +43,13 @@ pub struct SendArgs {
     /// is often tmpfs where fsync costs nothing), deleted afterwards.
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
+    /// PostgreSQL URL: bench the PostgreSQL backend on this (scratch) database instead of the
+    /// embedded store, then run pgbench's single-row INSERT rate on the same server.
+    #[arg(long)]
+    pub postgres: Option<String>,
+    /// How long the pgbench comparison runs, in seconds (with --postgres).
+    #[arg(long, default_value_t = 10)]
+    pub pgbench_secs: u64,
 }
 
 /// Latency percentiles of one run, from exact per-operation samples.
@@ -154,7 +161,21 @@ pub async fn run(args: SendArgs) -> anyhow::Result<()> {
     }
     let scratch = ScratchDir::new(args.data_dir.as_deref(), "wharf-bench")?;
     let dir = scratch.path();
-    let (broker, store, _clock) = open_broker(dir, args.flush).await?;
+    let (broker, store, _clock) = match &args.postgres {
+        None => open_broker(dir, args.flush).await?,
+        Some(url) => {
+            let config = StoreConfig {
+                backend: Backend::Postgres,
+                flush: args.flush,
+                postgres: PostgresConfig {
+                    url: url.clone(),
+                    ..PostgresConfig::default()
+                },
+                ..StoreConfig::default()
+            };
+            open_broker_on(&config).await?
+        }
+    };
     let topic = "BenchSend";
     if broker.topic(topic).is_err() {
         broker
@@ -194,14 +215,13 @@ pub async fn run(args: SendArgs) -> anyhow::Result<()> {
         .fsync_latency_us
         .count
         .saturating_sub(before.fsync_latency_us.count);
+    let place = match &args.postgres {
+        Some(url) => format!("postgres={}", crate::store::postgres::redacted_url(url)),
+        None => format!("dir={}", dir.display()),
+    };
     println!(
-        "bench send: dir={} flush={:?} messages={} concurrency={} size={} B batch={}",
-        dir.display(),
-        args.flush,
-        args.messages,
-        args.concurrency,
-        args.size,
-        args.batch
+        "bench send: {place} flush={:?} messages={} concurrency={} size={} B batch={}",
+        args.flush, args.messages, args.concurrency, args.size, args.batch
     );
     println!(
         "  msgs/s {:>10.0}   body MB/s {:>8.1}   elapsed {:.2}s",
@@ -220,6 +240,17 @@ pub async fn run(args: SendArgs) -> anyhow::Result<()> {
         );
     }
     broker.shutdown().await?;
+    if let Some(url) = &args.postgres {
+        let d = std::time::Duration::from_secs(args.pgbench_secs);
+        let tps = super::pgbench::insert_rate(url, args.concurrency, args.size, d).await?;
+        println!(
+            "  pgbench INSERT on the same server ({} clients, {} B, 1 row per transaction): \
+             {tps:.0} rows/s; wharf = {:.0} % of it",
+            args.concurrency,
+            args.size,
+            msgs / secs / tps * 100.0
+        );
+    }
     Ok(())
 }
 

@@ -76,10 +76,17 @@ pub async fn open_broker(
         flush,
         ..StoreConfig::default()
     };
+    open_broker_on(&config).await
+}
+
+/// Opens the store `config` names (any backend) and a broker over it, on the system clock.
+pub async fn open_broker_on(
+    config: &StoreConfig,
+) -> anyhow::Result<(BrokerApi, Arc<dyn Store>, SharedClock)> {
     let clock: SharedClock = Arc::new(SystemClock::default());
-    let store: Arc<dyn Store> = open_store(&config, clock.clone())
+    let store: Arc<dyn Store> = open_store(config, clock.clone())
         .await
-        .with_context(|| format!("open the store in {}", dir.display()))?;
+        .context("open the store")?;
     let broker = crate::broker::Broker::open(BrokerConfig::default(), store.clone(), clock.clone())
         .await
         .context("open the broker")?;

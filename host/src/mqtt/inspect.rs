@@ -89,6 +89,9 @@ pub struct Rates {
     pub window_ms: u64,
 }
 
+/// One topic's rate sample: when, the counts then, and the rate computed then.
+pub(crate) type RateSample = (u64, TopicCounts, Option<Rates>);
+
 fn device(s: &Session) -> DeviceView {
     let attached = s.attached.lock().as_ref().map(|a| a.address.clone());
     let st = s.state.lock();

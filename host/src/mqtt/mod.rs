@@ -80,8 +80,8 @@ pub(crate) struct Inner {
     metrics: Arc<MqttMetrics>,
     session_seq: AtomicU64,
     conn_seq: AtomicU64,
-    /// Per topic: (sample time, counts then, last computed rate), for inspection rates.
-    rate_samples: Mutex<HashMap<String, (u64, metrics::TopicCounts, Option<inspect::Rates>)>>,
+    /// Per topic: the last rate sample, for inspection rates.
+    rate_samples: Mutex<HashMap<String, inspect::RateSample>>,
     stop: CancellationToken,
     tasks: TaskTracker,
 }

@@ -210,6 +210,11 @@ impl Outbox {
         q.items.len() + q.parked.as_ref().map_or(0, Vec::len)
     }
 
+    /// True when nothing waits.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
     /// Resolves when something was pushed since the last call.
     pub async fn notified(&self) {
         self.notify.notified().await

@@ -198,7 +198,7 @@ fn remove_at<K: Eq + Hash, V>(node: &mut Node<K, V>, levels: &[&str], key: &K) -
     if *level == "#" {
         return node.hash.remove(key).is_some();
     }
-    let removed = if *level == "+" {
+    if *level == "+" {
         let Some(child) = node.plus.as_deref_mut() else {
             return false;
         };
@@ -224,8 +224,7 @@ fn remove_at<K: Eq + Hash, V>(node: &mut Node<K, V>, levels: &[&str], key: &K) -
             node.children.remove(*level);
         }
         removed
-    };
-    removed
+    }
 }
 
 #[cfg(test)]

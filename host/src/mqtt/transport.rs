@@ -118,6 +118,8 @@ pub async fn accept_ws<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
     path: &str,
 ) -> io::Result<(WsReader<S>, WsWriter<S>)> {
     let want = path.to_owned();
+    // tungstenite's callback type fixes the (large) error response; it is built once per refusal.
+    #[allow(clippy::result_large_err)]
     let check = move |req: &Request, mut resp: Response| -> Result<Response, ErrorResponse> {
         if req.uri().path() != want {
             let mut e = ErrorResponse::new(Some(format!(

@@ -1079,3 +1079,4 @@ pub async fn restart_never_reuses_a_lease_epoch(make: Factory) {
 }
 
 conformance_suite!(embedded, crate::store::embedded::tests::fixture);
+conformance_suite!(postgres, crate::store::postgres::tests::fixture);

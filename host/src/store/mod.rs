@@ -1,4 +1,4 @@
-//! Storage behind one trait: the embedded segment log (default) and, later, PostgreSQL.
+//! Storage behind one trait: the embedded segment log (default) and PostgreSQL (`postgres/`).
 //!
 //! The trait assumes nothing about which process owns a queue: queue offsets, timers and consumer
 //! offsets are all assigned and kept by the store, so several hosts could share one backend.
@@ -7,6 +7,7 @@
 #[cfg(test)]
 pub(crate) mod conformance;
 pub mod embedded;
+pub mod postgres;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -16,7 +17,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 use crate::clock::SharedClock;
-use crate::error::{Result, WharfError};
+use crate::error::Result;
 use crate::metrics::HistogramSnapshot;
 use crate::model::{Appended, MessageId, NewMessage, StoredMessage};
 
@@ -77,11 +78,37 @@ impl Default for StoreConfig {
 }
 
 /// `[store.postgres]` config section.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct PostgresConfig {
     /// `url = "postgres://user:pass@host/db"`
     pub url: String,
+    /// `pool_size = 16`: connections per host (writers, readers and one listener share them).
+    pub pool_size: u32,
+    /// `statement_timeout_ms = 30000`: PostgreSQL's statement_timeout for every statement
+    /// (0 = none).
+    pub statement_timeout_ms: u64,
+}
+
+impl Default for PostgresConfig {
+    fn default() -> Self {
+        PostgresConfig {
+            url: String::new(),
+            pool_size: 16,
+            statement_timeout_ms: 30_000,
+        }
+    }
+}
+
+/// Shows the URL without its password, so a logged config never leaks it.
+impl std::fmt::Debug for PostgresConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PostgresConfig")
+            .field("url", &postgres::redacted_url(&self.url))
+            .field("pool_size", &self.pool_size)
+            .field("statement_timeout_ms", &self.statement_timeout_ms)
+            .finish()
+    }
 }
 
 /// Opens the backend `config.backend` names (the embedded store unless configured otherwise).
@@ -91,10 +118,10 @@ pub async fn open_store(config: &StoreConfig, clock: SharedClock) -> Result<Arc<
             let s: Arc<dyn Store> = embedded::EmbeddedStore::open(config, clock).await?;
             Ok(s)
         }
-        Backend::Postgres => Err(WharfError::bad_request(
-            "[store] backend = \"postgres\" is not available in this build yet (the PostgreSQL \
-             backend is planned); use backend = \"embedded\"",
-        )),
+        Backend::Postgres => {
+            let s: Arc<dyn Store> = postgres::PostgresStore::open(config, clock).await?;
+            Ok(s)
+        }
     }
 }
 
@@ -266,9 +293,9 @@ pub struct Lease {
 /// - **Metadata** has get, list, delete and conditional put (create-if-absent, compare-and-set
 ///   on a version); versions start at 1, grow by one per write and survive restarts; a
 ///   conditional write is atomic, so of two racing creates exactly one wins.
-/// - **Member and lease rows** expire by time the store compares (the injected clock for the
-///   embedded store, the database's for PostgreSQL): a row is live while `now <
-///   expires_at_ms`. Lease epochs never go backwards for a queue; a fenced commit lands only
+/// - **Member and lease rows** expire by time the store compares (the injected clock, which
+///   the PostgreSQL backend passes to the database with every statement, so hosts sharing a
+///   database need synchronised clocks): a row is live while `now < expires_at_ms`. Lease epochs never go backwards for a queue; a fenced commit lands only
 ///   under the epoch of the last lease taken on its queue.
 /// - **Lookup by position**: the position inside a `MessageId` finds the message without the
 ///   rest of the id (remoting's send-back and offset message ids carry only it).
