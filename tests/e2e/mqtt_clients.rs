@@ -575,8 +575,6 @@ fn mqtt_js_over_websocket_secure_websocket_tcp_and_tls() {
 /// its subscribe-failure case wants 0x80 for `test/nosubscribe` while other cases subscribe
 /// to `#` and `+/+` on the same broker).
 #[test]
-#[ignore = "gateway bug: check_subscription (host/src/mqtt/connection.rs) refuses every filter \
-            that overlaps a deny_subscribe entry, so `#` and `+/+` get SUBACK 0x80"]
 fn deny_subscribe_refuses_the_denied_filter_but_not_wider_ones() {
     require_mosquitto();
     let (s, cert) = start_all_listeners("deny_subscribe = [\"test/nosubscribe\"]\n");

@@ -860,7 +860,13 @@ impl Conn {
                         st.subs.insert(filter.clone(), *qos);
                         drop(st);
                         self.gw.router.subscribe(&self.session, filter, *qos);
-                        for m in self.gw.retained.matching(filter) {
+                        for m in self
+                            .gw
+                            .retained
+                            .matching(filter)
+                            .into_iter()
+                            .filter(|m| !self.gw.router.denied(&m.topic))
+                        {
                             retained.push(Delivery {
                                 qos: m.qos.min(*qos),
                                 msg: m,
@@ -900,10 +906,10 @@ impl Conn {
             .config
             .deny_subscribe
             .iter()
-            .find(|d| overlaps(d, filter))
+            .find(|d| covers(d, filter))
         {
             return Err(Refusal::Code(format!(
-                "'{filter}' overlaps '{d}' in [mqtt] deny_subscribe"
+                "'{filter}' is within '{d}' in [mqtt] deny_subscribe"
             )));
         }
         if self.gw.mode == MqttMode::Strict {
@@ -979,15 +985,17 @@ enum Refusal {
     Close(String),
 }
 
-/// True when some topic matches both filters.
-fn overlaps(a: &str, b: &str) -> bool {
-    let mut x = a.split('/');
-    let mut y = b.split('/');
+/// True when every topic `narrow` matches also matches `wide` (so a subscription to `narrow`
+/// could only ever deliver what `wide` denies).
+fn covers(wide: &str, narrow: &str) -> bool {
+    let mut w = wide.split('/');
+    let mut n = narrow.split('/');
     loop {
-        match (x.next(), y.next()) {
-            (Some("#"), _) | (_, Some("#")) => return true,
+        match (w.next(), n.next()) {
+            (Some("#"), _) => return true,
             (None, None) => return true,
-            (Some(l), Some(r)) if l == "+" || r == "+" || l == r => {}
+            (Some("+"), Some(l)) if l != "#" => {}
+            (Some(l), Some(r)) if l == r && r != "+" && r != "#" => {}
             _ => return false,
         }
     }
@@ -997,5 +1005,24 @@ async fn sleep_until(deadline: Option<Instant>) {
     match deadline {
         Some(d) => tokio::time::sleep_until(d).await,
         None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::covers;
+
+    #[test]
+    fn a_deny_filter_covers_only_filters_within_it() {
+        assert!(covers("test/nosubscribe", "test/nosubscribe"));
+        assert!(covers("test/#", "test/a/+"));
+        assert!(covers("test/#", "test"));
+        assert!(covers("+/x", "a/x"));
+        assert!(!covers("test/nosubscribe", "#"));
+        assert!(!covers("test/nosubscribe", "+/+"));
+        assert!(!covers("test/nosubscribe", "test/#"));
+        assert!(!covers("test/+", "test/#"));
+        assert!(!covers("a/x", "+/x"));
+        assert!(!covers("a/b", "a"));
     }
 }

@@ -196,7 +196,12 @@ impl Gateway {
             );
         }
         let metrics = Arc::new(MqttMetrics::default());
-        let router = Router::new(broker.clone(), metrics.clone(), config.max_queued);
+        let router = Router::new(
+            broker.clone(),
+            metrics.clone(),
+            config.max_queued,
+            config.deny_subscribe.clone(),
+        );
         let inner = Arc::new(Inner {
             retained: Retained::load(&broker)
                 .await

@@ -68,18 +68,26 @@ pub struct Router {
     state: RwLock<RouterState>,
     metrics: Arc<MqttMetrics>,
     max_queued: usize,
+    /// `[mqtt] deny_subscribe`: topics no subscription delivers, however wide its filter.
+    deny: Vec<String>,
     cancel: CancellationToken,
     tracker: TaskTracker,
 }
 
 impl Router {
     /// A router over `broker`; call [`Router::start`] to begin tailing.
-    pub fn new(broker: BrokerApi, metrics: Arc<MqttMetrics>, max_queued: usize) -> Arc<Router> {
+    pub fn new(
+        broker: BrokerApi,
+        metrics: Arc<MqttMetrics>,
+        max_queued: usize,
+        deny: Vec<String>,
+    ) -> Arc<Router> {
         Arc::new(Router {
             broker,
             state: RwLock::new(RouterState::default()),
             metrics,
             max_queued,
+            deny,
             cancel: CancellationToken::new(),
             tracker: TaskTracker::new(),
         })
@@ -241,6 +249,9 @@ impl Router {
             }
             return;
         }
+        if self.denied(&r.topic) {
+            return;
+        }
         let mut hits: Vec<(u64, u8)> = Vec::new();
         st.trie.for_each_match(&r.topic, |k, q| {
             match hits.iter_mut().find(|(key, _)| key == k) {
@@ -253,6 +264,12 @@ impl Router {
                 self.push(s, r, r.qos.min(granted));
             }
         }
+    }
+
+    /// True when `topic` matches a `[mqtt] deny_subscribe` filter: a wider filter (`#`) was
+    /// granted, but the denied topics stay out of it.
+    pub fn denied(&self, topic: &str) -> bool {
+        self.deny.iter().any(|d| matches(d, topic))
     }
 
     fn push(&self, s: &Arc<Session>, r: &Arc<Routed>, qos: u8) {
@@ -396,7 +413,7 @@ impl Router {
                         let Some(routed) = to_routed(m) else { continue };
                         let qos = if p2p_target(&routed.topic) == Some(s.client_id.as_str()) {
                             Some(routed.qos)
-                        } else if p2p_target(&routed.topic).is_some() {
+                        } else if p2p_target(&routed.topic).is_some() || me.denied(&routed.topic) {
                             None
                         } else {
                             subs.iter()
