@@ -96,7 +96,8 @@ pub struct MqttConfig {
     pub mode: Option<MqttMode>,
     /// `max_subscriptions = 30`: topic filters one client may hold; more get SUBACK 0x80.
     pub max_subscriptions: usize,
-    /// `deny_subscribe = []`: filters no client may subscribe to (SUBACK 0x80).
+    /// `deny_subscribe = []`: filters no client may subscribe to (SUBACK 0x80); a wider filter
+    /// is granted but never delivers their topics.
     pub deny_subscribe: Vec<String>,
     /// `max_packet_bytes = 4259840`: largest packet accepted; a larger one closes the connection.
     pub max_packet_bytes: usize,
