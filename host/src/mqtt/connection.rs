@@ -1007,6 +1007,13 @@ fn covers(deny: &str, filter: &str) -> bool {
     }
 }
 
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::covers;
@@ -1022,12 +1029,5 @@ mod tests {
         assert!(!covers("secret/#", "#"));
         assert!(!covers("test/nosubscribe", "+/+"));
         assert!(covers("test/nosubscribe", "test/nosubscribe"));
-    }
-}
-
-async fn sleep_until(deadline: Option<Instant>) {
-    match deadline {
-        Some(d) => tokio::time::sleep_until(d).await,
-        None => std::future::pending().await,
     }
 }
