@@ -295,8 +295,9 @@ pub struct Lease {
 ///   conditional write is atomic, so of two racing creates exactly one wins.
 /// - **Member and lease rows** expire by time the store compares (the injected clock, which
 ///   the PostgreSQL backend passes to the database with every statement, so hosts sharing a
-///   database need synchronised clocks): a row is live while `now < expires_at_ms`. Lease epochs never go backwards for a queue; a fenced commit lands only
-///   under the epoch of the last lease taken on its queue.
+///   database need synchronised clocks): a row is live while `now < expires_at_ms`. Lease
+///   epochs never go backwards for a queue; a fenced commit lands only under the epoch of the
+///   last lease taken on its queue.
 /// - **Lookup by position**: the position inside a `MessageId` finds the message without the
 ///   rest of the id (remoting's send-back and offset message ids carry only it).
 /// - **Time range** queries list every message stored in the range, timer messages included.

@@ -205,6 +205,10 @@ impl PgServer {
             self.base.display()
         );
         let mut ctl = pg_command("pg_ctl");
+        // Its own process group: the server outlives the test process that started it
+        // (the shared one serves every later test), whatever the runner does to that group.
+        use std::os::unix::process::CommandExt;
+        ctl.process_group(0);
         ctl.arg("-D")
             .arg(self.base.join("data"))
             .arg("-l")

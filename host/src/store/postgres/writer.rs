@@ -476,8 +476,10 @@ pub async fn retention(inner: &Inner, now_ms: u64) -> Result<RetentionReport> {
     for start in candidates {
         let name = partition_name(start);
         let mut tx = inner.ok(what, inner.pool.begin().await)?;
-        // Dropping a partition locks its parent; give up for this pass rather than stall sends.
-        let r = sqlx::query("SET LOCAL lock_timeout = '2s'")
+        // Dropping a partition takes its parent's lock, and while it waits for that lock
+        // new statements on the parent queue behind it: give up within half a second (and
+        // retry next pass) rather than stall sends for longer.
+        let r = sqlx::query("SET LOCAL lock_timeout = '500ms'")
             .execute(&mut *tx)
             .await;
         inner.ok(what, r)?;
