@@ -11,5 +11,6 @@ pub mod metrics;
 pub mod model;
 pub mod net;
 pub mod plugin;
+pub mod remoting;
 pub mod serve;
 pub mod store;

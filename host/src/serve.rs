@@ -129,7 +129,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let state = Arc::new(AppState {
         broker: broker.clone(),
         plugins: plugins.clone(),
-        auth,
+        auth: auth.clone(),
         config: config.http.clone(),
         metrics: HttpMetrics::default(),
         shutdown: shutdown.token(),
@@ -138,11 +138,21 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
 
     info!("listening http={addr}");
     // Every bound listener, by name, for the machine-readable line below.
-    let bound: Vec<(&str, std::net::SocketAddr)> = vec![("http", addr)];
-    for (name, listen) in [
-        ("mqtt", &config.mqtt.listen),
-        ("remoting", &config.remoting.listen),
-    ] {
+    let mut bound: Vec<(&str, std::net::SocketAddr)> = vec![("http", addr)];
+    if !config.remoting.listen.is_empty() {
+        match crate::remoting::start(&config.remoting, broker.clone(), auth.clone(), &shutdown)
+            .await
+        {
+            Ok(a) => bound.push(("remoting", a)),
+            Err(e) => {
+                shutdown.stop(Duration::ZERO).await;
+                plugins.shutdown().await;
+                let _ = broker.shutdown().await;
+                return Err(e);
+            }
+        }
+    }
+    for (name, listen) in [("mqtt", &config.mqtt.listen)] {
         if !listen.is_empty() {
             warn!("{name} listener is not built yet: NOT listening on {listen} ([{name}] listen)");
         }

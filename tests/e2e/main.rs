@@ -12,3 +12,4 @@ mod harness;
 mod listener;
 mod plugin_runtime;
 mod plugins;
+mod remoting;
