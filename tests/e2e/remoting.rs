@@ -346,16 +346,23 @@ fn a_failed_message_comes_back_with_reconsume_times_one_then_dead_letters() {
     assert_eq!(got[1]["retryTopic"], "OnsRetry");
     assert_eq!(got[1]["tags"], "t");
 
-    // A client maximum of 1: the second failure dead-letters it.
+    // The client's maximum travels with the send-back: 0 dead-letters the first failure.
+    // (ali-ons 3.12 ignores what its handler answers for a message redelivered from the retry
+    // topic, so with it a message is never sent back twice; the broker's schedule is the same
+    // for every consumer kind and is covered by the consumption engine's tests.)
     let d = consumer(
         &s,
         json!({"group": "GID_ons_dlq", "topic": "OnsRetry", "failBodies": ["doomed"],
-               "failTimes": 99, "maxReconsumeTimes": 1}),
+               "failTimes": 99, "maxReconsumeTimes": 0}),
     );
     d.wait("ready");
     let sent = produce(&s, json!([{"topic": "OnsRetry", "body": "doomed"}]));
-    let got = d.messages(2);
-    assert_eq!(got[1]["reconsumeTimes"], 1);
+    // The new group starts at the topic's start (it is recent), so it sees "bad" too.
+    let mut doomed = Vec::new();
+    while doomed.is_empty() {
+        doomed.extend(d.messages(1).into_iter().filter(|m| m["body"] == "doomed"));
+    }
+    assert_eq!(doomed[0]["reconsumeTimes"], 0, "{doomed:?}");
     let id = sent[0]["msgId"].as_str().unwrap();
     let m = s.get(&format!("/v1/messages/{id}")).expect(200);
     let wharf_id = m["message_id"].as_str().unwrap().to_string();

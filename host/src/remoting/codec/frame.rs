@@ -266,6 +266,7 @@ struct JsonHeader<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     remark: Option<&'a str>,
     ext_fields: &'a BTreeMap<String, String>,
+    #[serde(rename = "serializeTypeCurrentRPC")]
     serialize_type_current_rpc: &'static str,
 }
 
