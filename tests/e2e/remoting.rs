@@ -266,9 +266,19 @@ fn ali_ons_send_with_tags_and_keys_consume_filtered_and_query_by_printed_id() {
         .filter_map(|m| m["body"].as_str())
         .collect();
     assert_eq!(bodies, vec!["first"], "{r}");
-    // The group exists (created on the consumer's first heartbeat) and lists the client.
+    // The group exists (created on the consumer's first heartbeat) and lists the client with
+    // its address and backlog (it consumed everything it was handed).
     let g = s.get("/v1/groups/GID_ons_filter").expect(200);
     assert_eq!(g["model"], "clustering", "{g}");
+    let st = s.get("/v1/groups/GID_ons_filter/status").expect(200);
+    assert_eq!(st["online"], true, "{st}");
+    let inst = &st["instances"][0];
+    assert!(inst["instance_id"].as_str().unwrap().contains('@'), "{st}");
+    assert!(
+        inst["address"].as_str().unwrap().starts_with("127.0.0.1:"),
+        "{st}"
+    );
+    assert!(inst["backlog"].is_u64(), "{st}");
     drop(c);
 }
 

@@ -5,6 +5,7 @@ pub mod http;
 pub mod longpoll;
 pub mod nginx;
 pub mod plugin;
+pub mod remoting;
 pub mod send;
 pub mod util;
 
@@ -19,6 +20,8 @@ pub enum BenchCommand {
     E2e(e2e::E2eArgs),
     /// Send throughput with and without thousands of long polls parked on other queues.
     Longpoll(longpoll::LongpollArgs),
+    /// The RocketMQ remoting protocol against a running host: 1/16/64 sync producers, pull consumer.
+    Remoting(remoting::RemotingArgs),
     /// Messages/s through a trivial wasm plugin against a native closure; deploy and start times.
     Plugin(plugin::PluginArgs),
 }
@@ -32,6 +35,7 @@ impl BenchCommand {
             BenchCommand::E2e(a) => e2e::run(a).await,
             BenchCommand::Longpoll(a) => longpoll::run(a).await,
             BenchCommand::Plugin(a) => plugin::run(a).await,
+            BenchCommand::Remoting(a) => remoting::run(a).await,
         }
     }
 }
