@@ -152,10 +152,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             }
         }
     }
-    for (name, listen) in [("mqtt", &config.mqtt.listen)] {
-        if !listen.is_empty() {
-            warn!("{name} listener is not built yet: NOT listening on {listen} ([{name}] listen)");
-        }
+    if !config.mqtt.listen.is_empty() {
+        warn!(
+            "mqtt listener is not built yet: NOT listening on {} ([mqtt] listen)",
+            config.mqtt.listen
+        );
     }
     {
         // Machine-readable, for scripts and tests that start the host on port 0.
