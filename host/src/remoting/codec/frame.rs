@@ -273,11 +273,8 @@ struct JsonHeader<'a> {
 fn encode_json_header(cmd: &Command, out: &mut Vec<u8>) -> Result<(), CodecError> {
     let h = JsonHeader {
         code: cmd.code,
-        language: if cmd.language.is_empty() {
-            "JAVA"
-        } else {
-            &cmd.language
-        },
+        // Replies built by `response_to` say "JAVA", a name every strict client knows.
+        language: &cmd.language,
         version: cmd.version,
         opaque: cmd.opaque,
         flag: cmd.flag,
