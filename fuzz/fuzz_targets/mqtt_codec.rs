@@ -7,7 +7,7 @@ use libfuzzer_sys::fuzz_target;
 
 /// The host's MQTT codec, compiled from its own source.
 #[path = "../../host/src/mqtt/codec/mod.rs"]
-#[allow(dead_code)]
+#[allow(dead_code, unused_imports)]
 mod codec;
 
 fuzz_target!(|data: &[u8]| {

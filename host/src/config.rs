@@ -148,19 +148,88 @@ impl Default for MqttConfig {
     }
 }
 
-/// `[remoting]` section: where the RocketMQ remoting listener binds (a later issue).
+/// `[remoting]` section: the RocketMQ remoting listener (name server + broker on one port).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RemotingConfig {
-    /// `listen = "127.0.0.1:9876"`; `""` disables it.
+    /// `listen = "0.0.0.0:9876"`; `""` disables it.
     pub listen: String,
+    /// `advertised_addr = ""`: the `IPv4:PORT` routes and message ids name; empty = the address
+    /// each client connected to (right unless clients reach the host through NAT or a proxy).
+    pub advertised_addr: String,
+    /// `auto_create_groups = "auto"`: create a consumer group on its first heartbeat (like
+    /// RocketMQ's autoCreateSubscriptionGroup). `"auto"` = on when the host runs open (no
+    /// `[[auth.keys]]`), off when keys exist; `true` / `false` force it.
+    pub auto_create_groups: AutoCreate,
+    /// `max_connections = 10000`: connections served at once; more wait in the accept backlog.
+    pub max_connections: usize,
 }
 
 impl Default for RemotingConfig {
     fn default() -> Self {
         RemotingConfig {
-            listen: "127.0.0.1:9876".into(),
+            listen: "0.0.0.0:9876".into(),
+            advertised_addr: String::new(),
+            auto_create_groups: AutoCreate::Auto,
+            max_connections: 10_000,
         }
+    }
+}
+
+/// `[remoting] auto_create_groups`: `"auto"`, `true` or `false`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum AutoCreate {
+    /// On in open mode, off when access keys exist.
+    #[default]
+    Auto,
+    /// Always (`true`).
+    On,
+    /// Never (`false`).
+    Off,
+}
+
+impl AutoCreate {
+    /// Whether groups are created, given whether the host runs open.
+    pub fn enabled(self, open: bool) -> bool {
+        match self {
+            AutoCreate::Auto => open,
+            AutoCreate::On => true,
+            AutoCreate::Off => false,
+        }
+    }
+}
+
+impl Serialize for AutoCreate {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            AutoCreate::Auto => s.serialize_str("auto"),
+            AutoCreate::On => s.serialize_bool(true),
+            AutoCreate::Off => s.serialize_bool(false),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for AutoCreate {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = AutoCreate;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("\"auto\", true or false")
+            }
+            fn visit_bool<E: serde::de::Error>(self, v: bool) -> Result<AutoCreate, E> {
+                Ok(if v { AutoCreate::On } else { AutoCreate::Off })
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<AutoCreate, E> {
+                match v {
+                    "auto" => Ok(AutoCreate::Auto),
+                    other => Err(E::custom(format!(
+                        "auto_create_groups = \"{other}\" is not allowed: use \"auto\", true or false"
+                    ))),
+                }
+            }
+        }
+        d.deserialize_any(V)
     }
 }
 
@@ -446,6 +515,20 @@ impl Config {
             }
         }
         addr("remoting", &self.remoting.listen, true)?;
+        if !self.remoting.advertised_addr.is_empty()
+            && !matches!(
+                self.remoting.advertised_addr.parse::<SocketAddr>(),
+                Ok(SocketAddr::V4(_))
+            )
+        {
+            return Err(Problem::at(
+                &[Key("remoting"), Key("advertised_addr")],
+                format!(
+                    "advertised_addr = \"{}\" is not IPv4:PORT; RocketMQ clients and message ids need an IPv4 address clients can reach, e.g. \"10.0.0.5:9876\"",
+                    self.remoting.advertised_addr
+                ),
+            ));
+        }
 
         let tree = toml::Value::try_from(self).map_err(|e| {
             Problem::at(

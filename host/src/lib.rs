@@ -12,5 +12,6 @@ pub mod model;
 pub mod mqtt;
 pub mod net;
 pub mod plugin;
+pub mod remoting;
 pub mod serve;
 pub mod store;

@@ -159,7 +159,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let state = Arc::new(AppState {
         broker: broker.clone(),
         plugins: plugins.clone(),
-        auth,
+        auth: auth.clone(),
         config: config.http.clone(),
         metrics: HttpMetrics::default(),
         shutdown: shutdown.token(),
@@ -172,10 +172,17 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let mut bound: Vec<(&str, std::net::SocketAddr)> = vec![("http", addr)];
     bound.extend(mqtt_bound);
     if !config.remoting.listen.is_empty() {
-        warn!(
-            "remoting listener is not built yet: NOT listening on {} ([remoting] listen)",
-            config.remoting.listen
-        );
+        match crate::remoting::start(&config.remoting, broker.clone(), auth.clone(), &shutdown)
+            .await
+        {
+            Ok(a) => bound.push(("remoting", a)),
+            Err(e) => {
+                shutdown.stop(Duration::ZERO).await;
+                plugins.shutdown().await;
+                let _ = broker.shutdown().await;
+                return Err(e);
+            }
+        }
     }
     {
         // Machine-readable, for scripts and tests that start the host on port 0.

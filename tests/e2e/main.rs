@@ -16,6 +16,7 @@ mod plugin_runtime;
 mod plugins;
 mod postgres;
 // The PostgreSQL test server, shared with the host crate's PostgreSQL tests.
+mod remoting;
 #[allow(dead_code)]
 #[path = "../../host/src/store/postgres/testdb.rs"]
 mod testdb;

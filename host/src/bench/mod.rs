@@ -8,6 +8,7 @@ pub mod mqtt_brokers;
 pub mod nginx;
 pub mod pgbench;
 pub mod plugin;
+pub mod remoting;
 pub mod send;
 pub mod util;
 
@@ -24,6 +25,8 @@ pub enum BenchCommand {
     Longpoll(longpoll::LongpollArgs),
     /// MQTT gateway against Mosquitto (same rows, same run): msgs/s, p50/p99, idle-connection memory.
     Mqtt(mqtt::MqttArgs),
+    /// The RocketMQ remoting protocol against a running host: 1/16/64 sync producers, pull consumer.
+    Remoting(remoting::RemotingArgs),
     /// Messages/s through a trivial wasm plugin against a native closure; deploy and start times.
     Plugin(plugin::PluginArgs),
 }
@@ -38,6 +41,7 @@ impl BenchCommand {
             BenchCommand::Longpoll(a) => longpoll::run(a).await,
             BenchCommand::Plugin(a) => plugin::run(a).await,
             BenchCommand::Mqtt(a) => mqtt::run(a).await,
+            BenchCommand::Remoting(a) => remoting::run(a).await,
         }
     }
 }

@@ -32,7 +32,7 @@ pub use crate::store::{Lease, LeaseKey, MemberKind, QueueBounds, StoreStats, Tim
 
 use crate::clock::SharedClock;
 use crate::error::Result;
-use crate::model::StoredMessage;
+use crate::model::{StoredMessage, WireInfo};
 
 /// The spaces front ends keep durable records in, each apart from the broker's own metadata.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -117,11 +117,20 @@ impl BrokerApi {
     pub async fn send(&self, topic: &str, msgs: Vec<OutgoingMessage>) -> Result<Vec<SendReceipt>> {
         self.broker.send(topic, msgs).await
     }
+    /// [`BrokerApi::send`] with each message's RocketMQ wire fields (the remoting front end).
+    pub async fn send_wire(
+        &self,
+        topic: &str,
+        msgs: Vec<(OutgoingMessage, WireInfo)>,
+    ) -> Result<Vec<SendReceipt>> {
+        self.broker.send_wire(topic, msgs).await
+    }
     /// A message by id, with per-group delivery status.
     pub async fn message(&self, id: &str) -> Result<MessageView> {
         self.broker.message(id).await
     }
-    /// A message by id, without delivery status (cheap; for permission checks first).
+    /// A message by id, without delivery status (cheap; for permission checks first). Accepts
+    /// Wharf's id and the offset message id RocketMQ SDKs print (store host + log position).
     pub async fn find_message(&self, id: &str) -> Result<StoredMessage> {
         self.broker.find_message(id).await
     }
@@ -200,6 +209,21 @@ impl BrokerApi {
     ) -> Result<Option<u64>> {
         self.broker
             .committed_queue_offset(group, topic, queue_id)
+            .await
+    }
+    /// Where `group` starts on a queue it never committed (the dispatcher's start rule).
+    pub async fn queue_start_offset(&self, group: &str, topic: &str, queue_id: u32) -> Result<u64> {
+        self.broker.queue_start_offset(group, topic, queue_id).await
+    }
+    /// The first offset of a queue stored at or after `timestamp_ms` (search by time).
+    pub async fn offset_for_time(
+        &self,
+        topic: &str,
+        queue_id: u32,
+        timestamp_ms: u64,
+    ) -> Result<u64> {
+        self.broker
+            .offset_for_time(topic, queue_id, timestamp_ms)
             .await
     }
     /// The message at a log position.

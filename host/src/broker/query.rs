@@ -70,10 +70,22 @@ impl Broker {
     /// delivery work, so a caller can check rights on [`original_topic`] first.
     pub(in crate::broker) async fn find_message(&self, id: &str) -> Result<StoredMessage> {
         let parsed: MessageId = id.parse()?;
-        self.store
-            .get(parsed)
-            .await?
-            .ok_or_else(|| WharfError::not_found(format!("message '{id}' {NOT_FOUND}")))
+        if let Some(m) = self.store.get(parsed).await? {
+            return Ok(m);
+        }
+        // RocketMQ SDKs print offset message ids: store IPv4 (4 bytes), port (4), log position
+        // (8). Wharf's own ids end in the same position, so both find the one record there.
+        let position = parsed.position();
+        let host = &parsed.0[0..8];
+        match self.store.get_by_position(position).await? {
+            Some(m)
+                if m.id.position() == position
+                    && m.wire.store_host.is_none_or(|h| offset_id_host(h) == host) =>
+            {
+                Ok(m)
+            }
+            _ => Err(WharfError::not_found(format!("message '{id}' {NOT_FOUND}"))),
+        }
     }
 
     /// Adds the per-group delivery status to a message found by [`Broker::find_message`].
@@ -121,4 +133,19 @@ impl Broker {
             .by_time(topic, begin_ms, end_ms, limit, page_token)
             .await
     }
+}
+
+/// The first 8 bytes of an offset message id for a record stored by `host`.
+fn offset_id_host(host: std::net::SocketAddr) -> [u8; 8] {
+    let ip = match host {
+        std::net::SocketAddr::V4(a) => *a.ip(),
+        std::net::SocketAddr::V6(a) => a
+            .ip()
+            .to_ipv4_mapped()
+            .unwrap_or(std::net::Ipv4Addr::UNSPECIFIED),
+    };
+    let mut b = [0u8; 8];
+    b[0..4].copy_from_slice(&ip.octets());
+    b[4..8].copy_from_slice(&i32::from(host.port()).to_be_bytes());
+    b
 }

@@ -11,7 +11,7 @@ use wharf_codec::{properties, tags};
 use super::Broker;
 use super::config::MAX_MESSAGE_BYTES;
 use crate::error::{Result, WharfError};
-use crate::model::{MessageId, NewMessage};
+use crate::model::{MessageId, NewMessage, WireInfo};
 
 /// A message as a producer hands it to the broker.
 #[derive(Debug, Clone, Default)]
@@ -88,6 +88,10 @@ pub fn encoded_properties_len(msg: &OutgoingMessage) -> usize {
     )
 }
 
+fn with_no_wire(msgs: Vec<OutgoingMessage>) -> Vec<(OutgoingMessage, WireInfo)> {
+    msgs.into_iter().map(|m| (m, WireInfo::default())).collect()
+}
+
 static ROUND_ROBIN: AtomicU32 = AtomicU32::new(0);
 
 /// The MQTT gateway's own topic: messages to MQTT topics whose first level is no broker topic
@@ -107,6 +111,18 @@ impl Broker {
         msgs: Vec<OutgoingMessage>,
     ) -> Result<Vec<SendReceipt>> {
         let t = self.topic(topic)?;
+        self.send_to(&t.name, t.queues, with_no_wire(msgs)).await
+    }
+
+    /// Like [`Broker::send`], each message with the RocketMQ wire fields the remoting front end
+    /// received it with (flag, sysFlag, born and store hosts), kept for pulls.
+    #[instrument(skip_all, fields(topic = %topic, count = msgs.len()))]
+    pub(in crate::broker) async fn send_wire(
+        &self,
+        topic: &str,
+        msgs: Vec<(OutgoingMessage, WireInfo)>,
+    ) -> Result<Vec<SendReceipt>> {
+        let t = self.topic(topic)?;
         self.send_to(&t.name, t.queues, msgs).await
     }
 
@@ -116,7 +132,7 @@ impl Broker {
         &self,
         msgs: Vec<OutgoingMessage>,
     ) -> Result<Vec<SendReceipt>> {
-        self.send_to(MQTT_LOCAL_TOPIC, MQTT_LOCAL_QUEUES, msgs)
+        self.send_to(MQTT_LOCAL_TOPIC, MQTT_LOCAL_QUEUES, with_no_wire(msgs))
             .await
     }
 
@@ -124,7 +140,7 @@ impl Broker {
         &self,
         topic: &str,
         queues: u32,
-        msgs: Vec<OutgoingMessage>,
+        msgs: Vec<(OutgoingMessage, WireInfo)>,
     ) -> Result<Vec<SendReceipt>> {
         if msgs.is_empty() {
             return Err(WharfError::illegal(
@@ -134,7 +150,7 @@ impl Broker {
         let now = self.clock.now_ms();
         let start = ROUND_ROBIN.fetch_add(1, Ordering::Relaxed);
         let mut batch = Vec::with_capacity(msgs.len());
-        for (i, m) in msgs.into_iter().enumerate() {
+        for (i, (m, wire)) in msgs.into_iter().enumerate() {
             let deliver_at_ms = self.validate(&m, now).map_err(|e| {
                 if i == 0 {
                     e
@@ -156,7 +172,7 @@ impl Broker {
                 born_ms: m.born_ms.unwrap_or(now),
                 deliver_at_ms,
                 reconsume_times: 0,
-                wire: Default::default(),
+                wire,
             });
         }
         let body_bytes: u64 = batch.iter().map(|m| m.body.len() as u64).sum();

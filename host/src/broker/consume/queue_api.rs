@@ -260,6 +260,31 @@ impl Broker {
             .map(|o| o.offset))
     }
 
+    /// Where `group` starts reading a queue it has no committed offset for, by the same rule
+    /// as the host's own dispatcher: the oldest kept message when the topic's first message is
+    /// recent, else the newest (broadcasting: the newest); a retry queue from its start.
+    pub async fn queue_start_offset(&self, group: &str, topic: &str, queue_id: u32) -> Result<u64> {
+        self.check_queue(group, topic, queue_id)?;
+        if is_retry_topic_of(topic, group) {
+            return Ok(self.store.queue_bounds(topic, queue_id).await?.min);
+        }
+        let model = self.consumer_group(group)?.model;
+        let key = (topic.to_string(), queue_id);
+        Ok(self.start_offset(None, model, &key).await?.0)
+    }
+
+    /// The first offset of a queue whose message was stored at or after `timestamp_ms`.
+    pub async fn offset_for_time(
+        &self,
+        topic: &str,
+        queue_id: u32,
+        timestamp_ms: u64,
+    ) -> Result<u64> {
+        self.store
+            .offset_for_time(topic, queue_id, timestamp_ms)
+            .await
+    }
+
     /// The message stored at log position `position` (remoting's send-back and offset message
     /// ids carry only that).
     pub async fn message_at(&self, position: u64) -> Result<Option<StoredMessage>> {

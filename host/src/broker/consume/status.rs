@@ -109,6 +109,63 @@ pub async fn group_status(b: &Broker, group: &str) -> Result<GroupStatus> {
             subscriptions: i.subscriptions,
         });
     }
+    // Self-balancing clients (RocketMQ SDKs) split the queues themselves; their share is
+    // recomputed here with the SDKs' default split, from the offsets they committed.
+    let members: Vec<_> = b
+        .members(group)
+        .await?
+        .into_iter()
+        .filter(|m| m.kind == crate::store::MemberKind::SelfBalancing)
+        .collect();
+    let mut subscriptions = subscriptions;
+    let mut group_positions = group_positions;
+    if !members.is_empty() {
+        let committed: HashMap<QueueKey, u64> = b
+            .store
+            .load_offsets(group)
+            .await?
+            .into_iter()
+            .map(|o| ((o.topic, o.queue_id), o.offset))
+            .collect();
+        let ids: Vec<&str> = members.iter().map(|m| m.member_id.as_str()).collect();
+        for m in &members {
+            for s in &m.subscriptions {
+                if !subscriptions.iter().any(|x| x.topic == s.topic) {
+                    subscriptions.push(s.clone());
+                }
+            }
+        }
+        for (index, m) in members.iter().enumerate() {
+            let mut positions = Positions::new();
+            for s in &m.subscriptions {
+                let queues = b.engine_queue_count(&s.topic);
+                let mine = match g.model {
+                    ConsumeModel::Clustering => allocate_averagely(queues, ids.len(), index),
+                    ConsumeModel::Broadcasting => (0..queues).collect(),
+                };
+                for q in mine {
+                    let k = (s.topic.clone(), q);
+                    positions.insert(k.clone(), committed.get(&k).copied());
+                }
+                if g.model == ConsumeModel::Clustering {
+                    for q in 0..queues {
+                        let k = (s.topic.clone(), q);
+                        let p = committed.get(&k).copied();
+                        group_positions.entry(k).or_insert(p);
+                    }
+                }
+            }
+            let backlog = backlog_of(b, g.model, &positions).await?;
+            broadcast_backlog += backlog;
+            instances.push(InstanceStatus {
+                instance_id: m.member_id.clone(),
+                address: m.address.clone(),
+                pid: m.pid,
+                backlog,
+                subscriptions: m.subscriptions.clone(),
+            });
+        }
+    }
     let backlog = match g.model {
         ConsumeModel::Clustering => backlog_of(b, g.model, &group_positions).await?,
         ConsumeModel::Broadcasting => broadcast_backlog,
@@ -123,6 +180,30 @@ pub async fn group_status(b: &Broker, group: &str) -> Result<GroupStatus> {
         subscriptions,
         instances,
     })
+}
+
+/// Queue ids member `index` of `members` (sorted ids) reads under RocketMQ's default split
+/// (AllocateMessageQueueAveragely): contiguous ranges, the first `queues % members` one longer.
+fn allocate_averagely(queues: u32, members: usize, index: usize) -> Vec<u32> {
+    let (n, c) = (queues as usize, members.max(1));
+    if index >= c || n == 0 {
+        return Vec::new();
+    }
+    let rem = n % c;
+    let size = if n <= c {
+        1
+    } else if rem > 0 && index < rem {
+        n / c + 1
+    } else {
+        n / c
+    };
+    let start = if rem > 0 && index < rem {
+        index * size
+    } else {
+        index * size + rem
+    };
+    let range = size.min(n.saturating_sub(start));
+    (0..range).map(|i| ((start + i) % n) as u32).collect()
 }
 
 /// Messages between each position and the queue's end (filtered ones included, as offsets).
@@ -453,4 +534,20 @@ fn reset_queues(
         loaded.insert(key, o.offset);
     }
     released
+}
+
+#[cfg(test)]
+mod tests {
+    use super::allocate_averagely;
+
+    #[test]
+    fn self_balancing_shares_split_like_the_sdks() {
+        assert_eq!(allocate_averagely(4, 2, 0), vec![0, 1]);
+        assert_eq!(allocate_averagely(4, 2, 1), vec![2, 3]);
+        assert_eq!(allocate_averagely(5, 2, 0), vec![0, 1, 2]);
+        assert_eq!(allocate_averagely(5, 2, 1), vec![3, 4]);
+        assert_eq!(allocate_averagely(2, 3, 1), vec![1]);
+        assert_eq!(allocate_averagely(2, 3, 2), Vec::<u32>::new());
+        assert_eq!(allocate_averagely(8, 1, 0), (0..8).collect::<Vec<_>>());
+    }
 }

@@ -1,0 +1,327 @@
+//! The RocketMQ remoting front end: standard RocketMQ / ONS SDK clients, unchanged, talk to
+//! Wharf as both their name server and their broker on one port (`[remoting] listen`).
+//!
+//! Layout: [`codec`] is the pure wire format; [`codes`] the request and response codes;
+//! [`ops`] maps each request onto [`BrokerApi`]; this file owns connections: one reader that
+//! decodes frames and runs each request as its own task (a long-polling pull must not hold up a
+//! send on the same connection), one writer that batches replies into few syscalls, and the
+//! registry of which connection carries which consumer, for NOTIFY_CONSUMER_IDS_CHANGED and for
+//! dropping a consumer whose connection closed.
+
+pub mod codec;
+pub mod codes;
+pub mod ops;
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
+
+use bytes::BytesMut;
+use parking_lot::Mutex;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::{Semaphore, mpsc};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, debug, info_span, warn};
+
+use crate::broker::api::BrokerApi;
+use crate::config::RemotingConfig;
+use crate::http::auth::Authenticator;
+use crate::net::{Connection, Handler, Listener, Shutdown};
+use codec::{Command, decode_frame, encode_frame};
+
+/// Requests one connection may have in progress at once; past it the reader stops reading, so
+/// a client that floods is slowed down instead of growing the host's memory.
+const MAX_IN_FLIGHT_PER_CONNECTION: usize = 1024;
+/// Replies queued for one connection's writer.
+const WRITE_QUEUE: usize = 1024;
+
+/// What every connection shares.
+pub struct RemotingState {
+    /// The broker.
+    pub broker: BrokerApi,
+    /// `[[auth.keys]]`; open when there are none.
+    pub auth: Arc<Authenticator>,
+    /// `[remoting] advertised_addr`; `None`: the address each client connected to.
+    pub advertised: Option<SocketAddr>,
+    /// Create a consumer group on its first heartbeat.
+    pub auto_create_groups: bool,
+    registry: Mutex<Registry>,
+    next_conn: AtomicU64,
+    next_opaque: AtomicI32,
+}
+
+/// Which connection carries which consumer, and what each group last said it subscribes.
+#[derive(Default)]
+struct Registry {
+    /// Write queues of open connections.
+    conns: HashMap<u64, mpsc::Sender<Vec<u8>>>,
+    /// group → client id → connection its last heartbeat came on.
+    members: HashMap<String, HashMap<String, u64>>,
+    /// (group, topic) → tag expression from the latest heartbeat (pulls without a subscription).
+    subscriptions: HashMap<(String, String), String>,
+}
+
+impl RemotingState {
+    /// State for `config`; groups are auto-created per `[remoting] auto_create_groups`, by
+    /// default only when the host runs open.
+    pub fn new(broker: BrokerApi, auth: Arc<Authenticator>, config: &RemotingConfig) -> Self {
+        let auto_create_groups = config.auto_create_groups.enabled(auth.is_open());
+        RemotingState {
+            broker,
+            auth,
+            advertised: config.advertised_addr.parse().ok(),
+            auto_create_groups,
+            registry: Mutex::new(Registry::default()),
+            next_conn: AtomicU64::new(1),
+            next_opaque: AtomicI32::new(1),
+        }
+    }
+
+    /// Records that `client` of `group` heartbeats on connection `conn`.
+    fn register_member(&self, group: &str, client: &str, conn: u64) {
+        self.registry
+            .lock()
+            .members
+            .entry(group.to_string())
+            .or_default()
+            .insert(client.to_string(), conn);
+    }
+
+    /// Remembers a group's tag expression for `topic`.
+    fn remember_subscription(&self, group: &str, topic: &str, expression: &str) {
+        self.registry.lock().subscriptions.insert(
+            (group.to_string(), topic.to_string()),
+            expression.to_string(),
+        );
+    }
+
+    /// The tag expression `group` last registered for `topic`.
+    fn subscription(&self, group: &str, topic: &str) -> Option<String> {
+        self.registry
+            .lock()
+            .subscriptions
+            .get(&(group.to_string(), topic.to_string()))
+            .cloned()
+    }
+
+    /// Forgets `client` of `group` (unregister).
+    fn forget_member(&self, group: &str, client: &str) {
+        let mut reg = self.registry.lock();
+        if let Some(m) = reg.members.get_mut(group) {
+            m.remove(client);
+            if m.is_empty() {
+                reg.members.remove(group);
+            }
+        }
+    }
+
+    /// Tells every connection carrying a consumer of `group` that its member list changed, so
+    /// those clients rebalance now rather than at their next periodic rebalance.
+    fn notify_group(&self, group: &str) {
+        let opaque = self.next_opaque.fetch_add(1, Ordering::Relaxed);
+        let mut cmd = Command::request(codes::NOTIFY_CONSUMER_IDS_CHANGED, opaque);
+        cmd.flag = codec::frame::FLAG_ONEWAY;
+        cmd.set("consumerGroup", group);
+        let mut frame = Vec::new();
+        if encode_frame(&cmd, &mut frame).is_err() {
+            return;
+        }
+        let reg = self.registry.lock();
+        let Some(members) = reg.members.get(group) else {
+            return;
+        };
+        let conns: HashSet<u64> = members.values().copied().collect();
+        for c in conns {
+            if let Some(tx) = reg.conns.get(&c) {
+                // A full queue means the client is not reading; it rebalances on its own timer.
+                let _ = tx.try_send(frame.clone());
+            }
+        }
+    }
+
+    /// A connection closed: its consumers leave their groups (RocketMQ drops a consumer whose
+    /// channel closed), and the rest of each group is told to rebalance.
+    async fn connection_closed(&self, conn: u64) {
+        let gone: Vec<(String, String)> = {
+            let mut reg = self.registry.lock();
+            reg.conns.remove(&conn);
+            let mut gone = Vec::new();
+            reg.members.retain(|group, clients| {
+                clients.retain(|client, c| {
+                    let mine = *c == conn;
+                    if mine {
+                        gone.push((group.clone(), client.clone()));
+                    }
+                    !mine
+                });
+                !clients.is_empty()
+            });
+            gone
+        };
+        for (group, client) in gone {
+            match self.broker.leave(&group, &client).await {
+                Ok(true) => self.notify_group(&group),
+                Ok(false) => {}
+                Err(e) => debug!(group, client, error = %e, "leave on close failed"),
+            }
+        }
+    }
+}
+
+/// Binds `[remoting] listen` and serves it until `shutdown` stops; returns the bound address
+/// (logged like the HTTP listener's).
+pub async fn start(
+    config: &RemotingConfig,
+    broker: BrokerApi,
+    auth: Arc<Authenticator>,
+    shutdown: &Shutdown,
+) -> anyhow::Result<SocketAddr> {
+    use anyhow::Context as _;
+    let listener = Listener::bind("remoting", &config.listen, config.max_connections)
+        .await
+        .with_context(|| {
+            format!(
+                "cannot listen on {} ([remoting] listen / --remoting; \"\" turns it off)",
+                config.listen
+            )
+        })?;
+    let addr = listener.local_addr();
+    let state = Arc::new(RemotingState::new(broker, auth, config));
+    tracing::info!(
+        auto_create_groups = state.auto_create_groups,
+        advertised = ?state.advertised,
+        "listening remoting={addr} (RocketMQ name server + broker)"
+    );
+    shutdown.serve(listener, RemotingHandler::new(state));
+    Ok(addr)
+}
+
+/// Per-connection facts a request handler needs.
+#[derive(Debug, Clone)]
+pub struct ConnCtx {
+    /// Registry id of the connection.
+    pub id: u64,
+    /// The client's address.
+    pub peer: SocketAddr,
+    /// The address routes and message ids name: advertised, else what the client connected to.
+    pub store_host: SocketAddr,
+    /// Cancelled when the host stops (long polls answer at once).
+    pub shutdown: CancellationToken,
+}
+
+/// The remoting listener's [`Handler`].
+#[derive(Clone)]
+pub struct RemotingHandler {
+    state: Arc<RemotingState>,
+}
+
+impl RemotingHandler {
+    /// A handler over shared state.
+    pub fn new(state: Arc<RemotingState>) -> Self {
+        RemotingHandler { state }
+    }
+}
+
+impl Handler for RemotingHandler {
+    async fn serve(&self, conn: Connection) {
+        let state = self.state.clone();
+        let id = state.next_conn.fetch_add(1, Ordering::Relaxed);
+        let local = conn.stream.local_addr().unwrap_or(conn.peer);
+        let ctx = ConnCtx {
+            id,
+            peer: conn.peer,
+            store_host: state.advertised.unwrap_or(local),
+            shutdown: conn.shutdown.clone(),
+        };
+        let (mut rd, wr) = conn.stream.into_split();
+        let (tx, rx) = mpsc::channel::<Vec<u8>>(WRITE_QUEUE);
+        state.registry.lock().conns.insert(id, tx.clone());
+        let writer = tokio::spawn(write_loop(wr, rx).in_current_span());
+        let permits = Arc::new(Semaphore::new(MAX_IN_FLIGHT_PER_CONNECTION));
+        let mut tasks = JoinSet::new();
+        let mut buf = BytesMut::with_capacity(64 * 1024);
+        'read: loop {
+            loop {
+                match decode_frame(&buf) {
+                    Ok(Some((cmd, used))) => {
+                        let _ = buf.split_to(used);
+                        if cmd.is_response() {
+                            // Clients answer nothing we ask but oneway notices; ignore strays.
+                            continue;
+                        }
+                        let Ok(permit) = permits.clone().acquire_owned().await else {
+                            break 'read;
+                        };
+                        let (state, ctx, tx) = (state.clone(), ctx.clone(), tx.clone());
+                        let span = info_span!("request", code = cmd.code, opaque = cmd.opaque);
+                        tasks.spawn(
+                            async move {
+                                let _permit = permit;
+                                let oneway = cmd.is_oneway();
+                                let reply = ops::handle(&state, &ctx, cmd).await;
+                                if oneway {
+                                    return;
+                                }
+                                let mut frame = Vec::new();
+                                match encode_frame(&reply, &mut frame) {
+                                    Ok(()) => {
+                                        let _ = tx.send(frame).await;
+                                    }
+                                    Err(e) => warn!(error = %e, "cannot encode a reply"),
+                                }
+                            }
+                            .instrument(span),
+                        );
+                    }
+                    Ok(None) => break,
+                    Err(e) => {
+                        // The stream cannot be resynchronised after a bad frame: close this one
+                        // connection, the host and every other client carry on.
+                        warn!(error = %e, "malformed remoting frame; closing the connection");
+                        break 'read;
+                    }
+                }
+            }
+            while tasks.try_join_next().is_some() {}
+            tokio::select! {
+                biased;
+                () = ctx.shutdown.cancelled() => break,
+                r = rd.read_buf(&mut buf) => match r {
+                    Ok(0) => break,
+                    Ok(_) => {}
+                    Err(e) => {
+                        debug!(error = %e, "read failed");
+                        break;
+                    }
+                },
+            }
+        }
+        // Requests in hand finish (pulls answer at once on shutdown), their replies go out.
+        while tasks.join_next().await.is_some() {}
+        state.connection_closed(id).await;
+        drop(tx);
+        let _ = writer.await;
+    }
+}
+
+/// Writes queued frames, gathering whatever is already queued into one write.
+async fn write_loop(mut wr: tokio::net::tcp::OwnedWriteHalf, mut rx: mpsc::Receiver<Vec<u8>>) {
+    let mut out = Vec::with_capacity(64 * 1024);
+    while let Some(first) = rx.recv().await {
+        out.clear();
+        out.extend_from_slice(&first);
+        while out.len() < 256 * 1024 {
+            match rx.try_recv() {
+                Ok(more) => out.extend_from_slice(&more),
+                Err(_) => break,
+            }
+        }
+        if let Err(e) = wr.write_all(&out).await {
+            debug!(error = %e, "write failed; closing");
+            return;
+        }
+    }
+    let _ = wr.shutdown().await;
+}
