@@ -1172,6 +1172,27 @@ mod tests {
     }
 
     #[test]
+    fn remoting_keys_parse_and_are_checked() {
+        let c = Config::parse(
+            "[remoting]\nadvertised_addr = \"10.0.0.5:9876\"\nauto_create_groups = false\n",
+            "w.toml",
+        )
+        .unwrap();
+        assert_eq!(c.remoting.advertised_addr, "10.0.0.5:9876");
+        assert_eq!(c.remoting.auto_create_groups, AutoCreate::Off);
+        assert!(!c.remoting.auto_create_groups.enabled(true));
+        assert!(AutoCreate::Auto.enabled(true) && !AutoCreate::Auto.enabled(false));
+        let c = Config::parse("[remoting]\nauto_create_groups = true\n", "w.toml").unwrap();
+        assert_eq!(c.remoting.auto_create_groups, AutoCreate::On);
+        let e = Config::parse("[remoting]\nauto_create_groups = \"yes\"\n", "w.toml").unwrap_err();
+        assert!(e.message.contains("auto_create_groups"), "{e}");
+        let e =
+            Config::parse("[remoting]\nadvertised_addr = \"[::1]:9876\"\n", "w.toml").unwrap_err();
+        assert!(e.message.contains("IPv4"), "{e}");
+        assert_eq!(e.position.map(|p| p.0), Some(2), "{e}");
+    }
+
+    #[test]
     fn retry_delay_scale_must_be_positive_and_sane() {
         for bad in ["0.0", "-1.0", "1000.5", "nan", "inf"] {
             fails_at(

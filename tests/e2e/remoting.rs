@@ -12,7 +12,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde_json::{Value, json};
 
-use crate::harness::{Server, ServerOpts, create_group, create_topic, wait_for};
+use crate::harness::{Server, ServerOpts, create_group, create_topic, wait_for, wasm_artifact};
 
 /// Long enough for a debug host and Node on a loaded 2-core machine; never a spec duration.
 const STEP: Duration = Duration::from_secs(60);
@@ -572,4 +572,64 @@ fn raw_protocol_unknown_codes_bad_frames_and_routes() {
     let (h, _) = raw_call(&s, 30, json!({"topic": "RawTopic", "queueId": 1}), b"");
     assert_eq!(h["code"], 0, "{h}");
     assert_eq!(h["extFields"]["offset"], "0");
+}
+
+#[test]
+fn ali_ons_messages_reach_a_plugin_and_the_plugins_messages_reach_ali_ons() {
+    let s = Server::start_default();
+    create_topic(s.api(), "OnsToPlugin", 2);
+    create_topic(s.api(), "PluginToOns", 2);
+    // The probe plugin answers tag `send` by sending the body to the topic named in `to`.
+    let manifest = s.work_dir().join("relay.toml");
+    std::fs::write(
+        &manifest,
+        format!(
+            r#"name = "relay"
+version = "1.0.0"
+component = {component:?}
+
+[consumer]
+group = "GID_relay"
+
+[[subscription]]
+topic = "OnsToPlugin"
+expression = "send"
+
+[permissions]
+publish = ["PluginToOns"]
+"#,
+            component = wasm_artifact("probe").display().to_string()
+        ),
+    )
+    .unwrap();
+    s.wharf(&[
+        "plugin",
+        "deploy",
+        &manifest.display().to_string(),
+        "--json",
+    ])
+    .ok();
+    let c = consumer(
+        &s,
+        json!({"group": "GID_ons_after_plugin", "topic": "PluginToOns"}),
+    );
+    c.wait("ready");
+    let sent = produce(
+        &s,
+        json!([{"topic": "OnsToPlugin", "tags": "send", "body": "relayed",
+                "props": {"to": "PluginToOns"}}]),
+    );
+    assert_eq!(sent[0]["event"], "sent", "{sent:?}");
+    let got = c.messages(1);
+    assert_eq!(got[0]["body"], "relayed");
+    assert_eq!(
+        got[0]["tags"], "probe",
+        "written by the plugin: {:?}",
+        got[0]
+    );
+    // The plugin's commit of the ali-ons message lands shortly after its send.
+    wait_for("the plugin group's backlog to drain", STEP, || {
+        let st = s.get("/v1/groups/GID_relay/status").expect(200);
+        (st["backlog"] == 0).then_some(())
+    });
 }

@@ -1,5 +1,5 @@
 'use strict';
-// Sends opts.messages ([{topic, tags, keys, body, startDeliverTime, delayLevel}]) with one ali-ons
+// Sends opts.messages ([{topic, tags, keys, body, props, startDeliverTime, delayLevel}]) with one ali-ons
 // producer and prints {"event":"sent", msgId, queueId, queueOffset, sendStatus} per message.
 
 const { Producer, Message } = require('ali-ons');
@@ -15,6 +15,7 @@ const { options, emit, fail } = require('./common');
     if (m.keys) msg.keys = m.keys;
     if (m.startDeliverTime) msg.setStartDeliverTime(m.startDeliverTime);
     if (m.delayLevel) msg.delayTimeLevel = m.delayLevel;
+    for (const [k, v] of Object.entries(m.props || {})) msg.properties[k] = v;
     try {
       const r = await producer.send(msg);
       emit({ event: 'sent', msgId: r.msgId, queueId: r.messageQueue.queueId, queueOffset: r.queueOffset, sendStatus: r.sendStatus });
