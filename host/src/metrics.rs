@@ -173,6 +173,13 @@ pub fn escape_label(v: &str) -> String {
         .replace('\n', "\\n")
 }
 
+/// Writes one metric with its HELP and TYPE lines (`kind` = `counter` or `gauge`).
+pub fn gauge(out: &mut String, name: &str, kind: &str, help: &str, value: u64) {
+    let _ = writeln!(out, "# HELP {name} {help}");
+    let _ = writeln!(out, "# TYPE {name} {kind}");
+    let _ = writeln!(out, "{name} {value}");
+}
+
 /// The process-wide send counters.
 pub fn send_counters() -> &'static SendCounters {
     static COUNTERS: std::sync::LazyLock<SendCounters> =

@@ -1,7 +1,5 @@
 //! Health and Prometheus metrics.
 
-use std::fmt::Write as _;
-
 use axum::Json;
 use axum::extract::State;
 use axum::http::{HeaderValue, header};
@@ -11,6 +9,7 @@ use serde_json::json;
 use super::Shared;
 use super::error::ApiError;
 use crate::error::WharfError;
+use crate::metrics::gauge;
 
 /// `GET /healthz`: 200 only while the store can take writes.
 pub async fn healthz(State(st): State<Shared>) -> Response {
@@ -108,10 +107,4 @@ pub async fn metrics(State(st): State<Shared>) -> Response {
         HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
     );
     resp
-}
-
-fn gauge(out: &mut String, name: &str, kind: &str, help: &str, value: u64) {
-    let _ = writeln!(out, "# HELP {name} {help}");
-    let _ = writeln!(out, "# TYPE {name} {kind}");
-    let _ = writeln!(out, "{name} {value}");
 }

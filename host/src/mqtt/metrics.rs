@@ -6,6 +6,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use parking_lot::Mutex;
 
+use crate::metrics::gauge;
+
 /// Packet types in the order of their type numbers (1..=14).
 const TYPES: [&str; 14] = [
     "CONNECT",
@@ -127,22 +129,20 @@ impl MqttMetrics {
     /// Every counter in Prometheus text format.
     pub fn render(&self, out: &mut String) {
         let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        let _ = writeln!(
+        gauge(
             out,
-            "# HELP wharf_mqtt_connections_total MQTT connections accepted."
+            "wharf_mqtt_connections_total",
+            "counter",
+            "MQTT connections accepted.",
+            g(&self.connections_total),
         );
-        let _ = writeln!(out, "# TYPE wharf_mqtt_connections_total counter");
-        let _ = writeln!(
+        gauge(
             out,
-            "wharf_mqtt_connections_total {}",
-            g(&self.connections_total)
+            "wharf_mqtt_connections",
+            "gauge",
+            "MQTT connections open now.",
+            g(&self.connections_open),
         );
-        let _ = writeln!(
-            out,
-            "# HELP wharf_mqtt_connections MQTT connections open now."
-        );
-        let _ = writeln!(out, "# TYPE wharf_mqtt_connections gauge");
-        let _ = writeln!(out, "wharf_mqtt_connections {}", g(&self.connections_open));
         for (dir, arr) in [("in", &self.packets_in), ("out", &self.packets_out)] {
             let _ = writeln!(
                 out,
@@ -189,19 +189,14 @@ impl MqttMetrics {
                 &self.connect_refused,
             ),
         ] {
-            let _ = writeln!(out, "# HELP {name} {help}");
-            let _ = writeln!(out, "# TYPE {name} counter");
-            let _ = writeln!(out, "{name} {}", g(v));
+            gauge(out, name, "counter", help, g(v));
         }
-        let _ = writeln!(
+        gauge(
             out,
-            "# HELP wharf_mqtt_sessions_stored Clean-session=false sessions kept (online or not)."
-        );
-        let _ = writeln!(out, "# TYPE wharf_mqtt_sessions_stored gauge");
-        let _ = writeln!(
-            out,
-            "wharf_mqtt_sessions_stored {}",
-            g(&self.sessions_stored)
+            "wharf_mqtt_sessions_stored",
+            "gauge",
+            "Clean-session=false sessions kept (online or not).",
+            g(&self.sessions_stored),
         );
     }
 }

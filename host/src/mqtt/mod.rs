@@ -282,16 +282,12 @@ impl Gateway {
     /// Prometheus text for `/metrics`.
     pub fn render_metrics(&self, out: &mut String) {
         self.inner.metrics.render(out);
-        use std::fmt::Write as _;
-        let _ = writeln!(
+        crate::metrics::gauge(
             out,
-            "# HELP wharf_mqtt_retained_messages Retained messages kept."
-        );
-        let _ = writeln!(out, "# TYPE wharf_mqtt_retained_messages gauge");
-        let _ = writeln!(
-            out,
-            "wharf_mqtt_retained_messages {}",
-            self.inner.retained.len()
+            "wharf_mqtt_retained_messages",
+            "gauge",
+            "Retained messages kept.",
+            self.inner.retained.len() as u64,
         );
     }
 }
