@@ -811,7 +811,7 @@ const INT_RANGES: &[IntRange] = &[
         "broker",
         "default_queues",
         1,
-        crate::broker::resources::MAX_QUEUES as i64,
+        crate::broker::specs::MAX_QUEUES as i64,
         "",
     ),
     range(

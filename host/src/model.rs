@@ -242,4 +242,19 @@ mod tests {
         assert!(validate_name("topic", &"a".repeat(65)).is_err());
         assert!(validate_name("topic", "a b c").is_err());
     }
+
+    proptest::proptest! {
+        #[test]
+        fn any_id_prints_and_parses_back(ms in 0u64..(1 << 48), node: u16, pos: u64) {
+            let id = MessageId::new(ms, node, pos);
+            let back: MessageId = id.to_string().parse().unwrap();
+            proptest::prop_assert_eq!(back, id);
+            proptest::prop_assert_eq!(
+                (back.stored_ms(), back.node(), back.position()),
+                (ms, node, pos)
+            );
+            let lower: MessageId = id.to_string().to_lowercase().parse().unwrap();
+            proptest::prop_assert_eq!(lower, id);
+        }
+    }
 }

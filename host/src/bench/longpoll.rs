@@ -19,7 +19,7 @@ use tokio::sync::Notify;
 use super::send::{LatencySummary, send_concurrently};
 use super::util::{ScratchDir, create_consumer_group, open_broker, parse_flush};
 use crate::broker::api::BrokerApi;
-use crate::broker::resources::MAX_QUEUES;
+use crate::broker::specs::MAX_QUEUES;
 use crate::broker::{TopicSpec, TopicType};
 use crate::store::FlushMode;
 

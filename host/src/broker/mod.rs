@@ -9,6 +9,7 @@ pub mod deployments;
 pub mod query;
 pub mod resources;
 pub mod send;
+pub mod specs;
 
 use std::sync::Arc;
 
@@ -21,8 +22,9 @@ use crate::store::Store;
 
 pub use config::BrokerConfig;
 pub use query::{Delivery, DeliveryStatus, MessageView};
-pub use resources::{ConsumeModel, Group, GroupKind, GroupSpec, Topic, TopicSpec, TopicType};
-pub use send::{OutgoingMessage, QueueChoice, SendReceipt};
+pub use send::SendReceipt;
+pub use specs::{ConsumeModel, Group, GroupKind, GroupSpec, Topic, TopicSpec, TopicType};
+pub use specs::{OutgoingMessage, QueueChoice};
 
 /// The broker: owns the resource registry and the consumption engine, over one store.
 pub struct Broker {

@@ -2,11 +2,15 @@
 
 use std::collections::BTreeMap;
 
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use tracing::info;
 
 use super::Broker;
 use super::consume::broadcast_offsets_key;
+use super::specs::{
+    ConsumeModel, DEFAULT_CONSUME_TIMEOUT_MS, DEFAULT_MAX_RECONSUME_TIMES, Group, GroupKind,
+    GroupPatch, GroupSpec, MAX_QUEUES, Topic, TopicSpec,
+};
 use crate::error::{Result, WharfError};
 use crate::model::validate_name;
 use crate::store::Store;
@@ -16,173 +20,6 @@ const GROUPS: &str = "groups";
 /// Broadcasting instances that may hold offsets, keyed by their offset owner key
 /// ([`broadcast_offsets_key`]); group names hold no `%`, so a group's keys share one prefix.
 const BROADCAST_INSTANCES: &str = "broadcast_instances";
-
-/// Most queues a topic may have.
-pub const MAX_QUEUES: u32 = 256;
-
-/// A topic's message type.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum TopicType {
-    /// Ordinary messages.
-    #[default]
-    Normal,
-    /// Timer/delay messages.
-    Delay,
-    /// Transactional messages.
-    Transaction,
-    /// Ordered messages.
-    Order,
-}
-
-/// Body of `POST /v1/topics`.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TopicSpec {
-    /// Topic name.
-    pub name: String,
-    /// Message type; default normal.
-    #[serde(default, rename = "type")]
-    pub topic_type: TopicType,
-    /// Queue count; default from config (8).
-    #[serde(default)]
-    pub queues: Option<u32>,
-}
-
-/// A topic as stored.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Topic {
-    /// Name.
-    pub name: String,
-    /// Message type.
-    #[serde(rename = "type")]
-    pub topic_type: TopicType,
-    /// Number of queues.
-    pub queues: u32,
-    /// Creation time (ms).
-    pub created_ms: u64,
-}
-
-/// What a group is for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum GroupKind {
-    /// Consumer group (Group ID).
-    #[default]
-    Consumer,
-    /// Producer group.
-    Producer,
-    /// MQTT group (`GID_…`).
-    Mqtt,
-}
-
-/// Consumption model of a consumer group.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum ConsumeModel {
-    /// Instances share the work (default).
-    #[default]
-    Clustering,
-    /// Every instance gets every message.
-    Broadcasting,
-}
-
-/// Default maximum retries.
-pub const DEFAULT_MAX_RECONSUME_TIMES: u32 = 16;
-/// Default consume timeout: 15 minutes.
-pub const DEFAULT_CONSUME_TIMEOUT_MS: u64 = 15 * 60 * 1000;
-
-/// Body of `POST /v1/groups`.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct GroupSpec {
-    /// Group name.
-    pub name: String,
-    /// Kind; default consumer.
-    #[serde(default)]
-    pub kind: GroupKind,
-    /// Consumption model; default clustering.
-    #[serde(default)]
-    pub model: ConsumeModel,
-    /// Retries before dead-lettering; default 16.
-    #[serde(default)]
-    pub max_reconsume_times: Option<u32>,
-    /// Consume timeout; default 15 minutes.
-    #[serde(default)]
-    pub consume_timeout_ms: Option<u64>,
-}
-
-/// A group as stored.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Group {
-    /// Name.
-    pub name: String,
-    /// Kind.
-    pub kind: GroupKind,
-    /// Consumption model.
-    pub model: ConsumeModel,
-    /// Retries before dead-lettering.
-    pub max_reconsume_times: u32,
-    /// Consume timeout (ms).
-    pub consume_timeout_ms: u64,
-    /// Creation time (ms).
-    pub created_ms: u64,
-}
-
-/// Body of `PATCH /v1/groups/{group}`: the settings to change; absent ones keep their value.
-/// `kind` and `model` are accepted only when they repeat the current value.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct GroupPatch {
-    /// Must equal the group's kind if given.
-    pub kind: Option<GroupKind>,
-    /// Must equal the group's model if given.
-    pub model: Option<ConsumeModel>,
-    /// New retry maximum (0..=1000).
-    pub max_reconsume_times: Option<u32>,
-    /// New consume timeout (1 ms..=24 h).
-    pub consume_timeout_ms: Option<u64>,
-}
-
-impl GroupPatch {
-    /// The fields a patch may name.
-    pub const FIELDS: [&'static str; 4] =
-        ["max_reconsume_times", "consume_timeout_ms", "model", "kind"];
-
-    /// Parses a JSON object field by field, so an unknown field or a bad value is named in
-    /// the error (serde alone reports only a line and column for a wrong type).
-    pub fn from_json(body: &serde_json::Map<String, serde_json::Value>) -> Result<GroupPatch> {
-        fn field<T: serde::de::DeserializeOwned>(
-            name: &str,
-            v: &serde_json::Value,
-            expected: &str,
-        ) -> Result<T> {
-            serde_json::from_value(v.clone()).map_err(|_| {
-                WharfError::bad_request(format!("{name}: expected {expected}, got {v}"))
-            })
-        }
-        let mut p = GroupPatch::default();
-        for (k, v) in body {
-            match k.as_str() {
-                "max_reconsume_times" => {
-                    p.max_reconsume_times = Some(field(k, v, "a whole number 0..=1000")?)
-                }
-                "consume_timeout_ms" => {
-                    p.consume_timeout_ms =
-                        Some(field(k, v, "a whole number of milliseconds 1..=86400000")?)
-                }
-                "model" => p.model = Some(field(k, v, "\"clustering\" or \"broadcasting\"")?),
-                "kind" => p.kind = Some(field(k, v, "\"consumer\", \"producer\" or \"mqtt\"")?),
-                other => {
-                    return Err(WharfError::bad_request(format!(
-                        "unknown field `{other}`; a group update accepts {}",
-                        GroupPatch::FIELDS.join(", ")
-                    )));
-                }
-            }
-        }
-        Ok(p)
-    }
-}
 
 /// In-memory view of every topic and group, loaded at start and written through to the store.
 #[derive(Debug, Default)]

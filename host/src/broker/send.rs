@@ -1,71 +1,16 @@
 //! The send path: validate, choose a queue, append through the store (group commit), answer.
 
-use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU32, Ordering};
 
-use bytes::Bytes;
 use serde::Serialize;
 use tracing::{debug, instrument};
 use wharf_codec::{properties, tags};
 
 use super::Broker;
 use super::config::MAX_MESSAGE_BYTES;
+use super::specs::OutgoingMessage;
 use crate::error::{Result, WharfError};
 use crate::model::{MessageId, NewMessage, WireInfo};
-
-/// A message as a producer hands it to the broker.
-#[derive(Debug, Clone, Default)]
-pub struct OutgoingMessage {
-    /// Optional tag.
-    pub tag: Option<String>,
-    /// Business keys.
-    pub keys: Vec<String>,
-    /// User properties.
-    pub properties: BTreeMap<String, String>,
-    /// Body (non-empty).
-    pub body: Bytes,
-    /// Absolute start-deliver time (ms).
-    pub deliver_at_ms: Option<u64>,
-    /// Relative delay (ms); ignored when `deliver_at_ms` is set.
-    pub delay_ms: Option<u64>,
-    /// Producer time (ms); now when absent.
-    pub born_ms: Option<u64>,
-    /// Which queue of the topic it goes to.
-    pub queue: QueueChoice,
-}
-
-/// How a send picks the queue of its topic.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub enum QueueChoice {
-    /// Spread over the queues in turn.
-    #[default]
-    RoundRobin,
-    /// The same key always lands in the same queue (ordered per key while the queue count holds).
-    ShardingKey(String),
-    /// This queue id (RocketMQ SDK clients choose their queue themselves).
-    Queue(u32),
-}
-
-impl QueueChoice {
-    /// The queue id among `queues` for the `i`-th message of a batch whose round robin starts
-    /// at `start`; an explicit id out of range is an error naming the valid ones.
-    fn pick(&self, start: u32, i: usize, queues: u32, topic: &str) -> Result<u32> {
-        match self {
-            QueueChoice::RoundRobin => Ok(start.wrapping_add(i as u32) % queues),
-            // FNV-1a: stable across hosts and releases, unlike the std hasher.
-            QueueChoice::ShardingKey(key) => {
-                let h = key.bytes().fold(0x811c_9dc5_u32, |h, b| {
-                    (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
-                });
-                Ok(h % queues)
-            }
-            QueueChoice::Queue(q) if *q < queues => Ok(*q),
-            QueueChoice::Queue(q) => Err(WharfError::bad_request(format!(
-                "topic '{topic}' has queues 0..{queues}; queue {q} does not exist (refresh the route)"
-            ))),
-        }
-    }
-}
 
 /// Answer to a successful send.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
@@ -262,18 +207,6 @@ mod tests {
             m.properties.iter().map(|(k, v)| (k.as_str(), v.as_str())),
         );
         out
-    }
-
-    #[test]
-    fn queue_choice_is_stable_and_checked() {
-        let k = QueueChoice::ShardingKey("order-42".into());
-        let q = k.pick(0, 0, 8, "T").unwrap();
-        assert_eq!(k.pick(5, 3, 8, "T").unwrap(), q, "a key keeps its queue");
-        assert!(q < 8);
-        assert_eq!(QueueChoice::RoundRobin.pick(7, 2, 8, "T").unwrap(), 1);
-        assert_eq!(QueueChoice::Queue(3).pick(0, 0, 8, "T").unwrap(), 3);
-        let e = QueueChoice::Queue(8).pick(0, 0, 8, "T").unwrap_err();
-        assert!(e.message.contains("queues 0..8"), "{}", e.message);
     }
 
     #[test]

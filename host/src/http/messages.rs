@@ -7,7 +7,7 @@ use base64::engine::general_purpose::STANDARD as B64;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
-use super::error::{BodyKind, parse_json, parse_object};
+use super::body::{BodyKind, parse_json, parse_object};
 use crate::broker::{OutgoingMessage, QueueChoice};
 use crate::error::{Result, WharfError};
 use crate::model::{MessageId, StoredMessage};

@@ -26,6 +26,7 @@
 //!   a message by id before any lookup.
 
 pub mod auth;
+pub mod body;
 pub mod error;
 pub mod messages;
 

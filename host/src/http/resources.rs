@@ -8,7 +8,7 @@ use serde_json::json;
 
 use super::error::{ApiJson, ApiPath, ApiResult};
 use super::{Caller, Shared};
-use crate::broker::resources::GroupPatch;
+use crate::broker::specs::GroupPatch;
 use crate::broker::{GroupSpec, TopicSpec};
 
 /// `POST /v1/topics` → 201, 409 if it exists.

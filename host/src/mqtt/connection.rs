@@ -101,7 +101,8 @@ pub(super) async fn run<R: Reader, W: Writer>(
     let (tx, rx) = mpsc::channel::<Bytes>(WRITE_QUEUE);
     let metrics = gw.metrics.clone();
     let writer_task = tokio::spawn(write_loop(writer, rx, metrics));
-    let mut buf = BytesMut::with_capacity(8 * 1024);
+    // The reader sizes the buffer to the traffic; an idle client keeps little.
+    let mut buf = BytesMut::new();
     let connect_timeout = Duration::from_millis(gw.config.connect_timeout_ms);
     let first = tokio::select! {
         _ = shutdown.cancelled() => None,

@@ -34,8 +34,16 @@ pub trait Writer: Send + 'static {
     fn close(&mut self) -> impl Future<Output = ()> + Send;
 }
 
-/// A plain or TLS byte stream's read half.
-pub struct StreamReader<S>(pub ReadHalf<S>);
+/// A plain or TLS byte stream's read half, reading in chunks sized to the traffic.
+pub struct StreamReader<S> {
+    half: ReadHalf<S>,
+    chunk: usize,
+}
+
+/// Smallest read: what an idle connection keeps (most of 10,000 idle clients' memory is this).
+const MIN_READ: usize = 512;
+/// Largest read, reached by a connection that keeps filling its buffer.
+const MAX_READ: usize = 64 * 1024;
 /// A plain or TLS byte stream's write half.
 pub struct StreamWriter<S>(pub WriteHalf<S>);
 
@@ -44,15 +52,36 @@ pub fn split_stream<S: AsyncRead + AsyncWrite + Send + 'static>(
     s: S,
 ) -> (StreamReader<S>, StreamWriter<S>) {
     let (r, w) = tokio::io::split(s);
-    (StreamReader(r), StreamWriter(w))
+    (
+        StreamReader {
+            half: r,
+            chunk: MIN_READ,
+        },
+        StreamWriter(w),
+    )
 }
 
 impl<S: AsyncRead + AsyncWrite + Send + 'static> Reader for StreamReader<S> {
     async fn read(&mut self, buf: &mut BytesMut) -> io::Result<usize> {
-        if buf.capacity() - buf.len() < 4096 {
-            buf.reserve(16 * 1024);
+        // A burst's big buffer is given back once the connection has gone quiet.
+        if buf.is_empty() && buf.capacity() > 4 * self.chunk {
+            *buf = BytesMut::new();
         }
-        self.0.read_buf(buf).await
+        if buf.capacity() - buf.len() < self.chunk / 2 {
+            buf.reserve(self.chunk);
+        }
+        let spare = buf.capacity() - buf.len();
+        let n = self.half.read_buf(buf).await?;
+        // Filling the space means more was waiting: read more next time. Short reads shrink
+        // the chunk back, so a trickle or an idle client holds only a little memory.
+        self.chunk = if n >= spare {
+            (self.chunk * 2).min(MAX_READ)
+        } else if n < self.chunk / 4 {
+            (self.chunk / 2).max(MIN_READ)
+        } else {
+            self.chunk
+        };
+        Ok(n)
     }
 }
 

@@ -73,10 +73,10 @@ pub struct ConsumerSection {
 }
 
 fn default_max_reconsume() -> u32 {
-    crate::broker::resources::DEFAULT_MAX_RECONSUME_TIMES
+    crate::broker::specs::DEFAULT_MAX_RECONSUME_TIMES
 }
 fn default_timeout() -> u64 {
-    crate::broker::resources::DEFAULT_CONSUME_TIMEOUT_MS
+    crate::broker::specs::DEFAULT_CONSUME_TIMEOUT_MS
 }
 fn default_concurrency() -> u32 {
     20
@@ -343,11 +343,11 @@ impl Manifest {
     }
 
     /// Subscriptions with the same topic twice collapse to the last one (spec: the last wins).
-    pub fn subscriptions(&self) -> Vec<crate::broker::consume::Subscription> {
-        let mut out: Vec<crate::broker::consume::Subscription> = Vec::new();
+    pub fn subscriptions(&self) -> Vec<crate::broker::specs::Subscription> {
+        let mut out: Vec<crate::broker::specs::Subscription> = Vec::new();
         for s in &self.subscription {
             out.retain(|o| o.topic != s.topic);
-            out.push(crate::broker::consume::Subscription {
+            out.push(crate::broker::specs::Subscription {
                 topic: s.topic.clone(),
                 expression: s.expression.clone(),
             });

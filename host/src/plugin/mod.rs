@@ -6,6 +6,7 @@
 //! unregister before the new ones register, so no message runs in two versions at once and
 //! nothing is lost (un-settled messages go back to the group).
 
+mod config;
 pub mod manifest;
 pub mod registry;
 pub mod runtime;
@@ -19,33 +20,18 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use tracing::{error, info, warn};
 
 use crate::broker::api::BrokerApi;
 use crate::broker::{ConsumeModel, GroupKind, GroupSpec, SendReceipt};
 use crate::error::{ErrorCode, Result, WharfError};
+pub use config::PluginsConfig;
 use manifest::Manifest;
 use registry::{PluginRecord, VersionFiles, VersionRecord};
 use runtime::{BrokerSender, InstanceConfig, Loaded, Runtime};
 use trigger::Routes;
 use worker::{PluginStats, WorkerSpec, Workers};
-
-/// `[plugins]` config section.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct PluginsConfig {
-    /// `dir = "./plugins"`: every `*/plugin.toml` under it is deployed at start (missing dir = none).
-    pub dir: PathBuf,
-}
-
-impl Default for PluginsConfig {
-    fn default() -> Self {
-        PluginsConfig {
-            dir: PathBuf::from("./plugins"),
-        }
-    }
-}
 
 /// Answer to a deploy, rollback or remove.
 #[derive(Debug, Clone, Serialize)]

@@ -47,17 +47,10 @@ use crate::store::{Store, TimePage};
 pub use filter::TagFilter;
 use group_state::{GroupState, Instance};
 
+pub use super::specs::Subscription;
 pub use members::{Member, MemberSpec};
 pub use queue_api::{DelayPolicy, PullRequest, QueuePull, SendBack, SentBack};
-
-/// One (topic, tag expression) pair a consumer subscribes.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Subscription {
-    /// Topic.
-    pub topic: String,
-    /// `*`, `TagA` or `TagA||TagB`.
-    pub expression: String,
-}
+pub use receipt::DeliveryToken;
 
 /// Who a consumer instance is; registering again with the same id refreshes it.
 #[derive(Debug, Clone)]
@@ -83,24 +76,6 @@ pub struct Delivered {
     /// Names this one delivery; in-process consumers settle with it directly, remote ones get
     /// it wrapped in a receipt ([`Broker::receipt`]).
     pub token: DeliveryToken,
-}
-
-/// Which delivery of which queue entry a consumer holds; a redelivery gets a new `delivery`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DeliveryToken {
-    /// Topic the message is stored under (`%RETRY%…` for a retry).
-    pub topic: String,
-    /// Queue id.
-    pub queue_id: u32,
-    /// Queue offset.
-    pub offset: u64,
-    /// The queue's local epoch at delivery (moves on rebalance and offset reset).
-    pub epoch: u64,
-    /// The lease epoch this host held the queue under (0 when the queue is not leased:
-    /// broadcasting); a settle after the lease moved is told so.
-    pub lease: u64,
-    /// Unique number of this delivery.
-    pub delivery: u64,
 }
 
 /// What a consumer answered for one message.

@@ -4,8 +4,25 @@
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 
-use super::DeliveryToken;
 use crate::error::{Result, WharfError};
+
+/// Which delivery of which queue entry a consumer holds; a redelivery gets a new `delivery`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeliveryToken {
+    /// Topic the message is stored under (`%RETRY%…` for a retry).
+    pub topic: String,
+    /// Queue id.
+    pub queue_id: u32,
+    /// Queue offset.
+    pub offset: u64,
+    /// The queue's local epoch at delivery (moves on rebalance and offset reset).
+    pub epoch: u64,
+    /// The lease epoch this host held the queue under (0 when the queue is not leased:
+    /// broadcasting); a settle after the lease moved is told so.
+    pub lease: u64,
+    /// Unique number of this delivery.
+    pub delivery: u64,
+}
 
 /// What a receipt encodes.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -131,5 +148,26 @@ mod tests {
             "{}",
             e.message
         );
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn any_receipt_round_trips(
+            host in "[A-Za-z0-9#@._-]{1,40}",
+            group in "[A-Za-z0-9_-]{1,64}",
+            topic in "(%RETRY%|%DLQ%)?[A-Za-z0-9_-]{1,64}",
+            queue_id: u32,
+            offset: u64,
+            epoch: u64,
+            lease: u64,
+            delivery: u64,
+        ) {
+            let r = Receipt {
+                host,
+                group,
+                token: DeliveryToken { topic, queue_id, offset, epoch, lease, delivery },
+            };
+            proptest::prop_assert_eq!(Receipt::decode(&r.encode()).unwrap(), r);
+        }
     }
 }

@@ -1267,7 +1267,7 @@ async fn deleting_a_group_deletes_its_broadcasting_offsets() {
 
 #[tokio::test]
 async fn patching_a_group_changes_only_what_it_names() {
-    use crate::broker::resources::GroupPatch;
+    use crate::broker::specs::GroupPatch;
     let e = env().await;
     e.group("GID_p", ConsumeModel::Clustering, Some(3)).await;
     let patch = |v: serde_json::Value| GroupPatch::from_json(v.as_object().unwrap());

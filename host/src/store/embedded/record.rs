@@ -703,4 +703,92 @@ mod tests {
         assert_eq!(validate(&seg, 4096), Ok(HEADER));
         assert!(decode_message(Bytes::from(seg), 1).is_none());
     }
+
+    fn any_message() -> impl proptest::strategy::Strategy<Value = NewMessage> {
+        use proptest::prelude::*;
+        // The record keeps address and port, as RocketMQ's wire does; no IPv6 flow or scope.
+        let addr = proptest::option::of(
+            (any::<IpAddr>(), any::<u16>()).prop_map(|(ip, port)| SocketAddr::new(ip, port)),
+        );
+        (
+            "[A-Za-z0-9%_-]{1,64}",
+            any::<u32>(),
+            proptest::option::of("\\PC{0,16}"),
+            proptest::collection::vec("\\PC{0,12}", 0..4),
+            proptest::collection::btree_map("\\PC{1,8}", "\\PC{0,16}", 0..4),
+            proptest::collection::vec(any::<u8>(), 0..256),
+            (
+                any::<u64>(),
+                proptest::option::of(any::<u64>()),
+                any::<u32>(),
+            ),
+            (any::<i32>(), any::<i32>(), addr.clone(), addr),
+        )
+            .prop_map(
+                |(topic, queue_id, tag, keys, properties, body, (born, deliver, re), wire)| {
+                    NewMessage {
+                        topic,
+                        queue_id,
+                        tag,
+                        keys,
+                        properties,
+                        body: Bytes::from(body),
+                        born_ms: born,
+                        deliver_at_ms: deliver,
+                        reconsume_times: re,
+                        wire: WireInfo {
+                            flag: wire.0,
+                            sys_flag: wire.1,
+                            born_host: wire.2,
+                            store_host: wire.3,
+                        },
+                    }
+                },
+            )
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn any_message_round_trips(
+            msgs in proptest::collection::vec(any_message(), 1..4),
+            pos in 0u64..(1 << 40),
+            stored in 0u64..(1 << 48),
+            queue_offset: u64,
+            held: bool,
+        ) {
+            let b = EncodedBatch::encode(&msgs).unwrap();
+            proptest::prop_assert_eq!(b.recs.len(), msgs.len());
+            let mut at = pos;
+            for (m, r) in msgs.iter().zip(&b.recs) {
+                let mut rec = b.buf[r.start..r.start + r.len as usize].to_vec();
+                finish(&mut rec, at, stored, queue_offset, held);
+                proptest::prop_assert_eq!(validate(&rec, at), Ok(rec.len()));
+                let h = Header::parse(&rec);
+                proptest::prop_assert_eq!(h.held(), held);
+                proptest::prop_assert_eq!(h.tag_hash, r.tag_hash);
+                proptest::prop_assert_eq!(topic_of(&rec), Some(m.topic.as_str()));
+                proptest::prop_assert_eq!(
+                    keys_of(&rec),
+                    m.keys.iter().map(String::as_str).collect::<Vec<_>>()
+                );
+                let d = decode_message(Bytes::from(rec), 9).unwrap();
+                proptest::prop_assert_eq!(d.id, MessageId::new(stored, 9, at));
+                proptest::prop_assert_eq!(&d.topic, &m.topic);
+                proptest::prop_assert_eq!(d.queue_id, m.queue_id);
+                proptest::prop_assert_eq!(&d.tag, &m.tag);
+                proptest::prop_assert_eq!(&d.keys, &m.keys);
+                proptest::prop_assert_eq!(&d.properties, &m.properties);
+                proptest::prop_assert_eq!(&d.body, &m.body);
+                proptest::prop_assert_eq!(d.born_ms, m.born_ms);
+                proptest::prop_assert_eq!(d.deliver_at_ms, m.deliver_at_ms);
+                proptest::prop_assert_eq!(d.reconsume_times, m.reconsume_times);
+                proptest::prop_assert_eq!(d.wire, m.wire);
+                proptest::prop_assert_eq!(
+                    d.queue_offset,
+                    (queue_offset != NO_OFFSET).then_some(queue_offset)
+                );
+                at += u64::from(r.len);
+            }
+        }
+    }
 }
