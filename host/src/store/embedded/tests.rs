@@ -34,6 +34,7 @@ fn small() -> Tuning {
         checkpoint_interval_ms: 50,
         offsets_flush_ms: 50,
         preallocate_segments: true,
+        fail_fsync_at: 0,
     }
 }
 
