@@ -234,6 +234,9 @@ pub(crate) struct Shared {
     active: Mutex<Option<Arc<log::Segment>>>,
     #[cfg(test)]
     fail_writes: std::sync::atomic::AtomicU32,
+    /// Test hook: a write round waits while a test holds this.
+    #[cfg(test)]
+    stall: Mutex<()>,
 }
 
 impl Shared {
@@ -490,6 +493,8 @@ impl EmbeddedStore {
             active: Mutex::new(None),
             #[cfg(test)]
             fail_writes: std::sync::atomic::AtomicU32::new(0),
+            #[cfg(test)]
+            stall: Mutex::new(()),
         });
         let mut w = Writer::new(sh.clone(), active, timers, seg_info, from);
         w.replay(from).map_err(|e| fail("rebuilding indexes", e))?;

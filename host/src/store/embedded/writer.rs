@@ -271,6 +271,9 @@ impl Writer {
             _ => {
                 // A reveal marker: its consume-queue entry points at the timer message it reveals.
                 let target = h.born_ms;
+                if let Some(seg) = self.sh.log.segment_of(target) {
+                    self.max_ms_updates.push((seg.base, h.stored_ms));
+                }
                 self.replay_visible(topic, &h, target, pos, h.reconsume)?;
                 let t = Timer {
                     deliver: h.deliver_ms,
@@ -604,6 +607,8 @@ impl Writer {
     // ------------------------------------------------------------------ one group-commit round
 
     fn round(&mut self, reqs: Vec<Request>) {
+        #[cfg(test)]
+        drop(self.sh.stall.lock());
         if let Some(err) = self.sh.failed_error() {
             fail_all(reqs, &err);
             return;
@@ -887,6 +892,9 @@ impl Writer {
         for r in &batch.recs {
             let len = r.len as usize;
             let pos = self.reserve(len, now)?;
+            // Per record: a batch may fill a segment and roll, and every segment it touched
+            // must know its newest store time, or retention would see it as ancient.
+            self.note_stored(self.active.base, now);
             let held = r.deliver_at.is_some_and(|d| d > now);
             let topic_bytes = &batch.buf[r.topic.clone()];
             let topic = std::str::from_utf8(topic_bytes).map_err(io::Error::other)?;
@@ -959,8 +967,15 @@ impl Writer {
                 stored_ms: now,
             });
         }
-        self.max_ms_updates.push((self.active.base, now));
         Ok(out)
+    }
+
+    /// Records that the segment at `base` holds data of store time `ms` (applied with the
+    /// round's indexes).
+    fn note_stored(&mut self, base: u64, ms: u64) {
+        if self.max_ms_updates.last() != Some(&(base, ms)) {
+            self.max_ms_updates.push((base, ms));
+        }
     }
 
     fn place_reveals(&mut self, due_ms: u64, max: usize, now: u64) -> io::Result<usize> {
@@ -998,6 +1013,12 @@ impl Writer {
             let q = self.sh.queues.get_or_create(topic, h.queue_id)?;
             let len = record::HEADER + topic.len();
             let rpos = self.reserve(len, now)?;
+            self.note_stored(self.active.base, now);
+            // A revealed message is consumable from now on: retention counts its age from
+            // the reveal, so its (older) segment is kept as long as a fresh message's.
+            if let Some(seg) = self.sh.log.segment_of(pos) {
+                self.note_stored(seg.base, now);
+            }
             let qoff = self.assign_offset(&q);
             let visible = now.max(q.last_visible_ms.load(Ordering::Relaxed));
             q.last_visible_ms.store(visible, Ordering::Relaxed);
@@ -1027,9 +1048,6 @@ impl Writer {
             ));
             self.timer_dones.push((t, rpos));
             n += 1;
-        }
-        if n > 0 {
-            self.max_ms_updates.push((self.active.base, now));
         }
         Ok(n)
     }
