@@ -276,19 +276,23 @@ impl Shared {
             file.sync_data()
         };
         if let Err(e) = &r {
-            let why = format!(
+            self.fail(format!(
                 "fsync of the message log in {} failed: {e}",
                 self.dir.display()
-            );
-            tracing::error!(reason = %why, "the store stops taking writes until restart");
-            let mut f = self.failed.lock();
-            if f.is_none() {
-                *f = Some(why);
-            }
-            drop(f);
-            self.writable.store(false, Ordering::Release);
+            ));
         }
         r
+    }
+
+    /// Stops taking writes until restart, for `why` (the first reason is kept).
+    fn fail(&self, why: String) {
+        tracing::error!(reason = %why, "the store stops taking writes until restart");
+        let mut f = self.failed.lock();
+        if f.is_none() {
+            *f = Some(why);
+        }
+        drop(f);
+        self.writable.store(false, Ordering::Release);
     }
 
     fn release_lock(&self) {

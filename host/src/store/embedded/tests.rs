@@ -1380,9 +1380,8 @@ async fn write_queue_byte_limit_refuses_but_takes_a_lone_big_batch() {
         .await
         .unwrap();
     let chunk = "x".repeat(30_000);
-    let big = move || -> Vec<NewMessage> {
-        (0..3).map(|_| msg("Bytes", 0, None, &[], &chunk)).collect()
-    };
+    let big =
+        move || -> Vec<NewMessage> { (0..3).map(|_| msg("Bytes", 0, None, &[], &chunk)).collect() };
     // Alone, a batch over the byte limit is still taken.
     s.append(big()).await.unwrap();
     let stall = s.sh.stall.lock();
@@ -1479,7 +1478,10 @@ async fn retention_seals_an_expired_active_segment_within_a_minute_and_restart_k
     clock.advance(2 * 60_000);
     let deadline = Instant::now() + Duration::from_secs(10);
     while s.get(old[0].id).await.unwrap().is_some() {
-        assert!(Instant::now() < deadline, "the expired message was never deleted");
+        assert!(
+            Instant::now() < deadline,
+            "the expired message was never deleted"
+        );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let b = s.queue_bounds("Quiet", 0).await.unwrap();

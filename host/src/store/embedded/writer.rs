@@ -654,8 +654,14 @@ impl Writer {
         self.sh.set_writable(true);
         self.last_stored_ms = now;
         if let Err(e) = self.apply_indexes() {
-            error!(error = %e, "store index update failed; indexes will be rebuilt from the log on restart");
+            // The round is durable in the log but its queue entries are not all written: a
+            // later round publishing past them would leave holes consumers skip. Stop taking
+            // writes instead; the next start rebuilds the indexes from the log.
             self.index_broken = true;
+            self.sh.fail(format!(
+                "writing the store indexes in {} failed: {e}",
+                self.sh.dir.display()
+            ));
         }
         self.touched.clear();
         self.queue_undo.clear();
