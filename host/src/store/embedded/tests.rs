@@ -1313,6 +1313,8 @@ async fn wait_until<F: Fn() -> bool>(what: &str, cond: F) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+// The stall guard is held across awaits on purpose: it is what keeps the writer busy.
+#[allow(clippy::await_holding_lock)]
 async fn full_write_queue_refuses_with_system_busy_and_stores_nothing_of_it() {
     let d = tempfile::tempdir().unwrap();
     let clock = ManualClock::new(T0);
@@ -1368,6 +1370,8 @@ async fn full_write_queue_refuses_with_system_busy_and_stores_nothing_of_it() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+// The stall guard is held across awaits on purpose: it is what keeps the writer busy.
+#[allow(clippy::await_holding_lock)]
 async fn write_queue_byte_limit_refuses_but_takes_a_lone_big_batch() {
     let d = tempfile::tempdir().unwrap();
     let clock = ManualClock::new(T0);
