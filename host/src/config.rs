@@ -808,6 +808,20 @@ const INT_RANGES: &[IntRange] = &[
         " (1 hour to 10 years)",
     ),
     range(
+        "store",
+        "write_queue_requests",
+        1,
+        10_000_000,
+        " (sends waiting for the disk at most)",
+    ),
+    range(
+        "store",
+        "write_queue_bytes",
+        65_536,
+        16 * GIB,
+        " (64 KiB to 16 GiB of sends waiting for the disk)",
+    ),
+    range(
         "broker",
         "default_queues",
         1,

@@ -413,6 +413,11 @@ impl Server {
         self.spawn();
     }
 
+    /// Drops an environment variable for the next start (e.g. a test-only fault hook).
+    pub fn remove_env(&mut self, key: &str) {
+        self.opts.env.retain(|(k, _)| k != key);
+    }
+
     /// Restarts with different config text (e.g. a clock offset), same data dir.
     pub fn restart_with_config(&mut self, config: impl Into<String>) {
         if self.child.is_some() {

@@ -17,6 +17,7 @@ mod plugins;
 mod postgres;
 // The PostgreSQL test server, shared with the host crate's PostgreSQL tests.
 mod remoting;
+mod storefaults;
 #[allow(dead_code)]
 #[path = "../../host/src/store/postgres/testdb.rs"]
 mod testdb;

@@ -424,6 +424,10 @@ impl BrokerApi {
     pub fn writable(&self) -> bool {
         self.broker.store.writable()
     }
+    /// Why the store refuses writes until restart, if it does (`/healthz`).
+    pub fn unwritable_reason(&self) -> Option<String> {
+        self.broker.store.unwritable_reason()
+    }
     /// Store counters and histograms for `/metrics`.
     pub fn store_stats(&self) -> StoreStats {
         self.broker.store.stats()

@@ -81,6 +81,14 @@ impl IntoResponse for ApiError {
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/json"),
         );
+        if self.error.code == ErrorCode::SystemBusy && status == StatusCode::SERVICE_UNAVAILABLE {
+            // Overload clears in moments (the store drains its queue every fsync): tell
+            // clients when to come back instead of letting them hammer a full queue.
+            resp.headers_mut().insert(
+                header::RETRY_AFTER,
+                HeaderValue::from_static(RETRY_AFTER_BUSY_SECS),
+            );
+        }
         if status == StatusCode::PAYLOAD_TOO_LARGE {
             // The rest of the body is never read, so the connection cannot carry another
             // request: say so, or a keep-alive client sends its next request into a closed socket.
@@ -90,6 +98,9 @@ impl IntoResponse for ApiError {
         resp
     }
 }
+
+/// `Retry-After` (seconds) of a SYSTEM_BUSY answer: the smallest the header can say.
+pub const RETRY_AFTER_BUSY_SECS: &str = "1";
 
 /// Handler result.
 pub type ApiResult<T> = Result<T, ApiError>;
@@ -191,6 +202,19 @@ mod tests {
         assert_eq!(e.error.to_json()["error"]["name"], "MESSAGE_ILLEGAL");
         assert_eq!(ApiError::wrong_method("PUT", "/v1/topics").status(), 405);
         assert_eq!(ApiError::no_route("GET", "/nope").status(), 404);
+    }
+
+    #[test]
+    fn busy_is_503_with_retry_after() {
+        let resp = ApiError::from(WharfError::busy("queue full")).into_response();
+        assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(
+            resp.headers().get(header::RETRY_AFTER).unwrap(),
+            RETRY_AFTER_BUSY_SECS
+        );
+        let resp = ApiError::from(WharfError::unavailable("disk full")).into_response();
+        assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert!(resp.headers().get(header::RETRY_AFTER).is_none());
     }
 
     #[tokio::test]

@@ -16,10 +16,13 @@ pub async fn healthz(State(st): State<Shared>) -> Response {
     if st.broker.writable() {
         Json(json!({"status": "ok"})).into_response()
     } else {
-        ApiError::from(WharfError::unavailable(
-            "the store cannot take writes now (disk full or failed); check the host's logs and disk",
-        ))
-        .into_response()
+        let why = match st.broker.unwritable_reason() {
+            Some(why) => format!(
+                "the store stopped taking writes: {why}; restart the host once the disk is checked"
+            ),
+            None => "the store cannot take writes now (disk full or failed); check the host's logs and disk".into(),
+        };
+        ApiError::from(WharfError::unavailable(why)).into_response()
     }
 }
 

@@ -43,6 +43,13 @@ pub struct StoreConfig {
     pub segment_bytes: u64,
     /// `retention_hours = 72`
     pub retention_hours: u64,
+    /// `write_queue_requests = 10000`: appends accepted but not yet answered by the embedded
+    /// store's writer, at most; past it a send fails at once with SYSTEM_BUSY.
+    pub write_queue_requests: u64,
+    /// `write_queue_bytes = 67108864`: encoded bytes of those appends at most (64 MiB); past it
+    /// a send fails at once with SYSTEM_BUSY (a single batch larger than this is still taken
+    /// when nothing else waits).
+    pub write_queue_bytes: u64,
     /// `[store.postgres]`
     pub postgres: PostgresConfig,
 }
@@ -56,6 +63,8 @@ impl Default for StoreConfig {
             flush_interval_ms: 100,
             segment_bytes: 256 * 1024 * 1024,
             retention_hours: 72,
+            write_queue_requests: 10_000,
+            write_queue_bytes: 64 * 1024 * 1024,
             postgres: PostgresConfig::default(),
         }
     }

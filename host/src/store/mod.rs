@@ -350,6 +350,11 @@ pub trait Store: Send + Sync + 'static {
     fn stats(&self) -> StoreStats;
     /// True when writes can be taken now (disk writable, not failed).
     fn writable(&self) -> bool;
+    /// Why the store refuses writes until restart (e.g. a failed fsync), if it does; `/healthz`
+    /// shows it. Backends that recover by themselves keep the default.
+    fn unwritable_reason(&self) -> Option<String> {
+        None
+    }
     /// Flushes everything (clean shutdown).
     async fn close(&self) -> Result<()>;
 }

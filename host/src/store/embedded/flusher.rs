@@ -112,15 +112,11 @@ fn run(sh: Arc<Shared>, rx: mpsc::Receiver<Job>, done: Arc<Mutex<Option<Done>>>)
             let seg = sh.active.lock().clone();
             if let Some(seg) = seg {
                 let t = Instant::now();
-                match seg.file.sync_data() {
-                    Ok(()) => sh
-                        .stats
+                // A failure marks the store failed (see `Shared::sync_log`).
+                if sh.sync_log(&seg.file, false).is_ok() {
+                    sh.stats
                         .fsync_latency
-                        .record(t.elapsed().as_micros() as u64),
-                    Err(e) => {
-                        error!(error = %e, "store fsync failed");
-                        sh.set_writable(false);
-                    }
+                        .record(t.elapsed().as_micros() as u64);
                 }
             }
             last_fsync = Instant::now();
@@ -136,7 +132,7 @@ fn run(sh: Arc<Shared>, rx: mpsc::Receiver<Job>, done: Arc<Mutex<Option<Done>>>)
 
 fn checkpoint(sh: &Shared, job: CheckpointJob) -> Done {
     if sh.config.flush == FlushMode::Async {
-        job.segment.file.sync_data()?;
+        sh.sync_log(&job.segment.file, false)?;
     }
     for q in sh.queues.all() {
         q.sync()?;

@@ -96,6 +96,9 @@ pub struct Tuning {
     pub offsets_flush_ms: u64,
     /// Zero-fill the next segment in the background so appends overwrite allocated blocks.
     pub preallocate_segments: bool,
+    /// Test only: the Nth fsync of the message log (counted from open, 1-based) fails with EIO,
+    /// as a failing disk's would; 0 = never. Set by `WHARF_TEST_FAIL_FSYNC_AT` for e2e tests.
+    pub fail_fsync_at: u64,
 }
 
 impl Default for Tuning {
@@ -112,6 +115,12 @@ impl Default for Tuning {
             // buys nothing) with WHARF_STORE_PREALLOCATE=0.
             preallocate_segments: std::env::var("WHARF_STORE_PREALLOCATE")
                 .map_or(true, |v| v != "0"),
+            // Test-only fault injection (documented as such in the README); never set in
+            // production, where it would only ever make the store refuse writes.
+            fail_fsync_at: std::env::var("WHARF_TEST_FAIL_FSYNC_AT")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0),
         }
     }
 }
@@ -123,6 +132,64 @@ impl Tuning {
 
     fn offsets_flush(&self) -> Duration {
         Duration::from_millis(self.offsets_flush_ms)
+    }
+}
+
+/// What appends accepted but not yet answered hold, against `[store] write_queue_*`.
+#[derive(Debug)]
+pub(crate) struct QueueBudget {
+    max_requests: u64,
+    max_bytes: u64,
+    requests: AtomicU64,
+    bytes: AtomicU64,
+}
+
+impl QueueBudget {
+    fn new(config: &StoreConfig) -> Arc<QueueBudget> {
+        Arc::new(QueueBudget {
+            max_requests: config.write_queue_requests.max(1),
+            max_bytes: config.write_queue_bytes.max(1),
+            requests: AtomicU64::new(0),
+            bytes: AtomicU64::new(0),
+        })
+    }
+
+    /// A permit for an append of `bytes`, or SYSTEM_BUSY when the queue is full. A batch larger
+    /// than the byte limit alone is still taken when nothing else waits, so it cannot starve.
+    fn try_acquire(self: &Arc<Self>, bytes: u64) -> Result<QueuePermit> {
+        let r = self.requests.fetch_add(1, Ordering::AcqRel) + 1;
+        let b = self.bytes.fetch_add(bytes, Ordering::AcqRel) + bytes;
+        if r > self.max_requests || (b > self.max_bytes && b != bytes) {
+            self.requests.fetch_sub(1, Ordering::AcqRel);
+            self.bytes.fetch_sub(bytes, Ordering::AcqRel);
+            return Err(WharfError::busy(format!(
+                "the store's write queue is full ({} sends / {} bytes waiting for the disk; \
+                 limits [store] write_queue_requests = {}, write_queue_bytes = {}); nothing of \
+                 this send was stored — retry after a short pause",
+                r - 1,
+                b - bytes,
+                self.max_requests,
+                self.max_bytes
+            )));
+        }
+        Ok(QueuePermit {
+            budget: self.clone(),
+            bytes,
+        })
+    }
+}
+
+/// An accepted append's share of the queue budget, returned when the request is dropped
+/// (answered, failed, or discarded by a stopping writer).
+pub(crate) struct QueuePermit {
+    budget: Arc<QueueBudget>,
+    bytes: u64,
+}
+
+impl Drop for QueuePermit {
+    fn drop(&mut self) {
+        self.budget.requests.fetch_sub(1, Ordering::AcqRel);
+        self.budget.bytes.fetch_sub(self.bytes, Ordering::AcqRel);
     }
 }
 
@@ -146,6 +213,8 @@ pub(crate) struct Shared {
     keys: KeyIndex,
     inbox: Mutex<Vec<Request>>,
     inbox_cv: Condvar,
+    /// Bounds what `inbox` (and the round being written) may hold.
+    budget: Arc<QueueBudget>,
     next_timer: AtomicU64,
     pending_timers: AtomicU64,
     loaded_timers: AtomicU64,
@@ -155,17 +224,75 @@ pub(crate) struct Shared {
     coord: Mutex<Coord>,
     stats: Counters,
     writable: AtomicBool,
+    /// Why the store stopped taking writes for good (a failed fsync), if it did.
+    failed: Mutex<Option<String>>,
+    /// fsyncs of the message log so far (for `Tuning::fail_fsync_at`).
+    log_fsyncs: AtomicU64,
     closed: AtomicBool,
     lock: Mutex<Option<File>>,
     /// The segment being appended to (for the flusher's periodic async fsync).
     active: Mutex<Option<Arc<log::Segment>>>,
     #[cfg(test)]
     fail_writes: std::sync::atomic::AtomicU32,
+    /// Test hook: a write round waits while a test holds this.
+    #[cfg(test)]
+    stall: Mutex<()>,
 }
 
 impl Shared {
+    /// Marks the store (un)writable after a round; a failed store stays unwritable.
     fn set_writable(&self, w: bool) {
-        self.writable.store(w, Ordering::Release);
+        self.writable
+            .store(w && self.failed.lock().is_none(), Ordering::Release);
+    }
+
+    /// Why the store refuses every write until restart, if it does.
+    fn failure(&self) -> Option<String> {
+        self.failed.lock().clone()
+    }
+
+    /// The error every write gets once the store has failed.
+    fn failed_error(&self) -> Option<WharfError> {
+        self.failure().map(|why| {
+            WharfError::unavailable(format!(
+                "the store stopped taking writes: {why}; restart the host once the disk is \
+                 checked — it recovers from the log, and nothing acknowledged is lost"
+            ))
+        })
+    }
+
+    /// fsyncs a log segment (`all`: metadata too). A failed fsync may have dropped dirty
+    /// pages the kernel will never write again, so retrying it would report data as safe
+    /// that is not: the store stops taking writes until a restart recovers from the log.
+    fn sync_log(&self, file: &File, all: bool) -> io::Result<()> {
+        let n = self.log_fsyncs.fetch_add(1, Ordering::AcqRel) + 1;
+        let r = if self.tuning.fail_fsync_at != 0 && n == self.tuning.fail_fsync_at {
+            Err(io::Error::other(
+                "injected fsync failure (WHARF_TEST_FAIL_FSYNC_AT)",
+            ))
+        } else if all {
+            file.sync_all()
+        } else {
+            file.sync_data()
+        };
+        if let Err(e) = &r {
+            self.fail(format!(
+                "fsync of the message log in {} failed: {e}",
+                self.dir.display()
+            ));
+        }
+        r
+    }
+
+    /// Stops taking writes until restart, for `why` (the first reason is kept).
+    fn fail(&self, why: String) {
+        tracing::error!(reason = %why, "the store stops taking writes until restart");
+        let mut f = self.failed.lock();
+        if f.is_none() {
+            *f = Some(why);
+        }
+        drop(f);
+        self.writable.store(false, Ordering::Release);
     }
 
     fn release_lock(&self) {
@@ -354,6 +481,7 @@ impl EmbeddedStore {
             keys,
             inbox: Mutex::new(Vec::new()),
             inbox_cv: Condvar::new(),
+            budget: QueueBudget::new(config),
             next_timer: AtomicU64::new(u64::MAX),
             pending_timers: AtomicU64::new(0),
             loaded_timers: AtomicU64::new(0),
@@ -362,11 +490,15 @@ impl EmbeddedStore {
             coord: Mutex::new(Coord::new(boot)),
             stats: Counters::default(),
             writable: AtomicBool::new(true),
+            failed: Mutex::new(None),
+            log_fsyncs: AtomicU64::new(0),
             closed: AtomicBool::new(false),
             lock: Mutex::new(Some(lock)),
             active: Mutex::new(None),
             #[cfg(test)]
             fail_writes: std::sync::atomic::AtomicU32::new(0),
+            #[cfg(test)]
+            stall: Mutex::new(()),
         });
         let mut w = Writer::new(sh.clone(), active, timers, seg_info, from);
         w.replay(from).map_err(|e| fail("rebuilding indexes", e))?;
@@ -650,12 +782,18 @@ impl Store for EmbeddedStore {
             return Ok(Vec::new());
         }
         let started = Instant::now();
+        if let Some(e) = self.sh.failed_error() {
+            return Err(e);
+        }
         let encoded = EncodedBatch::encode(&batch)?;
+        // Refused before queueing: a full queue costs the caller nothing but this error.
+        let permit = self.sh.budget.try_acquire(encoded.buf.len() as u64)?;
         let (tx, rx) = oneshot::channel();
         self.sh.submit(Request::Append {
             batch: encoded,
             started,
             reply: tx,
+            _permit: permit,
         })?;
         rx.await.map_err(|_| writer_gone())?
     }
@@ -890,7 +1028,11 @@ impl Store for EmbeddedStore {
     }
 
     async fn reveal_due(&self, now_ms: u64, max: usize) -> Result<usize> {
-        if max == 0 || self.sh.next_timer.load(Ordering::Acquire) > now_ms {
+        // A failed store reveals nothing (that would be a write), quietly: healthz says why.
+        if max == 0
+            || self.sh.next_timer.load(Ordering::Acquire) > now_ms
+            || self.sh.failure().is_some()
+        {
             return Ok(0);
         }
         let (tx, rx) = oneshot::channel();
@@ -1040,6 +1182,10 @@ impl Store for EmbeddedStore {
         self.sh.writable.load(Ordering::Acquire) && !self.sh.closed.load(Ordering::Acquire)
     }
 
+    fn unwritable_reason(&self) -> Option<String> {
+        self.sh.failure()
+    }
+
     async fn close(&self) -> Result<()> {
         let (tx, rx) = oneshot::channel();
         let r = match self.sh.submit(Request::Close { reply: tx }) {
@@ -1088,6 +1234,9 @@ fn meta_apply(
     value: Option<Vec<u8>>,
     cond: PutCondition,
 ) -> Result<PutOutcome> {
+    if let Some(e) = sh.failed_error() {
+        return Err(e);
+    }
     let mut meta = sh.meta.lock();
     let current = meta_loaded(sh, &mut meta, ns)?;
     let version = current.get(key).map(|e| e.version);

@@ -26,6 +26,9 @@ use crate::error::{Result, WharfError};
 use crate::model::{Appended, MessageId};
 use crate::store::{FlushMode, RetentionReport};
 
+/// How often (store time) the writer runs a retention pass by itself.
+pub const RETENTION_EVERY_MS: u64 = 60_000;
+
 /// Work for the writer thread.
 pub enum Request {
     /// Append an encoded batch.
@@ -33,6 +36,8 @@ pub enum Request {
         batch: EncodedBatch,
         started: Instant,
         reply: oneshot::Sender<Result<Vec<Appended>>>,
+        /// Held until the request is dropped, after its reply.
+        _permit: super::QueuePermit,
     },
     /// Reveal due timers.
     Reveal {
@@ -81,6 +86,10 @@ pub struct Writer {
     last_round_appends: usize,
     last_reply_at: Instant,
     fsync_ema_us: u64,
+    /// Store time of the last retention pass (0: none yet).
+    last_retention_ms: u64,
+    /// A segment was sealed since the last retention pass.
+    rolled: bool,
     // Per-round scratch, reused.
     cq_ops: Vec<(Arc<ConsumeQueue>, u64, CqEntry)>,
     key_ops: Vec<(u32, u64)>,
@@ -116,6 +125,21 @@ impl Drop for ExitGuard {
         }
         // Dropping queued requests drops their reply senders: callers get an error at once.
         drop(std::mem::take(&mut *self.0.inbox.lock()));
+    }
+}
+
+/// Answers every request of a round that stored nothing with `err`.
+fn fail_all(reqs: Vec<Request>, err: &WharfError) {
+    for r in reqs {
+        match r {
+            Request::Append { reply, .. } => {
+                let _ = reply.send(Err(err.clone()));
+            }
+            Request::Reveal { reply, .. } => {
+                let _ = reply.send(Err(err.clone()));
+            }
+            _ => {}
+        }
     }
 }
 
@@ -159,6 +183,8 @@ impl Writer {
             last_round_appends: 0,
             last_reply_at: Instant::now(),
             fsync_ema_us: 0,
+            last_retention_ms: 0,
+            rolled: false,
             cq_ops: Vec::new(),
             key_ops: Vec::new(),
             timer_adds: Vec::new(),
@@ -245,6 +271,9 @@ impl Writer {
             _ => {
                 // A reveal marker: its consume-queue entry points at the timer message it reveals.
                 let target = h.born_ms;
+                if let Some(seg) = self.sh.log.segment_of(target) {
+                    self.max_ms_updates.push((seg.base, h.stored_ms));
+                }
                 self.replay_visible(topic, &h, target, pos, h.reconsume)?;
                 let t = Timer {
                     deliver: h.deliver_ms,
@@ -416,10 +445,30 @@ impl Writer {
                 self.start_checkpoint();
             }
         }
+        if !force {
+            self.scheduled_retention();
+        }
         if let Err(e) = self.timers.ensure_loaded(self.sh.clock.now_ms()) {
             error!(error = %e, "loading timer bucket failed");
         }
         self.publish_timer_state();
+    }
+
+    /// Runs the retention pass every [`RETENTION_EVERY_MS`] of store time and after every
+    /// segment roll, so `retention_hours` holds within a minute plus one segment's lifetime.
+    fn scheduled_retention(&mut self) {
+        let now = self.sh.clock.now_ms();
+        let due = self.last_retention_ms == 0
+            || now.saturating_sub(self.last_retention_ms) >= RETENTION_EVERY_MS
+            || self.rolled;
+        if !due || self.sh.failure().is_some() {
+            return;
+        }
+        self.last_retention_ms = now.max(1);
+        self.rolled = false;
+        if let Err(e) = self.retention(now) {
+            warn!(error = %e, "retention pass failed; the next one retries");
+        }
     }
 
     fn start_checkpoint(&mut self) {
@@ -519,7 +568,7 @@ impl Writer {
 
     fn fsync_active(&mut self) -> io::Result<()> {
         let t = Instant::now();
-        self.active.file.sync_data()?;
+        self.sh.sync_log(&self.active.file, false)?;
         let us = t.elapsed().as_micros() as u64;
         self.fsync_ema_us = (self.fsync_ema_us * 7 + us) / 8;
         self.sh.stats.fsync_latency.record(us);
@@ -558,6 +607,12 @@ impl Writer {
     // ------------------------------------------------------------------ one group-commit round
 
     fn round(&mut self, reqs: Vec<Request>) {
+        #[cfg(test)]
+        drop(self.sh.stall.lock());
+        if let Some(err) = self.sh.failed_error() {
+            fail_all(reqs, &err);
+            return;
+        }
         let now = self.sh.clock.now_ms().max(self.last_stored_ms);
         let pre_written = self.written;
         let pre_active = self.active.clone();
@@ -589,26 +644,24 @@ impl Writer {
         }
         if let Some(err) = failure {
             self.rollback(pre_active, pre_written);
+            // After a failed fsync, say so rather than what the round was doing.
+            let err = self.sh.failed_error().unwrap_or(err);
             error!(error = %err, "append round failed; nothing of it was acknowledged");
             self.sh.set_writable(false);
-            for r in reqs {
-                match r {
-                    Request::Append { reply, .. } => {
-                        let _ = reply.send(Err(err.clone()));
-                    }
-                    Request::Reveal { reply, .. } => {
-                        let _ = reply.send(Err(err.clone()));
-                    }
-                    _ => {}
-                }
-            }
+            fail_all(reqs, &err);
             return;
         }
         self.sh.set_writable(true);
         self.last_stored_ms = now;
         if let Err(e) = self.apply_indexes() {
-            error!(error = %e, "store index update failed; indexes will be rebuilt from the log on restart");
+            // The round is durable in the log but its queue entries are not all written: a
+            // later round publishing past them would leave holes consumers skip. Stop taking
+            // writes instead; the next start rebuilds the indexes from the log.
             self.index_broken = true;
+            self.sh.fail(format!(
+                "writing the store indexes in {} failed: {e}",
+                self.sh.dir.display()
+            ));
         }
         self.touched.clear();
         self.queue_undo.clear();
@@ -673,46 +726,55 @@ impl Writer {
         };
         // A failed spare (e.g. disk full) is no reason to roll early.
         if full || spare.is_some() {
-            self.write_out()?;
-            // A spare segment was zero-filled beyond the data: cut it to the data before sealing.
-            if self.active.file.metadata()?.len() != self.written {
-                self.active.file.set_len(self.written)?;
-                self.active.file.sync_all()?;
-            }
-            if self.sh.config.flush == FlushMode::Sync {
-                self.fsync_active()?;
-            } else {
-                // The old segment gets no further periodic fsync: do it now.
-                self.active.file.sync_data()?;
-                self.unsynced = false;
-            }
-            let base = self.active.base + self.written;
-            let installed = match spare {
-                Some(spare) => match self.sh.log.install(base, &spare) {
-                    Ok(seg) => Some(seg),
-                    Err(e) => {
-                        debug!(error = %e, "installing a spare segment failed; creating one");
-                        None
-                    }
-                },
-                None => None,
-            };
-            self.active_prealloc = installed.is_some();
-            let seg = match installed {
-                Some(seg) => seg,
-                None => self.sh.log.create(base)?,
-            };
-            self.start_spare();
-            self.seg_info.entry(base).or_default();
-            self.touched.push((seg.clone(), 0, true));
-            *self.sh.active.lock() = Some(seg.clone());
-            self.active = seg;
-            self.written = 0;
+            let seg = self.roll(spare)?;
+            self.touched.push((seg, 0, true));
         }
         if self.written == 0 && self.wbuf.is_empty() {
             record::encode_segment_header(&mut self.wbuf, self.active.base, now);
         }
         Ok(self.end_pos())
+    }
+
+    /// Seals the active segment (cut to its data, fsynced) and makes a new, empty one active at
+    /// the log end (the spare, if one is ready). The new segment gets its header record with
+    /// its first append. Returns the new segment.
+    fn roll(&mut self, spare: Option<std::path::PathBuf>) -> io::Result<Arc<Segment>> {
+        self.write_out()?;
+        // A spare segment was zero-filled beyond the data: cut it to the data before sealing.
+        if self.active.file.metadata()?.len() != self.written {
+            self.active.file.set_len(self.written)?;
+            self.sh.sync_log(&self.active.file, true)?;
+        }
+        if self.sh.config.flush == FlushMode::Sync {
+            self.fsync_active()?;
+        } else {
+            // The old segment gets no further periodic fsync: do it now.
+            self.sh.sync_log(&self.active.file, false)?;
+            self.unsynced = false;
+        }
+        let base = self.active.base + self.written;
+        let installed = match spare {
+            Some(spare) => match self.sh.log.install(base, &spare) {
+                Ok(seg) => Some(seg),
+                Err(e) => {
+                    debug!(error = %e, "installing a spare segment failed; creating one");
+                    None
+                }
+            },
+            None => None,
+        };
+        self.active_prealloc = installed.is_some();
+        let seg = match installed {
+            Some(seg) => seg,
+            None => self.sh.log.create(base)?,
+        };
+        self.start_spare();
+        self.seg_info.entry(base).or_default();
+        *self.sh.active.lock() = Some(seg.clone());
+        self.active = seg.clone();
+        self.written = 0;
+        self.rolled = true;
+        Ok(seg)
     }
 
     /// Starts zero-filling the next segment in the background (when enabled and not running).
@@ -836,6 +898,9 @@ impl Writer {
         for r in &batch.recs {
             let len = r.len as usize;
             let pos = self.reserve(len, now)?;
+            // Per record: a batch may fill a segment and roll, and every segment it touched
+            // must know its newest store time, or retention would see it as ancient.
+            self.note_stored(self.active.base, now);
             let held = r.deliver_at.is_some_and(|d| d > now);
             let topic_bytes = &batch.buf[r.topic.clone()];
             let topic = std::str::from_utf8(topic_bytes).map_err(io::Error::other)?;
@@ -908,8 +973,15 @@ impl Writer {
                 stored_ms: now,
             });
         }
-        self.max_ms_updates.push((self.active.base, now));
         Ok(out)
+    }
+
+    /// Records that the segment at `base` holds data of store time `ms` (applied with the
+    /// round's indexes).
+    fn note_stored(&mut self, base: u64, ms: u64) {
+        if self.max_ms_updates.last() != Some(&(base, ms)) {
+            self.max_ms_updates.push((base, ms));
+        }
     }
 
     fn place_reveals(&mut self, due_ms: u64, max: usize, now: u64) -> io::Result<usize> {
@@ -947,6 +1019,12 @@ impl Writer {
             let q = self.sh.queues.get_or_create(topic, h.queue_id)?;
             let len = record::HEADER + topic.len();
             let rpos = self.reserve(len, now)?;
+            self.note_stored(self.active.base, now);
+            // A revealed message is consumable from now on: retention counts its age from
+            // the reveal, so its (older) segment is kept as long as a fresh message's.
+            if let Some(seg) = self.sh.log.segment_of(pos) {
+                self.note_stored(seg.base, now);
+            }
             let qoff = self.assign_offset(&q);
             let visible = now.max(q.last_visible_ms.load(Ordering::Relaxed));
             q.last_visible_ms.store(visible, Ordering::Relaxed);
@@ -976,9 +1054,6 @@ impl Writer {
             ));
             self.timer_dones.push((t, rpos));
             n += 1;
-        }
-        if n > 0 {
-            self.max_ms_updates.push((self.active.base, now));
         }
         Ok(n)
     }
@@ -1045,6 +1120,20 @@ impl Writer {
     fn retention(&mut self, now_ms: u64) -> Result<RetentionReport> {
         let keep_ms = self.sh.config.retention_hours.saturating_mul(3_600_000);
         let mut report = RetentionReport::default();
+        // A quiet topic's data sits in the active segment: once even its newest record is past
+        // retention, seal it so it can go like any other (the next append starts a new one).
+        let active_info = self.seg_info.get(&self.active.base).copied();
+        if self.written > 0
+            && active_info.is_some_and(|i| {
+                i.pending_timers == 0 && i.max_stored_ms.saturating_add(keep_ms) <= now_ms
+            })
+        {
+            let spare = self.take_spare();
+            self.roll(spare)
+                .map_err(|e| io_unavailable(&self.sh, "seal an expired log segment", &e))?;
+            self.rolled = false;
+            self.force_checkpoint = true;
+        }
         for seg in self.sh.log.segments() {
             if seg.base == self.active.base {
                 continue;
