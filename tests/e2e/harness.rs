@@ -710,6 +710,16 @@ pub struct SelfSignedCert {
 impl SelfSignedCert {
     /// Makes one with `openssl req` in a fresh temp dir (kept while this value lives).
     pub fn new() -> SelfSignedCert {
+        SelfSignedCert::make(&[])
+    }
+
+    /// The same, marked `CA:FALSE`: rustls (webpki) refuses a CA certificate as the server's
+    /// own, so this is the kind an HTTPS host presents to the CLI.
+    pub fn leaf() -> SelfSignedCert {
+        SelfSignedCert::make(&["-addext", "basicConstraints=critical,CA:FALSE"])
+    }
+
+    fn make(extra: &[&str]) -> SelfSignedCert {
         let dir = tempfile::Builder::new()
             .prefix("wharf-tls-")
             .tempdir()
@@ -729,8 +739,9 @@ impl SelfSignedCert {
                 "/CN=localhost",
                 "-addext",
                 "subjectAltName=DNS:localhost,IP:127.0.0.1",
-                "-keyout",
             ])
+            .args(extra)
+            .arg("-keyout")
             .arg(dir.path().join("key.pem"))
             .arg("-out")
             .arg(dir.path().join("cert.pem"))

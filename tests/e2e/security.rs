@@ -241,7 +241,7 @@ fn https_url(s: &Server) -> String {
 
 #[test]
 fn https_serves_the_cli_that_trusts_the_ca_and_nobody_else() {
-    let cert = SelfSignedCert::new();
+    let cert = SelfSignedCert::leaf();
     let tls = format!(
         "[http]\ntls_cert = {:?}\ntls_key = {:?}\n",
         cert.cert().display().to_string(),

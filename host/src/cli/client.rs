@@ -220,7 +220,11 @@ fn unreachable_host(base: &reqwest::Url, e: &reqwest::Error) -> anyhow::Error {
     }
     let chain = causes.join(": ");
     let lower = chain.to_ascii_lowercase();
-    let hint = if lower.contains("certificate") || lower.contains("unknownissuer") {
+    let hint = if lower.contains("causedasendentity") {
+        "; the host presents a CA certificate as its own, which TLS clients refuse: give the \
+         host a certificate with basicConstraints CA:FALSE (signed by that CA, or self-signed) \
+         and pass the signing certificate with --ca"
+    } else if lower.contains("certificate") || lower.contains("unknownissuer") {
         "; the host's TLS certificate is not trusted: pass --ca FILE (or WHARF_CA) with the CA \
          certificate that signed it, or install that CA in the system's trust store"
     } else if base.scheme() == "http"
