@@ -59,6 +59,19 @@ pub struct HttpConfig {
     pub shutdown_grace_ms: u64,
     /// `max_connections = 10000`: open connections at once; past it new ones wait to be accepted.
     pub max_connections: usize,
+    /// `header_read_timeout_ms = 30000`: how long a client may take to send a request's headers
+    /// (from the first byte, or from the end of the previous request on a keep-alive connection;
+    /// the TLS handshake counts too). Past it the connection is closed.
+    pub header_read_timeout_ms: u64,
+    /// `body_read_timeout_ms = 60000`: how long a client may take to send a whole request body,
+    /// from the end of its headers. Past it the request fails with 408 and the connection closes.
+    pub body_read_timeout_ms: u64,
+    /// `max_long_polls = 1000`: receives waiting (`wait_ms` > 0) at once; more get SYSTEM_BUSY.
+    pub max_long_polls: usize,
+    /// `tls_cert = ""`: PEM certificate chain; with `tls_key`, the API is served over HTTPS only.
+    pub tls_cert: String,
+    /// `tls_key = ""`: PEM private key (PKCS#8, PKCS#1 or SEC1) for `tls_cert`.
+    pub tls_key: String,
 }
 
 impl Default for HttpConfig {
@@ -70,7 +83,19 @@ impl Default for HttpConfig {
             max_wait_ms: 30_000,
             shutdown_grace_ms: 10_000,
             max_connections: 10_000,
+            header_read_timeout_ms: 30_000,
+            body_read_timeout_ms: 60_000,
+            max_long_polls: 1_000,
+            tls_cert: String::new(),
+            tls_key: String::new(),
         }
+    }
+}
+
+impl HttpConfig {
+    /// True when `tls_cert` and `tls_key` are set: the API speaks HTTPS only.
+    pub fn tls(&self) -> bool {
+        !self.tls_cert.is_empty() && !self.tls_key.is_empty()
     }
 }
 
@@ -244,7 +269,7 @@ pub struct AuthConfig {
 }
 
 /// One `[[auth.keys]]` entry.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AccessKey {
     /// `access_key = "AK..."`
@@ -258,13 +283,23 @@ pub struct AccessKey {
     /// (receive, ack, query, status, dead letters); `"*"` = all.
     #[serde(default)]
     pub allow_subscribe: Vec<String>,
-    /// `admin = true`: may create/delete topics and groups and deploy plugins.
-    #[serde(default = "default_true")]
+    /// `admin = false`: may create/delete topics and groups and deploy plugins. Off unless
+    /// written, so a key has only the rights its entry names.
+    #[serde(default)]
     pub admin: bool,
 }
 
-fn default_true() -> bool {
-    true
+/// Never prints the secret key: configs are logged and shown in errors.
+impl fmt::Debug for AccessKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AccessKey")
+            .field("access_key", &self.access_key)
+            .field("secret_key", &"<redacted>")
+            .field("allow_publish", &self.allow_publish)
+            .field("allow_subscribe", &self.allow_subscribe)
+            .field("admin", &self.admin)
+            .finish()
+    }
 }
 
 /// Log output format.
@@ -467,6 +502,20 @@ impl Config {
             ))
         };
         addr("http", &self.http.listen, false)?;
+        if self.http.tls_cert.is_empty() != self.http.tls_key.is_empty() {
+            let (set, missing) = if self.http.tls_cert.is_empty() {
+                ("tls_key", "tls_cert")
+            } else {
+                ("tls_cert", "tls_key")
+            };
+            return Err(Problem::at(
+                &[Key("http"), Key(set)],
+                format!(
+                    "http.{set} is set but http.{missing} is not; HTTPS needs both (PEM file paths), \
+                     or leave both \"\" for plain HTTP"
+                ),
+            ));
+        }
         addr("mqtt", &self.mqtt.listen, true)?;
         for (key, v) in [
             ("tls_listen", &self.mqtt.tls_listen),
@@ -767,6 +816,27 @@ const INT_RANGES: &[IntRange] = &[
         1_000_000,
         "; past it new connections wait to be accepted",
     ),
+    range(
+        "http",
+        "header_read_timeout_ms",
+        100,
+        600_000,
+        " (100 ms to 10 minutes)",
+    ),
+    range(
+        "http",
+        "body_read_timeout_ms",
+        100,
+        3_600_000,
+        " (100 ms to 1 hour)",
+    ),
+    range(
+        "http",
+        "max_long_polls",
+        1,
+        1_000_000,
+        "; past it a receive with wait_ms gets SYSTEM_BUSY",
+    ),
     range("mqtt", "max_subscriptions", 1, 100_000, ""),
     range(
         "mqtt",
@@ -1064,7 +1134,34 @@ mod tests {
         assert_eq!(c.auth.keys.len(), 1);
         assert_eq!(c.auth.keys[0].allow_publish, vec!["Trade"]);
         assert!(c.auth.keys[0].allow_subscribe.is_empty());
-        assert!(c.auth.keys[0].admin);
+        assert!(!c.auth.keys[0].admin, "admin must be asked for");
+    }
+
+    #[test]
+    fn https_needs_both_the_certificate_and_the_key() {
+        let e = Config::parse("[http]\ntls_cert = \"c.pem\"\n", "w.toml").unwrap_err();
+        assert_eq!(e.position, Some((2, 1)), "{e}");
+        assert!(e.message.contains("tls_key"), "{e}");
+        let e = Config::parse("[http]\n\ntls_key = \"k.pem\"\n", "w.toml").unwrap_err();
+        assert_eq!(e.position, Some((3, 1)), "{e}");
+        assert!(e.message.contains("tls_cert"), "{e}");
+        let c = Config::parse(
+            "[http]\ntls_cert = \"c.pem\"\ntls_key = \"k.pem\"\n",
+            "w.toml",
+        )
+        .unwrap();
+        assert!(c.http.tls() && !Config::default().http.tls());
+    }
+
+    #[test]
+    fn secret_keys_never_show_in_debug_output() {
+        let text = "[[auth.keys]]\naccess_key = \"AK\"\nsecret_key = \"very-secret\"\n";
+        let c = Config::parse(text, "w.toml").unwrap();
+        let shown = format!("{c:?}");
+        assert!(
+            shown.contains("AK") && !shown.contains("very-secret"),
+            "{shown}"
+        );
     }
 
     #[test]

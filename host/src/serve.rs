@@ -15,7 +15,7 @@ use crate::broker::api::BrokerApi;
 use crate::clock::{SharedClock, SystemClock};
 use crate::config::{Config, LogFormat};
 use crate::http::auth::Authenticator;
-use crate::http::{AppState, HttpHandler, HttpMetrics};
+use crate::http::{AppState, HttpHandler, HttpMetrics, LongPolls};
 use crate::mqtt::Gateway;
 use crate::net::{Listener, Shutdown};
 use crate::plugin::PluginHost;
@@ -118,6 +118,16 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         );
     }
 
+    let http_tls = match crate::http::tls_acceptor(&config.http)
+        .context("[http] tls_cert / tls_key: cannot serve HTTPS")
+    {
+        Ok(t) => t,
+        Err(e) => {
+            plugins.shutdown().await;
+            let _ = broker.shutdown().await;
+            return Err(e);
+        }
+    };
     let listener = match Listener::bind("http", &config.http.listen, config.http.max_connections)
         .await
         .with_context(|| {
@@ -164,10 +174,16 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         metrics: HttpMetrics::default(),
         shutdown: shutdown.token(),
         mqtt: mqtt.clone(),
+        long_polls: LongPolls::new(config.http.max_long_polls),
     });
-    shutdown.serve(listener, HttpHandler::new(state));
+    let https = http_tls.is_some();
+    shutdown.serve(listener, HttpHandler::new(state, http_tls));
 
-    info!("listening http={addr}");
+    if https {
+        info!("listening http={addr} (HTTPS only: clients use https://{addr})");
+    } else {
+        info!("listening http={addr}");
+    }
     // Every bound listener, by name, for the machine-readable line below.
     let mut bound: Vec<(&str, std::net::SocketAddr)> = vec![("http", addr)];
     bound.extend(mqtt_bound);

@@ -43,7 +43,7 @@ allow_subscribe = ["Other"]
 admin = false
 "#;
 
-fn group(api: &Api, name: &str, settings: Value) {
+pub(crate) fn group(api: &Api, name: &str, settings: Value) {
     let mut body = json!({"name": name, "kind": "consumer"});
     if let (Some(b), Some(s)) = (body.as_object_mut(), settings.as_object()) {
         b.extend(s.clone());
@@ -51,7 +51,7 @@ fn group(api: &Api, name: &str, settings: Value) {
     api.post_json("/v1/groups", &body).expect(201);
 }
 
-fn send(api: &Api, topic: &str, body: &str) -> String {
+pub(crate) fn send(api: &Api, topic: &str, body: &str) -> String {
     let r = api
         .post_json(
             &format!("/v1/topics/{topic}/messages"),
@@ -62,7 +62,7 @@ fn send(api: &Api, topic: &str, body: &str) -> String {
 }
 
 /// One receive as instance `e2e`, long-polling up to `wait_ms`.
-fn receive(api: &Api, group: &str, topic: &str, wait_ms: u64) -> Vec<Value> {
+pub(crate) fn receive(api: &Api, group: &str, topic: &str, wait_ms: u64) -> Vec<Value> {
     let r = api
         .post_json(
             &format!("/v1/groups/{group}/receive"),
@@ -73,7 +73,7 @@ fn receive(api: &Api, group: &str, topic: &str, wait_ms: u64) -> Vec<Value> {
 }
 
 /// Receives until one message came, for at most 15 s.
-fn receive_one(api: &Api, group: &str, topic: &str) -> Value {
+pub(crate) fn receive_one(api: &Api, group: &str, topic: &str) -> Value {
     wait_for(
         &format!("a message for {group}"),
         Duration::from_secs(15),
@@ -81,7 +81,7 @@ fn receive_one(api: &Api, group: &str, topic: &str) -> Value {
     )
 }
 
-fn settle(api: &Api, group: &str, verb: &str, m: &Value) {
+pub(crate) fn settle(api: &Api, group: &str, verb: &str, m: &Value) {
     api.post_json(
         &format!("/v1/groups/{group}/{verb}"),
         &json!({"receipts": [m["receipt"]]}),

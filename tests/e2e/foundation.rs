@@ -635,6 +635,7 @@ access_key = "AK_ADMIN"
 secret_key = "admin-secret"
 allow_publish = ["*"]
 allow_subscribe = ["*"]
+admin = true
 
 [[auth.keys]]
 access_key = "AK_PUB"

@@ -707,6 +707,72 @@ impl Api {
     }
 }
 
+/// A throwaway self-signed certificate for `localhost` / `127.0.0.1` (it is its own CA).
+pub struct SelfSignedCert {
+    dir: tempfile::TempDir,
+}
+
+impl SelfSignedCert {
+    /// Makes one with `openssl req` in a fresh temp dir (kept while this value lives).
+    pub fn new() -> SelfSignedCert {
+        SelfSignedCert::make(&[])
+    }
+
+    /// The same, marked `CA:FALSE`: rustls (webpki) refuses a CA certificate as the server's
+    /// own, so this is the kind an HTTPS host presents to the CLI.
+    pub fn leaf() -> SelfSignedCert {
+        SelfSignedCert::make(&["-addext", "basicConstraints=critical,CA:FALSE"])
+    }
+
+    fn make(extra: &[&str]) -> SelfSignedCert {
+        let dir = tempfile::Builder::new()
+            .prefix("wharf-tls-")
+            .tempdir()
+            .expect("cert tempdir");
+        let out = Command::new("openssl")
+            .args([
+                "req",
+                "-x509",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:prime256v1",
+                "-nodes",
+                "-days",
+                "2",
+                "-subj",
+                "/CN=localhost",
+                "-addext",
+                "subjectAltName=DNS:localhost,IP:127.0.0.1",
+            ])
+            .args(extra)
+            .arg("-keyout")
+            .arg(dir.path().join("key.pem"))
+            .arg("-out")
+            .arg(dir.path().join("cert.pem"))
+            .output()
+            .unwrap_or_else(|e| {
+                panic!("openssl not runnable ({e}); install Debian's `openssl` (.ci/run does)")
+            });
+        assert!(
+            out.status.success(),
+            "openssl req failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        SelfSignedCert { dir }
+    }
+
+    /// The certificate (PEM); also the CA file a client trusts.
+    pub fn cert(&self) -> PathBuf {
+        self.dir.path().join("cert.pem")
+    }
+
+    /// The private key (PEM).
+    pub fn key(&self) -> PathBuf {
+        self.dir.path().join("key.pem")
+    }
+}
+
 /// The contract's `StringToSign`.
 pub fn string_to_sign(
     method: &str,

@@ -12,7 +12,7 @@ use serde_json::{Value, json};
 use crate::harness::{Api, Server, ServerOpts, create_group, create_topic, wait_for, wharf_bin};
 
 /// Runs `wharf serve --config <text>` in a temp dir; returns (success, stderr) once it exits.
-fn serve_with_config(text: &str) -> (bool, String, tempfile::TempDir) {
+pub(crate) fn serve_with_config(text: &str) -> (bool, String, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     let cfg = dir.path().join("bad.toml");
     std::fs::write(&cfg, text).unwrap();

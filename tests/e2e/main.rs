@@ -15,9 +15,10 @@ mod mqtt_clients;
 mod plugin_runtime;
 mod plugins;
 mod postgres;
-// The PostgreSQL test server, shared with the host crate's PostgreSQL tests.
 mod remoting;
+mod security;
 mod storefaults;
+// The PostgreSQL test server, shared with the host crate's PostgreSQL tests.
 #[allow(dead_code)]
 #[path = "../../host/src/store/postgres/testdb.rs"]
 mod testdb;

@@ -658,7 +658,7 @@ fn malformed_packets_slowloris_and_slow_readers_hurt_only_themselves() {
     drop(lazy0);
 }
 
-fn metric(text: &str, name: &str) -> u64 {
+pub(crate) fn metric(text: &str, name: &str) -> u64 {
     text.lines()
         .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
         .and_then(|l| l.rsplit(' ').next())
@@ -666,7 +666,7 @@ fn metric(text: &str, name: &str) -> u64 {
         .unwrap_or(0)
 }
 
-fn wait_eof(s: &mut TcpStream, within: Duration) -> bool {
+pub(crate) fn wait_eof(s: &mut TcpStream, within: Duration) -> bool {
     s.set_read_timeout(Some(within)).unwrap();
     let mut buf = [0u8; 1024];
     let deadline = Instant::now() + within;
@@ -692,12 +692,12 @@ struct RawClient {
     next_id: u16,
 }
 
-fn mqtt_string(out: &mut Vec<u8>, s: &[u8]) {
+pub(crate) fn mqtt_string(out: &mut Vec<u8>, s: &[u8]) {
     out.extend_from_slice(&(s.len() as u16).to_be_bytes());
     out.extend_from_slice(s);
 }
 
-fn frame(first: u8, body: &[u8]) -> Vec<u8> {
+pub(crate) fn frame(first: u8, body: &[u8]) -> Vec<u8> {
     let mut out = vec![first];
     let mut n = body.len();
     loop {

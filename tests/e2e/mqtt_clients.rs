@@ -20,64 +20,12 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use crate::harness::{Server, ServerOpts, create_topic, wait_for};
+use crate::harness::{SelfSignedCert as Cert, Server, ServerOpts, create_topic, wait_for};
 
 /// Longest any one client process may run.
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(60);
 /// Longest a subscriber may take to show up in the inspection route.
 const READY_TIMEOUT: Duration = Duration::from_secs(20);
-
-/// A throwaway self-signed certificate for `localhost` / `127.0.0.1` (it is its own CA).
-struct Cert {
-    dir: tempfile::TempDir,
-}
-
-impl Cert {
-    fn new() -> Cert {
-        let dir = tempfile::Builder::new()
-            .prefix("wharf-mqtt-tls-")
-            .tempdir()
-            .expect("cert tempdir");
-        let out = Command::new("openssl")
-            .args([
-                "req",
-                "-x509",
-                "-newkey",
-                "ec",
-                "-pkeyopt",
-                "ec_paramgen_curve:prime256v1",
-                "-nodes",
-                "-days",
-                "2",
-                "-subj",
-                "/CN=localhost",
-                "-addext",
-                "subjectAltName=DNS:localhost,IP:127.0.0.1",
-                "-keyout",
-            ])
-            .arg(dir.path().join("key.pem"))
-            .arg("-out")
-            .arg(dir.path().join("cert.pem"))
-            .output()
-            .unwrap_or_else(|e| {
-                panic!("openssl not runnable ({e}); install Debian's `openssl` (.ci/run does)")
-            });
-        assert!(
-            out.status.success(),
-            "openssl req failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Cert { dir }
-    }
-
-    fn cert(&self) -> PathBuf {
-        self.dir.path().join("cert.pem")
-    }
-
-    fn key(&self) -> PathBuf {
-        self.dir.path().join("key.pem")
-    }
-}
 
 /// A server in open mode with all four MQTT listeners on free ports, plus its certificate.
 fn start_all_listeners(extra: &str) -> (Server, Cert) {

@@ -2,6 +2,7 @@
 //! [`ServerError`]s that carry the spec code and name.
 
 use std::fmt;
+use std::path::Path;
 use std::time::SystemTime;
 
 use reqwest::Method;
@@ -36,12 +37,22 @@ impl fmt::Display for ServerError {
 impl std::error::Error for ServerError {}
 
 /// Access key pair for signing.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Credentials {
     /// Access key.
     pub access_key: String,
     /// Secret key.
     pub secret_key: String,
+}
+
+/// Never prints the secret key.
+impl fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Credentials")
+            .field("access_key", &self.access_key)
+            .field("secret_key", &"<redacted>")
+            .finish()
+    }
 }
 
 /// A client for one host.
@@ -62,14 +73,33 @@ pub enum Body {
 }
 
 impl Client {
-    /// A client for `server` (e.g. `http://127.0.0.1:8080`).
-    pub fn new(server: &str, credentials: Option<Credentials>) -> anyhow::Result<Client> {
+    /// A client for `server` (e.g. `http://127.0.0.1:8080` or `https://host:8443`); https trusts
+    /// the system's root certificates plus those in the PEM file `ca`.
+    pub fn new(
+        server: &str,
+        credentials: Option<Credentials>,
+        ca: Option<&Path>,
+    ) -> anyhow::Result<Client> {
         let base = reqwest::Url::parse(server).map_err(|e| {
             anyhow::anyhow!(
                 "--server '{server}' is not a URL ({e}); use e.g. http://127.0.0.1:8080"
             )
         })?;
-        let http = reqwest::Client::builder()
+        if !matches!(base.scheme(), "http" | "https") {
+            anyhow::bail!(
+                "--server '{server}' must start with http:// or https:// (https when the host has [http] tls_cert)"
+            );
+        }
+        // Reading the system's roots costs a little at every start; plain http needs none.
+        let mut builder = reqwest::Client::builder()
+            .use_rustls_tls()
+            .tls_built_in_native_certs(base.scheme() == "https");
+        if let Some(ca) = ca {
+            for cert in read_ca(ca)? {
+                builder = builder.add_root_certificate(cert);
+            }
+        }
+        let http = builder
             .build()
             .map_err(|e| anyhow::anyhow!("cannot build the HTTP client: {e}"))?;
         Ok(Client {
@@ -132,7 +162,7 @@ impl Client {
             .body(bytes)
             .send()
             .await
-            .map_err(|e| anyhow::anyhow!("cannot reach the host at {}: {e}", self.base))?;
+            .map_err(|e| unreachable_host(&self.base, &e))?;
         let status = resp.status().as_u16();
         let text = resp.text().await.unwrap_or_default();
         let value: Value = if text.trim().is_empty() {
@@ -155,6 +185,62 @@ impl Client {
         }
         Ok(value)
     }
+}
+
+/// The certificates of a `--ca` PEM file.
+fn read_ca(path: &Path) -> anyhow::Result<Vec<reqwest::Certificate>> {
+    let pem = std::fs::read(path)
+        .map_err(|e| anyhow::anyhow!("--ca {}: cannot read the file: {e}", path.display()))?;
+    let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| {
+        anyhow::anyhow!(
+            "--ca {}: not PEM certificates ({e}); pass the CA certificate (-----BEGIN CERTIFICATE-----) that signed the host's tls_cert",
+            path.display()
+        )
+    })?;
+    if certs.is_empty() {
+        anyhow::bail!(
+            "--ca {}: holds no PEM certificate (-----BEGIN CERTIFICATE-----)",
+            path.display()
+        );
+    }
+    Ok(certs)
+}
+
+/// Why a request got no answer, with the root cause (reqwest's own message stops at "error
+/// sending request") and, for TLS failures, what to do.
+fn unreachable_host(base: &reqwest::Url, e: &reqwest::Error) -> anyhow::Error {
+    let mut causes = Vec::new();
+    let mut source: Option<&dyn std::error::Error> = Some(e);
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !causes.iter().any(|c: &String| c.contains(&text)) {
+            causes.push(text);
+        }
+        source = s.source();
+    }
+    let chain = causes.join(": ");
+    let lower = chain.to_ascii_lowercase();
+    let hint = if lower.contains("causedasendentity") {
+        "; the host presents a CA certificate as its own, which TLS clients refuse: give the \
+         host a certificate with basicConstraints CA:FALSE (signed by that CA, or self-signed) \
+         and pass the signing certificate with --ca"
+    } else if lower.contains("certificate") || lower.contains("unknownissuer") {
+        "; the host's TLS certificate is not trusted: pass --ca FILE (or WHARF_CA) with the CA \
+         certificate that signed it, or install that CA in the system's trust store"
+    } else if base.scheme() == "http"
+        && (lower.contains("connection closed") || lower.contains("reset"))
+    {
+        "; if the host serves HTTPS ([http] tls_cert), use --server https://..."
+    } else if base.scheme() == "https"
+        && (lower.contains("corrupt message")
+            || lower.contains("invalidcontenttype")
+            || lower.contains("wrong version"))
+    {
+        "; the host seems to speak plain HTTP there: use --server http://..."
+    } else {
+        ""
+    };
+    anyhow::anyhow!("cannot reach the host at {base}: {chain}{hint}")
 }
 
 /// Encodes a multipart/form-data body by hand so the bytes are known before signing

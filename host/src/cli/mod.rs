@@ -19,7 +19,7 @@ use self::client::{Body, Client, Credentials};
 /// Connection options shared by every client subcommand.
 #[derive(Debug, Clone, clap::Args)]
 pub struct ClientOpts {
-    /// Base URL of the host's HTTP API.
+    /// Base URL of the host's HTTP API (`https://...` when the host has [http] tls_cert).
     #[arg(
         long,
         env = "WHARF_SERVER",
@@ -27,6 +27,10 @@ pub struct ClientOpts {
         global = true
     )]
     pub server: String,
+    /// PEM file of CA certificates to trust for https, on top of the system's roots (for a host
+    /// with a private or self-signed certificate).
+    #[arg(long, env = "WHARF_CA", global = true, value_name = "FILE")]
+    pub ca: Option<PathBuf>,
     /// Print the host's JSON answer instead of a table.
     #[arg(long, global = true)]
     pub json: bool,
@@ -50,7 +54,7 @@ impl ClientOpts {
                 "give both --access-key and --secret-key (or WHARF_ACCESS_KEY and WHARF_SECRET_KEY)"
             ),
         };
-        Client::new(&self.server, creds)
+        Client::new(&self.server, creds, self.ca.as_deref())
     }
 }
 

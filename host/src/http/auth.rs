@@ -172,17 +172,22 @@ impl Principal {
         }
     }
 
-    /// `NO_PERMISSION` unless this caller may publish for `group`: re-sending a dead letter
-    /// writes a message that group will consume, so reading the group is not enough.
-    pub fn check_resend(&self, group: &str) -> Result<(), WharfError> {
-        if self.publish.permits(group) {
+    /// True when this caller may send to every topic (`allow_publish = ["*"]`).
+    pub fn publishes_all(&self) -> bool {
+        matches!(self.publish, Allow::All)
+    }
+
+    /// `NO_PERMISSION` unless this caller may re-send `group`'s dead letter of `topic`: the
+    /// re-send delivers that topic's message again, so it needs the right to publish to it.
+    pub fn check_resend(&self, group: &str, topic: &str) -> Result<(), WharfError> {
+        if self.publish.permits(topic) {
             Ok(())
         } else {
             Err(WharfError::new(
                 ErrorCode::NoPermission,
                 ErrorKind::Forbidden,
                 format!(
-                    "access key '{}' may not re-send dead letters of group '{group}': that needs the right to publish for the group; add \"{group}\" to the key's allow_publish in [[auth.keys]]",
+                    "access key '{}' may not re-send dead letters of group '{group}' from topic '{topic}': that needs the right to publish to the topic; add \"{topic}\" to the key's allow_publish in [[auth.keys]]",
                     self.access_key.as_deref().unwrap_or("")
                 ),
             ))
@@ -492,7 +497,7 @@ mod tests {
     }
 
     #[test]
-    fn resend_needs_publish_for_the_group_and_queries_need_some_read_right() {
+    fn resend_needs_publish_to_the_topic_and_queries_need_some_read_right() {
         let key = |publish: &[&str], subscribe: &[&str]| {
             Principal::from_key(&AccessKey {
                 access_key: "AK".into(),
@@ -503,10 +508,14 @@ mod tests {
             })
         };
         let reader = key(&[], &["*"]);
-        let e = reader.check_resend("GID_a").unwrap_err();
+        let e = reader.check_resend("GID_a", "Trade").unwrap_err();
         assert_eq!((e.code.code(), e.http_status()), (16, 403));
-        assert!(e.message.contains("allow_publish") && e.message.contains("GID_a"));
-        assert!(key(&["GID_a"], &[]).check_resend("GID_a").is_ok());
+        assert!(e.message.contains("allow_publish") && e.message.contains("\"Trade\""));
+        assert!(!reader.publishes_all());
+        // Publishing for the group's name is not the right: the topic is.
+        assert!(key(&["GID_a"], &[]).check_resend("GID_a", "Trade").is_err());
+        assert!(key(&["Trade"], &[]).check_resend("GID_a", "Trade").is_ok());
+        assert!(key(&["*"], &[]).publishes_all());
         assert!(reader.check_subscribe_any("query").is_ok() && reader.subscribes_all());
         let nothing = key(&["*"], &[]);
         assert_eq!(

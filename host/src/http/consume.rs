@@ -1,5 +1,6 @@
 //! The HTTP pull consumer (receive, ack, nack) and group operations (status, offsets, dead letters).
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use axum::Json;
@@ -7,17 +8,71 @@ use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::json;
+use tokio::sync::{Semaphore, SemaphorePermit};
 
 use super::error::{ApiError, ApiJson, ApiPath, ApiQuery, ApiResult};
 use super::messages::{MessageJson, ReceivedJson};
 use super::{Caller, ClientAddr, Shared};
 use crate::broker::consume::{InstanceSpec, Outcome, Subscription};
+use crate::broker::query::original_topic;
 use crate::error::WharfError;
 
 /// Most messages one receive may ask for.
 pub const MAX_RECEIVE: usize = 256;
 /// Messages a receive returns when `max` is absent.
 pub const DEFAULT_RECEIVE: usize = 16;
+
+/// The cap on receives waiting at once (`[http] max_long_polls`). A parked long poll holds
+/// little memory, but each holds a connection and a consumer instance's attention; past the cap
+/// a new one is refused at once with SYSTEM_BUSY instead of piling up.
+#[derive(Debug)]
+pub struct LongPolls {
+    slots: Semaphore,
+    max: usize,
+    refused: AtomicU64,
+}
+
+impl LongPolls {
+    /// Room for `max` waiting receives.
+    pub fn new(max: usize) -> LongPolls {
+        LongPolls {
+            slots: Semaphore::new(max),
+            max,
+            refused: AtomicU64::new(0),
+        }
+    }
+
+    /// A place for one long poll, held until it answers; SYSTEM_BUSY when all are taken.
+    fn enter(&self) -> Result<SemaphorePermit<'_>, WharfError> {
+        self.slots.try_acquire().map_err(|_| {
+            self.refused.fetch_add(1, Ordering::Relaxed);
+            WharfError::busy(format!(
+                "{} receives are already waiting for messages on this host ([http] \
+                 max_long_polls = {}); retry after a moment, poll with wait_ms = 0, or raise \
+                 the limit",
+                self.max, self.max
+            ))
+        })
+    }
+
+    /// Appends the gauges in Prometheus text format.
+    pub fn render(&self, out: &mut String) {
+        crate::metrics::gauge(
+            out,
+            "wharf_http_long_polls",
+            "gauge",
+            "Receives waiting for messages (wait_ms > 0) now.",
+            (self.max - self.slots.available_permits()) as u64,
+        );
+        crate::metrics::gauge(
+            out,
+            "wharf_http_long_polls_refused_total",
+            "counter",
+            "Long polls refused with SYSTEM_BUSY because [http] max_long_polls were waiting.",
+            self.refused.load(Ordering::Relaxed),
+        );
+    }
+}
 
 /// Body of `POST /v1/groups/{group}/receive`.
 #[derive(Debug, Deserialize)]
@@ -104,6 +159,12 @@ pub async fn receive(
         ))
         .into());
     }
+    // Taken before any work, so a refused poll changes nothing; held until the answer.
+    let _slot = if wait_ms > 0 {
+        Some(st.long_polls.enter()?)
+    } else {
+        None
+    };
     let address = addr.map(|a| a.to_string()).unwrap_or_else(|| "http".into());
     // One instance per client host by default: connections come and go under keep-alive, and a
     // new instance per connection would rebalance queues on every reconnect.
@@ -285,14 +346,18 @@ pub async fn dead_letters(
 
 /// `POST /v1/groups/{group}/dead-letters/{message_id}/resend`: `message_id` is the id the
 /// producer got; the message is delivered again to this group only. Needs the rights to read
-/// the group and to publish for it.
+/// the group and to publish to the message's topic: a re-send puts that topic's message in
+/// front of the group again, as a send would.
 pub async fn resend_dead_letter(
     State(st): State<Shared>,
     Caller(who): Caller,
     ApiPath((group, message_id)): ApiPath<(String, String)>,
 ) -> ApiResult<Response> {
     who.check_subscribe("group", &group)?;
-    who.check_resend(&group)?;
+    if !who.publishes_all() {
+        let message = st.broker.find_message(&message_id).await?;
+        who.check_resend(&group, &original_topic(&message))?;
+    }
     let receipt = st.broker.resend_dead_letter(&group, &message_id).await?;
     Ok(Json(receipt).into_response())
 }

@@ -48,6 +48,18 @@ impl ApiError {
         }
     }
 
+    /// 408: the body did not arrive within `[http] body_read_timeout_ms`.
+    pub fn body_timeout(timeout: std::time::Duration) -> ApiError {
+        ApiError {
+            error: WharfError::bad_request(format!(
+                "the request body did not arrive within {} ms of its headers; send the whole \
+                 body at once, or raise [http] body_read_timeout_ms for slow links",
+                timeout.as_millis()
+            )),
+            status: Some(StatusCode::REQUEST_TIMEOUT),
+        }
+    }
+
     /// 404 for a path no route serves.
     pub fn no_route(method: &str, path: &str) -> ApiError {
         WharfError::not_found(format!(
@@ -81,19 +93,19 @@ impl IntoResponse for ApiError {
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/json"),
         );
-        if self.error.code == ErrorCode::SystemBusy && status == StatusCode::SERVICE_UNAVAILABLE {
-            // Overload clears in moments (the store drains its queue every fsync): tell
-            // clients when to come back instead of letting them hammer a full queue.
-            resp.headers_mut().insert(
-                header::RETRY_AFTER,
-                HeaderValue::from_static(RETRY_AFTER_BUSY_SECS),
-            );
-        }
-        if status == StatusCode::PAYLOAD_TOO_LARGE {
+        if status == StatusCode::PAYLOAD_TOO_LARGE || status == StatusCode::REQUEST_TIMEOUT {
             // The rest of the body is never read, so the connection cannot carry another
             // request: say so, or a keep-alive client sends its next request into a closed socket.
             resp.headers_mut()
                 .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
+        if self.error.code == ErrorCode::SystemBusy {
+            // Overload clears in moments (the store drains its queue every fsync, a long poll
+            // ends within its wait): tell clients when to come back instead of hammering.
+            resp.headers_mut().insert(
+                header::RETRY_AFTER,
+                HeaderValue::from_static(RETRY_AFTER_BUSY_SECS),
+            );
         }
         resp
     }
@@ -105,12 +117,38 @@ pub const RETRY_AFTER_BUSY_SECS: &str = "1";
 /// Handler result.
 pub type ApiResult<T> = Result<T, ApiError>;
 
-/// Maximum body size for JSON API requests, kept in request extensions by the router.
+/// How much body a request may send and by when, kept in request extensions by the router.
 #[derive(Debug, Clone, Copy)]
-pub struct BodyLimit(pub usize);
+pub struct BodyLimit {
+    /// Largest body in bytes (`[http] max_body_bytes`, or `max_upload_bytes` for deploys).
+    pub max_bytes: usize,
+    /// `[http] body_read_timeout_ms`, counted from the end of the request's headers.
+    pub timeout: std::time::Duration,
+    /// When the body must be in.
+    pub deadline: tokio::time::Instant,
+}
 
-/// Reads the whole body up to `limit` bytes; 413 beyond it.
-pub async fn read_body(req: Request, limit: usize) -> ApiResult<Bytes> {
+impl BodyLimit {
+    /// A limit of `max_bytes` whose `timeout` starts now.
+    pub fn starting_now(max_bytes: usize, timeout: std::time::Duration) -> BodyLimit {
+        BodyLimit {
+            max_bytes,
+            timeout,
+            deadline: tokio::time::Instant::now() + timeout,
+        }
+    }
+}
+
+/// Reads the whole body up to `limit.max_bytes` bytes (413 beyond it) by `limit.deadline`
+/// (408 past it).
+pub async fn read_body(req: Request, limit: &BodyLimit) -> ApiResult<Bytes> {
+    match tokio::time::timeout_at(limit.deadline, read_capped(req, limit.max_bytes)).await {
+        Ok(r) => r,
+        Err(_) => Err(ApiError::body_timeout(limit.timeout)),
+    }
+}
+
+async fn read_capped(req: Request, limit: usize) -> ApiResult<Bytes> {
     if let Some(len) = req
         .headers()
         .get(header::CONTENT_LENGTH)
@@ -141,12 +179,17 @@ impl<S: Send + Sync> FromRequest<S> for RawBody {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, _state: &S) -> Result<Self, Self::Rejection> {
-        let limit = req
-            .extensions()
-            .get::<BodyLimit>()
-            .map(|l| l.0)
-            .unwrap_or(crate::config::HttpConfig::default().max_body_bytes);
-        Ok(RawBody(read_body(req, limit).await?))
+        let limit = match req.extensions().get::<BodyLimit>() {
+            Some(l) => *l,
+            None => {
+                let d = crate::config::HttpConfig::default();
+                BodyLimit::starting_now(
+                    d.max_body_bytes,
+                    std::time::Duration::from_millis(d.body_read_timeout_ms),
+                )
+            }
+        };
+        Ok(RawBody(read_body(req, &limit).await?))
     }
 }
 
@@ -222,11 +265,39 @@ mod tests {
         let req = Request::builder()
             .body(axum::body::Body::from(vec![b'x'; 100]))
             .unwrap();
-        let e = read_body(req, 10).await.unwrap_err();
+        let limit = BodyLimit::starting_now(10, std::time::Duration::from_secs(60));
+        let e = read_body(req, &limit).await.unwrap_err();
         assert_eq!(e.status(), StatusCode::PAYLOAD_TOO_LARGE);
         let req = Request::builder()
             .body(axum::body::Body::from(vec![b'x'; 10]))
             .unwrap();
-        assert_eq!(read_body(req, 10).await.unwrap().len(), 10);
+        assert_eq!(read_body(req, &limit).await.unwrap().len(), 10);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_body_that_never_ends_is_408_at_the_deadline() {
+        // A body stream that never yields: the client sent headers and stopped.
+        let stalled = axum::body::Body::from_stream(futures_util::stream::pending::<
+            Result<Bytes, std::io::Error>,
+        >());
+        let req = Request::builder().body(stalled).unwrap();
+        let limit = BodyLimit::starting_now(1024, std::time::Duration::from_millis(500));
+        // Paused time: the timer fires when the runtime has nothing else to do, no real wait.
+        let e = read_body(req, &limit).await.unwrap_err();
+        assert_eq!(e.status(), StatusCode::REQUEST_TIMEOUT);
+        assert!(
+            e.error.message.contains("body_read_timeout_ms"),
+            "{}",
+            e.error.message
+        );
+        let resp = e.into_response();
+        assert_eq!(resp.headers()[header::CONNECTION], "close");
+    }
+
+    #[test]
+    fn system_busy_says_when_to_retry() {
+        let resp = ApiError::from(WharfError::busy("full")).into_response();
+        assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(resp.headers()[header::RETRY_AFTER], "1");
     }
 }

@@ -15,15 +15,21 @@
 //! - Ack/nack settle every receipt; if any fails, the answer is the first failure's error plus
 //!   `"settled"` and `"failed":[{"receipt","error"}]`.
 //! - Auth: `GET /healthz` is always open, `/metrics` when `[auth] metrics_open`. A key's
-//!   `allow_publish` lists topics it may send to, and groups whose dead letters it may re-send;
+//!   `allow_publish` lists topics it may send to, directly, through a plugin's HTTP trigger
+//!   (`/t/...`, the route's topic) or by re-sending a dead letter (the message's topic);
 //!   `allow_subscribe` lists topics *and* groups it may read (receive needs both the group and
 //!   the topic, ack/nack/status/offsets/dead letters the group, queries the topic: a message
 //!   by id in a topic the key may not read is a 404, like a missing one); `"*"` allows all;
-//!   `admin` (default true) allows managing topics, groups and plugins. Plugin HTTP triggers
-//!   (`/t/...`) need a valid signature only. When a `Content-MD5` header is sent it must match
-//!   the body, which makes the body part of the signature. Failed authentication is 401
-//!   NO_PERMISSION (16); missing rights are 403, and a key that may read no topic gets 403 for
-//!   a message by id before any lookup.
+//!   `admin` (default false) allows managing topics, groups and plugins. A signed request with
+//!   a body must carry `Content-MD5` matching it, which makes the body part of the signature.
+//!   Failed authentication is 401 NO_PERMISSION (16); missing rights are 403, and a key that
+//!   may read no topic gets 403 for a message by id before any lookup.
+//! - Limits (`[http]`): headers must arrive within `header_read_timeout_ms` (the connection is
+//!   closed; this is also the keep-alive idle timeout and bounds the TLS handshake), a body
+//!   within `body_read_timeout_ms` of its headers (408), at most `max_long_polls` receives wait
+//!   at once (503 SYSTEM_BUSY with `Retry-After: 1`), `wait_ms` at most `max_wait_ms` (400).
+//! - HTTPS: with `tls_cert` and `tls_key` the listener speaks TLS only (rustls, ALPN
+//!   `http/1.1`), loaded by [`crate::net::tls`] like the MQTT TLS listeners.
 
 pub mod auth;
 pub mod body;
@@ -31,6 +37,7 @@ pub mod error;
 pub mod messages;
 
 mod consume;
+pub use consume::LongPolls;
 mod mqtt;
 mod ops;
 mod plugins;
@@ -42,7 +49,7 @@ mod tests;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::extract::{FromRequestParts, Request, State};
@@ -53,6 +60,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
+use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
@@ -81,6 +89,8 @@ pub struct AppState {
     pub shutdown: CancellationToken,
     /// The MQTT gateway, when one of its listeners is on (inspection, metrics).
     pub mqtt: Option<crate::mqtt::Gateway>,
+    /// Receives waiting at once (`[http] max_long_polls`).
+    pub long_polls: LongPolls,
 }
 
 /// Shared handler state.
@@ -156,30 +166,54 @@ impl<S: Send + Sync> FromRequestParts<S> for ClientAddr {
     }
 }
 
-/// Serves the HTTP API on connections of the shared listener loop ([`crate::net`]).
+/// Serves the HTTP API on connections of the shared listener loop ([`crate::net`]), over plain
+/// TCP or, with `[http] tls_cert` / `tls_key`, over TLS only.
 pub struct HttpHandler {
     router: Router,
     http1: hyper::server::conn::http1::Builder,
+    tls: Option<TlsAcceptor>,
+    /// `[http] header_read_timeout_ms`; also bounds the TLS handshake.
+    header_timeout: Duration,
+}
+
+/// The HTTPS acceptor for `[http]`, or `None` when it serves plain HTTP. It offers ALPN
+/// `http/1.1` only: the API speaks HTTP/1.1.
+pub fn tls_acceptor(config: &HttpConfig) -> anyhow::Result<Option<TlsAcceptor>> {
+    if !config.tls() {
+        return Ok(None);
+    }
+    let mut tls = crate::net::tls::server_config(
+        std::path::Path::new(&config.tls_cert),
+        std::path::Path::new(&config.tls_key),
+    )?;
+    tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Some(TlsAcceptor::from(Arc::new(tls))))
 }
 
 impl HttpHandler {
-    /// A handler serving [`router`] over HTTP/1.1 with keep-alive.
-    pub fn new(state: Shared) -> HttpHandler {
-        // hyper's defaults: keep-alive on, no header-read timer (as `axum::serve` had it).
+    /// A handler serving [`router`] over HTTP/1.1 with keep-alive; `tls` from [`tls_acceptor`].
+    pub fn new(state: Shared, tls: Option<TlsAcceptor>) -> HttpHandler {
+        let header_timeout = Duration::from_millis(state.config.header_read_timeout_ms);
+        let mut http1 = hyper::server::conn::http1::Builder::new();
+        // The header timer also runs while a keep-alive connection waits for its next request,
+        // so it doubles as the idle timeout; a client trickling headers cannot hold a
+        // connection (and a place under max_connections) for ever.
+        http1
+            .timer(hyper_util::rt::TokioTimer::new())
+            .header_read_timeout(header_timeout);
         HttpHandler {
             router: router(state),
-            http1: hyper::server::conn::http1::Builder::new(),
+            http1,
+            tls,
+            header_timeout,
         }
     }
-}
 
-impl Handler for HttpHandler {
-    async fn serve(&self, conn: Connection) {
-        let Connection {
-            stream,
-            peer,
-            shutdown,
-        } = conn;
+    /// Serves one connection's requests until it closes or the host stops.
+    async fn serve_io<I>(&self, io: I, peer: SocketAddr, shutdown: CancellationToken)
+    where
+        I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    {
         let router = self.router.clone();
         let service = hyper::service::service_fn(move |mut req: Request<Incoming>| {
             // What `into_make_service_with_connect_info` did: `ClientAddr` reads it.
@@ -187,7 +221,7 @@ impl Handler for HttpHandler {
                 .insert(axum::extract::ConnectInfo(peer));
             tower_service::Service::call(&mut router.clone(), req)
         });
-        let conn = self.http1.serve_connection(TokioIo::new(stream), service);
+        let conn = self.http1.serve_connection(io, service);
         let mut conn = std::pin::pin!(conn);
         let stopping = shutdown.cancelled();
         let mut stopping = std::pin::pin!(stopping);
@@ -205,6 +239,37 @@ impl Handler for HttpHandler {
         if let Err(e) = result {
             tracing::debug!(error = %e, "HTTP connection ended with an error");
         }
+    }
+}
+
+impl Handler for HttpHandler {
+    async fn serve(&self, conn: Connection) {
+        let Connection {
+            stream,
+            peer,
+            shutdown,
+        } = conn;
+        let Some(tls) = &self.tls else {
+            return self.serve_io(TokioIo::new(stream), peer, shutdown).await;
+        };
+        let handshake = tokio::time::timeout(self.header_timeout, tls.accept(stream));
+        let stream = tokio::select! {
+            r = handshake => match r {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => {
+                    // Most often a plain-HTTP client on the HTTPS port, or a client that does
+                    // not trust the certificate; it sees its own error.
+                    tracing::debug!(error = %e, "TLS handshake failed");
+                    return;
+                }
+                Err(_) => {
+                    tracing::debug!("TLS handshake timed out ([http] header_read_timeout_ms)");
+                    return;
+                }
+            },
+            () = shutdown.cancelled() => return,
+        };
+        self.serve_io(TokioIo::new(stream), peer, shutdown).await
     }
 }
 
@@ -296,18 +361,23 @@ async fn front(State(st): State<Shared>, mut req: Request, next: Next) -> Respon
         access_key = tracing::field::Empty,
     );
     async move {
-        let resp = match authenticate(&st, &mut req).await {
+        let max_bytes = if req.uri().path() == "/v1/plugins" {
+            st.config.max_upload_bytes
+        } else {
+            st.config.max_body_bytes
+        };
+        // The body's deadline starts once the headers are in, which is now.
+        let body = BodyLimit::starting_now(
+            max_bytes,
+            Duration::from_millis(st.config.body_read_timeout_ms),
+        );
+        let resp = match authenticate(&st, &mut req, &body).await {
             Ok(principal) => {
                 if let Some(ak) = &principal.access_key {
                     tracing::Span::current().record("access_key", ak.as_str());
                 }
                 req.extensions_mut().insert(principal);
-                let limit = if req.uri().path() == "/v1/plugins" {
-                    st.config.max_upload_bytes
-                } else {
-                    st.config.max_body_bytes
-                };
-                req.extensions_mut().insert(BodyLimit(limit));
+                req.extensions_mut().insert(body);
                 match CatchPanic(Box::pin(next.run(req))).await {
                     Ok(resp) => resp,
                     Err(what) => {
@@ -334,8 +404,16 @@ async fn front(State(st): State<Shared>, mut req: Request, next: Next) -> Respon
     .await
 }
 
-/// Checks the signature (and `Content-MD5` against the body when given).
-async fn authenticate(st: &AppState, req: &mut Request) -> Result<Arc<Principal>, ApiError> {
+/// The `Content-MD5` header (`Base64(MD5(body))`), lower-case as hyper keeps names.
+const CONTENT_MD5: header::HeaderName = header::HeaderName::from_static("content-md5");
+
+/// Checks the signature and, for a signed request with a body, that `Content-MD5` is there and
+/// matches the body: the signature covers Content-MD5, so this makes the body signed too.
+async fn authenticate(
+    st: &AppState,
+    req: &mut Request,
+    body: &BodyLimit,
+) -> Result<Arc<Principal>, ApiError> {
     if st.auth.is_open() || is_open_path(req.uri().path(), st.auth.metrics_open) {
         return Ok(st.auth.anonymous());
     }
@@ -350,29 +428,43 @@ async fn authenticate(st: &AppState, req: &mut Request) -> Result<Arc<Principal>
         path_and_query,
         authorization: header_str(h, &header::AUTHORIZATION),
         date: header_str(h, &header::DATE),
-        content_md5: header_str(h, &header::HeaderName::from_static("content-md5")),
+        content_md5: header_str(h, &CONTENT_MD5),
         content_type: header_str(h, &header::CONTENT_TYPE),
     })?;
-    // The signature covers Content-MD5; checking it against the body makes the body signed too.
-    if let Some(md5) = header_str(
-        req.headers(),
-        &header::HeaderName::from_static("content-md5"),
-    ) {
-        let md5 = md5.trim().to_string();
-        let limit = st.config.max_upload_bytes.max(st.config.max_body_bytes);
-        let taken = std::mem::replace(req, Request::new(axum::body::Body::empty()));
-        let (parts, body) = taken.into_parts();
-        let bytes = read_body(Request::from_parts(parts.clone(), body), limit).await?;
-        if auth::content_md5(&bytes) != md5 {
+    let md5 = header_str(req.headers(), &CONTENT_MD5).map(|v| v.trim().to_string());
+    // No body at all (no Content-Length or Content-Length: 0, not chunked): nothing to sign.
+    if md5.is_none() && hyper::body::Body::is_end_stream(req.body()) {
+        return Ok(principal);
+    }
+    // The body is read here, under the same size cap and deadline the handler would use.
+    let taken = std::mem::replace(req, Request::new(axum::body::Body::empty()));
+    let (parts, stream) = taken.into_parts();
+    let bytes = read_body(Request::from_parts(parts.clone(), stream), body).await?;
+    match md5 {
+        None if bytes.is_empty() => {}
+        None => {
             return Err(WharfError::new(
                 crate::error::ErrorCode::NoPermission,
                 crate::error::ErrorKind::Unauthenticated,
-                "Content-MD5 does not match the body; send Base64(MD5(body)) of the exact bytes",
+                "a signed request with a body must carry a `Content-MD5` header: Base64 of the MD5 \
+             digest of the exact body bytes (for the body `{}` it is `Content-MD5: \
+             mZFLkyvTelC5g8XnyQrpOw==`), and the same value as the second line of the \
+             StringToSign, so the signature covers the body",
             )
             .into());
         }
-        *req = Request::from_parts(parts, axum::body::Body::from(bytes));
+        Some(md5) if auth::content_md5(&bytes) != md5 => {
+            return Err(WharfError::new(
+                crate::error::ErrorCode::NoPermission,
+                crate::error::ErrorKind::Unauthenticated,
+                "Content-MD5 does not match the body; send Base64(MD5(body)) of the exact bytes, \
+             and sign that same value",
+            )
+            .into());
+        }
+        Some(_) => {}
     }
+    *req = Request::from_parts(parts, axum::body::Body::from(bytes));
     Ok(principal)
 }
 

@@ -103,6 +103,7 @@ pub async fn metrics(State(st): State<Shared>) -> Response {
         st.broker.list_groups().len() as u64,
     );
     st.metrics.render(&mut out);
+    st.long_polls.render(&mut out);
     st.plugins.render_metrics(&mut out);
     let mut resp = out.into_response();
     resp.headers_mut().insert(

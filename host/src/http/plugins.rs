@@ -102,8 +102,13 @@ pub async fn remove(
     Ok(Json(st.plugins.remove(&name).await?).into_response())
 }
 
-/// `POST /t/<path>`: a plugin's HTTP trigger turns the request into a message.
-pub async fn trigger(State(st): State<Shared>, req: Request) -> ApiResult<Response> {
+/// `POST /t/<path>`: a plugin's HTTP trigger turns the request into a message. A signed caller
+/// needs `allow_publish` for the route's topic, as a send to it would.
+pub async fn trigger(
+    State(st): State<Shared>,
+    Caller(who): Caller,
+    req: Request,
+) -> ApiResult<Response> {
     let path = req
         .uri()
         .path()
@@ -116,7 +121,7 @@ pub async fn trigger(State(st): State<Shared>, req: Request) -> ApiResult<Respon
         .filter_map(|(k, v)| Some((k.as_str().to_string(), v.to_str().ok()?.to_string())))
         .collect();
     let RawBody(body) = RawBody::from_request(req, &()).await?;
-    match st.plugins.trigger(&path, &headers, body).await {
+    match st.plugins.trigger(&path, &headers, body, &who).await {
         Some(result) => Ok(Json(result?).into_response()),
         None => Err(WharfError::not_found(format!(
             "no plugin HTTP trigger is deployed at {path}; declare one with [[http]] path = \"{path}\" in a plugin manifest"

@@ -57,12 +57,13 @@ async fn start(auth: AuthConfig) -> Host {
         metrics: HttpMetrics::default(),
         shutdown: shutdown.token(),
         mqtt: None,
+        long_polls: super::LongPolls::new(HttpConfig::default().max_long_polls),
     });
     let listener = crate::net::Listener::bind("http", "127.0.0.1:0", 64)
         .await
         .unwrap();
     let addr = listener.local_addr();
-    shutdown.serve(listener, HttpHandler::new(state));
+    shutdown.serve(listener, HttpHandler::new(state, None));
     Host {
         base: format!("http://{addr}"),
         _dir: dir,

@@ -236,7 +236,7 @@ impl Gateway {
             None
         } else {
             Some(
-                transport::tls_acceptor(Path::new(&c.tls_cert), Path::new(&c.tls_key))
+                crate::net::tls::tls_acceptor(Path::new(&c.tls_cert), Path::new(&c.tls_key))
                     .context("[mqtt] tls_cert / tls_key")?,
             )
         };

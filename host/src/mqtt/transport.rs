@@ -4,17 +4,11 @@
 
 use std::future::Future;
 use std::io;
-use std::path::Path;
-use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
-use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
-use tokio_rustls::TlsAcceptor;
-use tokio_rustls::rustls::ServerConfig;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
@@ -178,30 +172,4 @@ pub async fn accept_ws<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
         .map_err(io::Error::other)?;
     let (w, r) = ws.split();
     Ok((WsReader(r), WsWriter(w)))
-}
-
-/// A TLS acceptor from PEM certificate chain and key files.
-pub fn tls_acceptor(cert: &Path, key: &Path) -> anyhow::Result<TlsAcceptor> {
-    use anyhow::Context as _;
-    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
-        .with_context(|| format!("reading TLS certificate {}", cert.display()))?
-        .collect::<Result<_, _>>()
-        .with_context(|| format!("parsing TLS certificate {} (PEM)", cert.display()))?;
-    if certs.is_empty() {
-        anyhow::bail!("{} holds no PEM certificate", cert.display());
-    }
-    let key = PrivateKeyDer::from_pem_file(key).with_context(|| {
-        format!(
-            "reading TLS private key {} (PEM: PKCS#8, PKCS#1 or SEC1)",
-            key.display()
-        )
-    })?;
-    let provider = Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
-    let config = ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .context("TLS protocol versions")?
-        .with_no_client_auth()
-        .with_single_cert(certs, key)
-        .context("the TLS certificate and key do not go together")?;
-    Ok(TlsAcceptor::from(Arc::new(config)))
 }

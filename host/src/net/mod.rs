@@ -1,4 +1,5 @@
-//! One listener and shutdown shape for every front end (HTTP now; MQTT and remoting next).
+//! One listener and shutdown shape for every front end (HTTP, MQTT, remoting), and the TLS
+//! setup they share ([`tls`]).
 //!
 //! A front end supplies only its per-connection function (a [`Handler`]); [`Listener`] owns the
 //! accept loop and [`Shutdown`] owns the stop. The shape follows mini-redis's server:
@@ -19,6 +20,7 @@
 
 #[cfg(test)]
 mod tests;
+pub mod tls;
 
 use std::future::Future;
 use std::io;

@@ -354,6 +354,7 @@ async fn http_triggers_send_and_conflicting_routes_are_refused() {
             "/hooks/orders",
             &headers,
             Bytes::from_static(b"{\"order\":42}"),
+            &crate::http::auth::Principal::open(),
         )
         .await
         .unwrap()
@@ -367,7 +368,12 @@ async fn http_triggers_send_and_conflicting_routes_are_refused() {
     );
     assert!(
         env.host
-            .trigger("/hooks/none", &[], Bytes::new())
+            .trigger(
+                "/hooks/none",
+                &[],
+                Bytes::new(),
+                &crate::http::auth::Principal::open()
+            )
             .await
             .is_none()
     );

@@ -605,13 +605,18 @@ impl PluginHost {
 
     /// Handles `POST /t/<path>`: `None` when no route matches, else the send result.
     /// `headers` are all request headers (lower-case names); the route picks which become properties.
+    /// The caller needs the right to publish to the route's topic, as for any send.
     pub async fn trigger(
         &self,
         path: &str,
         headers: &[(String, String)],
         body: Bytes,
+        who: &crate::http::auth::Principal,
     ) -> Option<Result<SendReceipt>> {
         let (topic, message) = self.routes.message(path, headers, body)?;
+        if let Err(e) = who.check_publish(&topic) {
+            return Some(Err(e));
+        }
         let sent = self.broker.send(&topic, vec![message]).await;
         Some(sent.and_then(|mut r| {
             r.pop()

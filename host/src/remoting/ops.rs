@@ -917,14 +917,25 @@ async fn view_message(
     req: &Command,
 ) -> Reply {
     let position: u64 = required_number(req, "offset")?;
-    let Some(m) = state.broker.message_at(position).await? else {
-        return Err(Fail::new(
+    // As over HTTP: a key that may read nothing is refused before the lookup, and a message in
+    // a topic the key may not read is answered like a missing one, so nothing leaks.
+    who.check_subscribe_any("query messages")?;
+    let missing = || {
+        Fail::new(
             codes::SYSTEM_ERROR,
-            format!("no message at offset {position}: it may be past retention"),
-        ));
+            format!(
+                "no message at offset {position}: it may be past retention (or it is in a topic \
+                 this access key may not read)"
+            ),
+        )
+    };
+    let Some(m) = state.broker.message_at(position).await? else {
+        return Err(missing());
     };
     let (topic, _) = crate::broker::consume::retry::origin(&m);
-    who.check_subscribe("topic", &topic)?;
+    if !who.may_subscribe(&topic) {
+        return Err(missing());
+    }
     let mut body = Vec::new();
     encode_stored(&m, ctx.store_host, &mut body)
         .map_err(|e| Fail::new(codes::SYSTEM_ERROR, e.to_string()))?;
