@@ -67,7 +67,7 @@ fn write_manifest(s: &Server, dir: &str, text: &str) -> PathBuf {
 }
 
 /// A manifest for the `probe` test component (tag `commit` = read body, commit).
-fn probe_manifest(s: &Server, name: &str, version: &str, extra: &str) -> PathBuf {
+pub(crate) fn probe_manifest(s: &Server, name: &str, version: &str, extra: &str) -> PathBuf {
     let text = format!(
         r#"name = "{name}"
 version = "{version}"
