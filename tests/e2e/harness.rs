@@ -699,7 +699,10 @@ impl Api {
                 req = req.header("Content-MD5", md5);
             }
         }
-        let resp = req.body(body).send().map_err(|e| format!("{method} {path}: {e}"))?;
+        let resp = req
+            .body(body)
+            .send()
+            .map_err(|e| format!("{method} {path}: {e}"))?;
         let status = resp.status().as_u16();
         let content_type = resp
             .headers()

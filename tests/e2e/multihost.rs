@@ -48,7 +48,9 @@ fn route_addrs(s: &Server) -> Vec<String> {
 }
 
 fn remoting(s: &Server) -> String {
-    s.listener("remoting").expect("remoting listener").to_string()
+    s.listener("remoting")
+        .expect("remoting listener")
+        .to_string()
 }
 
 /// Receives and acks on `api` until `stop`, adding every body to `seen`.
@@ -158,15 +160,19 @@ fn three_hosts_share_topics_and_lose_nothing_when_one_is_killed() {
             })
         })
         .collect();
-    wait_for("host 2 to acknowledge some sends", Duration::from_secs(30), || {
-        let n = acked
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|b| b.starts_with("h2-"))
-            .count();
-        (n >= 50).then_some(())
-    });
+    wait_for(
+        "host 2 to acknowledge some sends",
+        Duration::from_secs(30),
+        || {
+            let n = acked
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|b| b.starts_with("h2-"))
+                .count();
+            (n >= 50).then_some(())
+        },
+    );
     let killed = Instant::now();
     hosts[2].kill9();
     for s in senders {
@@ -189,9 +195,11 @@ fn three_hosts_share_topics_and_lose_nothing_when_one_is_killed() {
     let moved_in = killed.elapsed();
     // The killed host drops out of the routes once its membership row expires.
     let survivors: BTreeSet<String> = hosts[..2].iter().map(remoting).collect();
-    wait_for("routes without the killed host", Duration::from_secs(20), || {
-        (route_addrs(&hosts[1]).into_iter().collect::<BTreeSet<_>>() == survivors).then_some(())
-    });
+    wait_for(
+        "routes without the killed host",
+        Duration::from_secs(20),
+        || (route_addrs(&hosts[1]).into_iter().collect::<BTreeSet<_>>() == survivors).then_some(()),
+    );
     stop.store(true, Ordering::Relaxed);
     for c in consumers {
         let _ = c.join();
@@ -265,9 +273,17 @@ fn a_plugin_deployed_on_one_host_runs_on_every_host() {
             .expect(200);
         }
     }
+    // Each host's plugin commits the messages of the queues it holds; together, all 60.
     wait_for("every message committed", Duration::from_secs(60), || {
-        let g = hosts[0].get("/v1/groups/GID_spread/status").expect(200);
-        (g["backlog"] == 0).then_some(())
+        let commits: u64 = hosts
+            .iter()
+            .map(|h| {
+                h.get("/v1/plugins/spread").expect(200)["counters"]["commits"]
+                    .as_u64()
+                    .unwrap_or(0)
+            })
+            .sum();
+        (commits >= 60).then_some(())
     });
     hosts[0]
         .wharf(&["plugin", "remove", "spread", "--json"])

@@ -49,7 +49,9 @@ fn decode_bundle(plugin: &str, version: u64, raw: &[u8]) -> Result<(String, Vec<
     let rest = raw
         .strip_prefix(BUNDLE_MAGIC.as_slice())
         .ok_or_else(|| damaged("unknown format"))?;
-    let (len, rest) = rest.split_at_checked(4).ok_or_else(|| damaged("truncated"))?;
+    let (len, rest) = rest
+        .split_at_checked(4)
+        .ok_or_else(|| damaged("truncated"))?;
     let len = u32::from_be_bytes([len[0], len[1], len[2], len[3]]) as usize;
     let (manifest, component) = rest
         .split_at_checked(len)
@@ -319,12 +321,18 @@ mod tests {
             .unwrap();
         let wasm = vec![0u8, 97, 115, 109, 255, 0];
         assert_eq!(
-            broker.store_plugin_version("alpha", 1, "name = \"alpha\"", &wasm).await.unwrap(),
+            broker
+                .store_plugin_version("alpha", 1, "name = \"alpha\"", &wasm)
+                .await
+                .unwrap(),
             1
         );
         // A second deploy expecting v1 (another host's, or one racing it) gets the next number.
         assert_eq!(
-            broker.store_plugin_version("alpha", 1, "second", b"x").await.unwrap(),
+            broker
+                .store_plugin_version("alpha", 1, "second", b"x")
+                .await
+                .unwrap(),
             2
         );
         assert_eq!(
@@ -341,7 +349,10 @@ mod tests {
             .await
             .unwrap();
         let e = broker.plugin_version("alpha", 3).await.unwrap_err();
-        assert!(e.message.contains("v3 of plugin 'alpha' is unreadable"), "{e}");
+        assert!(
+            e.message.contains("v3 of plugin 'alpha' is unreadable"),
+            "{e}"
+        );
         broker.delete_plugin_versions("alpha").await.unwrap();
         assert_eq!(broker.plugin_version("alpha", 1).await.unwrap(), None);
     }
@@ -358,15 +369,29 @@ mod tests {
         let broker = Broker::open(BrokerConfig::default(), store, clock)
             .await
             .unwrap();
-        broker.save_deployment_if(&record("alpha", 1), None).await.unwrap();
+        broker
+            .save_deployment_if(&record("alpha", 1), None)
+            .await
+            .unwrap();
         let e = broker
             .save_deployment_if(&record("alpha", 2), None)
             .await
             .unwrap_err();
         assert_eq!(e.kind, crate::error::ErrorKind::Conflict);
         let (_, v) = broker.deployment("alpha").await.unwrap().unwrap();
-        broker.save_deployment_if(&record("alpha", 2), Some(v)).await.unwrap();
-        assert!(broker.save_deployment_if(&record("alpha", 3), Some(v)).await.is_err());
-        assert_eq!(broker.deployment("alpha").await.unwrap().unwrap().0, record("alpha", 2));
+        broker
+            .save_deployment_if(&record("alpha", 2), Some(v))
+            .await
+            .unwrap();
+        assert!(
+            broker
+                .save_deployment_if(&record("alpha", 3), Some(v))
+                .await
+                .is_err()
+        );
+        assert_eq!(
+            broker.deployment("alpha").await.unwrap().unwrap().0,
+            record("alpha", 2)
+        );
     }
 }

@@ -382,7 +382,10 @@ impl Broker {
             self.forget_group(g);
         }
         if changed {
-            debug!(stale_groups = stale.len(), "topics and groups reloaded from the store");
+            debug!(
+                stale_groups = stale.len(),
+                "topics and groups reloaded from the store"
+            );
         }
         Ok(())
     }

@@ -221,7 +221,9 @@ impl PluginHost {
                     .await
             };
             match started.await {
-                Ok(()) => info!(plugin = %name, version, "plugin version deployed on another host now runs here"),
+                Ok(()) => {
+                    info!(plugin = %name, version, "plugin version deployed on another host now runs here")
+                }
                 Err(e) => {
                     error!(plugin = %name, version, error = %e, "cannot run the version another host deployed")
                 }

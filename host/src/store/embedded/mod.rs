@@ -614,9 +614,10 @@ impl Store for EmbeddedStore {
     ) -> Result<PutOutcome> {
         let sh = self.sh.clone();
         let (ns, key) = (namespace.to_string(), key.to_string());
-        let out = tokio::task::spawn_blocking(move || meta_apply(&sh, &ns, &key, Some(value), cond))
-            .await
-            .map_err(|e| WharfError::internal(format!("metadata task failed: {e}")))??;
+        let out =
+            tokio::task::spawn_blocking(move || meta_apply(&sh, &ns, &key, Some(value), cond))
+                .await
+                .map_err(|e| WharfError::internal(format!("metadata task failed: {e}")))??;
         if matches!(out, PutOutcome::Written { .. }) {
             self.meta_watches.bump(namespace);
         }

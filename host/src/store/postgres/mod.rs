@@ -59,8 +59,9 @@ use tracing::{info, warn};
 
 pub use self::secret::{Redactor, redacted_url};
 use super::{
-    CommittedOffset, FlushMode, MetaWatches, Lease, LeaseKey, MemberKind, MemberRow, MetaEntry, PutCondition,
-    PutOutcome, QueueBounds, QueueRead, RetentionReport, Store, StoreConfig, StoreStats, TimePage,
+    CommittedOffset, FlushMode, Lease, LeaseKey, MemberKind, MemberRow, MetaEntry, MetaWatches,
+    PutCondition, PutOutcome, QueueBounds, QueueRead, RetentionReport, Store, StoreConfig,
+    StoreStats, TimePage,
 };
 use crate::clock::SharedClock;
 use crate::error::{Result, WharfError};

@@ -201,7 +201,11 @@ async fn metadata_changes_reach_the_other_host() {
     let wait = moved(&mut topics);
     a.meta_put("topics", "T2", b"x".to_vec()).await.unwrap();
     wait.await;
-    assert_eq!(*other.borrow(), before, "another namespace's feed stays put");
+    assert_eq!(
+        *other.borrow(),
+        before,
+        "another namespace's feed stays put"
+    );
     a.close().await.unwrap();
     b.close().await.unwrap();
 }
