@@ -3,11 +3,14 @@
 //! Shutdown order on SIGINT/SIGTERM: stop accepting connections and let in-flight requests finish
 //! (long polls return at once; bounded by `[http] shutdown_grace_ms`, see [`crate::net`]), stop
 //! plugins (they hand back in-flight messages), then shut the broker down, which flushes the store.
+//! While it runs, the host keeps a membership row in the store that other hosts sharing it
+//! read (remoting routes list every live host).
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::broker::Broker;
@@ -200,6 +203,19 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             }
         }
     }
+    let remoting_addr = bound
+        .iter()
+        .find(|(name, _)| *name == "remoting")
+        .map(|(_, a)| match config.remoting.advertised_addr.as_str() {
+            "" => {
+                if a.ip().is_unspecified() {
+                    warn!(listen = %a, "[remoting] listens on every interface but advertised_addr is empty:                         routes other hosts give name an address clients cannot reach; set [remoting] advertised_addr");
+                }
+                a.to_string()
+            }
+            advertised => advertised.to_string(),
+        });
+    let membership = Membership::start(broker.clone(), remoting_addr);
     {
         // Machine-readable, for scripts and tests that start the host on port 0.
         use std::io::Write as _;
@@ -228,11 +244,53 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         g.stop().await;
         info!("MQTT sessions stored; router stopped");
     }
+    membership.stop().await;
     plugins.shutdown().await;
     info!("plugins stopped");
     broker.shutdown().await.context("flushing the store")?;
     info!("broker stopped; store flushed; bye");
     Ok(())
+}
+
+/// This host's membership row among the hosts sharing the store (remoting routes list every
+/// live host from these rows): renewed like a queue lease, so a killed host drops out of the
+/// routes when its row expires, and removed at a clean shutdown.
+struct Membership {
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+    broker: BrokerApi,
+}
+
+impl Membership {
+    fn start(broker: BrokerApi, remoting: Option<String>) -> Membership {
+        use crate::broker::consume::leases::{LEASE_RENEW_MS, LEASE_TTL_MS};
+        let stop = CancellationToken::new();
+        let task = tokio::spawn({
+            let (broker, stop) = (broker.clone(), stop.clone());
+            async move {
+                let mut tick = tokio::time::interval(Duration::from_millis(LEASE_RENEW_MS));
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    tokio::select! {
+                        _ = stop.cancelled() => return,
+                        _ = tick.tick() => {}
+                    }
+                    if let Err(e) = broker.host_heartbeat(remoting.clone(), LEASE_TTL_MS).await {
+                        warn!(error = %e, "cannot renew this host's membership row; will retry");
+                    }
+                }
+            }
+        });
+        Membership { stop, task, broker }
+    }
+
+    async fn stop(self) {
+        self.stop.cancel();
+        let _ = self.task.await;
+        if let Err(e) = self.broker.host_leave().await {
+            warn!(error = %e, "cannot remove this host's membership row; it expires by itself");
+        }
+    }
 }
 
 /// Resolves on SIGINT or SIGTERM.

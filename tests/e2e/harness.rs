@@ -658,6 +658,24 @@ impl Api {
         content_type: Option<&str>,
         body: Vec<u8>,
     ) -> Resp {
+        self.try_request(method, path, content_type, body)
+            .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// `POST path` with a JSON body; `Err` when the host does not answer at all (killed).
+    pub fn try_post_json(&self, path: &str, body: &Value) -> Result<Resp, String> {
+        let bytes = serde_json::to_vec(body).expect("encode JSON");
+        self.try_request("POST", path, Some("application/json"), bytes)
+    }
+
+    /// [`Api::request`] that returns `Err` instead of panicking when no answer comes.
+    pub fn try_request(
+        &self,
+        method: &str,
+        path: &str,
+        content_type: Option<&str>,
+        body: Vec<u8>,
+    ) -> Result<Resp, String> {
         let m = reqwest::Method::from_bytes(method.as_bytes()).expect("method");
         let mut req = self.http.request(m, format!("{}{path}", self.base));
         if let Some(ct) = content_type {
@@ -689,7 +707,7 @@ impl Api {
         let resp = req
             .body(body)
             .send()
-            .unwrap_or_else(|e| panic!("{method} {path}: {e}"));
+            .map_err(|e| format!("{method} {path}: {e}"))?;
         let status = resp.status().as_u16();
         let content_type = resp
             .headers()
@@ -698,12 +716,12 @@ impl Api {
             .map(str::to_string);
         let text = resp.text().unwrap_or_default();
         let body = serde_json::from_str(&text).unwrap_or(Value::Null);
-        Resp {
+        Ok(Resp {
             status,
             body,
             text,
             content_type,
-        }
+        })
     }
 }
 

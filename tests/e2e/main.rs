@@ -12,6 +12,7 @@ mod harness;
 mod listener;
 mod mqtt;
 mod mqtt_clients;
+mod multihost;
 mod plugin_runtime;
 mod plugins;
 mod postgres;

@@ -489,7 +489,7 @@ admin = true
 }
 
 /// Sends one JSON-header request on a fresh connection; returns the reply header and body.
-fn raw_call(s: &Server, code: i32, ext: Value, body: &[u8]) -> (Value, Vec<u8>) {
+pub(crate) fn raw_call(s: &Server, code: i32, ext: Value, body: &[u8]) -> (Value, Vec<u8>) {
     let mut t = TcpStream::connect(name_srv(s)).unwrap();
     t.set_read_timeout(Some(STEP)).unwrap();
     let header = json!({"code": code, "language": "JAVA", "version": 399, "opaque": 77,

@@ -25,6 +25,7 @@ pub use super::send::{MQTT_LOCAL_QUEUES, MQTT_LOCAL_TOPIC, SendReceipt};
 pub use super::specs::{
     ConsumeModel, Group, GroupKind, GroupPatch, GroupSpec, Topic, TopicSpec, TopicType,
 };
+pub use super::resources::HostInfo;
 pub use super::specs::{OutgoingMessage, QueueChoice};
 pub use super::{Broker, BrokerConfig};
 pub use crate::store::{Lease, LeaseKey, MemberKind, QueueBounds, StoreStats, TimePage};
@@ -416,6 +417,69 @@ impl BrokerApi {
     /// Forgets a plugin's deployment record.
     pub async fn delete_deployment(&self, name: &str) -> Result<()> {
         self.broker.delete_deployment(name).await
+    }
+    /// One plugin's record and its store version (for [`BrokerApi::save_deployment_if`]).
+    pub async fn deployment(&self, name: &str) -> Result<Option<(PluginRecord, u64)>> {
+        self.broker.deployment(name).await
+    }
+    /// Stores a record only if it is still at store version `expected` (`None`: absent); 409 else.
+    pub async fn save_deployment_if(
+        &self,
+        record: &PluginRecord,
+        expected: Option<u64>,
+    ) -> Result<()> {
+        self.broker.save_deployment_if(record, expected).await
+    }
+    /// Stores a version's manifest and component under the first free number from `from`.
+    pub async fn store_plugin_version(
+        &self,
+        name: &str,
+        from: u64,
+        manifest: &str,
+        component: &[u8],
+    ) -> Result<u64> {
+        self.broker
+            .store_plugin_version(name, from, manifest, component)
+            .await
+    }
+    /// A stored version's manifest and component, if the store has it.
+    pub async fn plugin_version(
+        &self,
+        name: &str,
+        version: u64,
+    ) -> Result<Option<(String, Vec<u8>)>> {
+        self.broker.plugin_version(name, version).await
+    }
+    /// Deletes one stored version's bytes.
+    pub async fn delete_plugin_version(&self, name: &str, version: u64) -> Result<()> {
+        self.broker.delete_plugin_version(name, version).await
+    }
+    /// Deletes every stored version's bytes of a plugin.
+    pub async fn delete_plugin_versions(&self, name: &str) -> Result<()> {
+        self.broker.delete_plugin_versions(name).await
+    }
+    /// Moves when any host deploys, rolls back or removes a plugin.
+    pub fn watch_deployments(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.broker.watch_deployments()
+    }
+    /// Reloads topics and groups from the store now (before acting on another host's change).
+    pub async fn refresh_registry(&self) -> Result<()> {
+        self.broker.reload_registry().await
+    }
+
+    // ---- hosts sharing the store
+
+    /// Renews this host's membership row for `ttl_ms`, with its remoting address.
+    pub async fn host_heartbeat(&self, remoting: Option<String>, ttl_ms: u64) -> Result<()> {
+        self.broker.host_heartbeat(remoting, ttl_ms).await
+    }
+    /// Every live host sharing the store, by host id.
+    pub async fn live_hosts(&self) -> Result<Vec<HostInfo>> {
+        self.broker.live_hosts().await
+    }
+    /// Removes this host's membership row (clean shutdown).
+    pub async fn host_leave(&self) -> Result<()> {
+        self.broker.host_leave().await
     }
 
     // ---- host operations

@@ -48,6 +48,8 @@ impl Broker {
         store: Arc<dyn Store>,
         clock: SharedClock,
     ) -> Result<Arc<Broker>> {
+        // Watch before loading, so a change another host makes meanwhile is not missed.
+        let watches = resources::RegistryWatches::new(store.as_ref());
         let registry = resources::Registry::load(store.as_ref()).await?;
         info!(
             topics = registry.topics.len(),
@@ -65,6 +67,7 @@ impl Broker {
             host_id: host_identity(),
         });
         consume::Engine::start(&broker);
+        resources::spawn_sync(&broker, watches);
         Ok(broker)
     }
 

@@ -1,9 +1,13 @@
-//! Topics and groups: validation, the in-memory registry, persistence in store metadata.
+//! Topics and groups: validation, the in-memory registry, persistence in store metadata, and
+//! the registry's reload when another host sharing the store changes them.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
 
-use serde::Serialize;
-use tracing::info;
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+use tracing::{debug, info, warn};
 
 use super::Broker;
 use super::consume::broadcast_offsets_key;
@@ -13,7 +17,7 @@ use super::specs::{
 };
 use crate::error::{Result, WharfError};
 use crate::model::validate_name;
-use crate::store::Store;
+use crate::store::{PutCondition, PutOutcome, Store};
 
 const TOPICS: &str = "topics";
 const GROUPS: &str = "groups";
@@ -48,6 +52,54 @@ impl Registry {
         }
         Ok(reg)
     }
+}
+
+/// Change feeds of the topic and group namespaces, taken before the registry's first load so
+/// a change made by another host in between is not missed.
+pub(super) struct RegistryWatches {
+    topics: watch::Receiver<u64>,
+    groups: watch::Receiver<u64>,
+}
+
+impl RegistryWatches {
+    /// Subscribes to both namespaces.
+    pub(super) fn new(store: &dyn Store) -> RegistryWatches {
+        RegistryWatches {
+            topics: store.watch_meta(TOPICS),
+            groups: store.watch_meta(GROUPS),
+        }
+    }
+}
+
+/// Pause before trying a failed reload again (the store is unreachable).
+const RELOAD_RETRY: Duration = Duration::from_millis(500);
+
+/// Reloads the registry whenever the store reports that topics or groups changed, so what
+/// another host sharing the store created, updated or deleted is in force here within
+/// [`crate::store::META_WATCH_MS`] plus one reload.
+pub(super) fn spawn_sync(broker: &Arc<Broker>, mut w: RegistryWatches) {
+    let weak = Arc::downgrade(broker);
+    broker.engine().spawn(move |mut stop| async move {
+        loop {
+            tokio::select! {
+                _ = stop.wait_for(|s| *s) => return,
+                r = w.topics.changed() => if r.is_err() { return },
+                r = w.groups.changed() => if r.is_err() { return },
+            }
+            loop {
+                let Some(b) = weak.upgrade() else { return };
+                match b.reload_registry().await {
+                    Ok(()) => break,
+                    Err(e) => warn!(error = %e, "cannot reload topics and groups; will retry"),
+                }
+                drop(b);
+                tokio::select! {
+                    _ = stop.wait_for(|s| *s) => return,
+                    _ = tokio::time::sleep(RELOAD_RETRY) => {}
+                }
+            }
+        }
+    });
 }
 
 fn to_json<T: Serialize>(v: &T) -> Result<Vec<u8>> {
@@ -113,6 +165,24 @@ impl Broker {
         if !must_be_new && !exists {
             return Err(T::missing(value.name()));
         }
+        if must_be_new {
+            // Another host sharing the store may have created it since the registry last
+            // reloaded: the store decides, create-if-absent.
+            let raw = to_json(&value)?;
+            let outcome = self
+                .store
+                .meta_put_if(T::NAMESPACE, value.name(), raw, PutCondition::Absent)
+                .await?;
+            if let PutOutcome::Conflict { .. } = outcome {
+                return Err(WharfError::conflict(format!(
+                    "{} '{}' already exists (created on another host)",
+                    T::WHAT,
+                    value.name()
+                )));
+            }
+            T::map(&mut self.registry.write()).insert(value.name().to_string(), value.clone());
+            return Ok(value);
+        }
         self.write_resource(value).await
     }
 
@@ -123,6 +193,38 @@ impl Broker {
             .await?;
         T::map(&mut self.registry.write()).insert(value.name().to_string(), value.clone());
         Ok(value)
+    }
+
+    /// Replaces the registry with what the store holds now. A group that is gone, or was
+    /// deleted and created anew (another creation time), also loses this host's consumption
+    /// state, as a local delete does.
+    pub(in crate::broker) async fn reload_registry(&self) -> Result<()> {
+        let _writes = self.registry_writes.lock().await;
+        let fresh = Registry::load(self.store.as_ref()).await?;
+        let stale: Vec<String> = {
+            let reg = self.registry.read();
+            reg.groups
+                .values()
+                .filter(|g| fresh.groups.get(&g.name).map(|f| f.created_ms) != Some(g.created_ms))
+                .map(|g| g.name.clone())
+                .collect()
+        };
+        let changed = {
+            let mut reg = self.registry.write();
+            let changed = reg.topics != fresh.topics || reg.groups != fresh.groups;
+            *reg = fresh;
+            changed
+        };
+        for g in &stale {
+            self.forget_group(g);
+        }
+        if changed {
+            debug!(
+                stale_groups = stale.len(),
+                "topics and groups reloaded from the store"
+            );
+        }
+        Ok(())
     }
 
     /// Creates a topic; 409 if it exists.
@@ -307,6 +409,60 @@ impl Broker {
                 .await?;
         }
         Ok(())
+    }
+}
+
+/// Reserved member group of the rows hosts sharing a store keep about themselves (no real
+/// group name can hold `%`).
+const HOSTS_GROUP: &str = "%HOSTS%";
+
+/// What a live host tells the others about itself (its membership row).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostInfo {
+    /// The host's identity for this boot ([`Broker::host_id`]).
+    pub host_id: String,
+    /// Address RocketMQ clients reach its remoting listener at, when it has one.
+    pub remoting: Option<String>,
+}
+
+impl Broker {
+    /// Renews this host's membership row for `ttl_ms` (a host that stops renewing drops out).
+    pub(in crate::broker) async fn host_heartbeat(
+        &self,
+        remoting: Option<String>,
+        ttl_ms: u64,
+    ) -> Result<()> {
+        let info = HostInfo {
+            host_id: self.host_id.clone(),
+            remoting,
+        };
+        self.store
+            .member_heartbeat(
+                HOSTS_GROUP,
+                &self.host_id,
+                crate::store::MemberKind::SelfBalancing,
+                to_json(&info)?,
+                ttl_ms,
+            )
+            .await
+            .map(|_| ())
+    }
+
+    /// Every live host sharing the store (this one included once it heartbeats), by host id.
+    pub(in crate::broker) async fn live_hosts(&self) -> Result<Vec<HostInfo>> {
+        let rows = self.store.member_list(HOSTS_GROUP).await?;
+        Ok(rows
+            .into_iter()
+            .filter_map(|r| serde_json::from_slice::<HostInfo>(&r.data).ok())
+            .collect())
+    }
+
+    /// Removes this host's membership row (clean shutdown), so routes stop naming it at once.
+    pub(in crate::broker) async fn host_leave(&self) -> Result<()> {
+        self.store
+            .member_remove(HOSTS_GROUP, &self.host_id)
+            .await
+            .map(|_| ())
     }
 }
 

@@ -1,10 +1,14 @@
 //! Plugin runtime: manifests, the wasmtime host, the deploy registry, HTTP triggers.
 //!
 //! A deploy parses and validates the manifest, compiles the component (or loads the cached
-//! artifact), makes sure the consumer group exists with the manifest's settings, writes the
-//! version to disk and metadata, then swaps versions: the old workers settle what they hold and
-//! unregister before the new ones register, so no message runs in two versions at once and
-//! nothing is lost (un-settled messages go back to the group).
+//! artifact), makes sure the consumer group exists with the manifest's settings, stores the
+//! version's bytes and the record through the broker, then swaps versions: the old workers
+//! settle what they hold and unregister before the new ones register, so no message runs in
+//! two versions at once and nothing is lost (un-settled messages go back to the group).
+//!
+//! Hosts sharing a store follow each other: a deploy, rollback or removal made on one host
+//! moves the store's change feed of plugin records, and every other host applies it
+//! ([`PluginHost::sync`]) from the bytes in the store, within a second or so.
 
 mod config;
 pub mod manifest;
@@ -20,7 +24,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use crate::broker::api::BrokerApi;
@@ -71,6 +77,8 @@ pub fn read_bundle(manifest_path: &Path) -> Result<(String, Bytes)> {
 /// One deployed plugin: its durable record and what runs now.
 struct Slot {
     record: PluginRecord,
+    /// The running version's manifest text.
+    text: String,
     manifest: Manifest,
     loaded: Option<Loaded>,
     workers: Option<Workers>,
@@ -83,8 +91,11 @@ struct Slot {
 pub struct PluginHost {
     broker: BrokerApi,
     runtime: Arc<Runtime>,
+    /// Where hosts before version bytes moved into the store kept them (read-only fallback).
     files: VersionFiles,
     handle: tokio::runtime::Handle,
+    /// Ends the task following other hosts' plugin changes.
+    stop: CancellationToken,
     /// Deploy, rollback, remove and shutdown happen one at a time.
     ops: tokio::sync::Mutex<()>,
     slots: parking_lot::Mutex<BTreeMap<String, Slot>>,
@@ -105,11 +116,14 @@ impl PluginHost {
         let runtime = tokio::task::spawn_blocking(move || Runtime::new(cache))
             .await
             .map_err(|e| WharfError::internal(format!("plugin runtime start panicked: {e}")))??;
+        // Watch before restoring, so a deploy another host makes meanwhile is not missed.
+        let changes = broker.watch_deployments();
         let host = Arc::new(PluginHost {
             broker,
             runtime: Arc::new(runtime),
             files: VersionFiles::new(&data_dir),
             handle: tokio::runtime::Handle::current(),
+            stop: CancellationToken::new(),
             ops: tokio::sync::Mutex::new(()),
             slots: parking_lot::Mutex::new(BTreeMap::new()),
             routes: Routes::default(),
@@ -118,7 +132,90 @@ impl PluginHost {
         });
         host.restore().await?;
         host.deploy_dir(&config.dir).await;
+        spawn_sync(&host, changes);
         Ok(host)
+    }
+
+    /// A version's manifest text and component: from the store, else from the data dir, where
+    /// hosts kept them before the bytes moved into the store.
+    async fn read_version(&self, name: &str, version: u64) -> Result<(String, Vec<u8>)> {
+        if let Some(found) = self.broker.plugin_version(name, version).await? {
+            return Ok(found);
+        }
+        self.files.read(name, version).map_err(|e| {
+            WharfError::unavailable(format!(
+                "version v{version} of plugin '{name}' is not in the store ({}); deploy it again",
+                e.message
+            ))
+        })
+    }
+
+    /// Applies what other hosts changed: runs the version each stored record names (from the
+    /// bytes in the store) and stops plugins whose record is gone. Records equal to what runs
+    /// here (this host's own changes) are left alone.
+    async fn sync(&self) -> Result<()> {
+        let _ops = self.ops.lock().await;
+        if self.stop.is_cancelled() {
+            return Ok(());
+        }
+        let stored: BTreeMap<String, PluginRecord> = self
+            .broker
+            .deployments()
+            .await?
+            .into_iter()
+            .map(|r| (r.name.clone(), r))
+            .collect();
+        let gone: Vec<String> = self
+            .slots
+            .lock()
+            .keys()
+            .filter(|n| !stored.contains_key(*n))
+            .cloned()
+            .collect();
+        for name in gone {
+            let Some(slot) = self.slots.lock().remove(&name) else {
+                continue;
+            };
+            self.routes.remove(&name);
+            if let Some(w) = slot.workers {
+                w.stop().await;
+            }
+            info!(plugin = %name, "plugin removed on another host; stopped here");
+        }
+        // The group a new version needs may have been created a moment ago on that host.
+        self.broker.refresh_registry().await?;
+        for (name, record) in stored {
+            let local = self.slots.lock().get(&name).map(|s| s.record.clone());
+            match local {
+                Some(r) if r == record => continue,
+                Some(r) if r.current == record.current => {
+                    // Same version runs; only the history or version list moved on.
+                    if let Some(slot) = self.slots.lock().get_mut(&name) {
+                        slot.record = record;
+                    }
+                    continue;
+                }
+                _ => {}
+            }
+            let version = record.current;
+            let started = async {
+                let (text, component) = self.read_version(&name, version).await?;
+                let manifest = Manifest::parse("plugin.toml", &text)?;
+                let loaded = self.load_component(component.into()).await?;
+                let previous = self.slots.lock().get(&name).map(|s| s.record.clone());
+                self.switch(manifest, text, loaded, record, previous, false)
+                    .await
+            };
+            match started.await {
+                Ok(()) => {
+                    info!(plugin = %name, version, "plugin version deployed on another host now runs here")
+                }
+                Err(e) => {
+                    error!(plugin = %name, version, error = %e, "cannot run the version another host deployed")
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Restarts the running version of every plugin in the registry (from cached artifacts).
@@ -135,11 +232,11 @@ impl PluginHost {
                     (None, None, None, Some(e.to_string()))
                 }
             };
-            let manifest = match manifest {
+            let (text, manifest) = match manifest {
                 Some(m) => m,
-                None => match self.files.read(&name, record.current) {
+                None => match self.read_version(&name, record.current).await {
                     Ok((text, _)) => match Manifest::parse("plugin.toml", &text) {
-                        Ok(m) => m,
+                        Ok(m) => (text, m),
                         Err(_) => continue,
                     },
                     Err(_) => continue,
@@ -152,6 +249,7 @@ impl PluginHost {
                 name,
                 Slot {
                     record,
+                    text,
                     manifest,
                     loaded,
                     workers,
@@ -167,8 +265,8 @@ impl PluginHost {
         &self,
         record: &PluginRecord,
         stats: &Arc<PluginStats>,
-    ) -> Result<(Manifest, Loaded, Workers)> {
-        let (text, component) = self.files.read(&record.name, record.current)?;
+    ) -> Result<((String, Manifest), Loaded, Workers)> {
+        let (text, component) = self.read_version(&record.name, record.current).await?;
         let manifest = Manifest::parse("plugin.toml", &text)?;
         let loaded = self.load_component(component.into()).await?;
         self.ensure_group(&manifest).await?;
@@ -177,7 +275,7 @@ impl PluginHost {
             .await?;
         info!(plugin = %record.name, version = record.current, cache_hit = loaded.cache_hit,
             load_ms = loaded.took.as_secs_f64() * 1e3, "plugin restarted");
-        Ok((manifest, loaded, workers))
+        Ok(((text, manifest), loaded, workers))
     }
 
     /// Deploys every `<dir>/*/plugin.toml` whose content is not already the running version.
@@ -230,12 +328,7 @@ impl PluginHost {
             .record
             .current_version()
             .is_some_and(|v| v.sha256 == sha);
-        same_component
-            && slot.workers.is_some()
-            && self
-                .files
-                .read(&m.name, slot.record.current)
-                .is_ok_and(|(t, _)| t == text)
+        same_component && slot.workers.is_some() && slot.text == text
     }
 
     /// Deploys a new version from manifest text and component bytes.
@@ -252,9 +345,24 @@ impl PluginHost {
         self.check_instantiates(&manifest, &loaded).await?;
         self.ensure_group(&manifest).await?;
         let name = manifest.name.clone();
-        let previous = self.slots.lock().get(&name).map(|s| s.record.clone());
-        let version = previous.as_ref().map_or(1, |r| r.next_version());
-        self.files.write(&name, version, text, &component)?;
+        // The store's record is the truth when hosts share it; this host's may lag by a sync.
+        let (previous, expected) = match self.broker.deployment(&name).await? {
+            Some((r, v)) => (Some(r), Some(v)),
+            None => (None, None),
+        };
+        let local_next = self
+            .slots
+            .lock()
+            .get(&name)
+            .map_or(1, |s| s.record.next_version());
+        let from = previous
+            .as_ref()
+            .map_or(1, |r| r.next_version())
+            .max(local_next);
+        let version = self
+            .broker
+            .store_plugin_version(&name, from, text, &component)
+            .await?;
         let mut record = previous.clone().unwrap_or(PluginRecord {
             name: name.clone(),
             current: version,
@@ -271,7 +379,19 @@ impl PluginHost {
             sha256: loaded.hash.clone(),
             deployed_ms: self.broker.clock().now_ms(),
         });
-        self.switch(manifest, loaded, record, previous).await?;
+        let saved = self.broker.save_deployment_if(&record, expected).await;
+        let switched = match saved {
+            Ok(()) => {
+                self.switch(manifest, text.to_string(), loaded, record, previous, true)
+                    .await
+            }
+            Err(e) => Err(e),
+        };
+        if let Err(e) = switched {
+            // The version never ran: its bytes go (the record no longer names it).
+            let _ = self.broker.delete_plugin_version(&name, version).await;
+            return Err(e);
+        }
         info!(plugin = %name, version, "plugin deployed");
         self.result(&name, "running")
     }
@@ -279,11 +399,10 @@ impl PluginHost {
     /// Returns to the previous version.
     pub async fn rollback(&self, name: &str) -> Result<DeployResult> {
         let _ops = self.ops.lock().await;
-        let previous = self
-            .slots
-            .lock()
-            .get(name)
-            .map(|s| s.record.clone())
+        let (previous, expected) = self
+            .broker
+            .deployment(name)
+            .await?
             .ok_or_else(|| not_deployed(name))?;
         let Some(&target) = previous.history.last() else {
             return Err(WharfError::bad_request(format!(
@@ -291,7 +410,7 @@ impl PluginHost {
                 previous.current
             )));
         };
-        let (text, component) = self.files.read(name, target)?;
+        let (text, component) = self.read_version(name, target).await?;
         let manifest = Manifest::parse("plugin.toml", &text)?;
         self.check_conflicts(&manifest)?;
         let loaded = self.load_component(component.into()).await?;
@@ -299,22 +418,28 @@ impl PluginHost {
         let mut record = previous.clone();
         record.history.pop();
         record.current = target;
-        self.switch(manifest, loaded, record, Some(previous))
+        self.broker
+            .save_deployment_if(&record, Some(expected))
+            .await?;
+        self.switch(manifest, text, loaded, record, Some(previous), true)
             .await?;
         info!(plugin = %name, version = target, "plugin rolled back");
         self.result(name, "running")
     }
 
-    /// Stops the running version and starts `manifest`'s; on failure the old version runs again.
+    /// Stops the running version and starts `manifest`'s (whose record the caller stored); on
+    /// failure the old version runs again, and with `persist` its record is stored again (a
+    /// change made here; a change another host made is that host's to undo).
     async fn switch(
         &self,
         manifest: Manifest,
+        text: String,
         loaded: Loaded,
         record: PluginRecord,
         previous: Option<PluginRecord>,
+        persist: bool,
     ) -> Result<()> {
         let name = manifest.name.clone();
-        self.broker.save_deployment(&record).await?;
         let (old_workers, old_state, stats) = {
             let mut slots = self.slots.lock();
             match slots.get_mut(&name) {
@@ -339,6 +464,7 @@ impl PluginHost {
                     name,
                     Slot {
                         record,
+                        text,
                         manifest,
                         loaded: Some(loaded),
                         workers: Some(workers),
@@ -352,7 +478,9 @@ impl PluginHost {
                 warn!(plugin = %name, error = %e, "new version did not start; restoring the previous one");
                 match previous {
                     Some(prev) => {
-                        let _ = self.broker.save_deployment(&prev).await;
+                        if persist {
+                            let _ = self.broker.save_deployment(&prev).await;
+                        }
                         if let Some((old_manifest, Some(old_loaded))) = old_state {
                             let restarted = self
                                 .start_workers(&old_manifest, prev.current, &old_loaded, stats)
@@ -365,10 +493,12 @@ impl PluginHost {
                             }
                         }
                     }
-                    None => {
+                    None if persist => {
                         let _ = self.broker.delete_deployment(&name).await;
+                        let _ = self.broker.delete_plugin_versions(&name).await;
                         let _ = self.files.remove_all(&name);
                     }
+                    None => {}
                 }
                 Err(e)
             }
@@ -378,25 +508,31 @@ impl PluginHost {
     /// Stops and removes a plugin.
     pub async fn remove(&self, name: &str) -> Result<DeployResult> {
         let _ops = self.ops.lock().await;
-        let slot = self
-            .slots
-            .lock()
-            .remove(name)
-            .ok_or_else(|| not_deployed(name))?;
-        self.routes.remove(name);
-        if let Some(w) = slot.workers {
-            w.stop().await;
-        }
+        let stored = self.broker.deployment(name).await?.map(|(r, _)| r);
+        let slot = self.slots.lock().remove(name);
+        let record = match (slot, stored) {
+            (Some(slot), _) => {
+                self.routes.remove(name);
+                if let Some(w) = slot.workers {
+                    w.stop().await;
+                }
+                slot.record
+            }
+            (None, Some(record)) => record,
+            (None, None) => return Err(not_deployed(name)),
+        };
         self.broker.delete_deployment(name).await?;
+        if let Err(e) = self.broker.delete_plugin_versions(name).await {
+            warn!(plugin = %name, error = %e, "stored versions of the removed plugin left behind");
+        }
         if let Err(e) = self.files.remove_all(name) {
             warn!(plugin = %name, error = %e, "plugin files left behind");
         }
-        info!(plugin = %name, version = slot.record.current, "plugin removed");
+        info!(plugin = %name, version = record.current, "plugin removed");
         Ok(DeployResult {
             name: name.to_string(),
-            version: slot.record.current,
-            manifest_version: slot
-                .record
+            version: record.current,
+            manifest_version: record
                 .current_version()
                 .map(|v| v.manifest_version.clone())
                 .unwrap_or_default(),
@@ -473,8 +609,13 @@ impl PluginHost {
                 };
                 match self.broker.create_group(spec).await {
                     Ok(_) => Ok(()),
-                    // Created meanwhile by someone else: fine, retry as an update.
+                    // Created meanwhile by someone else (perhaps another host, so this
+                    // host's registry may not list it yet): fine, retry as an update.
                     Err(e) if e.kind == crate::error::ErrorKind::Conflict => {
+                        self.broker.refresh_registry().await?;
+                        if self.broker.group(&c.group).is_err() {
+                            return Err(e);
+                        }
                         Box::pin(self.ensure_group(m)).await
                     }
                     Err(e) => Err(e),
@@ -670,6 +811,7 @@ impl PluginHost {
 
     /// Stops every plugin, handing in-flight messages back (graceful shutdown).
     pub async fn shutdown(&self) {
+        self.stop.cancel();
         let _ops = self.ops.lock().await;
         let running: Vec<(String, Workers)> = self
             .slots
@@ -690,6 +832,33 @@ impl PluginHost {
             }
         }
     }
+}
+
+/// Pause before a failed sync tries again (the store is unreachable).
+const SYNC_RETRY: Duration = Duration::from_millis(500);
+
+/// Follows the store's plugin records until shutdown (see [`PluginHost::sync`]).
+fn spawn_sync(host: &Arc<PluginHost>, mut changes: watch::Receiver<u64>) {
+    let weak = Arc::downgrade(host);
+    let stop = host.stop.clone();
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                r = changes.changed() => if r.is_err() { return },
+            }
+            let Some(host) = weak.upgrade() else { return };
+            if let Err(e) = host.sync().await {
+                warn!(error = %e, "cannot apply plugin changes from the store; will retry");
+                changes.mark_changed();
+                drop(host);
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(SYNC_RETRY) => {}
+                }
+            }
+        }
+    });
 }
 
 /// Writes one Prometheus metric family with a sample per plugin.

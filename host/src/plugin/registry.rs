@@ -1,8 +1,10 @@
 //! Deploy history: which versions exist and which one runs, kept durably.
 //!
-//! A version's manifest and component bytes live under `<data_dir>/plugins/<name>/v<N>/`; the
-//! record of versions and the running one is kept by the broker (`Broker::save_deployment`),
-//! written only after the files, so a restart finds everything the record names.
+//! A version's manifest and component bytes, and the record of versions and the running one,
+//! are kept by the broker in the store (`Broker::store_plugin_version`, written before the
+//! record, so every host finds everything the record names). Hosts before that kept the bytes
+//! under `<data_dir>/plugins/<name>/v<N>/`; [`VersionFiles`] still reads them, so such a data
+//! dir keeps its plugins, and removing a plugin deletes them.
 
 use std::path::{Path, PathBuf};
 
@@ -13,7 +15,7 @@ pub use crate::broker::deployments::{PluginRecord, VersionRecord};
 const MANIFEST_FILE: &str = "plugin.toml";
 const COMPONENT_FILE: &str = "component.wasm";
 
-/// Files of deployed versions under the data dir.
+/// Files of versions deployed by hosts that kept them in the data dir (read and removed only).
 pub struct VersionFiles {
     root: PathBuf,
 }
@@ -32,26 +34,6 @@ impl VersionFiles {
 
     fn dir(&self, name: &str, version: u64) -> PathBuf {
         self.root.join(name).join(format!("v{version}"))
-    }
-
-    /// Writes a version's manifest and component (durable on return).
-    pub fn write(&self, name: &str, version: u64, manifest: &str, component: &[u8]) -> Result<()> {
-        let dir = self.dir(name, version);
-        std::fs::create_dir_all(&dir).map_err(|e| io_error("create", &dir, e))?;
-        for (file, bytes) in [
-            (MANIFEST_FILE, manifest.as_bytes()),
-            (COMPONENT_FILE, component),
-        ] {
-            let path = dir.join(file);
-            let tmp = dir.join(format!("{file}.tmp"));
-            let written = std::fs::File::create(&tmp).and_then(|mut f| {
-                std::io::Write::write_all(&mut f, bytes)?;
-                f.sync_all()
-            });
-            written.map_err(|e| io_error("write", &tmp, e))?;
-            std::fs::rename(&tmp, &path).map_err(|e| io_error("rename", &path, e))?;
-        }
-        Ok(())
     }
 
     /// Reads a version's manifest text and component bytes.

@@ -32,7 +32,7 @@ use crate::error::{ErrorCode, ErrorKind, WharfError};
 use crate::http::auth::Principal;
 use crate::model::{StoredMessage, WireInfo};
 
-/// Broker name routes give (one broker: this host).
+/// Broker name routes give (one broker: the hosts sharing the store, this one as master).
 pub const BROKER_NAME: &str = "wharf";
 /// Cluster name routes give.
 pub const CLUSTER_NAME: &str = "wharf";
@@ -100,7 +100,7 @@ pub async fn handle(state: &Arc<RemotingState>, ctx: &ConnCtx, req: Command) -> 
 
 async fn dispatch(state: &RemotingState, ctx: &ConnCtx, who: &Principal, req: &Command) -> Reply {
     match req.code {
-        codes::GET_ROUTEINFO_BY_TOPIC => route(state, ctx, req),
+        codes::GET_ROUTEINFO_BY_TOPIC => route(state, ctx, req).await,
         codes::SEND_MESSAGE | codes::SEND_MESSAGE_V2 => send(state, ctx, who, req, false).await,
         codes::SEND_BATCH_MESSAGE => send(state, ctx, who, req, true).await,
         codes::HEART_BEAT => heartbeat(state, ctx, who, req).await,
@@ -226,7 +226,35 @@ fn check_read(who: &Principal, group: &str, topic: &str) -> Result<(), Fail> {
 
 // ---- name server
 
-fn route(state: &RemotingState, ctx: &ConnCtx, req: &Command) -> Reply {
+/// The broker addresses a route names: this host as the master (id 0, the address the
+/// client reached), then every other live host sharing the store, by host id. All hosts serve
+/// every queue of the one shared store, so a client whose host dies reaches the same queues
+/// through another (RocketMQ clients fail over to a listed address and to their other name
+/// servers, which are the other hosts).
+async fn broker_addrs(
+    state: &RemotingState,
+    ctx: &ConnCtx,
+) -> serde_json::Map<String, serde_json::Value> {
+    let mut addrs = serde_json::Map::new();
+    addrs.insert("0".into(), json!(ctx.store_host.to_string()));
+    let me = state.broker.host_id().to_string();
+    match state.broker.live_hosts().await {
+        Ok(hosts) => {
+            let others = hosts
+                .into_iter()
+                .filter(|h| h.host_id != me)
+                .filter_map(|h| h.remoting);
+            for (i, addr) in others.enumerate() {
+                addrs.insert((i + 1).to_string(), json!(addr));
+            }
+        }
+        // The route still names this host, which answers; the others come back next time.
+        Err(e) => debug!(error = %e, "cannot list the other hosts for a route"),
+    }
+    addrs
+}
+
+async fn route(state: &RemotingState, ctx: &ConnCtx, req: &Command) -> Reply {
     let topic = required(req, "topic")?;
     let queues = if topic.starts_with("%RETRY%") || topic.starts_with("%DLQ%") {
         // A retry topic routes before its group exists: clients ask for it before their first
@@ -259,7 +287,7 @@ fn route(state: &RemotingState, ctx: &ConnCtx, req: &Command) -> Reply {
         "brokerDatas": [{
             "cluster": CLUSTER_NAME,
             "brokerName": BROKER_NAME,
-            "brokerAddrs": {"0": ctx.store_host.to_string()},
+            "brokerAddrs": broker_addrs(state, ctx).await,
             "enableActingMaster": false,
         }],
         "filterServerTable": {},

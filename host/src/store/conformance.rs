@@ -62,6 +62,7 @@ macro_rules! conformance_suite {
             members_heartbeat_list_remove_and_expire,
             leases_acquire_renew_release_and_expire,
             watch_queue_wakes_only_its_queue,
+            watch_meta_moves_on_every_change_of_its_namespace,
             stats_writable_and_close,
             retention_removes_only_old_messages,
             restart_keeps_messages_metadata_offsets_and_timers,
@@ -935,6 +936,24 @@ pub async fn watch_queue_wakes_only_its_queue(make: Factory) {
         .unwrap();
     assert_eq!(*other.borrow(), 2, "one wake-up carries the whole batch");
     assert!(!w1.has_changed().unwrap());
+}
+
+/// This host's own metadata writes and deletes move the namespace's change feed at once (other
+/// hosts' changes: `postgres/tests.rs`).
+pub async fn watch_meta_moves_on_every_change_of_its_namespace(make: Factory) {
+    let (_clock, _fx, s) = open(make).await;
+    let mut w = s.watch_meta("topics");
+    w.borrow_and_update();
+    s.meta_put("topics", "A", b"1".to_vec()).await.unwrap();
+    assert!(w.has_changed().unwrap(), "a create moves the feed");
+    w.borrow_and_update();
+    s.meta_put_if("topics", "A", b"2".to_vec(), PutCondition::Version(1))
+        .await
+        .unwrap();
+    assert!(w.has_changed().unwrap(), "an update moves the feed");
+    w.borrow_and_update();
+    s.meta_delete("topics", "A").await.unwrap();
+    assert!(w.has_changed().unwrap(), "a delete moves the feed");
 }
 
 // ------------------------------------------------------------------ housekeeping

@@ -37,6 +37,43 @@ pub async fn open_store(config: &StoreConfig, clock: SharedClock) -> Result<Arc<
     }
 }
 
+/// Longest a metadata change made by another host takes to move [`Store::watch_meta`].
+pub const META_WATCH_MS: u64 = 500;
+
+/// Per-namespace metadata change counters behind [`Store::watch_meta`] (shared by the backends).
+#[derive(Debug, Default)]
+pub struct MetaWatches {
+    map: parking_lot::Mutex<std::collections::HashMap<String, watch::Sender<u64>>>,
+}
+
+impl MetaWatches {
+    /// A receiver of `namespace`'s counter.
+    pub fn subscribe(&self, namespace: &str) -> watch::Receiver<u64> {
+        self.map
+            .lock()
+            .entry(namespace.to_string())
+            .or_insert_with(|| watch::channel(0).0)
+            .subscribe()
+    }
+
+    /// Moves `namespace`'s counter, waking its receivers (nothing to do when nobody watches).
+    pub fn bump(&self, namespace: &str) {
+        if let Some(tx) = self.map.lock().get(namespace) {
+            tx.send_modify(|v| *v += 1);
+        }
+    }
+
+    /// Namespaces somebody watches now.
+    pub fn watched(&self) -> Vec<String> {
+        self.map
+            .lock()
+            .iter()
+            .filter(|(_, tx)| tx.receiver_count() > 0)
+            .map(|(ns, _)| ns.clone())
+            .collect()
+    }
+}
+
 /// One page of a time-range query.
 #[derive(Debug, Clone, Default)]
 pub struct TimePage {
@@ -215,6 +252,8 @@ pub struct Lease {
 /// - **Time range** queries list every message stored in the range, timer messages included.
 /// - **Format versions**: records and segments (or the backend's equivalent) carry a format
 ///   version; a new version reads every older one without migrating user data.
+/// - **Metadata changes**: `watch_meta` moves after every write or delete in its namespace,
+///   by this host at once, by another host sharing the store within [`META_WATCH_MS`].
 /// - **Notifications**: `watch_queue` wakes when that queue's visible max moves, not for
 ///   other queues; updates are made per queue per write round, never per message.
 #[async_trait]
@@ -237,6 +276,10 @@ pub trait Store: Send + Sync + 'static {
     async fn meta_delete(&self, namespace: &str, key: &str) -> Result<()>;
     /// Lists every key and value in `namespace`, sorted by key.
     async fn meta_list(&self, namespace: &str) -> Result<Vec<(String, Vec<u8>)>>;
+    /// Change feed of one namespace: the receiver's value moves after a key of `namespace` is
+    /// written or deleted by any host sharing the store (this one at once; others within
+    /// [`META_WATCH_MS`]), so caches of metadata can reload. It may also move without a change.
+    fn watch_meta(&self, namespace: &str) -> watch::Receiver<u64>;
 
     // ---- the message log
 

@@ -193,6 +193,16 @@ impl Engine {
         timers::spawn_all(broker);
     }
 
+    /// Runs a background task of the broker until shutdown: it gets the stop signal, and
+    /// shutdown waits for it like for the engine's own tasks.
+    pub(crate) fn spawn<F>(&self, task: impl FnOnce(watch::Receiver<bool>) -> F)
+    where
+        F: std::future::Future<Output = ()> + Send + 'static,
+    {
+        let handle = tokio::spawn(task(self.stop.subscribe()));
+        self.tasks.lock().push(handle);
+    }
+
     /// Stops background tasks and persists offsets.
     pub async fn shutdown(&self) {
         self.stop_tasks().await;

@@ -338,6 +338,8 @@ fn read_err(what: &str, e: io::Error) -> WharfError {
 pub struct EmbeddedStore {
     sh: Arc<Shared>,
     writer: Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// One host owns the data dir, so its own writes are the only metadata changes.
+    meta_watches: super::MetaWatches,
 }
 
 impl std::fmt::Debug for EmbeddedStore {
@@ -517,6 +519,7 @@ impl EmbeddedStore {
         Ok(Arc::new(EmbeddedStore {
             sh,
             writer: Mutex::new(Some(handle)),
+            meta_watches: super::MetaWatches::default(),
         }))
     }
 
@@ -743,9 +746,14 @@ impl Store for EmbeddedStore {
     ) -> Result<PutOutcome> {
         let sh = self.sh.clone();
         let (ns, key) = (namespace.to_string(), key.to_string());
-        tokio::task::spawn_blocking(move || meta_apply(&sh, &ns, &key, Some(value), cond))
-            .await
-            .map_err(|e| WharfError::internal(format!("metadata task failed: {e}")))?
+        let out =
+            tokio::task::spawn_blocking(move || meta_apply(&sh, &ns, &key, Some(value), cond))
+                .await
+                .map_err(|e| WharfError::internal(format!("metadata task failed: {e}")))??;
+        if matches!(out, PutOutcome::Written { .. }) {
+            self.meta_watches.bump(namespace);
+        }
+        Ok(out)
     }
 
     async fn meta_put(&self, namespace: &str, key: &str, value: Vec<u8>) -> Result<()> {
@@ -759,8 +767,13 @@ impl Store for EmbeddedStore {
         let (ns, key) = (namespace.to_string(), key.to_string());
         tokio::task::spawn_blocking(move || meta_apply(&sh, &ns, &key, None, PutCondition::Any))
             .await
-            .map_err(|e| WharfError::internal(format!("metadata task failed: {e}")))?
-            .map(|_| ())
+            .map_err(|e| WharfError::internal(format!("metadata task failed: {e}")))??;
+        self.meta_watches.bump(namespace);
+        Ok(())
+    }
+
+    fn watch_meta(&self, namespace: &str) -> watch::Receiver<u64> {
+        self.meta_watches.subscribe(namespace)
     }
 
     async fn meta_list(&self, namespace: &str) -> Result<Vec<(String, Vec<u8>)>> {

@@ -59,8 +59,9 @@ use tracing::{info, warn};
 
 pub use self::secret::{Redactor, redacted_url};
 use super::{
-    CommittedOffset, FlushMode, Lease, LeaseKey, MemberKind, MemberRow, MetaEntry, PutCondition,
-    PutOutcome, QueueBounds, QueueRead, RetentionReport, Store, StoreConfig, StoreStats, TimePage,
+    CommittedOffset, FlushMode, Lease, LeaseKey, MemberKind, MemberRow, MetaEntry, MetaWatches,
+    PutCondition, PutOutcome, QueueBounds, QueueRead, RetentionReport, Store, StoreConfig,
+    StoreStats, TimePage,
 };
 use crate::clock::SharedClock;
 use crate::error::{Result, WharfError};
@@ -73,8 +74,9 @@ pub const ROW_FORMAT: i16 = 1;
 /// Width of one message partition (ms). Retention is at least an hour, so a partition whose
 /// newest row is past retention can never receive another plain append.
 pub const PARTITION_MS: u64 = 3_600_000;
-/// How often each host polls its watched queues (ms), in case a notification was lost.
-pub const POLL_MS: u64 = 500;
+/// How often each host polls its watched queues (in case a notification was lost) and the
+/// watched metadata namespaces (ms).
+pub const POLL_MS: u64 = super::META_WATCH_MS;
 /// Clock skew against the database above which `open` warns (ms).
 pub const MAX_SKEW_MS: i64 = 2_000;
 /// Queue entries examined per `read_queue` call at most (as the embedded store).
@@ -86,13 +88,27 @@ const PARTITION_LOCK: i64 = 0x0057_6861_7266;
 fn migrator() -> sqlx::migrate::Migrator {
     use sqlx::SqlSafeStr;
     use sqlx::migrate::{Migration, MigrationType, Migrator};
-    Migrator::with_migrations(vec![Migration::new(
-        1,
-        "schema".into(),
-        MigrationType::Simple,
-        include_str!("../../../migrations/0001_schema.sql").into_sql_str(),
-        false,
-    )])
+    let step = |version, name: &'static str, sql: &'static str| {
+        Migration::new(
+            version,
+            name.into(),
+            MigrationType::Simple,
+            sql.into_sql_str(),
+            false,
+        )
+    };
+    Migrator::with_migrations(vec![
+        step(
+            1,
+            "schema",
+            include_str!("../../../migrations/0001_schema.sql"),
+        ),
+        step(
+            2,
+            "meta stamp",
+            include_str!("../../../migrations/0002_meta_stamp.sql"),
+        ),
+    ])
 }
 
 /// The columns every message read selects, in the order [`decode_message`] reads them.
@@ -220,6 +236,9 @@ pub(crate) struct Inner {
     flush: FlushMode,
     redactor: Redactor,
     watches: Watches,
+    /// Metadata change feeds, and each watched namespace's last seen (count, newest stamp).
+    meta_watches: MetaWatches,
+    meta_prints: Mutex<HashMap<String, (i64, i64)>>,
     timers: Mutex<TimerState>,
     partitions: Mutex<HashSet<u64>>,
     stats: Counters,
@@ -454,6 +473,8 @@ impl PostgresStore {
             flush: config.flush,
             redactor,
             watches: Watches::default(),
+            meta_watches: MetaWatches::default(),
+            meta_prints: Mutex::new(HashMap::new()),
             timers: Mutex::new(TimerState::default()),
             partitions: Mutex::new(HashSet::new()),
             stats: Counters::default(),
@@ -620,15 +641,15 @@ impl Store for PostgresStore {
             PutCondition::Any => {
                 "INSERT INTO wharf_meta AS m (namespace, key, value, version) VALUES ($1, $2, $3, 1) \
                  ON CONFLICT (namespace, key) DO UPDATE SET value = EXCLUDED.value, \
-                 version = m.version + 1 RETURNING version"
+                 version = m.version + 1, stamp = nextval('wharf_meta_stamp') RETURNING version"
             }
             PutCondition::Absent => {
                 "INSERT INTO wharf_meta (namespace, key, value, version) VALUES ($1, $2, $3, 1) \
                  ON CONFLICT (namespace, key) DO NOTHING RETURNING version"
             }
             PutCondition::Version(_) => {
-                "UPDATE wharf_meta SET value = $3, version = version + 1 \
-                 WHERE namespace = $1 AND key = $2 AND version = $4 RETURNING version"
+                "UPDATE wharf_meta SET value = $3, version = version + 1, \
+                 stamp = nextval('wharf_meta_stamp') WHERE namespace = $1 AND key = $2 AND version = $4 RETURNING version"
             }
         };
         let mut q = sqlx::query(sql).bind(namespace).bind(key).bind(value);
@@ -637,9 +658,12 @@ impl Store for PostgresStore {
         }
         let r = q.fetch_optional(&self.inner.pool).await;
         match self.inner.ok("writing metadata", r)? {
-            Some(row) => Ok(PutOutcome::Written {
-                version: unbig(row.try_get(0).unwrap_or(0)),
-            }),
+            Some(row) => {
+                self.inner.meta_watches.bump(namespace);
+                Ok(PutOutcome::Written {
+                    version: unbig(row.try_get(0).unwrap_or(0)),
+                })
+            }
             None => {
                 let current = self.meta_get(namespace, key).await?.map(|e| e.version);
                 Ok(PutOutcome::Conflict { current })
@@ -662,7 +686,13 @@ impl Store for PostgresStore {
             .bind(key)
             .execute(&self.inner.pool)
             .await;
-        self.inner.ok("deleting metadata", r).map(|_| ())
+        self.inner.ok("deleting metadata", r)?;
+        self.inner.meta_watches.bump(namespace);
+        Ok(())
+    }
+
+    fn watch_meta(&self, namespace: &str) -> watch::Receiver<u64> {
+        self.inner.meta_watches.subscribe(namespace)
     }
 
     async fn meta_list(&self, namespace: &str) -> Result<Vec<(String, Vec<u8>)>> {

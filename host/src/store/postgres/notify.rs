@@ -1,6 +1,7 @@
 //! The change feed of one host: LISTEN wharf_queue for other hosts' appends and reveals, and
 //! a poll of the watched queues every [`POLL_MS`] so a notification lost while the listening
-//! connection was down never stalls a waiter. The same loop refreshes the timer view, the
+//! connection was down never stalls a waiter. The same loop moves the metadata change feeds
+//! of namespaces another host wrote (see `0002_meta_stamp.sql`), refreshes the timer view, the
 //! size figures, the partition ahead of the clock, and the health flag behind `writable()`.
 
 use std::sync::Arc;
@@ -80,8 +81,51 @@ pub async fn run(inner: Arc<Inner>, stop: CancellationToken) {
     }
 }
 
+/// Moves the metadata feed of every watched namespace whose (row count, newest stamp)
+/// changed since the last round; the first round of a namespace moves it too, since a change
+/// may have landed between the watcher's load and this round.
+async fn poll_meta(inner: &Inner) {
+    let namespaces = inner.meta_watches.watched();
+    if namespaces.is_empty() {
+        return;
+    }
+    let r = sqlx::query(
+        "SELECT u.ns, count(m.key)::int8, coalesce(max(m.stamp), 0)::int8 \
+         FROM unnest($1::text[]) AS u(ns) LEFT JOIN wharf_meta m ON m.namespace = u.ns COLLATE \"C\" \
+         GROUP BY u.ns",
+    )
+    .bind(&namespaces)
+    .fetch_all(&inner.pool)
+    .await;
+    let rows = match inner.ok("polling metadata changes", r) {
+        Ok(rows) => rows,
+        Err(e) => {
+            debug!(error = %e, "metadata poll failed");
+            return;
+        }
+    };
+    let mut moved = Vec::new();
+    {
+        let mut prints = inner.meta_prints.lock();
+        for row in rows {
+            let ns: String = row.try_get(0).unwrap_or_default();
+            let print = (
+                row.try_get::<i64, _>(1).unwrap_or(0),
+                row.try_get::<i64, _>(2).unwrap_or(0),
+            );
+            if prints.insert(ns.clone(), print) != Some(print) {
+                moved.push(ns);
+            }
+        }
+    }
+    for ns in moved {
+        inner.meta_watches.bump(&ns);
+    }
+}
+
 /// One poll round; errors only mark the store unhealthy (the next round tries again).
 async fn poll(inner: &Inner, n: u64) {
+    poll_meta(inner).await;
     let (topics, queues) = inner.watches.watched();
     if !topics.is_empty() {
         let r = sqlx::query(

@@ -143,10 +143,8 @@ async fn two_hosts_migrating_at_once_both_open() {
     b.close().await.unwrap();
 }
 
-/// Two hosts appending to one queue share its offsets without gaps, and each host's watch
-/// wakes for the other's appends (NOTIFY, or the poll behind it).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn two_hosts_share_offsets_and_wake_each_other() {
+/// Two stores ("hosts") over one fresh database, on one clock.
+async fn two_hosts() -> (Arc<ManualClock>, Arc<PostgresStore>, Arc<PostgresStore>) {
     let url = fresh_database().await;
     let clock = ManualClock::new(T0);
     let a = PostgresStore::open(&config(&url), clock.clone())
@@ -155,6 +153,68 @@ async fn two_hosts_share_offsets_and_wake_each_other() {
     let b = PostgresStore::open(&config(&url), clock.clone())
         .await
         .unwrap();
+    (clock, a, b)
+}
+
+/// A metadata write, update or delete on one host moves the other host's change feed of that
+/// namespace (and not of another), including a delete and re-create of the same key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metadata_changes_reach_the_other_host() {
+    let (_clock, a, b) = two_hosts().await;
+    let mut topics = b.watch_meta("topics");
+    let mut other = b.watch_meta("elsewhere");
+    let moved = |rx: &mut watch::Receiver<u64>| {
+        let seen = *rx.borrow_and_update();
+        let mut rx = rx.clone();
+        async move {
+            tokio::time::timeout(Duration::from_secs(10), rx.wait_for(|v| *v > seen))
+                .await
+                .expect("the feed moves within the poll period")
+                .map(|_| ())
+                .unwrap();
+        }
+    };
+    // The first poll of a namespace moves it (a change may precede the watcher's load).
+    for rx in [&mut topics, &mut other] {
+        tokio::time::timeout(Duration::from_secs(10), rx.wait_for(|v| *v >= 1))
+            .await
+            .expect("the first poll moves the feed")
+            .map(|_| ())
+            .unwrap();
+    }
+    let steps: [(&str, Option<&[u8]>); 4] = [
+        ("T1", Some(b"v1")),
+        ("T1", Some(b"v2")),
+        ("T1", None),
+        ("T1", Some(b"v1")),
+    ];
+    for (key, value) in steps {
+        let wait = moved(&mut topics);
+        match value {
+            Some(v) => a.meta_put("topics", key, v.to_vec()).await.unwrap(),
+            None => a.meta_delete("topics", key).await.unwrap(),
+        }
+        wait.await;
+    }
+    let before = *other.borrow_and_update();
+    // A full poll period after the last write elsewhere, the other namespace has not moved.
+    let wait = moved(&mut topics);
+    a.meta_put("topics", "T2", b"x".to_vec()).await.unwrap();
+    wait.await;
+    assert_eq!(
+        *other.borrow(),
+        before,
+        "another namespace's feed stays put"
+    );
+    a.close().await.unwrap();
+    b.close().await.unwrap();
+}
+
+/// Two hosts appending to one queue share its offsets without gaps, and each host's watch
+/// wakes for the other's appends (NOTIFY, or the poll behind it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_hosts_share_offsets_and_wake_each_other() {
+    let (_clock, a, b) = two_hosts().await;
     let mut wb = b.watch_queue("Shared", 0);
     a.append(vec![msg("Shared", 0, "first")]).await.unwrap();
     tokio::time::timeout(Duration::from_secs(10), wb.wait_for(|m| *m >= 1))
@@ -197,14 +257,7 @@ async fn two_hosts_share_offsets_and_wake_each_other() {
 /// database, not in either process.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn leases_fence_across_hosts() {
-    let url = fresh_database().await;
-    let clock = ManualClock::new(T0);
-    let a = PostgresStore::open(&config(&url), clock.clone())
-        .await
-        .unwrap();
-    let b = PostgresStore::open(&config(&url), clock.clone())
-        .await
-        .unwrap();
+    let (clock, a, b) = two_hosts().await;
     let k = LeaseKey {
         group: "G".into(),
         topic: "T".into(),
