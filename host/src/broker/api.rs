@@ -21,11 +21,11 @@ pub use super::consume::{
 };
 pub use super::deployments::{PluginRecord, VersionRecord};
 pub use super::query::{Delivery, DeliveryStatus, MessageView};
+pub use super::resources::HostInfo;
 pub use super::send::{MQTT_LOCAL_QUEUES, MQTT_LOCAL_TOPIC, SendReceipt};
 pub use super::specs::{
     ConsumeModel, Group, GroupKind, GroupPatch, GroupSpec, Topic, TopicSpec, TopicType,
 };
-pub use super::resources::HostInfo;
 pub use super::specs::{OutgoingMessage, QueueChoice};
 pub use super::{Broker, BrokerConfig};
 pub use crate::store::{Lease, LeaseKey, MemberKind, QueueBounds, StoreStats, TimePage};
