@@ -293,11 +293,4 @@ mod tests {
         let resp = e.into_response();
         assert_eq!(resp.headers()[header::CONNECTION], "close");
     }
-
-    #[test]
-    fn system_busy_says_when_to_retry() {
-        let resp = ApiError::from(WharfError::busy("full")).into_response();
-        assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
-        assert_eq!(resp.headers()[header::RETRY_AFTER], "1");
-    }
 }
