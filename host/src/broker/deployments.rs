@@ -249,6 +249,8 @@ fn encode_record(record: &PluginRecord) -> Result<Vec<u8>> {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+
     use super::*;
     use crate::broker::BrokerConfig;
     use crate::clock::{ManualClock, SharedClock};
@@ -269,8 +271,8 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn records_round_trip_in_the_layout_data_dirs_hold() {
+    /// A broker on a fresh embedded store (the directory lives as long as the guard).
+    async fn embedded_broker() -> (tempfile::TempDir, Arc<EmbeddedStore>, Arc<Broker>) {
         let dir = tempfile::tempdir().unwrap();
         let clock: SharedClock = ManualClock::new(1_700_000_000_000);
         let sc = StoreConfig {
@@ -281,6 +283,12 @@ mod tests {
         let broker = Broker::open(BrokerConfig::default(), store.clone(), clock)
             .await
             .unwrap();
+        (dir, store, broker)
+    }
+
+    #[tokio::test]
+    async fn records_round_trip_in_the_layout_data_dirs_hold() {
+        let (_dir, store, broker) = embedded_broker().await;
         broker.save_deployment(&record("alpha", 1)).await.unwrap();
         broker.save_deployment(&record("beta", 2)).await.unwrap();
         broker.save_deployment(&record("alpha", 3)).await.unwrap();
@@ -309,16 +317,7 @@ mod tests {
 
     #[tokio::test]
     async fn versions_are_claimed_once_and_read_back_byte_for_byte() {
-        let dir = tempfile::tempdir().unwrap();
-        let clock: SharedClock = ManualClock::new(1_700_000_000_000);
-        let sc = StoreConfig {
-            data_dir: dir.path().to_path_buf(),
-            ..StoreConfig::default()
-        };
-        let store = EmbeddedStore::open(&sc, clock.clone()).await.unwrap();
-        let broker = Broker::open(BrokerConfig::default(), store.clone(), clock)
-            .await
-            .unwrap();
+        let (_dir, store, broker) = embedded_broker().await;
         let wasm = vec![0u8, 97, 115, 109, 255, 0];
         assert_eq!(
             broker
@@ -359,16 +358,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_stale_record_write_is_a_conflict() {
-        let dir = tempfile::tempdir().unwrap();
-        let clock: SharedClock = ManualClock::new(1_700_000_000_000);
-        let sc = StoreConfig {
-            data_dir: dir.path().to_path_buf(),
-            ..StoreConfig::default()
-        };
-        let store = EmbeddedStore::open(&sc, clock.clone()).await.unwrap();
-        let broker = Broker::open(BrokerConfig::default(), store, clock)
-            .await
-            .unwrap();
+        let (_dir, _store, broker) = embedded_broker().await;
         broker
             .save_deployment_if(&record("alpha", 1), None)
             .await
