@@ -105,12 +105,7 @@ impl Broker {
     pub(in crate::broker) async fn deployments(&self) -> Result<Vec<PluginRecord>> {
         let mut out = Vec::new();
         for (name, raw) in self.store.meta_list(NAMESPACE).await? {
-            let record: PluginRecord = serde_json::from_slice(&raw).map_err(|e| {
-                WharfError::internal(format!(
-                    "stored plugin record '{name}' is unreadable ({e}); restore the data dir's metadata from a backup or remove the plugin"
-                ))
-            })?;
-            out.push(record);
+            out.push(decode_record(&name, &raw)?);
         }
         Ok(out)
     }
@@ -124,12 +119,7 @@ impl Broker {
         let Some(entry) = self.store.meta_get(NAMESPACE, name).await? else {
             return Ok(None);
         };
-        let record: PluginRecord = serde_json::from_slice(&entry.value).map_err(|e| {
-            WharfError::internal(format!(
-                "stored plugin record '{name}' is unreadable ({e}); remove the plugin and deploy it again"
-            ))
-        })?;
-        Ok(Some((record, entry.version)))
+        Ok(Some((decode_record(name, &entry.value)?, entry.version)))
     }
 
     /// Writes one plugin's record (durable on return).
@@ -245,6 +235,14 @@ impl Broker {
 fn encode_record(record: &PluginRecord) -> Result<Vec<u8>> {
     serde_json::to_vec(record)
         .map_err(|e| WharfError::internal(format!("cannot encode plugin record: {e}")))
+}
+
+fn decode_record(name: &str, raw: &[u8]) -> Result<PluginRecord> {
+    serde_json::from_slice(raw).map_err(|e| {
+        WharfError::internal(format!(
+            "stored plugin record '{name}' is unreadable ({e}); restore the store's metadata from a backup or remove the plugin"
+        ))
+    })
 }
 
 #[cfg(test)]

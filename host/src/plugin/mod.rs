@@ -173,14 +173,9 @@ impl PluginHost {
             .cloned()
             .collect();
         for name in gone {
-            let Some(slot) = self.slots.lock().remove(&name) else {
-                continue;
-            };
-            self.routes.remove(&name);
-            if let Some(w) = slot.workers {
-                w.stop().await;
+            if self.unload(&name).await.is_some() {
+                info!(plugin = %name, "plugin removed on another host; stopped here");
             }
-            info!(plugin = %name, "plugin removed on another host; stopped here");
         }
         // The group a new version needs may have been created a moment ago on that host.
         self.broker.refresh_registry().await?;
@@ -509,16 +504,8 @@ impl PluginHost {
     pub async fn remove(&self, name: &str) -> Result<DeployResult> {
         let _ops = self.ops.lock().await;
         let stored = self.broker.deployment(name).await?.map(|(r, _)| r);
-        let slot = self.slots.lock().remove(name);
-        let record = match (slot, stored) {
-            (Some(slot), _) => {
-                self.routes.remove(name);
-                if let Some(w) = slot.workers {
-                    w.stop().await;
-                }
-                slot.record
-            }
-            (None, Some(record)) => record,
+        let record = match (self.unload(name).await, stored) {
+            (Some(record), _) | (None, Some(record)) => record,
             (None, None) => return Err(not_deployed(name)),
         };
         self.broker.delete_deployment(name).await?;
@@ -538,6 +525,17 @@ impl PluginHost {
                 .unwrap_or_default(),
             status: "removed".to_string(),
         })
+    }
+
+    /// Stops what runs of `name` here (routes, then workers settle and unregister) and forgets
+    /// it; the record it ran under, if it ran.
+    async fn unload(&self, name: &str) -> Option<PluginRecord> {
+        let slot = self.slots.lock().remove(name)?;
+        self.routes.remove(name);
+        if let Some(w) = slot.workers {
+            w.stop().await;
+        }
+        Some(slot.record)
     }
 
     fn result(&self, name: &str, status: &str) -> Result<DeployResult> {
