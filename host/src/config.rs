@@ -892,6 +892,13 @@ const INT_RANGES: &[IntRange] = &[
         " (64 KiB to 16 GiB of sends waiting for the disk)",
     ),
     range(
+        "store",
+        "min_free_bytes",
+        0,
+        1024 * GIB,
+        " (0 turns the free-space check off)",
+    ),
+    range(
         "broker",
         "default_queues",
         1,

@@ -5,6 +5,7 @@ pub mod broker;
 pub mod cli;
 pub mod clock;
 pub mod config;
+pub mod crashpoint;
 pub mod error;
 pub mod http;
 pub mod metrics;

@@ -15,7 +15,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use rand::Rng;
 use serde_json::{Value, json};
 
-use crate::foundation::{get_message, items, range_all, send};
+use crate::foundation::{get_message, id_of, items, range_all, send};
 use crate::harness::{Api, Server, ServerOpts, create_topic, wait_for};
 
 fn now_ms() -> u64 {
@@ -427,4 +427,138 @@ fn sigterm_under_load_exits_zero_and_keeps_every_acknowledged_message() {
     let acked: Vec<Acked> = acked.lock().unwrap().drain(..).collect();
     s.restart();
     verify_all(s.api(), "Drain", &acked, t0);
+}
+
+/// The log line a host prints when a `WHARF_TEST_CRASH_AT` point kills it.
+fn crashed_at(s: &Server, point: &str) -> bool {
+    s.logs()
+        .contains(&format!("test crash point '{point}' reached"))
+}
+
+#[test]
+fn kill9_inside_a_segment_roll_loses_no_acknowledged_message() {
+    // 64 KiB segments roll every few dozen sends; the third roll dies after sealing the old
+    // segment and creating the new one, before the round's records are in it.
+    let mut s = Server::start(
+        ServerOpts::with_config("[store]\nsegment_bytes = 65536\n")
+            .env("WHARF_TEST_CRASH_AT", "segment-roll:3"),
+    );
+    create_topic(s.api(), "Rolling", 4);
+    let t0 = now_ms();
+    let stop = Arc::new(AtomicBool::new(false));
+    let acked = Arc::new(Mutex::new(Vec::new()));
+    let senders = load(
+        s.base_url().to_string(),
+        "Rolling",
+        4,
+        "roll".into(),
+        stop.clone(),
+        acked.clone(),
+    );
+    s.wait_killed(Duration::from_secs(60));
+    stop.store(true, Ordering::Relaxed);
+    for h in senders {
+        h.join().expect("sender thread");
+    }
+    assert!(crashed_at(&s, "segment-roll"), "{}", s.logs());
+    let acked: Vec<Acked> = acked.lock().unwrap().drain(..).collect();
+    assert!(!acked.is_empty(), "sends were acknowledged before the roll");
+    s.remove_env("WHARF_TEST_CRASH_AT");
+    s.restart();
+    verify_all(s.api(), "Rolling", &acked, t0);
+    // Appends go on past the crash without reusing an offset.
+    let r = send(s.api(), "Rolling", &json!({"body": "after the roll"}));
+    let last = acked
+        .iter()
+        .filter(|a| a.queue_id == r["queue_id"].as_u64().unwrap())
+        .map(|a| a.queue_offset)
+        .max();
+    if let Some(last) = last {
+        assert!(r["queue_offset"].as_u64().unwrap() > last, "{r}");
+    }
+    assert_eq!(
+        get_message(s.api(), r["message_id"].as_str().unwrap())["body"],
+        "after the roll"
+    );
+}
+
+#[test]
+fn kill9_inside_a_retention_pass_then_the_restart_finishes_it() {
+    let base = "[store]\nsegment_bytes = 65536\nretention_hours = 1\n";
+    let at = |minutes: u64| {
+        format!(
+            "{base}\n[testing]\nclock_offset_ms = {}\n",
+            minutes * 60_000
+        )
+    };
+    let mut s = Server::start(ServerOpts::with_config(base));
+    create_topic(s.api(), "Expiring", 2);
+    let batch = |s: &Server, what: &str| -> Vec<String> {
+        (0..60)
+            .map(|i| {
+                id_of(&send(
+                    s.api(),
+                    "Expiring",
+                    &json!({"keys": [what], "body": format!("{what}{i}:{}", "x".repeat(4000))}),
+                ))
+            })
+            .collect()
+    };
+    // ~4 KB each: the old messages fill three closed segments and part of a fourth.
+    let old = batch(&s, "old");
+    // Half an hour later: newer messages, still young when the old ones expire.
+    s.restart_with_config(at(30));
+    let new = batch(&s, "new");
+    // 75 minutes after the first sends, the pass at start deletes the old segments; it dies
+    // right after deleting the second one.
+    s.restart_until_killed(at(75), "retention:2");
+    assert!(crashed_at(&s, "retention"), "{}", s.logs());
+    s.restart_with_config(at(75));
+    let api = s.api();
+    wait_for(
+        "the pass after the crash to delete the oldest message",
+        Duration::from_secs(30),
+        || (api.get(&format!("/v1/messages/{}", old[0])).status == 404).then_some(()),
+    );
+    // Each old message is wholly gone or wholly there; the ones sharing a segment with young
+    // messages stay until that segment expires.
+    let mut gone = 0;
+    for (i, id) in old.iter().enumerate() {
+        let r = api.get(&format!("/v1/messages/{id}"));
+        match r.status {
+            404 => gone += 1,
+            200 => assert!(
+                r.body["body"]
+                    .as_str()
+                    .unwrap()
+                    .starts_with(&format!("old{i}:")),
+                "{id}: {}",
+                r.text
+            ),
+            other => panic!("{id}: {other} {}", r.text),
+        }
+    }
+    assert!(
+        gone >= 30,
+        "only {gone} of 60 expired messages were deleted"
+    );
+    for (i, id) in new.iter().enumerate() {
+        let m = get_message(api, id);
+        assert!(m["body"].as_str().unwrap().starts_with(&format!("new{i}:")));
+    }
+    // The key index and the range scan agree with what is left.
+    let keyed = items(
+        &api.get("/v1/topics/Expiring/messages?key=old").expect(200),
+        "messages",
+    );
+    assert_eq!(keyed.len(), old.len() - gone, "key index after the pass");
+    let listed: HashSet<String> = range_all(api, "Expiring", 0, now_ms() + 100 * 3_600_000, 50)
+        .iter()
+        .map(id_of)
+        .collect();
+    assert!(new.iter().all(|id| listed.contains(id)));
+    assert!(!listed.contains(&old[0]));
+    // And the host keeps taking writes.
+    let r = send(api, "Expiring", &json!({"body": "after the pass"}));
+    get_message(api, r["message_id"].as_str().unwrap());
 }

@@ -71,7 +71,7 @@ pub fn range_all(api: &Api, topic: &str, begin: u64, end: u64, limit: usize) -> 
     panic!("range query never ended");
 }
 
-fn id_of(v: &Value) -> String {
+pub fn id_of(v: &Value) -> String {
     v["message_id"]
         .as_str()
         .unwrap_or_else(|| panic!("no message_id in {v}"))

@@ -202,7 +202,9 @@ impl Server {
         self.work.path().join("wharf.toml")
     }
 
-    fn spawn(&mut self) {
+    /// Starts `wharf serve` with the current options; returns the child and the channel its
+    /// `listening` lines arrive on.
+    fn launch(&mut self) -> (Child, mpsc::Receiver<(String, String)>) {
         assert!(self.child.is_none(), "server already running");
         std::fs::write(self.config_path(), &self.opts.config).expect("write config");
         self.starts += 1;
@@ -243,7 +245,11 @@ impl Server {
             Some(tx),
         );
         drain(err, self.logs.clone(), format!("[{start_no} err] "), None);
+        (child, rx)
+    }
 
+    fn spawn(&mut self) {
+        let (mut child, rx) = self.launch();
         let deadline = Instant::now() + self.opts.start_timeout;
         self.listeners.clear();
         loop {
@@ -371,6 +377,52 @@ impl Server {
         }
     }
 
+    /// Waits for a server that is expected to kill itself (a `WHARF_TEST_CRASH_AT` crash point)
+    /// and checks it died of SIGKILL, as a `kill -9` would have killed it.
+    pub fn wait_killed(&mut self, timeout: Duration) {
+        let c = self.child.take().expect("server not running");
+        self.reap_killed(c, timeout);
+    }
+
+    /// Starts again with `config` and an armed `WHARF_TEST_CRASH_AT=point` (the host may die
+    /// before it even listens, e.g. in the retention pass at open) and waits for its SIGKILL.
+    /// The crash point is disarmed again for later starts.
+    pub fn restart_until_killed(&mut self, config: impl Into<String>, point: &str) {
+        if self.child.is_some() {
+            self.stop();
+        }
+        self.opts.config = config.into();
+        self.set_env("WHARF_TEST_CRASH_AT", point);
+        let (child, _listening) = self.launch();
+        self.remove_env("WHARF_TEST_CRASH_AT");
+        self.reap_killed(child, Duration::from_secs(60));
+    }
+
+    fn reap_killed(&mut self, mut c: Child, timeout: Duration) {
+        use std::os::unix::process::ExitStatusExt;
+        let deadline = Instant::now() + timeout;
+        let status = loop {
+            if let Some(status) = c.try_wait().expect("wait") {
+                break status;
+            }
+            if Instant::now() > deadline {
+                let _ = c.kill();
+                let _ = c.wait();
+                panic!(
+                    "wharf serve was still running {timeout:?} later; logs:\n{}",
+                    self.logs()
+                );
+            }
+            thread::sleep(Duration::from_millis(20));
+        };
+        assert_eq!(
+            status.signal(),
+            Some(libc::SIGKILL),
+            "wharf serve exited with {status}, not SIGKILL; logs:\n{}",
+            self.logs()
+        );
+    }
+
     /// Sends SIGTERM and waits; returns the exit status.
     pub fn terminate(&mut self) -> ExitStatus {
         let mut c = self.child.take().expect("server not running");
@@ -411,6 +463,12 @@ impl Server {
             self.stop();
         }
         self.spawn();
+    }
+
+    /// Sets an environment variable for the next start (replacing an earlier value).
+    pub fn set_env(&mut self, key: &str, value: &str) {
+        self.remove_env(key);
+        self.opts.env.push((key.into(), value.into()));
     }
 
     /// Drops an environment variable for the next start (e.g. a test-only fault hook).

@@ -431,3 +431,64 @@ fn restart_restores_plugins_without_recompiling() {
         .json();
     assert_eq!(back["version"], 1);
 }
+
+/// Deploys `manifest` on a host armed to kill itself at `point` inside the deploy, then starts
+/// it again unarmed.
+fn deploy_killed_at(s: &mut Server, manifest: &Path, point: &str) {
+    s.set_env("WHARF_TEST_CRASH_AT", point);
+    s.restart();
+    let out = s.wharf(&["plugin", "deploy", &manifest.display().to_string()]);
+    assert_ne!(out.code, 0, "a deploy the host died in cannot succeed");
+    s.wait_killed(WAIT);
+    assert!(
+        s.logs()
+            .contains(&format!("test crash point '{point}' reached")),
+        "{}",
+        s.logs()
+    );
+    s.remove_env("WHARF_TEST_CRASH_AT");
+    s.restart();
+}
+
+/// After a restart `plugin` runs `manifest_version`, whole: its status says so and it consumes.
+fn runs_whole(s: &Server, plugin: &str, manifest_version: &str, body: &str) {
+    let status = s.get(&format!("/v1/plugins/{plugin}")).expect(200);
+    assert_eq!(status["manifest_version"], manifest_version, "{status}");
+    let before = counter(s, plugin, "commits");
+    send(s, "Load", json!({"tag": "commit", "body": body}));
+    wait_for("the running version to consume", WAIT, || {
+        (counter(s, plugin, "commits") > before).then_some(())
+    });
+}
+
+#[test]
+fn kill9_inside_a_deploy_never_serves_a_half_deployed_version() {
+    let mut s = server();
+    create_topic(s.api(), "Load", 2);
+    assert_eq!(
+        deploy(&s, &probe_manifest(&s, "steady", "1.0.0", ""))["version"],
+        1
+    );
+    // Killed after the new version's bytes are stored, before the record names them: the
+    // old version runs, and the orphaned bytes go with the next deploy.
+    let v2 = probe_manifest(&s, "steady", "2.0.0", "");
+    deploy_killed_at(&mut s, &v2, "deploy-stored");
+    runs_whole(&s, "steady", "1.0.0", "after a crash before the record");
+    let d = deploy(&s, &v2);
+    assert_eq!(d["version"], 3, "v2's number went to the dead deploy: {d}");
+    runs_whole(&s, "steady", "2.0.0", "redeployed");
+    // Killed after the record names the new version, before this host switched to it: the
+    // restart runs the new version from the store.
+    let v3 = probe_manifest(&s, "steady", "3.0.0", "");
+    deploy_killed_at(&mut s, &v3, "deploy-recorded");
+    runs_whole(&s, "steady", "3.0.0", "after a crash after the record");
+    let status = s.get("/v1/plugins/steady").expect(200);
+    assert_eq!(status["version"], 4, "{status}");
+    // Rollback finds the earlier whole version's bytes.
+    let back = s
+        .wharf(&["plugin", "rollback", "steady", "--json"])
+        .ok()
+        .json();
+    assert_eq!(back["version"], 3, "{back}");
+    runs_whole(&s, "steady", "2.0.0", "rolled back");
+}

@@ -10,6 +10,7 @@ pub mod pgbench;
 pub mod plugin;
 pub mod remoting;
 pub mod send;
+pub mod soak;
 pub mod util;
 
 /// Which benchmark to run.
@@ -29,6 +30,8 @@ pub enum BenchCommand {
     Remoting(remoting::RemotingArgs),
     /// Messages/s through a trivial wasm plugin against a native closure; deploy and start times.
     Plugin(plugin::PluginArgs),
+    /// 4× the measured send capacity for 60 s: accepted, refused SYSTEM_BUSY, lost (must be 0).
+    Soak(soak::SoakArgs),
 }
 
 impl BenchCommand {
@@ -42,6 +45,7 @@ impl BenchCommand {
             BenchCommand::Plugin(a) => plugin::run(a).await,
             BenchCommand::Mqtt(a) => mqtt::run(a).await,
             BenchCommand::Remoting(a) => remoting::run(a).await,
+            BenchCommand::Soak(a) => soak::run(a).await,
         }
     }
 }

@@ -458,6 +458,10 @@ impl BrokerApi {
     pub async fn delete_plugin_versions(&self, name: &str) -> Result<()> {
         self.broker.delete_plugin_versions(name).await
     }
+    /// Deletes stored versions no deployment names that are older than the newest it does.
+    pub async fn prune_plugin_versions(&self, record: &PluginRecord) -> Result<()> {
+        self.broker.prune_plugin_versions(record).await
+    }
     /// Moves when any host deploys, rolls back or removes a plugin.
     pub fn watch_deployments(&self) -> tokio::sync::watch::Receiver<u64> {
         self.broker.watch_deployments()

@@ -10,7 +10,7 @@
 
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
-use tracing::instrument;
+use tracing::{info, instrument};
 
 use super::Broker;
 use crate::error::{Result, WharfError};
@@ -226,6 +226,29 @@ impl Broker {
         Ok(())
     }
 
+    /// Deletes stored versions older than the newest `record` names and not named by it: bytes
+    /// of deploys that died (a crash between storing them and storing the record) or lost the
+    /// race for the record. A deploy still in progress elsewhere with such a number can no
+    /// longer store its record (it was read before this one), so it fails and needs none.
+    #[instrument(skip(self, record), fields(plugin = %record.name))]
+    pub(in crate::broker) async fn prune_plugin_versions(
+        &self,
+        record: &PluginRecord,
+    ) -> Result<()> {
+        let ns = versions_namespace(&record.name);
+        let newest = record.versions.iter().map(|v| v.version).max().unwrap_or(0);
+        for (key, _) in self.store.meta_list(&ns).await? {
+            let Some(n) = key.strip_prefix('v').and_then(|n| n.parse::<u64>().ok()) else {
+                continue;
+            };
+            if n < newest && !record.versions.iter().any(|v| v.version == n) {
+                self.store.meta_delete(&ns, &key).await?;
+                info!(plugin = %record.name, version = n, "deleted the bytes of a version no deployment names");
+            }
+        }
+        Ok(())
+    }
+
     /// Change feed of the plugin records (any host's deploy, rollback or removal moves it).
     pub(in crate::broker) fn watch_deployments(&self) -> watch::Receiver<u64> {
         self.store.watch_meta(NAMESPACE)
@@ -352,6 +375,33 @@ mod tests {
         );
         broker.delete_plugin_versions("alpha").await.unwrap();
         assert_eq!(broker.plugin_version("alpha", 1).await.unwrap(), None);
+    }
+
+    #[tokio::test]
+    async fn pruning_deletes_only_older_versions_no_record_names() {
+        let (_dir, _store, broker) = embedded_broker().await;
+        for _ in 1..=4 {
+            broker
+                .store_plugin_version("alpha", 1, "m", b"c")
+                .await
+                .unwrap();
+        }
+        // v1 and v3 are named; v2 died between its bytes and its record; v4 is newer than
+        // anything named (a deploy still in flight) and stays.
+        let mut r = record("alpha", 3);
+        r.versions.insert(
+            0,
+            VersionRecord {
+                version: 1,
+                ..r.versions[0].clone()
+            },
+        );
+        broker.prune_plugin_versions(&r).await.unwrap();
+        let mut left = Vec::new();
+        for v in 1..=4 {
+            left.push(broker.plugin_version("alpha", v).await.unwrap().is_some());
+        }
+        assert_eq!(left, [true, false, true, true]);
     }
 
     #[tokio::test]

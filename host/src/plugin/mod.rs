@@ -358,6 +358,7 @@ impl PluginHost {
             .broker
             .store_plugin_version(&name, from, text, &component)
             .await?;
+        crate::crashpoint::reached(crate::crashpoint::DEPLOY_STORED);
         let mut record = previous.clone().unwrap_or(PluginRecord {
             name: name.clone(),
             current: version,
@@ -375,8 +376,10 @@ impl PluginHost {
             deployed_ms: self.broker.clock().now_ms(),
         });
         let saved = self.broker.save_deployment_if(&record, expected).await;
+        let recorded = record.clone();
         let switched = match saved {
             Ok(()) => {
+                crate::crashpoint::reached(crate::crashpoint::DEPLOY_RECORDED);
                 self.switch(manifest, text.to_string(), loaded, record, previous, true)
                     .await
             }
@@ -388,6 +391,10 @@ impl PluginHost {
             return Err(e);
         }
         info!(plugin = %name, version, "plugin deployed");
+        if let Err(e) = self.broker.prune_plugin_versions(&recorded).await {
+            // Only space is at stake; the next deploy tries again.
+            warn!(plugin = %name, error = %e, "deleting unused plugin versions failed");
+        }
         self.result(&name, "running")
     }
 

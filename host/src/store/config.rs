@@ -50,6 +50,11 @@ pub struct StoreConfig {
     /// a send fails at once with SYSTEM_BUSY (a single batch larger than this is still taken
     /// when nothing else waits).
     pub write_queue_bytes: u64,
+    /// `min_free_bytes = 67108864`: the embedded store refuses sends (SERVICE_NOT_AVAILABLE)
+    /// while its disk has less free than this (64 MiB), and resumes by itself once space is
+    /// freed; 0 turns the check off (the disk may then fill while indexes are written, which
+    /// stops writes until a restart).
+    pub min_free_bytes: u64,
     /// `[store.postgres]`
     pub postgres: PostgresConfig,
 }
@@ -65,6 +70,7 @@ impl Default for StoreConfig {
             retention_hours: 72,
             write_queue_requests: 10_000,
             write_queue_bytes: 64 * 1024 * 1024,
+            min_free_bytes: 64 * 1024 * 1024,
             postgres: PostgresConfig::default(),
         }
     }

@@ -14,6 +14,23 @@ use super::log::sync_dir;
 use super::record::{get_u32, get_u64};
 use crate::store::MetaEntry;
 
+/// Bytes an unprivileged writer may still use on the file system holding `dir` (statvfs).
+pub fn available_bytes(dir: &Path) -> io::Result<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let path = std::ffi::CString::new(dir.as_os_str().as_bytes())
+        .map_err(|_| io::Error::other("the data dir's path holds a NUL byte"))?;
+    let mut st = std::mem::MaybeUninit::<libc::statvfs>::uninit();
+    // SAFETY: `path` is NUL-terminated and `st` is a properly sized out-parameter statvfs(3)
+    // fills completely when it returns 0.
+    let rc = unsafe { libc::statvfs(path.as_ptr(), st.as_mut_ptr()) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: statvfs returned 0, so it initialised `st`.
+    let st = unsafe { st.assume_init() };
+    Ok(st.f_bavail.saturating_mul(st.f_frsize))
+}
+
 /// Replaces `path` with `bytes` (plus a CRC trailer) so that a crash leaves the old or the new
 /// content, never a mix.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {

@@ -806,7 +806,7 @@ impl Store for EmbeddedStore {
             batch: encoded,
             started,
             reply: tx,
-            _permit: permit,
+            permit,
         })?;
         rx.await.map_err(|_| writer_gone())?
     }

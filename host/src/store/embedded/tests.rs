@@ -1410,6 +1410,47 @@ async fn write_queue_byte_limit_refuses_but_takes_a_lone_big_batch() {
 }
 
 #[tokio::test]
+async fn too_little_free_space_refuses_appends_before_the_disk_is_full() {
+    let d = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(T0);
+    let s = open(d.path(), &clock).await;
+    let kept = s
+        .append(vec![msg("Room", 0, None, &[], "kept")])
+        .await
+        .unwrap();
+    s.close().await.unwrap();
+    drop(s);
+    // No disk has this much free: every append is refused, cleanly.
+    let c = StoreConfig {
+        min_free_bytes: u64::MAX / 4,
+        ..cfg(d.path())
+    };
+    let s = EmbeddedStore::open_with(&c, clock.clone(), small())
+        .await
+        .unwrap();
+    let e = s
+        .append(vec![msg("Room", 0, None, &[], "refused")])
+        .await
+        .unwrap_err();
+    assert_eq!(e.code, ErrorCode::ServiceNotAvailable);
+    assert!(e.message.contains("min_free_bytes"), "{}", e.message);
+    assert!(!s.writable());
+    assert_eq!(s.queue_bounds("Room", 0).await.unwrap().max, 1);
+    assert_eq!(body(&s.get(kept[0].id).await.unwrap().unwrap()), "kept");
+    s.close().await.unwrap();
+    drop(s);
+    // Nothing of the refused send was written; the next open appends after "kept".
+    let s = open(d.path(), &clock).await;
+    let next = s
+        .append(vec![msg("Room", 0, None, &[], "after")])
+        .await
+        .unwrap();
+    assert_eq!(next[0].queue_offset, Some(1));
+    assert!(s.writable());
+    s.close().await.unwrap();
+}
+
+#[tokio::test]
 async fn failed_fsync_stops_writes_until_restart_and_recovers_from_the_log() {
     let d = tempfile::tempdir().unwrap();
     let clock = ManualClock::new(T0);

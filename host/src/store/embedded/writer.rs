@@ -36,8 +36,8 @@ pub enum Request {
         batch: EncodedBatch,
         started: Instant,
         reply: oneshot::Sender<Result<Vec<Appended>>>,
-        /// Held until the request is dropped, after its reply.
-        _permit: super::QueuePermit,
+        /// Given back just before the reply, so a caller that has its answer sees the budget free.
+        permit: super::QueuePermit,
     },
     /// Reveal due timers.
     Reveal {
@@ -90,6 +90,11 @@ pub struct Writer {
     last_retention_ms: u64,
     /// A segment was sealed since the last retention pass.
     rolled: bool,
+    /// Free bytes of the data dir's file system at the last reading, when it was taken and
+    /// what the log has taken since (see `check_free_space`).
+    free_at_reading: u64,
+    free_read_at: Instant,
+    appended_since_reading: u64,
     // Per-round scratch, reused.
     cq_ops: Vec<(Arc<ConsumeQueue>, u64, CqEntry)>,
     key_ops: Vec<(u32, u64)>,
@@ -132,7 +137,8 @@ impl Drop for ExitGuard {
 fn fail_all(reqs: Vec<Request>, err: &WharfError) {
     for r in reqs {
         match r {
-            Request::Append { reply, .. } => {
+            Request::Append { reply, permit, .. } => {
+                drop(permit);
                 let _ = reply.send(Err(err.clone()));
             }
             Request::Reveal { reply, .. } => {
@@ -185,6 +191,9 @@ impl Writer {
             fsync_ema_us: 0,
             last_retention_ms: 0,
             rolled: false,
+            free_at_reading: 0,
+            free_read_at: Instant::now(),
+            appended_since_reading: 0,
             cq_ops: Vec::new(),
             key_ops: Vec::new(),
             timer_adds: Vec::new(),
@@ -613,6 +622,21 @@ impl Writer {
             fail_all(reqs, &err);
             return;
         }
+        let appending: u64 = reqs
+            .iter()
+            .map(|r| match r {
+                Request::Append { batch, .. } => batch.buf.len() as u64,
+                _ => 0,
+            })
+            .sum();
+        if appending > 0
+            && let Err(err) = self.check_free_space(appending)
+        {
+            warn!(error = %err, "append round refused: the disk is nearly full");
+            self.sh.set_writable(false);
+            fail_all(reqs, &err);
+            return;
+        }
         let now = self.sh.clock.now_ms().max(self.last_stored_ms);
         let pre_written = self.written;
         let pre_active = self.active.clone();
@@ -682,7 +706,16 @@ impl Writer {
         self.last_reply_at = Instant::now();
         for (r, o) in reqs.into_iter().zip(outcomes) {
             match (r, o) {
-                (Request::Append { reply, started, .. }, Ok(Outcome::Appended(a))) => {
+                (
+                    Request::Append {
+                        reply,
+                        started,
+                        permit,
+                        ..
+                    },
+                    Ok(Outcome::Appended(a)),
+                ) => {
+                    drop(permit);
                     self.sh
                         .stats
                         .appended_messages
@@ -699,6 +732,37 @@ impl Writer {
                 _ => {}
             }
         }
+    }
+
+    /// Refuses a round of `bytes` when the data dir's file system would keep less than
+    /// `[store] min_free_bytes` free. The log stops short of a full disk so that the index writes
+    /// that follow a durable round (which can no longer be refused) always find room, and sends
+    /// resume by themselves once space is freed. The file system is asked again once a second,
+    /// or sooner when what the log wrote since could have used up the margin.
+    fn check_free_space(&mut self, bytes: u64) -> Result<()> {
+        let min = self.sh.config.min_free_bytes;
+        if min == 0 {
+            return Ok(());
+        }
+        let taken = self.appended_since_reading + bytes;
+        let fresh = self.free_read_at.elapsed() < Duration::from_secs(1);
+        if fresh && self.free_at_reading.saturating_sub(taken) >= min.saturating_mul(2) {
+            self.appended_since_reading = taken;
+            return Ok(());
+        }
+        let free = super::files::available_bytes(&self.sh.dir)
+            .map_err(|e| io_unavailable(&self.sh, "read the free space of the data dir", &e))?;
+        self.free_at_reading = free;
+        self.free_read_at = Instant::now();
+        self.appended_since_reading = 0;
+        if free < min.saturating_add(bytes) {
+            return Err(WharfError::unavailable(format!(
+                "the disk holding {} has {free} bytes free, under [store] min_free_bytes = {min};                  nothing of this send was stored — free space (or lower retention_hours) and sends                  resume without a restart",
+                self.sh.dir.display()
+            )));
+        }
+        self.appended_since_reading = bytes;
+        Ok(())
     }
 
     /// Makes room for a record of `len` bytes, rolling to a new segment when the active one is
@@ -774,6 +838,7 @@ impl Writer {
         self.active = seg.clone();
         self.written = 0;
         self.rolled = true;
+        crate::crashpoint::reached(crate::crashpoint::SEGMENT_ROLL);
         Ok(seg)
     }
 
@@ -1134,32 +1199,42 @@ impl Writer {
             self.rolled = false;
             self.force_checkpoint = true;
         }
-        for seg in self.sh.log.segments() {
-            if seg.base == self.active.base {
-                continue;
-            }
-            let Some(info) = self.seg_info.get(&seg.base).copied() else {
-                continue;
-            };
-            if info.pending_timers > 0 || info.max_stored_ms.saturating_add(keep_ms) > now_ms {
-                continue;
-            }
-            let bytes = seg.len.load(Ordering::Acquire);
-            self.sh.log.remove(seg.base).map_err(|e| {
-                WharfError::internal(format!("deleting segment {}: {e}", seg.path.display()))
-            })?;
-            self.seg_info.remove(&seg.base);
-            report.segments_deleted += 1;
-            report.bytes_freed += bytes;
-            debug!(segment = seg.base, bytes, "retention deleted a segment");
-        }
-        if report.segments_deleted > 0 {
+        let doomed: Vec<_> = self
+            .sh
+            .log
+            .segments()
+            .into_iter()
+            .filter(|seg| {
+                seg.base != self.active.base
+                    && self.seg_info.get(&seg.base).is_some_and(|info| {
+                        info.pending_timers == 0
+                            && info.max_stored_ms.saturating_add(keep_ms) <= now_ms
+                    })
+            })
+            .collect();
+        if !doomed.is_empty() {
             let log = &self.sh.log;
+            // Queue minimums move first, so no reader is ever told an offset is there whose
+            // record is already gone.
+            let kept = |pos: u64| {
+                log.segment_of(pos)
+                    .is_some_and(|s| doomed.iter().all(|d| d.base != s.base))
+            };
             for q in self.sh.queues.all() {
-                q.advance_min(|pos| log.segment_of(pos).is_some())
-                    .map_err(|e| {
-                        WharfError::internal(format!("moving a consume queue's min offset: {e}"))
-                    })?;
+                q.advance_min(kept).map_err(|e| {
+                    WharfError::internal(format!("moving a consume queue's min offset: {e}"))
+                })?;
+            }
+            for seg in &doomed {
+                let bytes = seg.len.load(Ordering::Acquire);
+                log.remove(seg.base).map_err(|e| {
+                    WharfError::internal(format!("deleting segment {}: {e}", seg.path.display()))
+                })?;
+                self.seg_info.remove(&seg.base);
+                report.segments_deleted += 1;
+                report.bytes_freed += bytes;
+                debug!(segment = seg.base, bytes, "retention deleted a segment");
+                crate::crashpoint::reached(crate::crashpoint::RETENTION);
             }
             self.sh
                 .keys
