@@ -88,7 +88,15 @@ pub async fn run(args: LongpollArgs) -> anyhow::Result<()> {
 
     // Warm-up: files created, pages touched, tasks scheduled; not measured.
     let warm = (args.messages / 50).clamp(1, 2_000);
-    send_concurrently(&broker, SEND_TOPIC, warm, args.concurrency, 1, &body).await?;
+    send_concurrently(
+        std::slice::from_ref(&broker),
+        SEND_TOPIC,
+        warm,
+        args.concurrency,
+        1,
+        &body,
+    )
+    .await?;
 
     let (none_secs, mut none_lat) = timed(&broker, &args, &body).await?;
 
@@ -180,8 +188,15 @@ async fn timed(
     body: &Bytes,
 ) -> anyhow::Result<(f64, Vec<u32>)> {
     let started = Instant::now();
-    let lat =
-        send_concurrently(broker, SEND_TOPIC, args.messages, args.concurrency, 1, body).await?;
+    let lat = send_concurrently(
+        std::slice::from_ref(broker),
+        SEND_TOPIC,
+        args.messages,
+        args.concurrency,
+        1,
+        body,
+    )
+    .await?;
     Ok((started.elapsed().as_secs_f64(), lat))
 }
 

@@ -3,18 +3,24 @@
 //! C tasks each send one message (or `--batch` messages) at a time and wait for the
 //! acknowledgement, like C synchronous producers; with `--flush sync` every acknowledgement means
 //! fsynced, so throughput shows how well concurrent appends share fsyncs.
+//!
+//! With `--postgres`, `--hosts N` opens N brokers on the one database, each with its own pool and
+//! writer as N `wharf serve` processes would have, and spreads the senders over them; `--consume`
+//! then drains everything sent with clustering consumers on every host (the hosts split the
+//! queues through their leases) and prints the consume rate.
 
 use std::fmt;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::bail;
 use bytes::Bytes;
 
-use super::util::{ScratchDir, open_broker, open_broker_on, parse_flush};
+use super::util::{ScratchDir, create_consumer_group, open_broker, open_broker_on, parse_flush};
 use crate::broker::api::BrokerApi;
+use crate::broker::consume::{InstanceSpec, Outcome, Subscription};
 use crate::broker::{OutgoingMessage, TopicSpec, TopicType};
 use crate::store::{Backend, FlushMode, PostgresConfig, StoreConfig};
 
@@ -50,7 +56,21 @@ pub struct SendArgs {
     /// How long the pgbench comparison runs, in seconds (with --postgres).
     #[arg(long, default_value_t = 10)]
     pub pgbench_secs: u64,
+    /// Hosts sharing the PostgreSQL database (with --postgres): senders are spread over them.
+    #[arg(long, default_value_t = 1)]
+    pub hosts: usize,
+    /// Afterwards drain every message sent with clustering consumers, `--instances` per host.
+    #[arg(long)]
+    pub consume: bool,
+    /// Consumer instances per host (with --consume).
+    #[arg(long, default_value_t = 4)]
+    pub instances: usize,
 }
+
+/// Consumer group of `--consume`.
+const CONSUME_GROUP: &str = "GID_bench_send";
+/// Most messages one receive of `--consume` takes.
+const CONSUME_MAX: usize = 256;
 
 /// Latency percentiles of one run, from exact per-operation samples.
 #[derive(Debug, Clone, Copy, Default)]
@@ -107,10 +127,11 @@ impl fmt::Display for LatencySummary {
     }
 }
 
-/// Sends `total` messages of `body` from `concurrency` tasks, `batch` per call, each waiting for
-/// its acknowledgement before the next; returns every call's latency (µs).
+/// Sends `total` messages of `body` from `concurrency` tasks (task i through `brokers[i % n]`),
+/// `batch` per call, each waiting for its acknowledgement before the next; returns every call's
+/// latency (µs).
 pub async fn send_concurrently(
-    broker: &BrokerApi,
+    brokers: &[BrokerApi],
     topic: &'static str,
     total: u64,
     concurrency: usize,
@@ -119,8 +140,8 @@ pub async fn send_concurrently(
 ) -> anyhow::Result<Vec<u32>> {
     let next = Arc::new(AtomicU64::new(0));
     let mut tasks = Vec::with_capacity(concurrency);
-    for _ in 0..concurrency {
-        let (broker, next) = (broker.clone(), next.clone());
+    for i in 0..concurrency {
+        let (broker, next) = (brokers[i % brokers.len()].clone(), next.clone());
         let msgs = bench_messages(body, batch);
         tasks.push(tokio::spawn(async move {
             let mut lat_us: Vec<u32> = Vec::new();
@@ -159,23 +180,26 @@ pub async fn run(args: SendArgs) -> anyhow::Result<()> {
     if args.messages == 0 || args.concurrency == 0 || args.size == 0 || args.batch == 0 {
         bail!("--messages, --concurrency, --size and --batch must be at least 1");
     }
+    if args.hosts == 0 || (args.hosts > 1 && args.postgres.is_none()) {
+        bail!(
+            "--hosts must be at least 1, and more than 1 only with --postgres (hosts share a database, not a data dir)"
+        );
+    }
+    if args.consume && args.instances == 0 {
+        bail!("--instances must be at least 1 with --consume");
+    }
     let scratch = ScratchDir::new(args.data_dir.as_deref(), "wharf-bench")?;
     let dir = scratch.path();
     let (broker, store, _clock) = match &args.postgres {
         None => open_broker(dir, args.flush).await?,
-        Some(url) => {
-            let config = StoreConfig {
-                backend: Backend::Postgres,
-                flush: args.flush,
-                postgres: PostgresConfig {
-                    url: url.clone(),
-                    ..PostgresConfig::default()
-                },
-                ..StoreConfig::default()
-            };
-            open_broker_on(&config).await?
-        }
+        Some(url) => open_broker_on(&postgres_config(url, args.flush)).await?,
     };
+    let mut hosts = vec![broker.clone()];
+    if let Some(url) = &args.postgres {
+        for _ in 1..args.hosts {
+            hosts.push(open_broker_on(&postgres_config(url, args.flush)).await?.0);
+        }
+    }
     let topic = "BenchSend";
     if broker.topic(topic).is_err() {
         broker
@@ -185,6 +209,12 @@ pub async fn run(args: SendArgs) -> anyhow::Result<()> {
                 queues: Some(args.queues),
             })
             .await?;
+    }
+    for h in &hosts[1..] {
+        h.refresh_registry().await?;
+    }
+    if args.consume {
+        prepare_consumers(&hosts, topic, args.instances).await?;
     }
     let body = Bytes::from(vec![b'x'; args.size]);
 
@@ -199,7 +229,7 @@ pub async fn run(args: SendArgs) -> anyhow::Result<()> {
     let before = store.stats();
     let started = Instant::now();
     let mut all = send_concurrently(
-        &broker,
+        &hosts,
         topic,
         args.messages,
         args.concurrency,
@@ -220,8 +250,8 @@ pub async fn run(args: SendArgs) -> anyhow::Result<()> {
         None => format!("dir={}", dir.display()),
     };
     println!(
-        "bench send: {place} flush={:?} messages={} concurrency={} size={} B batch={}",
-        args.flush, args.messages, args.concurrency, args.size, args.batch
+        "bench send: {place} flush={:?} hosts={} messages={} concurrency={} size={} B batch={}",
+        args.flush, args.hosts, args.messages, args.concurrency, args.size, args.batch
     );
     println!(
         "  msgs/s {:>10.0}   body MB/s {:>8.1}   elapsed {:.2}s",
@@ -239,7 +269,21 @@ pub async fn run(args: SendArgs) -> anyhow::Result<()> {
             after.fsync_latency_us.quantile(0.99)
         );
     }
-    broker.shutdown().await?;
+    if args.consume {
+        let total = (warm.div_ceil(args.batch) * args.batch) as u64 + args.messages;
+        let (secs, per_host) = drain(&hosts, args.instances, total).await?;
+        let spread: Vec<String> = per_host.iter().map(|n| n.to_string()).collect();
+        println!(
+            "  consume {:>10.0} msgs/s   ({total} messages settled by {} instances on {} hosts in {secs:.2}s; per host {})",
+            total as f64 / secs,
+            args.instances * hosts.len(),
+            hosts.len(),
+            spread.join(" / ")
+        );
+    }
+    for h in hosts.iter().rev() {
+        h.shutdown().await?;
+    }
     if let Some(url) = &args.postgres {
         let d = std::time::Duration::from_secs(args.pgbench_secs);
         let tps = super::pgbench::insert_rate(url, args.concurrency, args.size, d).await?;
@@ -252,6 +296,103 @@ pub async fn run(args: SendArgs) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+fn postgres_config(url: &str, flush: FlushMode) -> StoreConfig {
+    StoreConfig {
+        backend: Backend::Postgres,
+        flush,
+        postgres: PostgresConfig {
+            url: url.to_string(),
+            ..PostgresConfig::default()
+        },
+        ..StoreConfig::default()
+    }
+}
+
+/// The `--consume` group, created before anything is sent so it starts at the beginning, with
+/// `instances` registered consumers on every host.
+async fn prepare_consumers(
+    hosts: &[BrokerApi],
+    topic: &str,
+    instances: usize,
+) -> anyhow::Result<()> {
+    if hosts[0].group(CONSUME_GROUP).is_err() {
+        create_consumer_group(&hosts[0], CONSUME_GROUP).await?;
+    }
+    for (h, broker) in hosts.iter().enumerate() {
+        broker.refresh_registry().await?;
+        for i in 0..instances {
+            broker
+                .register_consumer(InstanceSpec {
+                    group: CONSUME_GROUP.into(),
+                    instance_id: format!("bench-h{h}-{i}"),
+                    address: "in-process".into(),
+                    pid: Some(std::process::id()),
+                    subscriptions: vec![Subscription {
+                        topic: topic.into(),
+                        expression: "*".into(),
+                    }],
+                })
+                .await?;
+        }
+    }
+    Ok(())
+}
+
+/// Receives and commits until `total` messages are settled over all hosts; returns the seconds
+/// it took and how many each host settled.
+async fn drain(
+    hosts: &[BrokerApi],
+    instances: usize,
+    total: u64,
+) -> anyhow::Result<(f64, Vec<u64>)> {
+    let settled = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for (h, broker) in hosts.iter().enumerate() {
+        for i in 0..instances {
+            let (broker, settled) = (broker.clone(), settled.clone());
+            tasks.push((
+                h,
+                tokio::spawn(async move {
+                    let id = format!("bench-h{h}-{i}");
+                    let mut mine = 0u64;
+                    let mut idle_since = Instant::now();
+                    while settled.load(Ordering::Relaxed) < total {
+                        let got = broker
+                            .receive(CONSUME_GROUP, &id, CONSUME_MAX, Duration::from_millis(50))
+                            .await?;
+                        if got.is_empty() {
+                            if idle_since.elapsed() > Duration::from_secs(30) {
+                                bail!(
+                                    "consume stalled at {} of {total} messages",
+                                    settled.load(Ordering::Relaxed)
+                                );
+                            }
+                            continue;
+                        }
+                        idle_since = Instant::now();
+                        let batch: Vec<_> = got
+                            .into_iter()
+                            .map(|d| (d.token, Outcome::CommitMessage))
+                            .collect();
+                        for r in broker.settle_batch(CONSUME_GROUP, &batch).await? {
+                            r?;
+                            mine += 1;
+                            settled.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                    Ok::<_, anyhow::Error>(mine)
+                }),
+            ));
+        }
+    }
+    let mut per_host = vec![0u64; hosts.len()];
+    for (h, t) in tasks {
+        per_host[h] += t.await??;
+    }
+    Ok((started.elapsed().as_secs_f64(), per_host))
 }
 
 #[cfg(test)]

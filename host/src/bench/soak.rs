@@ -39,8 +39,9 @@ pub struct SoakArgs {
     /// How long the closed-loop capacity probe runs, in seconds.
     #[arg(long, default_value_t = 5)]
     pub probe_secs: u64,
-    /// Concurrent senders of the capacity probe.
-    #[arg(long, default_value_t = 64)]
+    /// Concurrent senders of the capacity probe: enough that group commit is saturated (with
+    /// 64 the store still has headroom, and 4× "capacity" would not overload it).
+    #[arg(long, default_value_t = 1024)]
     pub probe_concurrency: usize,
     /// Body size of each message, in bytes.
     #[arg(long, default_value_t = 1024)]
