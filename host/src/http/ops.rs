@@ -71,6 +71,13 @@ pub async fn metrics(State(st): State<Shared>) -> Response {
     );
     gauge(
         &mut out,
+        "wharf_store_moved_timers_total",
+        "counter",
+        "Timer messages copied forward so retention never waits for a pending timer.",
+        s.moved_timers,
+    );
+    gauge(
+        &mut out,
         "wharf_store_writable",
         "gauge",
         "1 while the store can take writes.",

@@ -110,6 +110,8 @@ pub struct RetentionReport {
     pub segments_deleted: u64,
     /// Bytes freed.
     pub bytes_freed: u64,
+    /// Pending timer messages copied forward out of the deleted segments.
+    pub timers_moved: u64,
 }
 
 /// Counters and latency histograms for `/metrics`.
@@ -125,6 +127,8 @@ pub struct StoreStats {
     pub disk_bytes: u64,
     /// Timer messages not yet visible.
     pub pending_timers: u64,
+    /// Timer messages copied forward since start, so retention never waits for a timer.
+    pub moved_timers: u64,
     /// Latency of one append call (write + fsync when sync), microseconds.
     pub append_latency_us: HistogramSnapshot,
     /// Latency of one fsync, microseconds.

@@ -532,12 +532,22 @@ impl Queues {
 
     /// Every queue, held-timer queues included.
     pub fn all(&self) -> Vec<Arc<ConsumeQueue>> {
+        let mut all = self.consumable();
+        all.extend(self.held_all());
+        all
+    }
+
+    /// Every consumable queue (no held-timer queues).
+    pub fn consumable(&self) -> Vec<Arc<ConsumeQueue>> {
         let topics: Vec<_> = self.topics.read().values().cloned().collect();
-        let mut all: Vec<_> = topics
+        topics
             .iter()
             .flat_map(|t| t.read().values().cloned().collect::<Vec<_>>())
-            .collect();
-        all.extend(self.held.read().values().cloned());
-        all
+            .collect()
+    }
+
+    /// Every held-timer queue.
+    pub fn held_all(&self) -> Vec<Arc<ConsumeQueue>> {
+        self.held.read().values().cloned().collect()
     }
 }

@@ -188,7 +188,8 @@ pub struct Checkpoint {
 pub struct SegmentInfo {
     /// Newest store time of a record in the segment.
     pub max_stored_ms: u64,
-    /// Held timers whose message record is in the segment (blocks retention).
+    /// Held timers whose message record is in the segment (retention moves them forward
+    /// before it deletes the segment).
     pub pending_timers: u64,
 }
 

@@ -4,7 +4,9 @@
 //! - `log/{position:020}.log` — message log segments (the source of truth);
 //! - `cq/{topic}/{queue}/{offset:020}.cq` — consume queues (32-byte entries);
 //! - `cq/{topic}/held/{offset:020}.cq` — every timer message of the topic, by store time;
-//! - `keys/{position:020}.idx` — key index (hash slots + chained entries);
+//! - `keys/{position:020}.idx` — key index (hash slots + chained entries; a moved timer message is
+//!   also filed under its origin position with the reserved topic `%MOVED%`, so its original id
+//!   still finds it once the segment it was first stored in is gone);
 //! - `timers/{bucket}.tmr|.done` — pending timers by deliver-time bucket;
 //! - `checkpoint` — log position every index covers (replayed from on open), index format;
 //! - `meta/{namespace-hex}.meta` (values with versions), `offsets`, `node_id`, `boot`, `LOCK`.
@@ -197,6 +199,8 @@ impl Drop for QueuePermit {
 struct Counters {
     appended_messages: AtomicU64,
     appended_bytes: AtomicU64,
+    /// Timer messages copied forward (by retention, or when revealed from an older segment).
+    moved_timers: AtomicU64,
     append_latency: Histogram,
     fsync_latency: Histogram,
 }
@@ -309,6 +313,44 @@ impl Shared {
                 self.fail_writes.store(n - 1, Ordering::Release);
                 return Err(io::Error::from_raw_os_error(28));
             }
+        }
+        Ok(())
+    }
+
+    /// Where the message first stored at `origin` is now that it was moved forward: the
+    /// newest record the key index files under its relocation hash whose move block names
+    /// `origin` (hash collisions and stale entries are skipped). Returns (position, record).
+    fn relocated(&self, origin: u64) -> io::Result<Option<(u64, bytes::Bytes)>> {
+        let mut found = None;
+        self.keys
+            .lookup(record::moved_hash(origin), MAX_KEY_STEPS, |pos| {
+                if let Some(rec) = self.log.read_record(pos, None)
+                    && record::moved_of(&rec).is_some_and(|m| m.origin == origin)
+                {
+                    found = Some((pos, rec));
+                    return false;
+                }
+                true
+            })?;
+        Ok(found)
+    }
+
+    /// Moves every queue's min past the entries whose message is gone (`kept` says which
+    /// positions stay). A held-queue entry stays while its timer's moved copy is kept, so a
+    /// time query still lists a moved timer.
+    fn advance_mins(&self, kept: impl Fn(u64) -> bool) -> io::Result<()> {
+        for q in self.queues.consumable() {
+            q.advance_min(&kept)?;
+        }
+        for q in self.queues.held_all() {
+            q.advance_min(|pos| {
+                kept(pos)
+                    || self
+                        .relocated(pos)
+                        .ok()
+                        .flatten()
+                        .is_some_and(|(at, _)| kept(at))
+            })?;
         }
         Ok(())
     }
@@ -503,12 +545,10 @@ impl EmbeddedStore {
             stall: Mutex::new(()),
         });
         let mut w = Writer::new(sh.clone(), active, timers, seg_info, from);
-        w.replay(from).map_err(|e| fail("rebuilding indexes", e))?;
-        let log_ref = &sh.log;
-        for q in sh.queues.all() {
-            q.advance_min(|pos| log_ref.segment_of(pos).is_some())
-                .map_err(|e| fail("reading consume queues", e))?;
-        }
+        w.replay(from, !full)
+            .map_err(|e| fail("rebuilding indexes", e))?;
+        sh.advance_mins(|pos| sh.log.segment_of(pos).is_some())
+            .map_err(|e| fail("reading consume queues", e))?;
         w.checkpoint()
             .map_err(|e| fail("writing the index checkpoint", e))?;
         let handle = std::thread::Builder::new()
@@ -586,13 +626,27 @@ impl EmbeddedStore {
         record::decode_message(rec, self.sh.node)
     }
 
-    /// Fills in the queue offset of a message stored as a timer, once it has been revealed.
-    fn with_revealed_offset(&self, mut m: StoredMessage) -> Result<StoredMessage> {
+    /// The message first stored at `pos`, read there or, once retention moved it forward, at
+    /// its moved copy; with the position its record is read from.
+    fn locate(&self, pos: u64) -> Result<Option<(u64, StoredMessage)>> {
+        if let Some(m) = self.read_message(pos, None) {
+            return Ok(Some((pos, m)));
+        }
+        let moved = self
+            .sh
+            .relocated(pos)
+            .map_err(|e| read_err("the key index", e))?;
+        Ok(moved.and_then(|(at, rec)| record::decode_message(rec, self.sh.node).map(|m| (at, m))))
+    }
+
+    /// Fills in the queue offset of a message stored as a timer (its record at `at`), once it
+    /// has been revealed.
+    fn with_revealed_offset(&self, mut m: StoredMessage, at: u64) -> Result<StoredMessage> {
         if m.queue_offset.is_none()
-            && let Some(at) = m.deliver_at_ms
+            && let Some(deliver) = m.deliver_at_ms
         {
             m.queue_offset = self
-                .revealed_offset(&m.topic, m.queue_id, at, m.id.position())
+                .revealed_offset(&m.topic, m.queue_id, deliver, at)
                 .map_err(|e| read_err("a consume queue", e))?;
         }
         Ok(m)
@@ -815,18 +869,15 @@ impl Store for EmbeddedStore {
         if id.node() != self.sh.node {
             return Ok(None);
         }
-        let Some(m) = self
-            .read_message(id.position(), None)
-            .filter(|m| m.stored_ms == id.stored_ms())
-        else {
-            return Ok(None);
-        };
-        self.with_revealed_offset(m).map(Some)
+        match self.locate(id.position())? {
+            Some((at, m)) if m.id == id => self.with_revealed_offset(m, at).map(Some),
+            _ => Ok(None),
+        }
     }
 
     async fn get_by_position(&self, position: u64) -> Result<Option<StoredMessage>> {
-        match self.read_message(position, None) {
-            Some(m) => self.with_revealed_offset(m).map(Some),
+        match self.locate(position)? {
+            Some((at, m)) => self.with_revealed_offset(m, at).map(Some),
             None => Ok(None),
         }
     }
@@ -836,15 +887,17 @@ impl Store for EmbeddedStore {
         if limit == 0 {
             return Ok(out);
         }
+        // By id: a moved timer and the record it was copied from can both be in the log for a
+        // moment (a retention pass deletes the old one right after).
         let mut seen = HashSet::new();
         let hash = record::key_hash(topic, key);
         self.sh
             .keys
             .lookup(hash, MAX_KEY_STEPS, |pos| {
-                if seen.insert(pos)
-                    && let Some(m) = self.read_message(pos, None)
+                if let Some(m) = self.read_message(pos, None)
                     && m.topic == topic
                     && m.keys.iter().any(|k| k == key)
+                    && seen.insert(m.id)
                 {
                     out.push(m);
                 }
@@ -923,16 +976,24 @@ impl Store for EmbeddedStore {
             }
             consumed += 1;
             last = Some(*k);
-            let Some(mut m) = self.read_message(k.1, Some(*size)) else {
+            let found = match self.read_message(k.1, Some(*size)) {
+                Some(m) => Some((k.1, m)),
+                // A held entry of a timer that retention moved forward: read the copy.
+                None if at.is_none() => self.locate(k.1)?,
+                None => None,
+            };
+            let Some((rec_at, mut m)) = found else {
                 continue;
             };
             if !(begin_ms..=end_ms).contains(&m.stored_ms) || m.topic != topic {
                 continue;
             }
             match at {
+                // A timer copied forward as it was revealed is listed from the held queue.
+                Some(_) if m.id.position() != rec_at => continue,
                 Some((qid, off)) if m.queue_id == *qid => m.queue_offset = Some(*off),
                 Some(_) => continue,
-                None => m = self.with_revealed_offset(m)?,
+                None => m = self.with_revealed_offset(m, rec_at)?,
             }
             messages.push(m);
         }
@@ -1186,6 +1247,7 @@ impl Store for EmbeddedStore {
             segments,
             disk_bytes: log_bytes + cq_bytes + self.sh.keys.disk_bytes(),
             pending_timers: self.sh.pending_timers.load(Ordering::Relaxed),
+            moved_timers: self.sh.stats.moved_timers.load(Ordering::Relaxed),
             append_latency_us: self.sh.stats.append_latency.snapshot(),
             fsync_latency_us: self.sh.stats.fsync_latency.snapshot(),
         }

@@ -3,7 +3,10 @@
 //! Format versions: byte `O_VERSION` of the header holds the record format. Format 1 records
 //! (written before the byte existed) have a zero there, because the header's tail was padding;
 //! they are read unchanged. Format 2 (written now) adds the optional RocketMQ wire block
-//! (`F_WIRE`) and the segment header record (`KIND_SEGMENT`). A record of a newer format than
+//! (`F_WIRE`) and the segment header record (`KIND_SEGMENT`). Format 3 adds the moved record
+//! (`F_MOVED`): a timer message copied forward out of a segment retention deletes, carrying its
+//! origin position (and the time of the move) in a block between properties and wire block, so
+//! it reads back with its original id. A record of a newer format than
 //! [`RECORD_FORMAT`] is never decoded as something else: it reads as absent.
 //!
 //! Every record starts with its total length and a CRC32C over everything after the CRC, so a
@@ -32,7 +35,7 @@ pub const KIND_REVEAL: u8 = 2;
 pub const KIND_SEGMENT: u8 = 3;
 
 /// Record format written now.
-pub const RECORD_FORMAT: u8 = 2;
+pub const RECORD_FORMAT: u8 = 3;
 /// Segment format written now: segments start with a `KIND_SEGMENT` record. Format 1 segments
 /// (no header record) are read unchanged.
 pub const SEGMENT_FORMAT: u8 = 2;
@@ -46,6 +49,22 @@ pub const F_HELD: u8 = 4;
 /// A wire block (flag, sys flag, born and store host) sits between properties and body
 /// (format 2 on; absent when every wire field is unset, so plain messages cost nothing).
 pub const F_WIRE: u8 = 8;
+/// A moved timer message (format 3 on): a move block (origin position u64 | source position
+/// u64 | move time u64) sits between properties and wire block. The origin is where the message
+/// was first stored (its id names it), the source the record it was copied from (the origin,
+/// or an earlier move).
+pub const F_MOVED: u8 = 16;
+/// Bytes of the move block.
+pub const MOVE_BLOCK: usize = 24;
+
+/// Topic under which a moved record is filed in the key index, keyed by its origin position.
+/// It contains '%' and no system prefix, so no real topic (user or `%RETRY%`/`%DLQ%`) has it.
+pub const MOVED_TOPIC: &str = "%MOVED%";
+
+/// Key-index hash of the moves of the record that was at `origin`.
+pub fn moved_hash(origin: u64) -> u32 {
+    key_hash(MOVED_TOPIC, &origin.to_string())
+}
 
 /// Offset of the total record length (u32).
 pub const O_LEN: usize = 0;
@@ -534,6 +553,84 @@ impl<'a> Cursor<'a> {
     }
 }
 
+/// Offset just past the property list of a message record (where the move block or the wire
+/// block starts), or `None` when the record is malformed.
+fn props_end(r: &[u8]) -> Option<usize> {
+    let mut c = Cursor { b: r, at: HEADER };
+    c.take(get_u16(r, O_TOPIC_LEN) as usize + get_u16(r, O_TAG_LEN) as usize)?;
+    for _ in 0..get_u16(r, O_KEYS) {
+        let n = c.u16()?;
+        c.take(n)?;
+    }
+    for _ in 0..get_u16(r, O_PROPS) {
+        let kn = c.u16()?;
+        c.take(kn)?;
+        let vn = c.u16()?;
+        c.take(vn)?;
+    }
+    Some(c.at)
+}
+
+/// The move block of a moved message record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Moved {
+    /// Position the message was first stored at (part of its id).
+    pub origin: u64,
+    /// Position of the record this one was copied from.
+    pub source: u64,
+    /// When it was copied.
+    pub moved_ms: u64,
+}
+
+/// The move block of a validated record; `None` for anything but a moved message record
+/// (every record of format 1 or 2).
+pub fn moved_of(r: &[u8]) -> Option<Moved> {
+    let h = Header::parse(r);
+    if h.kind != KIND_MESSAGE || h.format < 3 || h.flags & F_MOVED == 0 {
+        return None;
+    }
+    let at = props_end(r)?;
+    let b = r.get(at..at + MOVE_BLOCK)?;
+    Some(Moved {
+        origin: get_u64(b, 0),
+        source: get_u64(b, 8),
+        moved_ms: get_u64(b, 16),
+    })
+}
+
+/// Appends to `out` the moved copy of the validated message record `rec` (which sits at
+/// `rec_pos`), moved at `moved_ms`: same fields, origin kept when `rec` is itself a move. The
+/// copy is in the current format and unsealed; the caller positions it with [`finish`] (held
+/// flag cleared here, set again by `finish` when the copy stays held). Returns its length.
+pub fn encode_moved(out: &mut Vec<u8>, rec: &[u8], rec_pos: u64, moved_ms: u64) -> Option<usize> {
+    let at = props_end(rec)?;
+    let (origin, rest) = match moved_of(rec) {
+        Some(m) => (m.origin, at + MOVE_BLOCK),
+        None => (rec_pos, at),
+    };
+    let start = out.len();
+    out.extend_from_slice(&rec[..at]);
+    out.extend_from_slice(&origin.to_le_bytes());
+    out.extend_from_slice(&rec_pos.to_le_bytes());
+    out.extend_from_slice(&moved_ms.to_le_bytes());
+    out.extend_from_slice(rec.get(rest..)?);
+    let len = out.len() - start;
+    let r = &mut out[start..];
+    put_u32(r, O_LEN, len as u32);
+    r[O_FLAGS] = (r[O_FLAGS] | F_MOVED) & !F_HELD;
+    r[O_VERSION] = RECORD_FORMAT;
+    Some(len)
+}
+
+/// Length of the moved copy [`encode_moved`] makes of `rec`.
+pub fn moved_len(rec: &[u8]) -> usize {
+    if moved_of(rec).is_some() {
+        rec.len()
+    } else {
+        rec.len() + MOVE_BLOCK
+    }
+}
+
 /// Key strings of a validated message record (for rebuilding the key index).
 pub fn keys_of(r: &[u8]) -> Vec<&str> {
     let mut out = Vec::new();
@@ -557,8 +654,9 @@ pub fn keys_of(r: &[u8]) -> Vec<&str> {
     out
 }
 
-/// Decodes a validated message record of format 1 or 2 (owned bytes, so the body is shared,
-/// not copied). Returns `None` for any other kind, a newer format, or a malformed body.
+/// Decodes a validated message record of format 1 to 3 (owned bytes, so the body is shared,
+/// not copied). Returns `None` for any other kind, a newer format, or a malformed body. A moved
+/// record decodes with the id of its origin.
 pub fn decode_message(rec: Bytes, node: u16) -> Option<StoredMessage> {
     let r = &rec[..];
     let h = Header::parse(r);
@@ -585,6 +683,11 @@ pub fn decode_message(rec: Bytes, node: u16) -> Option<StoredMessage> {
         let v = c.str(vn)?;
         properties.insert(k, v);
     }
+    let mut id_pos = h.pos;
+    if h.format >= 3 && h.flags & F_MOVED != 0 {
+        let b = c.take(MOVE_BLOCK)?;
+        id_pos = get_u64(b, 0);
+    }
     let wire = if h.flags & F_WIRE != 0 {
         c.wire()?
     } else {
@@ -597,7 +700,7 @@ pub fn decode_message(rec: Bytes, node: u16) -> Option<StoredMessage> {
     }
     let body = rec.slice(body_start..body_start + body_len);
     Some(StoredMessage {
-        id: MessageId::new(h.stored_ms, node, h.pos),
+        id: MessageId::new(h.stored_ms, node, id_pos),
         topic,
         queue_id: h.queue_id,
         queue_offset: (h.queue_offset != NO_OFFSET).then_some(h.queue_offset),
@@ -702,6 +805,49 @@ mod tests {
         encode_segment_header(&mut seg, 4096, 3);
         assert_eq!(validate(&seg, 4096), Ok(HEADER));
         assert!(decode_message(Bytes::from(seg), 1).is_none());
+    }
+
+    #[test]
+    fn a_moved_record_reads_back_with_its_origin_id() {
+        let wire = WireInfo {
+            flag: 3,
+            sys_flag: 1,
+            born_host: Some("10.0.0.1:5".parse().unwrap()),
+            store_host: None,
+        };
+        let b = EncodedBatch::encode(&[NewMessage { wire, ..msg() }]).unwrap();
+        let mut orig = b.buf.clone();
+        finish(&mut orig, 4096, 77, NO_OFFSET, true);
+        assert!(moved_of(&orig).is_none());
+        let mut out = Vec::new();
+        let len = encode_moved(&mut out, &orig, 4096, 500).unwrap();
+        assert_eq!(len, moved_len(&orig));
+        finish(&mut out, 90_000, 77, NO_OFFSET, true);
+        assert_eq!(validate(&out, 90_000), Ok(len));
+        let h = Header::parse(&out);
+        assert!(h.held() && h.format == RECORD_FORMAT);
+        let mv = moved_of(&out).unwrap();
+        assert_eq!((mv.origin, mv.source, mv.moved_ms), (4096, 4096, 500));
+        assert_eq!(keys_of(&out), vec!["k1", "k2"]);
+        let m = decode_message(Bytes::from(out.clone()), 7).unwrap();
+        let o = decode_message(Bytes::from(orig), 7).unwrap();
+        assert_eq!(m, o, "a moved copy is the same message, id included");
+        assert_eq!(m.id, MessageId::new(77, 7, 4096));
+        // Moved again (revealed as it moves): the origin stays, the source is the copy.
+        let mut again = Vec::new();
+        encode_moved(&mut again, &out, 90_000, 900).unwrap();
+        finish(&mut again, 200_000, 77, 4, false);
+        let mv = moved_of(&again).unwrap();
+        assert_eq!((mv.origin, mv.source, mv.moved_ms), (4096, 90_000, 900));
+        assert!(!Header::parse(&again).held());
+        let m2 = decode_message(Bytes::from(again), 7).unwrap();
+        assert_eq!((m2.id, m2.queue_offset), (m.id, Some(4)));
+        // The flag means nothing in older formats: such a record is never read as moved.
+        let mut old = b.buf.clone();
+        old[O_VERSION] = 2;
+        old[O_FLAGS] |= F_MOVED;
+        finish(&mut old, 8, 2, 1, false);
+        assert!(moved_of(&old).is_none());
     }
 
     fn any_message() -> impl proptest::strategy::Strategy<Value = NewMessage> {

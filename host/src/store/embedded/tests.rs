@@ -1045,9 +1045,12 @@ async fn far_future_timers_share_coarse_buckets_and_keep_order() {
         assert_eq!(s.next_timer_ms(), Some(T0 + t));
         clock.set(T0 + t);
         assert_eq!(s.reveal_due(T0 + t, 100).await.unwrap(), 1);
-    }
-    for m in read_all(&s, "Tiers", 0).await {
-        order.push(body(&m));
+        // Read each as it fires: retention (3 days) deletes the early ones days before the last.
+        let next = order.len() as u64;
+        let r = s.read_queue("Tiers", 0, next, 10, None).await.unwrap();
+        assert_eq!(r.messages.len(), 1, "at +{t} ms");
+        assert_eq!(r.messages[0].queue_offset, Some(next));
+        order.push(body(&r.messages[0]));
     }
     assert_eq!(order, vec!["m1", "h3", "h3b", "h30", "d4b", "d4", "d10"]);
     clock.set(T0 + 40 * 24 * h);
@@ -1545,5 +1548,316 @@ async fn retention_seals_an_expired_active_segment_within_a_minute_and_restart_k
         .unwrap();
     assert_eq!(next[0].queue_offset, Some(1));
     assert!(next[0].id.position() > old[0].id.position());
+    s.close().await.unwrap();
+}
+
+const HOUR: u64 = 3_600_000;
+const DAY: u64 = 24 * HOUR;
+
+/// One-hour retention, small segments.
+fn short_retention(dir: &Path) -> StoreConfig {
+    StoreConfig {
+        retention_hours: 1,
+        ..cfg(dir)
+    }
+}
+
+/// Fills about three 16 KiB segments of topic `Fill` with two keyed timers inside (3 and 40
+/// days ahead); returns their ids and the segment files they were stored in.
+async fn timers_among_filler(
+    s: &EmbeddedStore,
+    dir: &Path,
+) -> (MessageId, MessageId, Vec<PathBuf>) {
+    let big = "x".repeat(1000);
+    let mut ids = Vec::new();
+    for i in 0..45 {
+        if i == 5 || i == 20 {
+            let (key, at) = if i == 5 {
+                ("k3", T0 + 3 * DAY)
+            } else {
+                ("k40", T0 + 40 * DAY)
+            };
+            let m = NewMessage {
+                keys: vec![key.to_string()],
+                ..timer("Tmr", 1, key, at)
+            };
+            ids.push(s.append(vec![m]).await.unwrap()[0].id);
+        }
+        s.append(vec![msg("Fill", 0, None, &[], &format!("{i}{big}"))])
+            .await
+            .unwrap();
+    }
+    let seg_file = |id: MessageId| {
+        let segs = s.sh.log.segments();
+        let seg = segs.iter().rev().find(|g| g.base <= id.position()).unwrap();
+        log::segment_path(&dir.join("log"), seg.base)
+    };
+    let files = vec![seg_file(ids[0]), seg_file(ids[1])];
+    assert_ne!(files[0], files[1], "the timers sit in different segments");
+    assert!(s.stats().segments >= 3);
+    (ids[0], ids[1], files)
+}
+
+/// Everything a user can see of one pending timer: get, get_by_position, by_key (once).
+async fn assert_findable(s: &EmbeddedStore, id: MessageId, key: &str, offset: Option<u64>) {
+    let m = s.get(id).await.unwrap().expect("get by the original id");
+    assert_eq!((m.id, body(&m).as_str(), m.queue_offset), (id, key, offset));
+    let p = s.get_by_position(id.position()).await.unwrap().unwrap();
+    assert_eq!(p.id, id);
+    let keyed = s.by_key("Tmr", key, 10).await.unwrap();
+    assert_eq!(keyed.iter().map(|m| m.id).collect::<Vec<_>>(), vec![id]);
+}
+
+/// Runs a retention pass at `now` and checks it deleted every segment written before it (the
+/// writer's own pass may run first: either way nothing older is left).
+async fn pass_deletes_everything_older(s: &EmbeddedStore, clock: &ManualClock, now: u64) {
+    let end = s.sh.log.end();
+    pass_deletes_everything_older_than(s, clock, now, end).await;
+}
+
+/// Runs a retention pass at `now` and checks no segment starting before `pos` is left.
+async fn pass_deletes_everything_older_than(
+    s: &EmbeddedStore,
+    clock: &ManualClock,
+    now: u64,
+    pos: u64,
+) {
+    clock.set(now);
+    s.enforce_retention(now).await.unwrap();
+    assert!(
+        s.sh.log.start() >= pos,
+        "a segment outlived retention at +{} min",
+        (now - T0) / 60_000
+    );
+}
+
+/// Reveals what is due at `now` and returns the messages of the timer queue.
+async fn reveal_and_read(s: &EmbeddedStore, clock: &ManualClock, now: u64) -> Vec<StoredMessage> {
+    clock.set(now);
+    while s.reveal_due(now, 100).await.unwrap() > 0 {}
+    read_all(s, "Tmr", 1).await
+}
+
+#[tokio::test]
+async fn retention_moves_pending_timers_forward_and_they_fire_once_with_their_id() {
+    let d = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(T0);
+    let c = short_retention(d.path());
+    let s = EmbeddedStore::open_with(&c, clock.clone(), small())
+        .await
+        .unwrap();
+    let (id3, id40, files) = timers_among_filler(&s, d.path()).await;
+    assert_eq!(s.stats().pending_timers, 2);
+    // Two hours on, one pass deletes every old segment: the timers no longer hold theirs.
+    pass_deletes_everything_older(&s, &clock, T0 + 2 * HOUR).await;
+    for f in &files {
+        assert!(!f.exists(), "{} outlived retention", f.display());
+    }
+    assert_eq!(s.stats().pending_timers, 2);
+    assert_eq!(s.stats().moved_timers, 2);
+    assert!(
+        s.read_queue("Fill", 0, 0, 10, None)
+            .await
+            .unwrap()
+            .messages
+            .is_empty()
+    );
+    assert_findable(&s, id3, "k3", None).await;
+    assert_findable(&s, id40, "k40", None).await;
+    let page = s.by_time("Tmr", 0, u64::MAX, 10, None).await.unwrap();
+    assert_eq!(
+        page.messages.iter().map(|m| m.id).collect::<Vec<_>>(),
+        vec![id3, id40],
+        "a time query lists moved timers once, by their original store time"
+    );
+    assert!(
+        reveal_and_read(&s, &clock, T0 + 3 * DAY - 1)
+            .await
+            .is_empty()
+    );
+    // Passes over the following days keep moving them; the copies' segments go as well.
+    for h in [30, 60, 71] {
+        pass_deletes_everything_older(&s, &clock, T0 + h * HOUR).await;
+    }
+    let fired = reveal_and_read(&s, &clock, T0 + 3 * DAY).await;
+    assert_eq!(fired.iter().map(|m| m.id).collect::<Vec<_>>(), vec![id3]);
+    assert_eq!(fired[0].queue_offset, Some(0));
+    assert_findable(&s, id3, "k3", Some(0)).await;
+    assert_eq!(s.stats().pending_timers, 1);
+    // Consumable for a retention period after firing, then gone like anything else.
+    clock.set(T0 + 3 * DAY + 50 * 60_000);
+    s.enforce_retention(T0 + 3 * DAY + 50 * 60_000)
+        .await
+        .unwrap();
+    assert!(s.get(id3).await.unwrap().is_some());
+    for h in [2, 10 * 24, 20 * 24, 36 * 24] {
+        pass_deletes_everything_older(&s, &clock, T0 + 3 * DAY + h * HOUR).await;
+    }
+    assert!(s.get(id3).await.unwrap().is_none());
+    assert_findable(&s, id40, "k40", None).await;
+    let fired = reveal_and_read(&s, &clock, T0 + 40 * DAY).await;
+    assert_eq!(fired.iter().map(|m| m.id).collect::<Vec<_>>(), vec![id40]);
+    assert_findable(&s, id40, "k40", Some(1)).await;
+    assert_eq!(s.stats().pending_timers, 0);
+    assert_eq!(s.next_timer_ms(), None);
+    s.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn moved_timers_fire_once_after_a_restart_or_a_crash_after_the_pass() {
+    for how in ["close", "crash", "rebuild"] {
+        let d = tempfile::tempdir().unwrap();
+        let clock = ManualClock::new(T0);
+        let c = short_retention(d.path());
+        let s = EmbeddedStore::open_with(&c, clock.clone(), small())
+            .await
+            .unwrap();
+        let (id3, id40, files) = timers_among_filler(&s, d.path()).await;
+        clock.set(T0 + 2 * HOUR);
+        s.enforce_retention(T0 + 2 * HOUR).await.unwrap();
+        assert!(files.iter().all(|f| !f.exists()));
+        match how {
+            // No checkpoint after the pass: the copies are replayed from the log.
+            "crash" => s.halt().await,
+            _ => s.close().await.unwrap(),
+        }
+        drop(s);
+        if how == "rebuild" {
+            // Every index is rebuilt from the log, where only the copies are left.
+            std::fs::remove_file(d.path().join("checkpoint")).unwrap();
+        }
+        let s = EmbeddedStore::open_with(&c, clock.clone(), small())
+            .await
+            .unwrap();
+        assert_eq!(s.stats().pending_timers, 2, "{how}");
+        assert_findable(&s, id3, "k3", None).await;
+        assert_findable(&s, id40, "k40", None).await;
+        let fired = reveal_and_read(&s, &clock, T0 + 3 * DAY).await;
+        assert_eq!(fired.iter().map(|m| m.id).collect::<Vec<_>>(), vec![id3]);
+        // (The writer's own pass may have deleted the first one by now: it fired 37 days ago.)
+        let fired = reveal_and_read(&s, &clock, T0 + 40 * DAY).await;
+        let ids: Vec<MessageId> = fired.iter().map(|m| m.id).collect();
+        assert!(ids == vec![id3, id40] || ids == vec![id40], "{ids:?}");
+        assert_eq!(s.stats().pending_timers, 0);
+        s.close().await.unwrap();
+    }
+}
+
+const RETENTION_CHILD_ENV: &str = "WHARF_STORE_RETENTION_CHILD_DIR";
+
+/// Child of the test below: stores the timers, then runs a pass that kills the process
+/// (crash point `retention`) right after deleting the first old segment.
+fn retention_crash_child(dir: &str) {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let clock = ManualClock::new(T0);
+        let c = short_retention(Path::new(dir));
+        let s = EmbeddedStore::open_with(&c, clock.clone(), small())
+            .await
+            .unwrap();
+        let (id3, id40, _) = timers_among_filler(&s, Path::new(dir)).await;
+        let mut out = std::io::stdout().lock();
+        writeln!(out, "IDS {id3} {id40}").unwrap();
+        out.flush().unwrap();
+        drop(out);
+        clock.set(T0 + 2 * HOUR);
+        let _ = s.enforce_retention(T0 + 2 * HOUR).await;
+        writeln!(std::io::stdout().lock(), "SURVIVED").unwrap();
+    });
+}
+
+#[test]
+fn kill9_inside_a_retention_pass_fires_every_moved_timer_exactly_once() {
+    if let Ok(dir) = std::env::var(RETENTION_CHILD_ENV) {
+        retention_crash_child(&dir);
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "store::embedded::tests::kill9_inside_a_retention_pass_fires_every_moved_timer_exactly_once",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(RETENTION_CHILD_ENV, d.path())
+        .env("WHARF_TEST_CRASH_AT", crate::crashpoint::RETENTION)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("test crash point 'retention' reached"),
+        "the crash point did not fire: {stdout}\n{stderr}"
+    );
+    assert!(!stdout.contains("SURVIVED"));
+    let ids: Vec<MessageId> = stdout
+        .lines()
+        .find_map(|l| l.split_once("IDS ").map(|(_, ids)| ids))
+        .unwrap_or_else(|| panic!("the child stored no timers: {stdout}\n{stderr}"))
+        .split(' ')
+        .map(|i| i.parse().unwrap())
+        .collect();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let clock = ManualClock::new(T0 + 2 * HOUR);
+        let c = short_retention(d.path());
+        let s = EmbeddedStore::open_with(&c, clock.clone(), small())
+            .await
+            .unwrap();
+        assert_eq!(s.stats().pending_timers, 2);
+        s.enforce_retention(T0 + 2 * HOUR).await.unwrap();
+        assert!(
+            s.sh.log.start() > ids[1].position(),
+            "the pass after the restart deletes what the crashed one left"
+        );
+        assert_findable(&s, ids[0], "k3", None).await;
+        assert_findable(&s, ids[1], "k40", None).await;
+        let fired = reveal_and_read(&s, &clock, T0 + 40 * DAY).await;
+        assert_eq!(fired.iter().map(|m| m.id).collect::<Vec<_>>(), ids);
+        assert_eq!(s.stats().pending_timers, 0);
+        s.close().await.unwrap();
+    });
+}
+
+#[tokio::test]
+async fn a_timer_revealed_from_an_older_segment_is_copied_forward_and_keeps_no_segment() {
+    let d = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(T0);
+    let c = short_retention(d.path());
+    let s = EmbeddedStore::open_with(&c, clock.clone(), small())
+        .await
+        .unwrap();
+    let m = NewMessage {
+        keys: vec!["soon".to_string()],
+        ..timer("Tmr", 1, "soon", T0 + 30 * 60_000)
+    };
+    let id = s.append(vec![m]).await.unwrap()[0].id;
+    let big = "x".repeat(1000);
+    for i in 0..40 {
+        s.append(vec![msg("Fill", 0, None, &[], &format!("{i}{big}"))])
+            .await
+            .unwrap();
+    }
+    let first = s.sh.log.start();
+    assert!(s.sh.log.segments().len() >= 3 && id.position() < first + 16 * 1024);
+    // Revealed half an hour on, from a segment that is not the active one: copied forward.
+    let fired = reveal_and_read(&s, &clock, T0 + 30 * 60_000).await;
+    assert_eq!(fired.iter().map(|m| m.id).collect::<Vec<_>>(), vec![id]);
+    assert_eq!(s.stats().moved_timers, 1);
+    // An hour after the filler the segments holding only filler go, the one the timer was
+    // stored in too, yet the revealed message is consumable (and found by id) a full hour
+    // from its reveal.
+    pass_deletes_everything_older_than(&s, &clock, T0 + HOUR, first + 1).await;
+    assert!(s.sh.log.segment_of(id.position()).is_none());
+    let fired = read_all(&s, "Tmr", 1).await;
+    assert_eq!(fired.iter().map(|m| m.id).collect::<Vec<_>>(), vec![id]);
+    assert_findable(&s, id, "soon", Some(0)).await;
+    clock.set(T0 + HOUR + 29 * 60_000);
+    s.enforce_retention(T0 + HOUR + 29 * 60_000).await.unwrap();
+    assert_findable(&s, id, "soon", Some(0)).await;
+    clock.set(T0 + 2 * HOUR);
+    s.enforce_retention(T0 + 2 * HOUR).await.unwrap();
+    assert!(s.get(id).await.unwrap().is_none());
     s.close().await.unwrap();
 }

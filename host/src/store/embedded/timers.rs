@@ -13,6 +13,11 @@
 //! with 16-byte entries (message position u64 | marker position u64). Both are in log order, so
 //! recovery trims their tails to the index checkpoint and replays the log from there. A bucket's
 //! files are deleted once every timer in it is finished and the markers are durable.
+//!
+//! When retention copies a pending timer message forward (a moved record, see `record`), the
+//! copy is filed as a new timer (same deliver time and tier, so the same bucket) and its done
+//! entry finishes the old one with the copy's position as the marker: the copy itself is the
+//! marker, so replaying the log from the checkpoint does both again, never one without the other.
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap, HashMap, HashSet};
@@ -306,6 +311,46 @@ impl TimerIndex {
             }
         }
         Ok(out)
+    }
+
+    /// Every pending timer whose message position satisfies `wanted`, in log order. Reads the
+    /// files of every non-empty bucket (24 bytes per timer, 16 per finished one): retention
+    /// calls it only for segments that still hold pending timers.
+    pub fn pending_where(&mut self, wanted: impl Fn(u64) -> bool) -> io::Result<Vec<Timer>> {
+        self.flush_buffers()?;
+        let mut out = Vec::new();
+        let ids: Vec<BucketId> = self.buckets.keys().copied().collect();
+        for id in ids {
+            let done_bytes = read_all(&self.done_path(id))?;
+            let done: HashSet<u64> = done_bytes
+                .as_chunks::<{ DONE as usize }>()
+                .0
+                .iter()
+                .map(|e| get_u64(e, 0))
+                .collect();
+            let bytes = read_all(&self.tmr_path(id))?;
+            for e in bytes.as_chunks::<{ TMR as usize }>().0 {
+                let pos = get_u64(e, 8);
+                if get_u32(e, 20) == TMR_MAGIC && wanted(pos) && !done.contains(&pos) {
+                    out.push(Timer {
+                        deliver: get_u64(e, 0),
+                        pos,
+                        size: get_u32(e, 16),
+                        tier: id.1,
+                    });
+                }
+            }
+        }
+        out.sort_unstable_by_key(|t| t.pos);
+        Ok(out)
+    }
+
+    /// Drops the in-memory copies of timers that were finished without being popped (moved
+    /// forward by retention), so they are never popped again.
+    pub fn forget_loaded(&mut self, positions: &HashSet<u64>) {
+        if !positions.is_empty() {
+            self.heap.retain(|Reverse(t)| !positions.contains(&t.pos));
+        }
     }
 
     /// Puts timers back after a failed reveal.

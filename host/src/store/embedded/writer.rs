@@ -5,7 +5,7 @@
 //! CRC), issues one write per segment touched and one fsync (sync mode), then updates the
 //! derived indexes (page-cache writes only) and answers every request of the round.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
@@ -104,6 +104,8 @@ pub struct Writer {
     touched: Vec<(Arc<Segment>, u64, bool)>,
     queue_undo: Vec<(Arc<ConsumeQueue>, u64)>,
     max_ms_updates: Vec<(u64, u64)>,
+    /// Moved timer copies placed in this round (counted once the round is durable).
+    moved_copies: u64,
 }
 
 impl Drop for Writer {
@@ -202,6 +204,7 @@ impl Writer {
             touched: Vec::new(),
             queue_undo: Vec::new(),
             max_ms_updates: Vec::new(),
+            moved_copies: 0,
         }
     }
 
@@ -211,8 +214,11 @@ impl Writer {
 
     // ------------------------------------------------------------------ recovery replay
 
-    /// Rebuilds every index from the records in `[from, end)` of the log.
-    pub fn replay(&mut self, from: u64) -> io::Result<()> {
+    /// Rebuilds every index from the records in `[from, end)` of the log. `indexed` says the
+    /// indexes already cover the log before `from` (false when they are rebuilt from scratch).
+    pub fn replay(&mut self, from: u64, indexed: bool) -> io::Result<()> {
+        // Timers of records before `from` are in the timer index only if it was kept.
+        let known_below = if indexed { from } else { 0 };
         let segs = self.sh.log.segments();
         let mut count = 0u64;
         for seg in segs {
@@ -225,7 +231,7 @@ impl Writer {
                 if err.is_some() {
                     return;
                 }
-                if let Err(e) = self.replay_record(seg.base, pos, rec) {
+                if let Err(e) = self.replay_record(seg.base, pos, rec, known_below) {
                     err = Some(e);
                 }
                 count += 1;
@@ -248,7 +254,13 @@ impl Writer {
         Ok(())
     }
 
-    fn replay_record(&mut self, seg_base: u64, pos: u64, rec: &[u8]) -> io::Result<()> {
+    fn replay_record(
+        &mut self,
+        seg_base: u64,
+        pos: u64,
+        rec: &[u8],
+        known_below: u64,
+    ) -> io::Result<()> {
         let h = Header::parse(rec);
         let Some(topic) = record::topic_of(rec) else {
             return Ok(());
@@ -257,6 +269,12 @@ impl Writer {
         self.max_ms_updates.push((seg_base, h.stored_ms));
         match h.kind {
             record::KIND_MESSAGE => {
+                let moved = record::moved_of(rec);
+                if let Some(m) = moved {
+                    // A moved copy keeps its original store time; its segment holds it from the
+                    // move on.
+                    self.max_ms_updates.push((seg_base, m.moved_ms));
+                }
                 if h.held() {
                     let t = Timer {
                         deliver: h.deliver_ms,
@@ -265,15 +283,34 @@ impl Writer {
                         tier: tier_for(h.deliver_ms, h.stored_ms),
                     };
                     self.timer_adds.push((t, seg_base));
-                    // Held entries were numbered in log order, which replay repeats.
-                    let hq = self.sh.queues.held_or_create(topic)?;
-                    let off = hq.next_assign.fetch_add(1, Ordering::Relaxed);
-                    self.push_held(hq, off, pos, &h);
+                    // A moved copy has no held entry of its own: its origin's entry names it.
+                    if moved.is_none() {
+                        // Held entries were numbered in log order, which replay repeats.
+                        let hq = self.sh.queues.held_or_create(topic)?;
+                        let off = hq.next_assign.fetch_add(1, Ordering::Relaxed);
+                        self.push_held(hq, off, pos, &h);
+                    }
                 } else if h.queue_offset != record::NO_OFFSET {
-                    self.replay_visible(topic, &h, pos, pos, h.len)?;
+                    // A copy revealed as it moved became visible at the move.
+                    let visible = moved.map_or(h.stored_ms, |m| m.moved_ms);
+                    self.replay_visible(topic, &h, pos, pos, h.len, visible)?;
                 }
                 for k in record::keys_of(rec) {
                     self.key_ops.push((record::key_hash(topic, k), pos));
+                }
+                if let Some(m) = moved {
+                    self.key_ops.push((record::moved_hash(m.origin), pos));
+                    // The copy is the done marker of the timer it was copied from, which the
+                    // index holds if it was indexed before `from` or replayed just now.
+                    if m.source < known_below || self.sh.log.segment_of(m.source).is_some() {
+                        let t = Timer {
+                            deliver: h.deliver_ms,
+                            pos: m.source,
+                            size: 0,
+                            tier: tier_for(h.deliver_ms, h.stored_ms),
+                        };
+                        self.timer_dones.push((t, pos));
+                    }
                 }
             }
             record::KIND_SEGMENT => {}
@@ -283,7 +320,7 @@ impl Writer {
                 if let Some(seg) = self.sh.log.segment_of(target) {
                     self.max_ms_updates.push((seg.base, h.stored_ms));
                 }
-                self.replay_visible(topic, &h, target, pos, h.reconsume)?;
+                self.replay_visible(topic, &h, target, pos, h.reconsume, h.stored_ms)?;
                 let t = Timer {
                     deliver: h.deliver_ms,
                     pos: target,
@@ -312,8 +349,8 @@ impl Writer {
         ));
     }
 
-    /// Queues the consume-queue entry a replayed record made visible at `h.queue_offset`:
-    /// the message at `target` (`size` bytes), created by the record at `src`.
+    /// Queues the consume-queue entry a replayed record made visible at `h.queue_offset` at
+    /// `visible_ms`: the message at `target` (`size` bytes), created by the record at `src`.
     fn replay_visible(
         &mut self,
         topic: &str,
@@ -321,11 +358,12 @@ impl Writer {
         target: u64,
         src: u64,
         size: u32,
+        visible_ms: u64,
     ) -> io::Result<()> {
         let q = self.sh.queues.get_or_create(topic, h.queue_id)?;
         q.next_assign
             .fetch_max(h.queue_offset + 1, Ordering::Relaxed);
-        q.last_visible_ms.fetch_max(h.stored_ms, Ordering::Relaxed);
+        q.last_visible_ms.fetch_max(visible_ms, Ordering::Relaxed);
         self.cq_ops.push((
             q,
             h.queue_offset,
@@ -334,7 +372,7 @@ impl Writer {
                 src_pos: src,
                 size,
                 tag_hash: h.tag_hash,
-                visible_ms: h.stored_ms,
+                visible_ms,
             },
         ));
         Ok(())
@@ -947,6 +985,7 @@ impl Writer {
         self.timer_adds.clear();
         self.timer_dones.clear();
         self.max_ms_updates.clear();
+        self.moved_copies = 0;
     }
 
     fn assign_offset(&mut self, q: &Arc<ConsumeQueue>) -> u64 {
@@ -1049,6 +1088,65 @@ impl Writer {
         }
     }
 
+    /// The record of timer `t` if it is still the held message the index says; otherwise
+    /// finishes the timer (it can never fire) and returns `None`.
+    fn timer_record(&mut self, t: Timer) -> Option<(bytes::Bytes, Header)> {
+        let usable = self
+            .sh
+            .log
+            .read_record(t.pos, Some(t.size))
+            .and_then(|rec| {
+                let h = Header::parse(&rec);
+                let ok = h.kind == record::KIND_MESSAGE
+                    && h.held()
+                    && h.deliver_ms == t.deliver
+                    && record::topic_of(&rec).is_some_and(|topic| !topic.is_empty());
+                ok.then_some((rec, h))
+            });
+        if usable.is_none() {
+            warn!(
+                position = t.pos,
+                "timer message is unreadable or does not match its index entry; dropping the timer"
+            );
+            let marker = self.end_pos();
+            self.timer_dones.push((t, marker));
+        }
+        usable
+    }
+
+    /// Appends at `rpos` (already reserved) the moved copy of the timer message `rec` that sits
+    /// at `src`: still held (`qoff` = None) or visible at `qoff`. Queues its key-index entries
+    /// (its keys and the relocation entry of its origin). Returns the copy's length.
+    fn write_moved(
+        &mut self,
+        rec: &[u8],
+        src: u64,
+        rpos: u64,
+        now: u64,
+        qoff: Option<u64>,
+    ) -> io::Result<u32> {
+        let h = Header::parse(rec);
+        let at = self.wbuf.len();
+        let len = record::encode_moved(&mut self.wbuf, rec, src, now)
+            .ok_or_else(|| io::Error::other("a timer message record is malformed"))?;
+        let copy = &mut self.wbuf[at..at + len];
+        record::finish(
+            copy,
+            rpos,
+            h.stored_ms,
+            qoff.unwrap_or(record::NO_OFFSET),
+            qoff.is_none(),
+        );
+        let topic = record::topic_of(copy).unwrap_or("");
+        for k in record::keys_of(copy) {
+            self.key_ops.push((record::key_hash(topic, k), rpos));
+        }
+        let origin = record::moved_of(copy).map_or(src, |m| m.origin);
+        self.key_ops.push((record::moved_hash(origin), rpos));
+        self.moved_copies += 1;
+        Ok(len as u32)
+    }
+
     fn place_reveals(&mut self, due_ms: u64, max: usize, now: u64) -> io::Result<usize> {
         let due = self.timers.pop_due(due_ms, max)?;
         let mut n = 0;
@@ -1057,66 +1155,55 @@ impl Writer {
             let Timer {
                 deliver, pos, size, ..
             } = t;
-            let Some(rec) = self.sh.log.read_record(pos, Some(size)) else {
-                warn!(
-                    position = pos,
-                    "timer message is no longer readable; dropping the timer"
-                );
-                let marker = self.end_pos();
-                self.timer_dones.push((t, marker));
+            let Some((rec, h)) = self.timer_record(t) else {
                 continue;
             };
-            let h = Header::parse(&rec);
             let topic = record::topic_of(&rec).unwrap_or("");
-            if h.kind != record::KIND_MESSAGE
-                || !h.held()
-                || h.deliver_ms != deliver
-                || topic.is_empty()
-            {
-                warn!(
-                    position = pos,
-                    "timer index entry does not match its message; dropping it"
-                );
-                let marker = self.end_pos();
-                self.timer_dones.push((t, marker));
-                continue;
-            }
             let q = self.sh.queues.get_or_create(topic, h.queue_id)?;
-            let len = record::HEADER + topic.len();
-            let rpos = self.reserve(len, now)?;
+            let marker_len = record::HEADER + topic.len();
+            let copy_len = record::moved_len(&rec);
+            // Room for either: which one is written depends on the segment the message is in
+            // once the reservation has (maybe) rolled the log.
+            let rpos = self.reserve(marker_len.max(copy_len), now)?;
             self.note_stored(self.active.base, now);
-            // A revealed message is consumable from now on: retention counts its age from
-            // the reveal, so its (older) segment is kept as long as a fresh message's.
-            if let Some(seg) = self.sh.log.segment_of(pos) {
-                self.note_stored(seg.base, now);
-            }
             let qoff = self.assign_offset(&q);
             let visible = now.max(q.last_visible_ms.load(Ordering::Relaxed));
             q.last_visible_ms.store(visible, Ordering::Relaxed);
-            record::encode_reveal(
-                &mut self.wbuf,
-                rpos,
-                now,
-                topic,
-                h.queue_id,
-                qoff,
-                h.tag_hash,
-                pos,
-                deliver,
-                size,
-                t.tier,
-            );
-            self.cq_ops.push((
-                q,
-                qoff,
+            // A revealed message must stay consumable for a retention period from now. In the
+            // active segment it does (the marker stamps it now); an older segment must not be
+            // kept alive for it, so the message is copied forward, visible, instead.
+            let entry = if pos >= self.active.base {
+                record::encode_reveal(
+                    &mut self.wbuf,
+                    rpos,
+                    now,
+                    topic,
+                    h.queue_id,
+                    qoff,
+                    h.tag_hash,
+                    pos,
+                    deliver,
+                    size,
+                    t.tier,
+                );
                 CqEntry {
                     pos,
                     src_pos: rpos,
                     size,
                     tag_hash: h.tag_hash,
                     visible_ms: visible,
-                },
-            ));
+                }
+            } else {
+                let len = self.write_moved(&rec, pos, rpos, now, Some(qoff))?;
+                CqEntry {
+                    pos: rpos,
+                    src_pos: rpos,
+                    size: len,
+                    tag_hash: h.tag_hash,
+                    visible_ms: visible,
+                }
+            };
+            self.cq_ops.push((q, qoff, entry));
             self.timer_dones.push((t, rpos));
             n += 1;
         }
@@ -1172,6 +1259,10 @@ impl Writer {
                 info.pending_timers = info.pending_timers.saturating_sub(1);
             }
         }
+        self.sh
+            .stats
+            .moved_timers
+            .fetch_add(std::mem::take(&mut self.moved_copies), Ordering::Relaxed);
         for (seg, ms) in self.max_ms_updates.drain(..) {
             let info = self.seg_info.entry(seg).or_default();
             info.max_stored_ms = info.max_stored_ms.max(ms);
@@ -1182,16 +1273,91 @@ impl Writer {
 
     // ------------------------------------------------------------------ retention
 
+    /// Copies every pending timer message of `doomed` into the active segment as a held moved
+    /// record, files its timer there and finishes the old one, in one durable round (fsynced
+    /// before anything is deleted). The copy is what finishes the old timer on replay, so a
+    /// crash anywhere leaves each timer pending exactly once. Returns how many moved.
+    fn move_timers(&mut self, doomed: &[Arc<Segment>], now_ms: u64) -> Result<u64> {
+        let ranges: Vec<(u64, u64)> = doomed
+            .iter()
+            .filter(|s| {
+                self.seg_info
+                    .get(&s.base)
+                    .is_some_and(|i| i.pending_timers > 0)
+            })
+            .map(|s| (s.base, s.end()))
+            .collect();
+        if ranges.is_empty() {
+            return Ok(0);
+        }
+        let unavailable = |sh: &Shared, e: io::Error| io_unavailable(sh, "move timers forward", &e);
+        let due = self
+            .timers
+            .pending_where(|p| ranges.iter().any(|(b, e)| (*b..*e).contains(&p)))
+            .map_err(|e| unavailable(&self.sh, e))?;
+        if due.is_empty() {
+            return Ok(0);
+        }
+        // The copies keep their store time; their segment holds them from now on.
+        let now = self.sh.clock.now_ms().max(self.last_stored_ms).max(now_ms);
+        let pre_active = self.active.clone();
+        let pre_written = self.written;
+        let mut moved = HashSet::new();
+        let mut copies = 0;
+        let placed = (|| -> io::Result<()> {
+            for t in due {
+                moved.insert(t.pos);
+                let Some((rec, _)) = self.timer_record(t) else {
+                    continue;
+                };
+                let rpos = self.reserve(record::moved_len(&rec), now)?;
+                self.note_stored(self.active.base, now);
+                let size = self.write_moved(&rec, t.pos, rpos, now, None)?;
+                let copy = Timer {
+                    pos: rpos,
+                    size,
+                    ..t
+                };
+                self.timer_adds.push((copy, self.active.base));
+                self.timer_dones.push((t, rpos));
+                copies += 1;
+            }
+            self.commit()?;
+            // Async mode does not fsync rounds: the originals go only once the copies are safe.
+            if self.unsynced {
+                self.fsync_active()?;
+            }
+            Ok(())
+        })();
+        if let Err(e) = placed {
+            self.rollback(pre_active, pre_written);
+            return Err(unavailable(&self.sh, e));
+        }
+        self.touched.clear();
+        self.queue_undo.clear();
+        if let Err(e) = self.apply_indexes() {
+            self.index_broken = true;
+            self.sh.fail(format!(
+                "writing the store indexes in {} failed: {e}",
+                self.sh.dir.display()
+            ));
+            return Err(unavailable(&self.sh, e));
+        }
+        self.timers.forget_loaded(&moved);
+        self.publish_timer_state();
+        info!(timers = copies, "retention moved pending timers forward");
+        Ok(copies)
+    }
+
     fn retention(&mut self, now_ms: u64) -> Result<RetentionReport> {
         let keep_ms = self.sh.config.retention_hours.saturating_mul(3_600_000);
         let mut report = RetentionReport::default();
         // A quiet topic's data sits in the active segment: once even its newest record is past
-        // retention, seal it so it can go like any other (the next append starts a new one).
+        // retention, seal it so it can go like any other (the next append starts a new one;
+        // its pending timers move on into that one).
         let active_info = self.seg_info.get(&self.active.base).copied();
         if self.written > 0
-            && active_info.is_some_and(|i| {
-                i.pending_timers == 0 && i.max_stored_ms.saturating_add(keep_ms) <= now_ms
-            })
+            && active_info.is_some_and(|i| i.max_stored_ms.saturating_add(keep_ms) <= now_ms)
         {
             let spare = self.take_spare();
             self.roll(spare)
@@ -1199,20 +1365,22 @@ impl Writer {
             self.rolled = false;
             self.force_checkpoint = true;
         }
-        let doomed: Vec<_> = self
-            .sh
-            .log
-            .segments()
-            .into_iter()
-            .filter(|seg| {
-                seg.base != self.active.base
-                    && self.seg_info.get(&seg.base).is_some_and(|info| {
-                        info.pending_timers == 0
-                            && info.max_stored_ms.saturating_add(keep_ms) <= now_ms
-                    })
-            })
-            .collect();
+        let doomed: Vec<_> =
+            self.sh
+                .log
+                .segments()
+                .into_iter()
+                .filter(|seg| {
+                    seg.base != self.active.base
+                        && self.seg_info.get(&seg.base).is_some_and(|info| {
+                            info.max_stored_ms.saturating_add(keep_ms) <= now_ms
+                        })
+                })
+                .collect();
         if !doomed.is_empty() {
+            // Timers still pending in them go forward first, durably, so no segment waits
+            // for a timer and no timer is lost with its segment.
+            report.timers_moved = self.move_timers(&doomed, now_ms)?;
             let log = &self.sh.log;
             // Queue minimums move first, so no reader is ever told an offset is there whose
             // record is already gone.
@@ -1220,11 +1388,9 @@ impl Writer {
                 log.segment_of(pos)
                     .is_some_and(|s| doomed.iter().all(|d| d.base != s.base))
             };
-            for q in self.sh.queues.all() {
-                q.advance_min(kept).map_err(|e| {
-                    WharfError::internal(format!("moving a consume queue's min offset: {e}"))
-                })?;
-            }
+            self.sh.advance_mins(kept).map_err(|e| {
+                WharfError::internal(format!("moving a consume queue's min offset: {e}"))
+            })?;
             for seg in &doomed {
                 let bytes = seg.len.load(Ordering::Acquire);
                 log.remove(seg.base).map_err(|e| {

@@ -1255,6 +1255,8 @@ impl Store for PostgresStore {
             segments: s.partitions.load(Ordering::Relaxed),
             disk_bytes: s.disk_bytes.load(Ordering::Relaxed),
             pending_timers: self.inner.timers.lock().pending,
+            // Rows are never moved: retention there has no segments to free.
+            moved_timers: 0,
             append_latency_us: s.append_latency.snapshot(),
             fsync_latency_us: s.commit_latency.snapshot(),
         }
