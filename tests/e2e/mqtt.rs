@@ -18,11 +18,11 @@ use serde_json::{Value, json};
 
 use crate::harness::{Server, ServerOpts, create_topic, sign};
 
-const WAIT: Duration = Duration::from_secs(20);
+pub(crate) const WAIT: Duration = Duration::from_secs(20);
 
 /// What the test sees from one client.
 #[derive(Debug)]
-enum Ev {
+pub(crate) enum Ev {
     ConnAck { present: bool },
     SubAck(Vec<SubscribeReasonCode>),
     Msg(rumqttc::Publish),
@@ -30,12 +30,12 @@ enum Ev {
 }
 
 /// A rumqttc client whose events arrive on a channel; it never reconnects by itself.
-struct Mq {
-    client: Client,
+pub(crate) struct Mq {
+    pub(crate) client: Client,
     rx: Receiver<Ev>,
 }
 
-fn opts(addr: &str, id: &str) -> MqttOptions {
+pub(crate) fn opts(addr: &str, id: &str) -> MqttOptions {
     let (host, port) = addr.rsplit_once(':').expect("host:port");
     let mut o = MqttOptions::new(id, host, port.parse::<u16>().expect("port"));
     o.set_keep_alive(Duration::from_secs(30));
@@ -43,7 +43,7 @@ fn opts(addr: &str, id: &str) -> MqttOptions {
 }
 
 impl Mq {
-    fn start(o: MqttOptions) -> Mq {
+    pub(crate) fn start(o: MqttOptions) -> Mq {
         let (client, connection) = Client::new(o, 256);
         let (tx, rx) = mpsc::channel();
         thread::spawn(move || pump(connection, tx));
@@ -51,7 +51,7 @@ impl Mq {
     }
 
     /// Connects and waits for CONNACK; returns the client and session-present.
-    fn connect(o: MqttOptions) -> (Mq, bool) {
+    pub(crate) fn connect(o: MqttOptions) -> (Mq, bool) {
         let m = Mq::start(o);
         match m.next() {
             Ev::ConnAck { present } => (m, present),
@@ -59,7 +59,7 @@ impl Mq {
         }
     }
 
-    fn next(&self) -> Ev {
+    pub(crate) fn next(&self) -> Ev {
         match self.rx.recv_timeout(WAIT) {
             Ok(e) => e,
             Err(RecvTimeoutError::Timeout) => panic!("no MQTT event within {WAIT:?}"),
@@ -67,7 +67,7 @@ impl Mq {
         }
     }
 
-    fn subscribe(&self, filter: &str, qos: QoS) -> Vec<SubscribeReasonCode> {
+    pub(crate) fn subscribe(&self, filter: &str, qos: QoS) -> Vec<SubscribeReasonCode> {
         self.client.subscribe(filter, qos).expect("subscribe");
         loop {
             match self.next() {
@@ -79,21 +79,34 @@ impl Mq {
     }
 
     /// The next PUBLISH (skipping nothing else: anything but a message fails the test).
-    fn msg(&self) -> rumqttc::Publish {
+    pub(crate) fn msg(&self) -> rumqttc::Publish {
         match self.next() {
             Ev::Msg(p) => p,
             other => panic!("expected a PUBLISH, got {other:?}"),
         }
     }
 
-    fn publish(&self, topic: &str, qos: QoS, retain: bool, payload: &[u8]) {
+    pub(crate) fn publish(&self, topic: &str, qos: QoS, retain: bool, payload: &[u8]) {
         self.client
             .publish(topic, qos, retain, payload.to_vec())
             .expect("publish");
     }
 
+    /// The next PUBLISH if one comes within `d` (other events are skipped).
+    pub(crate) fn msg_within(&self, d: Duration) -> Option<rumqttc::Publish> {
+        let deadline = Instant::now() + d;
+        loop {
+            let left = deadline.checked_duration_since(Instant::now())?;
+            match self.rx.recv_timeout(left) {
+                Ok(Ev::Msg(p)) => return Some(p),
+                Ok(_) => continue,
+                Err(_) => return None,
+            }
+        }
+    }
+
     /// Waits until the connection is closed by the host.
-    fn closed(&self) -> String {
+    pub(crate) fn closed(&self) -> String {
         loop {
             match self.next() {
                 Ev::Closed(why) => return why,
@@ -136,11 +149,11 @@ fn mqtt_server(extra: &str) -> Server {
     )))
 }
 
-fn addr(s: &Server) -> String {
+pub(crate) fn addr(s: &Server) -> String {
     s.listener("mqtt").expect("mqtt listener").to_string()
 }
 
-fn messages_of(s: &Server, topic: &str) -> Vec<Value> {
+pub(crate) fn messages_of(s: &Server, topic: &str) -> Vec<Value> {
     let v = s
         .get(&format!(
             "/v1/topics/{topic}/messages?begin_ms=0&end_ms=99999999999999&limit=1000"
@@ -391,7 +404,7 @@ fn persistent_sessions_queue_offline_messages_across_restarts_and_kill9() {
     assert!(!present);
 }
 
-fn wait_stored(s: &Server, topic: &str, n: usize) {
+pub(crate) fn wait_stored(s: &Server, topic: &str, n: usize) {
     crate::harness::wait_for(&format!("{n} messages in {topic}"), WAIT, || {
         (messages_of(s, topic).len() >= n).then_some(())
     });
@@ -716,7 +729,12 @@ pub(crate) fn frame(first: u8, body: &[u8]) -> Vec<u8> {
 }
 
 impl RawClient {
-    fn connect(addr: &str, id: &str, keep_alive: u16, will: Option<(&str, &[u8])>) -> RawClient {
+    pub(crate) fn connect(
+        addr: &str,
+        id: &str,
+        keep_alive: u16,
+        will: Option<(&str, &[u8])>,
+    ) -> RawClient {
         let mut stream = TcpStream::connect(addr).unwrap();
         let mut body = Vec::new();
         mqtt_string(&mut body, b"MQTT");
@@ -735,7 +753,7 @@ impl RawClient {
         RawClient { stream, next_id: 1 }
     }
 
-    fn subscribe(&mut self, filter: &str, qos: u8) {
+    pub(crate) fn subscribe(&mut self, filter: &str, qos: u8) {
         let mut body = self.next_id.to_be_bytes().to_vec();
         self.next_id += 1;
         mqtt_string(&mut body, filter.as_bytes());

@@ -1,7 +1,9 @@
 //! Three `wharf serve` processes on one real PostgreSQL: a topic or plugin created on one host
 //! is in force on the others, sends to every host reach one HTTP pull consumer group served by
 //! all three, and a host killed with SIGKILL under load loses nothing that was acknowledged
-//! (its queues move to the survivors when its leases expire).
+//! (its queues move to the survivors when its leases expire). MQTT clients on two hosts see each
+//! other's messages (subscriptions, P2P, MQ2MQTT, retained), a client id is taken over across
+//! hosts with its stored session, and presence event indexes keep increasing across hosts.
 
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -11,7 +13,10 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 
-use crate::harness::{Api, Server, ServerOpts, create_group, wait_for};
+use rumqttc::QoS;
+
+use crate::harness::{Api, Server, ServerOpts, create_group, create_topic, wait_for};
+use crate::mqtt::{Mq, addr, messages_of, opts, wait_stored};
 use crate::plugins::{deploy, probe_manifest};
 use crate::remoting::raw_call;
 use crate::testdb::PgServer;
@@ -20,12 +25,16 @@ use crate::testdb::PgServer;
 const IN_FORCE: Duration = Duration::from_secs(2);
 
 fn three_hosts(pg: &PgServer) -> Vec<Server> {
+    hosts(pg, 3)
+}
+
+fn hosts(pg: &PgServer, n: usize) -> Vec<Server> {
     let config = format!(
         "[store]\nbackend = \"postgres\"\n[store.postgres]\nurl = \"{}\"\npool_size = 8\n\
          [broker]\nretry_delay_scale = 0.0001\n",
         pg.url("postgres")
     );
-    (0..3)
+    (0..n)
         .map(|_| Server::start(ServerOpts::with_config(config.clone())))
         .collect()
 }
@@ -294,6 +303,225 @@ fn a_plugin_deployed_on_one_host_runs_on_every_host() {
             .all(|h| h.get("/v1/plugins/spread").status == 404)
             .then_some(())
     });
+    for h in &mut hosts {
+        h.stop();
+    }
+}
+
+/// Two hosts on one database with topic `topic` created on the first and in force on both.
+fn two_mqtt_hosts(pg: &PgServer, topic: &str) -> Vec<Server> {
+    let hosts = hosts(pg, 2);
+    create_topic(hosts[0].api(), topic, 4);
+    wait_for("the topic on the other host", IN_FORCE * 2, || {
+        (hosts[1].get(&format!("/v1/topics/{topic}")).status == 200).then_some(())
+    });
+    hosts
+}
+
+fn text(p: &rumqttc::Publish) -> (String, QoS, String) {
+    (
+        p.topic.clone(),
+        p.qos,
+        String::from_utf8_lossy(&p.payload).into_owned(),
+    )
+}
+
+#[test]
+fn mqtt_clients_on_two_hosts_see_each_others_messages() {
+    let pg = PgServer::private();
+    let mut hosts = two_mqtt_hosts(&pg, "Parent");
+    let (a, b) = (addr(&hosts[0]), addr(&hosts[1]));
+    let (sub, _) = Mq::connect(opts(&a, "sub-a"));
+    sub.subscribe("Parent/#", QoS::AtLeastOnce);
+    sub.subscribe("local/+", QoS::AtLeastOnce);
+    let (target, _) = Mq::connect(opts(&a, "target-a"));
+    let (publ, _) = Mq::connect(opts(&b, "pub-b"));
+    publ.publish("Parent/x/y", QoS::AtMostOnce, false, b"q0");
+    publ.publish("Parent/x/y", QoS::AtLeastOnce, false, b"q1");
+    publ.publish("local/z", QoS::AtLeastOnce, false, b"local");
+    let mut got: Vec<_> = (0..3).map(|_| text(&sub.msg())).collect();
+    got.sort_by(|x, y| x.2.cmp(&y.2));
+    assert_eq!(
+        got,
+        vec![
+            ("local/z".into(), QoS::AtLeastOnce, "local".into()),
+            ("Parent/x/y".into(), QoS::AtMostOnce, "q0".into()),
+            ("Parent/x/y".into(), QoS::AtLeastOnce, "q1".into()),
+        ],
+        "a wildcard subscriber on host 0 gets host 1's publishes at their QoS"
+    );
+    // P2P to a client connected to the other host, from an MQTT client and from a broker producer.
+    publ.publish("Parent/p2p/target-a", QoS::AtLeastOnce, false, b"psst");
+    let m = target.msg();
+    assert_eq!(
+        (m.topic.as_str(), &m.payload[..]),
+        ("Parent/p2p/target-a", &b"psst"[..])
+    );
+    hosts[1]
+        .post_json(
+            "/v1/topics/Parent/messages",
+            &json!({"tag": "MQ2MQTT", "properties": {"mqttSecondTopic": "/p2p/target-a"}, "body": "direct"}),
+        )
+        .expect(200);
+    assert_eq!(&target.msg().payload[..], b"direct");
+    // MQ2MQTT sent over HTTP to the other host.
+    hosts[1]
+        .post_json(
+            "/v1/topics/Parent/messages",
+            &json!({"tag": "MQ2MQTT", "properties": {"mqttSecondTopic": "/notice"}, "body": "from broker"}),
+        )
+        .expect(200);
+    let m = sub.msg();
+    assert_eq!(
+        (m.topic.as_str(), &m.payload[..]),
+        ("Parent/notice", &b"from broker"[..])
+    );
+    // The P2P messages went to their target only.
+    assert!(sub.msg_within(Duration::from_millis(300)).is_none());
+
+    // A retained message published on host 0 reaches a new subscriber on host 1.
+    let (retainer, _) = Mq::connect(opts(&a, "retainer"));
+    retainer.publish("Parent/state", QoS::AtLeastOnce, true, b"on");
+    let m = wait_for("the retained message on host 1", IN_FORCE * 2, || {
+        let (late, _) = Mq::connect(opts(&b, "late-b"));
+        late.subscribe("Parent/state", QoS::AtLeastOnce);
+        // The publish itself may also reach it live, without the retain flag.
+        late.msg_within(Duration::from_millis(200))
+            .filter(|m| m.retain)
+    });
+    assert!(m.retain, "{m:?}");
+    assert_eq!(&m.payload[..], b"on");
+    // Cleared on host 1: gone for new subscribers on host 0.
+    let (clearer, _) = Mq::connect(opts(&b, "clearer"));
+    clearer.publish("Parent/state", QoS::AtLeastOnce, true, b"");
+    wait_for(
+        "the retained message cleared on host 0",
+        IN_FORCE * 2,
+        || {
+            let (late, _) = Mq::connect(opts(&a, "late-a"));
+            late.subscribe("Parent/state", QoS::AtLeastOnce);
+            late.msg_within(Duration::from_millis(200))
+                .filter(|m| m.retain)
+                .is_none()
+                .then_some(())
+        },
+    );
+    for h in &mut hosts {
+        h.stop();
+    }
+}
+
+#[test]
+fn a_client_id_is_taken_over_across_hosts_with_its_queued_messages() {
+    let pg = PgServer::private();
+    let mut hosts = two_mqtt_hosts(&pg, "Dev");
+    let (a, b) = (addr(&hosts[0]), addr(&hosts[1]));
+
+    // Clean sessions: the connection on host 0 is closed when the id connects to host 1.
+    let (first, _) = Mq::connect(opts(&a, "twin"));
+    let (second, _) = Mq::connect(opts(&b, "twin"));
+    let why = first.closed();
+    assert!(!why.is_empty());
+    second.subscribe("x/y", QoS::AtMostOnce);
+    assert!(
+        hosts[0].logs().contains("taken over"),
+        "host 0 says why it closed the connection"
+    );
+    wait_for("host 1's device online on host 0", IN_FORCE * 2, || {
+        let d = hosts[0].get("/v1/mqtt/devices/twin");
+        (d.status == 200 && d.body["online"] == true && d.body["host"].is_string()).then_some(())
+    });
+
+    // clean-session=false with QoS 1 messages in flight on host 0 (never acknowledged) and
+    // more queued while offline: a takeover on host 1 gets every one of them.
+    let keeper = |at: &str| {
+        let mut o = opts(at, "keeper");
+        o.set_clean_session(false);
+        o.set_manual_acks(true);
+        o
+    };
+    let (k, present) = Mq::connect(keeper(&a));
+    assert!(!present);
+    k.subscribe("Dev/q/#", QoS::AtLeastOnce);
+    let (p, _) = Mq::connect(opts(&b, "producer"));
+    for i in 0..10 {
+        p.publish(
+            &format!("Dev/q/{i}"),
+            QoS::AtLeastOnce,
+            false,
+            format!("m{i}").as_bytes(),
+        );
+    }
+    let mut want: Vec<String> = (0..10).map(|i| format!("m{i}")).collect();
+    let mut seen: Vec<String> = (0..10).map(|_| text(&k.msg()).2).collect();
+    seen.sort();
+    want.sort();
+    assert_eq!(seen, want, "host 0 delivers host 1's publishes");
+    let (k2, present) = Mq::connect(keeper(&b));
+    assert!(present, "host 1 resumes the session host 0 stored");
+    k.closed();
+    let mut again: Vec<String> = (0..10).map(|_| text(&k2.msg()).2).collect();
+    again.sort();
+    again.dedup();
+    assert_eq!(
+        again, want,
+        "the unacknowledged messages come again on host 1"
+    );
+    // Offline, then back on host 0: what was published meanwhile (on host 1) is delivered.
+    k2.client.disconnect().expect("disconnect");
+    k2.closed();
+    for i in 10..15 {
+        p.publish(
+            &format!("Dev/q/{i}"),
+            QoS::AtLeastOnce,
+            false,
+            format!("m{i}").as_bytes(),
+        );
+    }
+    wait_stored(&hosts[1], "Dev", 15);
+    let mut o = keeper(&a);
+    o.set_manual_acks(false);
+    let (k3, present) = Mq::connect(o);
+    assert!(present);
+    // The ten never acknowledged come again too; wait for the five new ones among them.
+    let mut later = BTreeSet::new();
+    while !(10..15).all(|i| later.contains(&format!("m{i}"))) {
+        later.insert(text(&k3.msg()).2);
+    }
+    for h in &mut hosts {
+        h.stop();
+    }
+}
+
+#[test]
+fn presence_event_indexes_increase_across_hosts() {
+    let pg = PgServer::private();
+    let mut hosts = two_mqtt_hosts(&pg, "GID_dev_MQTT");
+    let addrs = [addr(&hosts[0]), addr(&hosts[1])];
+    for (n, at) in [0, 1, 0, 1].into_iter().enumerate() {
+        let (c, _) = Mq::connect(opts(&addrs[at], "GID_dev@@@sensor"));
+        c.client.disconnect().expect("disconnect");
+        c.closed();
+        wait_stored(&hosts[0], "GID_dev_MQTT", 2 * (n + 1));
+    }
+    let events = messages_of(&hosts[1], "GID_dev_MQTT");
+    let parsed: Vec<serde_json::Value> = events
+        .iter()
+        .map(|m| serde_json::from_str(m["body"].as_str().unwrap_or("{}")).expect("event JSON"))
+        .collect();
+    let tags: Vec<&str> = events
+        .iter()
+        .map(|m| m["tag"].as_str().unwrap_or(""))
+        .collect();
+    assert_eq!(tags, ["connect", "disconnect"].repeat(4));
+    let idx: Vec<u64> = parsed
+        .iter()
+        .map(|b| b["eventIndex"].as_u64().expect("eventIndex"))
+        .collect();
+    assert!(
+        idx.windows(2).all(|w| w[0] < w[1]),
+        "eventIndex strictly increases across hosts: {idx:?}"
+    );
     for h in &mut hosts {
         h.stop();
     }

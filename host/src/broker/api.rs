@@ -29,6 +29,7 @@ pub use super::specs::{
 pub use super::specs::{OutgoingMessage, QueueChoice};
 pub use super::{Broker, BrokerConfig};
 pub use crate::store::{Lease, LeaseKey, MemberKind, QueueBounds, StoreStats, TimePage};
+use crate::store::{PutCondition, PutOutcome};
 
 use crate::clock::SharedClock;
 use crate::error::Result;
@@ -43,6 +44,8 @@ pub enum StateSpace {
     MqttRetained,
     /// MQTT presence counters (`eventIndex`), by client id.
     MqttPresence,
+    /// Which host's connection holds each MQTT client id now (cluster-wide takeover).
+    MqttOwner,
 }
 
 impl StateSpace {
@@ -51,6 +54,7 @@ impl StateSpace {
             StateSpace::MqttSession => "fe.mqtt.session",
             StateSpace::MqttRetained => "fe.mqtt.retained",
             StateSpace::MqttPresence => "fe.mqtt.presence",
+            StateSpace::MqttOwner => "fe.mqtt.owner",
         }
     }
 }
@@ -357,12 +361,46 @@ impl BrokerApi {
     }
     /// A front end's durable record (an MQTT session, a retained message), if stored.
     pub async fn state_get(&self, space: StateSpace, key: &str) -> Result<Option<Vec<u8>>> {
+        Ok(self.state_entry(space, key).await?.map(|(v, _)| v))
+    }
+    /// A front end's record with its store version (for [`BrokerApi::state_put_if`]).
+    pub async fn state_entry(
+        &self,
+        space: StateSpace,
+        key: &str,
+    ) -> Result<Option<(Vec<u8>, u64)>> {
         Ok(self
             .broker
             .store
             .meta_get(space.namespace(), key)
             .await?
-            .map(|e| e.value))
+            .map(|e| (e.value, e.version)))
+    }
+    /// Stores a front end's record only if it is still at store version `expected` (`None`:
+    /// absent), atomically with the check. Returns the new version, or `None` when another
+    /// write came first (nothing written).
+    pub async fn state_put_if(
+        &self,
+        space: StateSpace,
+        key: &str,
+        value: Vec<u8>,
+        expected: Option<u64>,
+    ) -> Result<Option<u64>> {
+        let cond = expected.map_or(PutCondition::Absent, PutCondition::Version);
+        match self
+            .broker
+            .store
+            .meta_put_if(space.namespace(), key, value, cond)
+            .await?
+        {
+            PutOutcome::Written { version } => Ok(Some(version)),
+            PutOutcome::Conflict { .. } => Ok(None),
+        }
+    }
+    /// Moves when any host sharing the store writes or deletes a record of `space` (another
+    /// host's change within [`crate::store::META_WATCH_MS`]); it may also move without one.
+    pub fn watch_state(&self, space: StateSpace) -> tokio::sync::watch::Receiver<u64> {
+        self.broker.store.watch_meta(space.namespace())
     }
     /// Stores a front end's record durably (per the flush mode) before answering.
     pub async fn state_put(&self, space: StateSpace, key: &str, value: Vec<u8>) -> Result<()> {

@@ -33,10 +33,10 @@ pub async fn device(
         .split_once(CLIENT_ID_SEPARATOR)
         .map_or(client_id.as_str(), |(g, _)| g);
     who.check_subscribe("MQTT group", group)?;
-    match gw.device(&client_id) {
+    match gw.device(&client_id).await {
         Some(d) => Ok(Json(d).into_response()),
         None => Err(WharfError::not_found(format!(
-            "no MQTT client '{client_id}' is connected or has a stored session on this host"
+            "no MQTT client '{client_id}' is connected or has a stored session"
         ))
         .into()),
     }

@@ -184,6 +184,7 @@ async fn connected<R: Reader>(
             address: peer.to_string(),
             kick: CancellationToken::new(),
             kick_reason: Default::default(),
+            claim: Default::default(),
         });
         let (session, present) = gw
             .attach(&admitted.client_id, c.clean_session, attached.clone())
@@ -247,13 +248,15 @@ async fn connected<R: Reader>(
         // Outstanding replies are dropped with the connection; their stores may still finish,
         // and an unacknowledged QoS 1/2 message is retransmitted by the client.
         drop(conn);
+        // The event's index is taken before the session is let go: a connection taking the
+        // client id over on another host waits for that, so its connect event comes after.
+        gw.presence
+            .event(&session.client_id, kind, &attached.channel_id)
+            .await;
         gw.detach(&session).await;
         if publish_will && let Some(w) = c.will {
             publish_will_message(gw, &session.client_id, w).await;
         }
-        gw.presence
-            .event(&session.client_id, kind, &attached.channel_id)
-            .await;
     }
     .instrument(span)
     .await

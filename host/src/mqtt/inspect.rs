@@ -24,8 +24,10 @@ pub struct SubscriptionView {
 pub struct DeviceView {
     /// Client id.
     pub client_id: String,
-    /// Connected now.
+    /// Connected now (to this host or another sharing the store).
     pub online: bool,
+    /// Id of the host the device is connected to, when online.
+    pub host: Option<String>,
     /// Address of the current (or last) connection.
     pub address: String,
     /// Last CONNECT accepted (ms).
@@ -92,12 +94,13 @@ pub struct Rates {
 /// One topic's rate sample: when, the counts then, and the rate computed then.
 pub(crate) type RateSample = (u64, TopicCounts, Option<Rates>);
 
-fn device(s: &Session) -> DeviceView {
+fn device(s: &Session, host_id: &str) -> DeviceView {
     let attached = s.attached.lock().as_ref().map(|a| a.address.clone());
     let st = s.state.lock();
     DeviceView {
         client_id: s.client_id.clone(),
         online: attached.is_some(),
+        host: attached.as_ref().map(|_| host_id.to_owned()),
         address: attached.unwrap_or_else(|| st.last_address.clone()),
         last_connect_ms: st.last_connect_ms,
         last_disconnect_ms: st.last_disconnect_ms,
@@ -117,9 +120,45 @@ fn device(s: &Session) -> DeviceView {
 }
 
 impl Gateway {
-    /// A device by client id, if the gateway knows it (online or with a stored session).
-    pub fn device(&self, client_id: &str) -> Option<DeviceView> {
-        self.inner.sessions.lock().get(client_id).map(|s| device(s))
+    /// A device by client id, if the gateway knows it (online here or on another host sharing
+    /// the store, or with a stored session).
+    pub async fn device(&self, client_id: &str) -> Option<DeviceView> {
+        let me = self.inner.broker.host_id();
+        let local = self
+            .inner
+            .sessions
+            .lock()
+            .get(client_id)
+            .map(|s| device(s, me));
+        if local.as_ref().is_some_and(|d| d.online) {
+            return local;
+        }
+        // Not connected here: the owner record says whether another host holds it.
+        let owner = match self.inner.owners.get(client_id).await {
+            Ok(o) => o.filter(|o| o.online && o.host != me),
+            Err(e) => {
+                tracing::warn!(client_id, error = %e, "cannot read the MQTT client id owner; showing this host's view");
+                None
+            }
+        };
+        let Some(owner) = owner else { return local };
+        let mut d = local.unwrap_or_else(|| DeviceView {
+            client_id: client_id.to_owned(),
+            online: false,
+            host: None,
+            address: String::new(),
+            last_connect_ms: 0,
+            last_disconnect_ms: None,
+            persistent: owner.persistent,
+            subscriptions: Vec::new(),
+            queued: 0,
+            inflight: 0,
+            dropped_qos0: 0,
+        });
+        d.online = true;
+        d.host = Some(owner.host);
+        d.address = owner.address;
+        Some(d)
     }
 
     /// An MQTT group's view (client ids `group@@@…`).

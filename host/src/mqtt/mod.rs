@@ -13,6 +13,7 @@ pub mod codec;
 mod connection;
 pub mod inspect;
 mod metrics;
+mod owner;
 mod presence;
 mod retained;
 pub mod router;
@@ -36,6 +37,7 @@ use tracing::{info, info_span, warn};
 pub use metrics::MqttMetrics;
 
 use self::codec::{Connect, ConnectCode};
+use self::owner::{OwnerRecord, Owners};
 use self::presence::Presence;
 use self::retained::Retained;
 use self::router::Router;
@@ -77,6 +79,7 @@ pub(crate) struct Inner {
     sessions: Mutex<HashMap<String, Arc<Session>>>,
     retained: Retained,
     presence: Presence,
+    owners: Owners,
     metrics: Arc<MqttMetrics>,
     session_seq: AtomicU64,
     conn_seq: AtomicU64,
@@ -84,6 +87,18 @@ pub(crate) struct Inner {
     rate_samples: Mutex<HashMap<String, inspect::RateSample>>,
     stop: CancellationToken,
     tasks: TaskTracker,
+}
+
+/// Longest a CONNECT waits for another host to store the session of the connection it takes
+/// over; past it the session last stored is used (that host may be stuck or partitioned).
+const TAKEOVER_WAIT: Duration = Duration::from_secs(10);
+/// Pause before reading a changed store space again after a failed read.
+const RELOAD_RETRY: Duration = Duration::from_millis(500);
+
+/// Change feeds of the store spaces other hosts write, taken before the gateway loads them.
+struct StateWatches {
+    retained: tokio::sync::watch::Receiver<u64>,
+    owners: tokio::sync::watch::Receiver<u64>,
 }
 
 /// Which kind of listener a connection came in on.
@@ -195,6 +210,11 @@ impl Gateway {
                 "[mqtt] mode = \"open\" with access keys configured: MQTT clients connect without credentials"
             );
         }
+        // Taken before the first load, so another host's change in between is not missed.
+        let watches = StateWatches {
+            retained: broker.watch_state(StateSpace::MqttRetained),
+            owners: broker.watch_state(StateSpace::MqttOwner),
+        };
         let metrics = Arc::new(MqttMetrics::default());
         let router = Router::new(
             broker.clone(),
@@ -207,6 +227,7 @@ impl Gateway {
                 .await
                 .context("loading MQTT retained messages")?,
             presence: Presence::new(broker.clone()),
+            owners: Owners::new(broker.clone()),
             broker,
             mode,
             auth,
@@ -229,6 +250,10 @@ impl Gateway {
         inner
             .tasks
             .spawn(async move { persister.run_persister().await });
+        let watcher = inner.clone();
+        inner
+            .tasks
+            .spawn(async move { watcher.run_state_watches(watches).await });
 
         let mut bound = Vec::new();
         let c = &inner.config;
@@ -381,6 +406,8 @@ impl Inner {
         clean: bool,
         attached: Arc<Attached>,
     ) -> (Arc<Session>, bool) {
+        self.take_over_cluster_wide(client_id, clean, &attached)
+            .await;
         // Take over: disconnect the current holder and wait for it to let go of the session.
         for _ in 0..500 {
             let holder = self.sessions.lock().get(client_id).cloned();
@@ -428,6 +455,7 @@ impl Inner {
             let mut st = session.state.lock();
             st.last_connect_ms = self.broker.clock().now_ms();
             st.last_address = attached.address.clone();
+            st.last_channel = attached.channel_id.clone();
         }
         *session.attached.lock() = Some(attached);
         session.touch();
@@ -443,13 +471,19 @@ impl Inner {
             self.router.sync_topics(false).await;
         }
         self.router.detach(session);
-        *session.attached.lock() = None;
+        let attached = session.attached.lock().take();
         session.state.lock().last_disconnect_ms = Some(self.broker.clock().now_ms());
         if session.persistent {
             // Queued messages stay queued in the session; they go out on reconnect.
             session.touch();
             self.persist(session).await;
-        } else {
+        }
+        // After the session is stored: a host waiting to take the client id over loads it then.
+        let claim = attached.and_then(|a| a.claim.lock().take());
+        if let Some(claim) = claim {
+            self.owners.release(&session.client_id, &claim).await;
+        }
+        if !session.persistent {
             let mut sessions = self.sessions.lock();
             if sessions
                 .get(&session.client_id)
@@ -464,6 +498,7 @@ impl Inner {
     /// and in-flight messages agree with the positions.
     fn record(&self, s: &Session) -> SessionRecord {
         let build = |positions: Option<&std::collections::BTreeMap<(String, u32), u64>>| {
+            let released = !s.online();
             let st = s.state.lock();
             SessionRecord {
                 v: 1,
@@ -495,6 +530,8 @@ impl Inner {
                 last_connect_ms: st.last_connect_ms,
                 last_disconnect_ms: st.last_disconnect_ms,
                 last_address: st.last_address.clone(),
+                channel: st.last_channel.clone(),
+                released,
             }
         };
         if s.online() {
@@ -555,44 +592,7 @@ impl Inner {
                     continue;
                 }
             };
-            let s = Arc::new(Session::new(
-                client_id.clone(),
-                self.session_seq.fetch_add(1, Ordering::Relaxed),
-                true,
-            ));
-            let mut queued = Vec::new();
-            for r in &record.queued {
-                if let Some(d) = self.load_message(r).await {
-                    queued.push(d);
-                }
-            }
-            {
-                let mut st = s.state.lock();
-                st.subs = record.subs.iter().cloned().collect();
-                st.inbound_qos2 = record.inbound_qos2.iter().copied().collect();
-                st.positions = record
-                    .positions
-                    .iter()
-                    .map(|(t, q, o)| ((t.clone(), *q), *o))
-                    .collect();
-                st.next_pid = record.next_pid;
-                st.last_connect_ms = record.last_connect_ms;
-                st.last_disconnect_ms = record.last_disconnect_ms;
-                st.last_address = record.last_address.clone();
-            }
-            for i in &record.inflight {
-                if let Some(d) = self.load_message(&i.message).await {
-                    s.state.lock().inflight.insert(
-                        i.pid,
-                        session::Inflight {
-                            delivery: d,
-                            stage: i.stage,
-                        },
-                    );
-                }
-            }
-            s.outbox.push_front_batch(queued);
-            s.dirty.store(false, Ordering::Relaxed);
+            let s = self.restore(&client_id, &record).await;
             self.sessions.lock().insert(client_id, s);
             restored += 1;
         }
@@ -603,6 +603,50 @@ impl Inner {
             info!(sessions = restored, "restored stored MQTT sessions");
         }
         Ok(())
+    }
+
+    /// A stored session as an offline session of this host (its messages read back).
+    async fn restore(&self, client_id: &str, record: &SessionRecord) -> Arc<Session> {
+        let s = Arc::new(Session::new(
+            client_id.to_owned(),
+            self.session_seq.fetch_add(1, Ordering::Relaxed),
+            true,
+        ));
+        let mut queued = Vec::new();
+        for r in &record.queued {
+            if let Some(d) = self.load_message(r).await {
+                queued.push(d);
+            }
+        }
+        {
+            let mut st = s.state.lock();
+            st.subs = record.subs.iter().cloned().collect();
+            st.inbound_qos2 = record.inbound_qos2.iter().copied().collect();
+            st.positions = record
+                .positions
+                .iter()
+                .map(|(t, q, o)| ((t.clone(), *q), *o))
+                .collect();
+            st.next_pid = record.next_pid;
+            st.last_connect_ms = record.last_connect_ms;
+            st.last_disconnect_ms = record.last_disconnect_ms;
+            st.last_address = record.last_address.clone();
+            st.last_channel = record.channel.clone();
+        }
+        for i in &record.inflight {
+            if let Some(d) = self.load_message(&i.message).await {
+                s.state.lock().inflight.insert(
+                    i.pid,
+                    session::Inflight {
+                        delivery: d,
+                        stage: i.stage,
+                    },
+                );
+            }
+        }
+        s.outbox.push_front_batch(queued);
+        s.dirty.store(false, Ordering::Relaxed);
+        s
     }
 
     async fn load_message(&self, r: &MessageRef) -> Option<Delivery> {
@@ -621,6 +665,194 @@ impl Inner {
                 None
             }
         }
+    }
+
+    /// Claims the client id for this connection in the store. When a connection on another
+    /// live host held it with clean-session=false, waits (at most [`TAKEOVER_WAIT`]) until that
+    /// host has stored the session it lets go of; then the session stored is the one to use.
+    async fn take_over_cluster_wide(&self, client_id: &str, clean: bool, attached: &Attached) {
+        let claim = match self
+            .owners
+            .claim(client_id, &attached.channel_id, &attached.address, !clean)
+            .await
+        {
+            Ok(c) => c,
+            Err(e) => {
+                warn!(client_id, error = %e, "cannot claim the MQTT client id in the store; a connection with this id on another host is not taken over");
+                return;
+            }
+        };
+        let previous = claim.previous.clone();
+        *attached.claim.lock() = Some(claim);
+        let me = self.broker.host_id();
+        if let Some(p) = &previous
+            && p.online
+            && p.persistent
+            && p.host != me
+            && self.host_is_live(&p.host).await
+        {
+            self.wait_released(client_id, p).await;
+        }
+        if !clean || previous.is_some_and(|p| p.persistent) {
+            self.refresh_session(client_id).await;
+        }
+    }
+
+    async fn host_is_live(&self, host: &str) -> bool {
+        match self.broker.live_hosts().await {
+            Ok(hosts) => hosts.iter().any(|h| h.host_id == host),
+            // Unknown: wait (bounded) rather than risk loading a session still in use.
+            Err(_) => true,
+        }
+    }
+
+    /// Waits until the session stored for `client_id` is the one `holder`'s connection wrote
+    /// when it ended.
+    async fn wait_released(&self, client_id: &str, holder: &OwnerRecord) {
+        let mut changes = self.broker.watch_state(StateSpace::MqttSession);
+        let released = async {
+            loop {
+                match self
+                    .broker
+                    .state_get(StateSpace::MqttSession, client_id)
+                    .await
+                {
+                    Ok(Some(raw)) => {
+                        if SessionRecord::decode(&raw)
+                            .is_ok_and(|r| r.released && r.channel == holder.channel)
+                        {
+                            return;
+                        }
+                    }
+                    Ok(None) => {}
+                    Err(e) => warn!(client_id, error = %e, "cannot read the stored MQTT session"),
+                }
+                if changes.changed().await.is_err() {
+                    return;
+                }
+            }
+        };
+        if tokio::time::timeout(TAKEOVER_WAIT, released).await.is_err() {
+            warn!(client_id, host = %holder.host, "the host that held this client id did not store its session in time; using the session stored last");
+        }
+    }
+
+    /// Replaces this host's offline copy of a stored session with the store's, since another
+    /// host may have used and stored it since (a copy not yet written here is kept).
+    async fn refresh_session(&self, client_id: &str) {
+        let stored = match self
+            .broker
+            .state_get(StateSpace::MqttSession, client_id)
+            .await
+        {
+            Ok(v) => v,
+            Err(e) => {
+                warn!(client_id, error = %e, "cannot read the stored MQTT session; using this host's copy");
+                return;
+            }
+        };
+        let restored = match stored.map(|raw| SessionRecord::decode(&raw)) {
+            Some(Ok(r)) => Some(self.restore(client_id, &r).await),
+            Some(Err(e)) => {
+                warn!(client_id, error = %e, "stored MQTT session is unreadable; starting it afresh");
+                None
+            }
+            None => None,
+        };
+        let mut sessions = self.sessions.lock();
+        let local = sessions.get(client_id).cloned();
+        if local
+            .as_ref()
+            .is_some_and(|s| s.online() || s.dirty.load(Ordering::Acquire))
+        {
+            return;
+        }
+        match restored {
+            Some(s) => {
+                if !local.is_some_and(|l| l.persistent) {
+                    self.metrics.sessions_stored.fetch_add(1, Ordering::Relaxed);
+                }
+                sessions.insert(client_id.to_owned(), s);
+            }
+            None => {
+                if local.is_some_and(|l| l.persistent) {
+                    sessions.remove(client_id);
+                    self.metrics.sessions_stored.fetch_sub(1, Ordering::Relaxed);
+                }
+            }
+        }
+    }
+
+    /// Follows what other hosts write: retained messages, and claims of client ids this host's
+    /// connections hold.
+    async fn run_state_watches(self: Arc<Self>, mut w: StateWatches) {
+        let (mut retained, mut owners) = (false, false);
+        loop {
+            tokio::select! {
+                _ = self.stop.cancelled() => return,
+                r = w.retained.changed() => {
+                    if r.is_err() { return }
+                    retained = true;
+                }
+                r = w.owners.changed() => {
+                    if r.is_err() { return }
+                    owners = true;
+                }
+            }
+            // A failed read is tried again, since the feed may not move again by itself.
+            while retained || owners {
+                if retained {
+                    match self.retained.reload(&self.broker).await {
+                        Ok(()) => retained = false,
+                        Err(e) => {
+                            warn!(error = %e, "cannot reload MQTT retained messages; will retry")
+                        }
+                    }
+                }
+                if owners {
+                    match self.kick_taken_over().await {
+                        Ok(()) => owners = false,
+                        Err(e) => {
+                            warn!(error = %e, "cannot read MQTT client id owners; will retry")
+                        }
+                    }
+                }
+                if retained || owners {
+                    tokio::select! {
+                        _ = self.stop.cancelled() => return,
+                        _ = tokio::time::sleep(RELOAD_RETRY) => {}
+                    }
+                }
+            }
+        }
+    }
+
+    /// Disconnects this host's connections whose client id a connection on another host has
+    /// claimed since.
+    async fn kick_taken_over(&self) -> crate::error::Result<()> {
+        let me = self.broker.host_id();
+        for (client_id, record) in self.owners.list().await? {
+            if record.host == me {
+                continue;
+            }
+            let Some(s) = self.sessions.lock().get(&client_id).cloned() else {
+                continue;
+            };
+            if !s.online() {
+                continue;
+            }
+            // The list may have been read before this connection's own claim landed; the claim
+            // is written before a connection attaches, so a read now sees it if it is newest.
+            if let Some(now) = self.owners.get(&client_id).await?
+                && now.host != me
+            {
+                s.kick(&format!(
+                    "client id taken over by a new connection from {} on host {}",
+                    now.address, now.host
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// A new connection id, also the presence `channelId`.

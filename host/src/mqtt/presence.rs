@@ -3,20 +3,20 @@
 //! DISCONNECT) or `tcpclean` (the connection went away for any other reason) and the JSON body
 //! `{"clientId","time","eventType","channelId","eventIndex"}`.
 //!
-//! `eventIndex` strictly increases per client, across restarts too: it is `boot << 32 | n`, where
-//! `boot` is a durable counter taken once per start of the host and `n` counts the client's
-//! events in this boot. Consumers order a device's events by it (see plugins/device-presence).
-
-use std::collections::HashMap;
+//! `eventIndex` strictly increases per client, across restarts and across hosts sharing a store:
+//! each event takes the client's durable counter up by one with a compare-and-set (events are
+//! rare; one store round trip each). A client's first counter starts above every index the
+//! older `boot << 32 | n` scheme gave (`(last boot + 1) << 32`), so an upgrade never goes back.
+//! Consumers order a device's events by it (see plugins/device-presence).
 
 use bytes::Bytes;
-use parking_lot::Mutex;
 use serde::Serialize;
 use tracing::{debug, warn};
 
 use super::CLIENT_ID_SEPARATOR;
 use crate::broker::api::{BrokerApi, OutgoingMessage, QueueChoice, StateSpace};
 
+/// The older scheme's durable boot counter (read, never moved now).
 const BOOT_KEY: &str = "%boot";
 
 /// Kinds of presence event.
@@ -53,8 +53,8 @@ struct Body<'a> {
 /// Presence event sender.
 pub struct Presence {
     broker: BrokerApi,
-    boot: tokio::sync::OnceCell<u64>,
-    counters: Mutex<HashMap<String, u64>>,
+    /// Lowest index a client's counter may hold (above the older scheme's indexes).
+    base: tokio::sync::OnceCell<u64>,
 }
 
 impl Presence {
@@ -62,33 +62,59 @@ impl Presence {
     pub fn new(broker: BrokerApi) -> Presence {
         Presence {
             broker,
-            boot: tokio::sync::OnceCell::new(),
-            counters: Mutex::new(HashMap::new()),
+            base: tokio::sync::OnceCell::new(),
         }
     }
 
-    async fn boot(&self) -> crate::error::Result<u64> {
-        self.boot
+    async fn base(&self) -> crate::error::Result<u64> {
+        self.base
             .get_or_try_init(|| async {
-                let last = self
+                let last_boot = self
                     .broker
                     .state_get(StateSpace::MqttPresence, BOOT_KEY)
                     .await?
                     .and_then(|v| String::from_utf8(v).ok())
                     .and_then(|s| s.parse::<u64>().ok())
                     .unwrap_or(0);
-                let boot = last + 1;
-                self.broker
-                    .state_put(
-                        StateSpace::MqttPresence,
-                        BOOT_KEY,
-                        boot.to_string().into_bytes(),
-                    )
-                    .await?;
-                Ok(boot)
+                Ok((last_boot + 1) << 32)
             })
             .await
             .copied()
+    }
+
+    /// Takes the client's next `eventIndex` from its durable counter.
+    async fn next_index(&self, client_id: &str) -> crate::error::Result<u64> {
+        let base = self.base().await?;
+        // Another host's event for the same client makes the write conflict: read again.
+        loop {
+            let current = self
+                .broker
+                .state_entry(StateSpace::MqttPresence, client_id)
+                .await?;
+            let (last, expected) = match current {
+                Some((raw, version)) => (
+                    String::from_utf8(raw)
+                        .ok()
+                        .and_then(|s| s.parse::<u64>().ok()),
+                    Some(version),
+                ),
+                None => (None, None),
+            };
+            let next = last.unwrap_or(base).max(base) + 1;
+            if self
+                .broker
+                .state_put_if(
+                    StateSpace::MqttPresence,
+                    client_id,
+                    next.to_string().into_bytes(),
+                    expected,
+                )
+                .await?
+                .is_some()
+            {
+                return Ok(next);
+            }
+        }
     }
 
     /// Sends one event for `client_id` if its group has a `<group>_MQTT` topic.
@@ -100,25 +126,19 @@ impl Presence {
         if self.broker.topic(&topic).is_err() {
             return;
         }
-        let boot = match self.boot().await {
-            Ok(b) => b,
+        let event_index = match self.next_index(client_id).await {
+            Ok(n) => n,
             Err(e) => {
-                warn!(client_id, error = %e, "cannot take a presence boot number; event not sent");
+                warn!(client_id, error = %e, "cannot take a presence event index; event not sent");
                 return;
             }
-        };
-        let n = {
-            let mut c = self.counters.lock();
-            let n = c.entry(client_id.to_owned()).or_insert(0);
-            *n += 1;
-            *n
         };
         let body = Body {
             client_id,
             time: self.broker.clock().now_ms(),
             event_type: kind.tag(),
             channel_id,
-            event_index: (boot << 32) | n,
+            event_index,
         };
         let msg = OutgoingMessage {
             tag: Some(kind.tag().to_owned()),

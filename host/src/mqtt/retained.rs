@@ -33,31 +33,19 @@ pub struct Retained {
 impl Retained {
     /// Loads every stored retained message.
     pub async fn load(broker: &BrokerApi) -> Result<Retained> {
-        let mut map = BTreeMap::new();
-        for (topic, raw) in broker.state_list(StateSpace::MqttRetained).await? {
-            let Ok(r) = serde_json::from_slice::<Record>(&raw) else {
-                warn!(topic = %topic, "stored retained message is unreadable; dropping it");
-                continue;
-            };
-            let Ok(payload) = base64::engine::general_purpose::STANDARD.decode(&r.payload_b64)
-            else {
-                continue;
-            };
-            map.insert(
-                topic.clone(),
-                Arc::new(Routed::new(
-                    r.topic,
-                    Bytes::from(payload),
-                    r.qos,
-                    None,
-                    r.parent,
-                )),
-            );
-        }
         Ok(Retained {
-            map: RwLock::new(map),
+            map: RwLock::new(read_all(broker).await?),
             writes: tokio::sync::Mutex::new(()),
         })
+    }
+
+    /// Replaces the kept messages with the store's, after another host set or cleared one.
+    pub async fn reload(&self, broker: &BrokerApi) -> Result<()> {
+        // Between local writes, so the map ends as the store does.
+        let _one_at_a_time = self.writes.lock().await;
+        let map = read_all(broker).await?;
+        *self.map.write() = map;
+        Ok(())
     }
 
     /// Retained messages whose topic `filter` matches.
@@ -114,4 +102,28 @@ impl Retained {
             )
             .await
     }
+}
+
+async fn read_all(broker: &BrokerApi) -> Result<BTreeMap<String, Arc<Routed>>> {
+    let mut map = BTreeMap::new();
+    for (topic, raw) in broker.state_list(StateSpace::MqttRetained).await? {
+        let Ok(r) = serde_json::from_slice::<Record>(&raw) else {
+            warn!(topic = %topic, "stored retained message is unreadable; dropping it");
+            continue;
+        };
+        let Ok(payload) = base64::engine::general_purpose::STANDARD.decode(&r.payload_b64) else {
+            continue;
+        };
+        map.insert(
+            topic.clone(),
+            Arc::new(Routed::new(
+                r.topic,
+                Bytes::from(payload),
+                r.qos,
+                None,
+                r.parent,
+            )),
+        );
+    }
+    Ok(map)
 }

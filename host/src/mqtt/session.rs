@@ -251,6 +251,8 @@ pub struct Attached {
     pub kick: CancellationToken,
     /// Why it was kicked, for its log line.
     pub kick_reason: Mutex<Option<String>>,
+    /// Its cluster-wide hold on the client id, once taken (released when it ends).
+    pub claim: Mutex<Option<super::owner::Claim>>,
 }
 
 /// Mutable session state.
@@ -272,6 +274,8 @@ pub struct SessionState {
     pub last_disconnect_ms: Option<u64>,
     /// Address of the last connection.
     pub last_address: String,
+    /// Channel id of the last connection.
+    pub last_channel: String,
 }
 
 impl SessionState {
@@ -449,6 +453,13 @@ pub struct SessionRecord {
     pub last_disconnect_ms: Option<u64>,
     /// Last address.
     pub last_address: String,
+    /// Channel id of the last connection (empty in records older than multi-host takeover).
+    #[serde(default)]
+    pub channel: String,
+    /// Written when that connection ended: a host taking the client id over waits for this
+    /// before loading the session, so nothing the old connection held is lost.
+    #[serde(default)]
+    pub released: bool,
 }
 
 impl SessionRecord {
