@@ -263,6 +263,16 @@ impl TimerIndex {
 
     fn load(&mut self, id: BucketId) -> io::Result<()> {
         self.flush_buffers()?;
+        let pending = self.read_pending(id)?;
+        self.heap.extend(pending.into_iter().map(Reverse));
+        if let Some(b) = self.buckets.get_mut(&id) {
+            b.loaded = true;
+        }
+        Ok(())
+    }
+
+    /// The timers of bucket `id` on disk that are not finished (buffers flushed by the caller).
+    fn read_pending(&self, id: BucketId) -> io::Result<Vec<Timer>> {
         let done_bytes = read_all(&self.done_path(id))?;
         let done: HashSet<u64> = done_bytes
             .as_chunks::<{ DONE as usize }>()
@@ -271,25 +281,20 @@ impl TimerIndex {
             .map(|e| get_u64(e, 0))
             .collect();
         let bytes = read_all(&self.tmr_path(id))?;
-        for e in bytes.as_chunks::<{ TMR as usize }>().0 {
-            if get_u32(e, 20) != TMR_MAGIC {
-                continue;
-            }
-            let pos = get_u64(e, 8);
-            if done.contains(&pos) {
-                continue;
-            }
-            self.heap.push(Reverse(Timer {
+        Ok(bytes
+            .as_chunks::<{ TMR as usize }>()
+            .0
+            .iter()
+            .filter(|e| {
+                get_u32(e.as_slice(), 20) == TMR_MAGIC && !done.contains(&get_u64(e.as_slice(), 8))
+            })
+            .map(|e| Timer {
                 deliver: get_u64(e, 0),
-                pos,
+                pos: get_u64(e, 8),
                 size: get_u32(e, 16),
                 tier: id.1,
-            }));
-        }
-        if let Some(b) = self.buckets.get_mut(&id) {
-            b.loaded = true;
-        }
-        Ok(())
+            })
+            .collect())
     }
 
     /// Deliver time of the earliest pending timer (exact once `ensure_loaded` ran).
@@ -321,25 +326,7 @@ impl TimerIndex {
         let mut out = Vec::new();
         let ids: Vec<BucketId> = self.buckets.keys().copied().collect();
         for id in ids {
-            let done_bytes = read_all(&self.done_path(id))?;
-            let done: HashSet<u64> = done_bytes
-                .as_chunks::<{ DONE as usize }>()
-                .0
-                .iter()
-                .map(|e| get_u64(e, 0))
-                .collect();
-            let bytes = read_all(&self.tmr_path(id))?;
-            for e in bytes.as_chunks::<{ TMR as usize }>().0 {
-                let pos = get_u64(e, 8);
-                if get_u32(e, 20) == TMR_MAGIC && wanted(pos) && !done.contains(&pos) {
-                    out.push(Timer {
-                        deliver: get_u64(e, 0),
-                        pos,
-                        size: get_u32(e, 16),
-                        tier: id.1,
-                    });
-                }
-            }
+            out.extend(self.read_pending(id)?.into_iter().filter(|t| wanted(t.pos)));
         }
         out.sort_unstable_by_key(|t| t.pos);
         Ok(out)
