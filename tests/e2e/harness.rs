@@ -400,21 +400,7 @@ impl Server {
 
     fn reap_killed(&mut self, mut c: Child, timeout: Duration) {
         use std::os::unix::process::ExitStatusExt;
-        let deadline = Instant::now() + timeout;
-        let status = loop {
-            if let Some(status) = c.try_wait().expect("wait") {
-                break status;
-            }
-            if Instant::now() > deadline {
-                let _ = c.kill();
-                let _ = c.wait();
-                panic!(
-                    "wharf serve was still running {timeout:?} later; logs:\n{}",
-                    self.logs()
-                );
-            }
-            thread::sleep(Duration::from_millis(20));
-        };
+        let status = self.wait_exit(&mut c, timeout, "to be killed");
         assert_eq!(
             status.signal(),
             Some(libc::SIGKILL),
@@ -429,7 +415,13 @@ impl Server {
         // SAFETY: plain kill(2) on the pid of a child we spawned and have not reaped yet.
         let rc = unsafe { libc::kill(c.id() as libc::pid_t, libc::SIGTERM) };
         assert_eq!(rc, 0, "kill(SIGTERM) failed");
-        let deadline = Instant::now() + STOP_TIMEOUT;
+        self.wait_exit(&mut c, STOP_TIMEOUT, "to exit after SIGTERM")
+    }
+
+    /// Waits for `c` to exit; past `timeout` kills it and fails the test, saying what it was
+    /// waiting for.
+    fn wait_exit(&self, c: &mut Child, timeout: Duration, what: &str) -> ExitStatus {
+        let deadline = Instant::now() + timeout;
         loop {
             if let Some(status) = c.try_wait().expect("wait") {
                 return status;
@@ -438,7 +430,7 @@ impl Server {
                 let _ = c.kill();
                 let _ = c.wait();
                 panic!(
-                    "wharf serve did not exit within {STOP_TIMEOUT:?} of SIGTERM; logs:\n{}",
+                    "wharf serve waited {timeout:?} {what} and still ran; logs:\n{}",
                     self.logs()
                 );
             }
