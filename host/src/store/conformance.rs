@@ -65,6 +65,7 @@ macro_rules! conformance_suite {
             watch_meta_moves_on_every_change_of_its_namespace,
             stats_writable_and_close,
             retention_removes_only_old_messages,
+            pending_timers_pin_no_old_data,
             restart_keeps_messages_metadata_offsets_and_timers,
             restart_never_reuses_a_lease_epoch,
         );
@@ -1016,6 +1017,50 @@ pub async fn retention_removes_only_old_messages(make: Factory) {
         s.earliest_stored_ms("Ret").await.unwrap(),
         Some(r.messages[0].stored_ms)
     );
+}
+
+/// A pending timer keeps no old data alive: retention deletes the messages stored around it
+/// (a 40-day timer against 3-day retention), and the timer is still found by id, pending, and
+/// fires at its deliver time.
+pub async fn pending_timers_pin_no_old_data(make: Factory) {
+    let (clock, _fx, s) = open(make).await;
+    let filler = "x".repeat(1024);
+    let old = one(&*s, msg("Pin", 0, None, &[], &format!("old{filler}"))).await;
+    let due = T0 + 40 * 24 * 3_600_000;
+    let pending = one(&*s, timer("Pin", 0, "forty-days", due)).await;
+    for i in 0..63 {
+        one(&*s, msg("Pin", 0, None, &[], &format!("{i}{filler}"))).await;
+    }
+
+    // Past retention by more than one partition or segment width.
+    let later = T0 + RETENTION_MS + 2 * 3_600_000;
+    clock.set(later);
+    let young = one(&*s, msg("Pin", 0, None, &[], "young")).await;
+    // The store may also run the pass by itself once its clock moves; either way it is done.
+    s.enforce_retention(later).await.unwrap();
+    assert!(
+        s.get(old.id).await.unwrap().is_none(),
+        "the data stored with the timer is gone"
+    );
+    let kept = s.get(pending.id).await.unwrap().expect("the timer is kept");
+    assert_eq!((body(&kept), kept.queue_offset), ("forty-days", None));
+    assert_eq!(s.next_timer_ms(), Some(due));
+    // A store may keep the old messages sharing a file or partition with "young" (retention
+    // holds within one segment roll), never the ones before them.
+    assert!(s.queue_bounds("Pin", 0).await.unwrap().min > 0);
+
+    clock.set(due);
+    assert_eq!(s.reveal_due(due, 10).await.unwrap(), 1);
+    let visible = read_all(&*s, "Pin", 0).await;
+    let last: Vec<_> = visible
+        .iter()
+        .rev()
+        .take(2)
+        .map(|m| (m.id, body(m)))
+        .collect();
+    assert_eq!(last, [(pending.id, "forty-days"), (young.id, "young")]);
+    assert_eq!(visible.last().and_then(|m| m.queue_offset), Some(65));
+    assert_eq!(s.stats().pending_timers, 0);
 }
 
 /// Everything durable survives a clean close and reopen: messages (with their wire fields),

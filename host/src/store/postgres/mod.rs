@@ -6,10 +6,11 @@
 //! migrations are checked by checksum and a database migrated by a newer build is refused.
 //!
 //! Where things live:
-//! - `wharf_message`, partitioned by hour on `part_ms` (store time; for a timer, its reveal
-//!   time). Retention drops whole partitions whose newest row is older than the retention
-//!   period and that hold no pending timer (as the embedded store drops whole segments); it
-//!   never deletes row by row. Indexes: per queue by offset, by position (the id), by
+//! - `wharf_message`, partitioned by hour on `part_ms` (store time; for a revealed
+//!   timer, its reveal time; for a pending one moved by retention, the time it was moved). Retention drops whole partitions whose newest row is older than the retention
+//!   period (as the embedded store drops whole segments), after moving the timers still
+//!   pending in them into the current partition, so a far timer keeps no old data; it never
+//!   deletes row by row. Indexes: per queue by offset, by position (the id), by
 //!   (topic, store time), by key (GIN over the key array), pending timers by deliver time.
 //! - `wharf_queue`: one row per consume queue with its min/max offsets. An append takes its
 //!   offsets by bumping `max_offset` in the same statement that inserts the rows; the row lock
@@ -167,6 +168,7 @@ struct Counters {
     appended_bytes: AtomicU64,
     partitions: AtomicU64,
     disk_bytes: AtomicU64,
+    moved_timers: AtomicU64,
     append_latency: Histogram,
     commit_latency: Histogram,
 }
@@ -1255,8 +1257,7 @@ impl Store for PostgresStore {
             segments: s.partitions.load(Ordering::Relaxed),
             disk_bytes: s.disk_bytes.load(Ordering::Relaxed),
             pending_timers: self.inner.timers.lock().pending,
-            // Rows are never moved: retention there has no segments to free.
-            moved_timers: 0,
+            moved_timers: s.moved_timers.load(Ordering::Relaxed),
             append_latency_us: s.append_latency.snapshot(),
             fsync_latency_us: s.commit_latency.snapshot(),
         }

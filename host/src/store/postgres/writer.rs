@@ -458,8 +458,10 @@ pub async fn reveal(inner: &Inner, now_ms: u64, max: usize) -> Result<usize> {
     Ok(moved)
 }
 
-/// Drops every partition whose newest row is older than the retention period and that holds
-/// no pending timer, then moves each queue's min offset up to its oldest remaining entry.
+/// Drops every partition whose newest row is older than the retention period, after moving
+/// the timers still pending in it into the current partition (same position and content, so
+/// lookups by id still find them), then moves each queue's min offset up to its oldest
+/// remaining entry.
 pub async fn retention(inner: &Inner, now_ms: u64) -> Result<RetentionReport> {
     let cutoff = now_ms.saturating_sub(inner.keep_ms);
     inner.load_partitions().await?;
@@ -471,6 +473,9 @@ pub async fn retention(inner: &Inner, now_ms: u64) -> Result<RetentionReport> {
         .filter(|s| *s <= cutoff)
         .collect();
     candidates.sort_unstable();
+    if !candidates.is_empty() {
+        inner.ensure_partition(partition_of(now_ms)).await?;
+    }
     let mut report = RetentionReport::default();
     let what = "dropping an old message partition";
     for start in candidates {
@@ -489,8 +494,7 @@ pub async fn retention(inner: &Inner, now_ms: u64) -> Result<RetentionReport> {
             continue;
         }
         let check = format!(
-            "SELECT EXISTS (SELECT 1 FROM {name} WHERE part_ms > $1) \
-                 OR EXISTS (SELECT 1 FROM {name} WHERE queue_offset IS NULL), \
+            "SELECT EXISTS (SELECT 1 FROM {name} WHERE part_ms > $1), \
              pg_total_relation_size('{name}'::regclass)"
         );
         let r = sqlx::query(AssertSqlSafe(check))
@@ -503,12 +507,32 @@ pub async fn retention(inner: &Inner, now_ms: u64) -> Result<RetentionReport> {
         if keep {
             continue;
         }
+        // Through the parent, so each row lands in the partition its new part_ms names, and in
+        // the drop's transaction: a crash leaves the timers either here or moved, never gone.
+        let r = sqlx::query(
+            "UPDATE wharf_message SET part_ms = $1 \
+             WHERE part_ms >= $2 AND part_ms < $3 AND queue_offset IS NULL",
+        )
+        .bind(big(now_ms))
+        .bind(big(start))
+        .bind(big(start + PARTITION_MS))
+        .execute(&mut *tx)
+        .await;
+        let moved = match r {
+            Ok(done) => done.rows_affected(),
+            Err(e) => {
+                debug!(partition = %name, error = %inner.redactor.redact(&e.to_string()), "moving pending timers failed; retention retries later");
+                continue;
+            }
+        };
         let drop = format!("DROP TABLE {name}");
         if let Err(e) = sqlx::query(AssertSqlSafe(drop)).execute(&mut *tx).await {
             debug!(partition = %name, error = %inner.redactor.redact(&e.to_string()), "partition drop failed; retention retries later");
             continue;
         }
         inner.ok(what, tx.commit().await)?;
+        report.timers_moved += moved;
+        inner.stats.moved_timers.fetch_add(moved, Ordering::Relaxed);
         inner.partitions.lock().remove(&start);
         report.segments_deleted += 1;
         report.bytes_freed += unbig(size);
