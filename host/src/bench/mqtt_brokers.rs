@@ -3,15 +3,15 @@
 //! Mosquitto with a generated minimal config. Both are stopped on drop.
 
 use std::io::{BufRead, BufReader};
-use std::net::{Ipv4Addr, SocketAddr, TcpListener};
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{Context, bail};
 
-use super::util::ScratchDir;
+use super::util::{ScratchDir, free_port, rss_bytes_of, wait_exited, wait_listening};
 use crate::store::FlushMode;
 
 /// Where Debian installs the Mosquitto broker.
@@ -138,33 +138,10 @@ impl BrokerProcess {
 
     /// Polls until the port accepts connections; fails with the log if the process exits first.
     fn wait_listening(&mut self) -> anyhow::Result<()> {
-        let deadline = Instant::now() + START_STOP_TIMEOUT;
-        loop {
-            if std::net::TcpStream::connect_timeout(&self.addr, Duration::from_millis(200)).is_ok()
-            {
-                return Ok(());
-            }
-            if let Some(child) = self.child.as_mut()
-                && let Some(status) = child.try_wait()?
-            {
-                self.child = None;
-                bail!(
-                    "{} exited ({status}) before listening on {}; its log:\n{}",
-                    self.label,
-                    self.addr,
-                    self.log_text()
-                );
-            }
-            if Instant::now() >= deadline {
-                bail!(
-                    "{} did not listen on {} within {START_STOP_TIMEOUT:?}; its log:\n{}",
-                    self.label,
-                    self.addr,
-                    self.log_text()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let (label, addr, log) = (self.label.clone(), self.addr, self.log.clone());
+        wait_listening(&label, addr, &mut self.child, START_STOP_TIMEOUT, || {
+            log_tail(&log)
+        })
     }
 
     /// The process id (for its resident memory).
@@ -174,10 +151,7 @@ impl BrokerProcess {
 
     /// Resident set size of the broker process in bytes.
     pub fn rss_bytes(&self) -> Option<u64> {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()?)).ok()?;
-        let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
-        let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-        Some(kb * 1024)
+        rss_bytes_of(self.pid()?)
     }
 
     /// Fails when the broker has died (a crash under load must not pass for a slow row).
@@ -196,10 +170,7 @@ impl BrokerProcess {
     }
 
     fn log_text(&self) -> String {
-        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-        // The tail is what explains an exit.
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(40)..].join("\n")
+        log_tail(&self.log)
     }
 
     /// SIGTERM, then SIGKILL after the timeout.
@@ -213,14 +184,8 @@ impl BrokerProcess {
         };
         // SAFETY: kill(2) on the pid of a child this process spawned and has not reaped.
         let rc = unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
-        if rc == 0 {
-            let deadline = Instant::now() + START_STOP_TIMEOUT;
-            while Instant::now() < deadline {
-                if child.try_wait()?.is_some() {
-                    return Ok(());
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
+        if rc == 0 && wait_exited(&mut child, START_STOP_TIMEOUT)? {
+            return Ok(());
         }
         let _ = child.kill();
         let _ = child.wait();
@@ -280,10 +245,11 @@ fn mqtt_addr_from_listening_line(line: &str) -> Option<SocketAddr> {
         .and_then(|a| a.parse().ok())
 }
 
-/// A local port nobody listens on right now.
-fn free_port() -> anyhow::Result<u16> {
-    let l = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).context("find a free local port")?;
-    Ok(l.local_addr()?.port())
+/// The last 40 lines of a log: what explains an exit.
+fn log_tail(log: &Path) -> String {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(40)..].join("\n")
 }
 
 /// Raises this process's open-file limit to at least `want` (children inherit it), up to the

@@ -2,14 +2,14 @@
 //! the bench on a free port with a generated config, answering every request with a fixed send
 //! receipt, so the same client measures what HTTP alone costs on this machine.
 
-use std::net::{Ipv4Addr, SocketAddr, TcpListener};
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{Context, bail};
 
-use super::util::ScratchDir;
+use super::util::{ScratchDir, free_port, wait_exited, wait_listening};
 
 /// Where Debian installs nginx.
 pub const NGINX: &str = "/usr/sbin/nginx";
@@ -111,35 +111,14 @@ impl Nginx {
 
     /// Polls until nginx accepts connections; fails with its error log if it exits first.
     fn wait_listening(&mut self) -> anyhow::Result<()> {
-        let deadline = Instant::now() + START_STOP_TIMEOUT;
-        loop {
-            if std::net::TcpStream::connect_timeout(&self.addr, Duration::from_millis(200)).is_ok()
-            {
-                return Ok(());
-            }
-            if let Some(child) = self.child.as_mut()
-                && let Some(status) = child.try_wait()?
-            {
-                self.child = None;
-                bail!(
-                    "nginx exited ({status}) before listening on {}; its error log:\n{}",
-                    self.addr,
-                    self.error_log()
-                );
-            }
-            if Instant::now() >= deadline {
-                bail!(
-                    "nginx did not listen on {} within {START_STOP_TIMEOUT:?}; its error log:\n{}",
-                    self.addr,
-                    self.error_log()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn error_log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("error.log")).unwrap_or_default()
+        let errors = self.dir.path().join("error.log");
+        wait_listening(
+            "nginx",
+            self.addr,
+            &mut self.child,
+            START_STOP_TIMEOUT,
+            || std::fs::read_to_string(&errors).unwrap_or_default(),
+        )
     }
 
     /// Stops nginx (fast shutdown through its own `-s stop`, so the workers go too) and waits.
@@ -157,12 +136,10 @@ impl Nginx {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .status();
-        let deadline = Instant::now() + START_STOP_TIMEOUT;
-        while signalled.as_ref().is_ok_and(|s| s.success()) && Instant::now() < deadline {
-            if child.try_wait()?.is_some() {
-                return Ok(());
-            }
-            std::thread::sleep(Duration::from_millis(20));
+        if signalled.as_ref().is_ok_and(|s| s.success())
+            && wait_exited(&mut child, START_STOP_TIMEOUT)?
+        {
+            return Ok(());
         }
         // Last resort; the master's workers may outlive it, so say so.
         let _ = child.kill();
@@ -193,12 +170,6 @@ fn prefix_args(prefix: &Path, conf: &Path) -> Vec<String> {
         "-e".into(),
         prefix.join("error.log").display().to_string(),
     ]
-}
-
-/// A local port nobody listens on right now.
-fn free_port() -> anyhow::Result<u16> {
-    let l = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).context("find a free local port")?;
-    Ok(l.local_addr()?.port())
 }
 
 #[cfg(test)]

@@ -1,10 +1,14 @@
-//! Pieces every in-process benchmark needs: flush-mode parsing, a scratch store directory that
-//! is removed however the run ends, a broker over a fresh store, and resident memory.
+//! Pieces every benchmark needs: flush-mode parsing, a scratch store directory that is removed
+//! however the run ends, a broker over a fresh store, resident memory, and the start/stop
+//! waits of the peer processes some benches compare against.
 
+use std::net::{Ipv4Addr, SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
+use std::process::Child;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-use anyhow::Context;
+use anyhow::{Context, bail};
 
 use crate::broker::api::BrokerApi;
 use crate::broker::{BrokerConfig, ConsumeModel, GroupKind, GroupSpec};
@@ -110,10 +114,71 @@ pub async fn create_consumer_group(broker: &BrokerApi, name: &str) -> anyhow::Re
 
 /// Resident set size of this process in bytes (Linux `/proc/self/status` VmRSS).
 pub fn rss_bytes() -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    rss_of("self")
+}
+
+/// Resident set size of process `pid` in bytes.
+pub fn rss_bytes_of(pid: u32) -> Option<u64> {
+    rss_of(&pid.to_string())
+}
+
+fn rss_of(proc_dir: &str) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{proc_dir}/status")).ok()?;
     let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
     let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kb * 1024)
+}
+
+/// A local port nobody listens on right now.
+pub fn free_port() -> anyhow::Result<u16> {
+    let l = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).context("find a free local port")?;
+    Ok(l.local_addr()?.port())
+}
+
+/// Polls until the peer process `label` (its `child`) accepts connections on `addr`; fails with
+/// `log()` (what explains it) if the process exits first (then `child` is cleared) or after
+/// `timeout`.
+pub fn wait_listening(
+    label: &str,
+    addr: SocketAddr,
+    child: &mut Option<Child>,
+    timeout: Duration,
+    log: impl Fn() -> String,
+) -> anyhow::Result<()> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+            return Ok(());
+        }
+        if let Some(c) = child.as_mut()
+            && let Some(status) = c.try_wait()?
+        {
+            *child = None;
+            bail!(
+                "{label} exited ({status}) before listening on {addr}; its log:\n{}",
+                log()
+            );
+        }
+        if Instant::now() >= deadline {
+            bail!(
+                "{label} did not listen on {addr} within {timeout:?}; its log:\n{}",
+                log()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Waits up to `timeout` for `child` to exit after it was asked to stop; true if it did.
+pub fn wait_exited(child: &mut Child, timeout: Duration) -> anyhow::Result<bool> {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if child.try_wait()?.is_some() {
+            return Ok(true);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(false)
 }
 
 #[cfg(test)]
@@ -152,6 +217,10 @@ mod tests {
     fn rss_is_read_on_linux() {
         if cfg!(target_os = "linux") {
             assert!(rss_bytes().is_some_and(|b| b > 0));
+            assert_eq!(
+                rss_bytes_of(std::process::id()).is_some(),
+                rss_bytes().is_some()
+            );
         }
     }
 }
