@@ -3,7 +3,8 @@
 //! all three, and a host killed with SIGKILL under load loses nothing that was acknowledged
 //! (its queues move to the survivors when its leases expire). MQTT clients on two hosts see each
 //! other's messages (subscriptions, P2P, MQ2MQTT, retained), a client id is taken over across
-//! hosts with its stored session, and presence event indexes keep increasing across hosts.
+//! hosts with its stored session, and presence event indexes keep increasing across hosts, the
+//! old connection's tcpclean coming before the new one's connect on a takeover.
 
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -493,6 +494,26 @@ fn a_client_id_is_taken_over_across_hosts_with_its_queued_messages() {
     }
 }
 
+/// `(tag, channelId, eventIndex)` of every presence event stored in `topic`, in store order.
+fn presence_events(s: &Server, topic: &str) -> Vec<(String, String, u64)> {
+    messages_of(s, topic)
+        .iter()
+        .map(|m| {
+            let body: serde_json::Value =
+                serde_json::from_str(m["body"].as_str().unwrap_or("{}")).expect("event JSON");
+            (
+                m["tag"].as_str().unwrap_or("").to_owned(),
+                body["channelId"].as_str().expect("channelId").to_owned(),
+                body["eventIndex"].as_u64().expect("eventIndex"),
+            )
+        })
+        .collect()
+}
+
+fn strictly_increasing(events: &[(String, String, u64)]) -> bool {
+    events.windows(2).all(|w| w[0].2 < w[1].2)
+}
+
 #[test]
 fn presence_event_indexes_increase_across_hosts() {
     let pg = PgServer::private();
@@ -504,24 +525,61 @@ fn presence_event_indexes_increase_across_hosts() {
         c.closed();
         wait_stored(&hosts[0], "GID_dev_MQTT", 2 * (n + 1));
     }
-    let events = messages_of(&hosts[1], "GID_dev_MQTT");
-    let parsed: Vec<serde_json::Value> = events
-        .iter()
-        .map(|m| serde_json::from_str(m["body"].as_str().unwrap_or("{}")).expect("event JSON"))
-        .collect();
-    let tags: Vec<&str> = events
-        .iter()
-        .map(|m| m["tag"].as_str().unwrap_or(""))
-        .collect();
+    let events = presence_events(&hosts[1], "GID_dev_MQTT");
+    let tags: Vec<&str> = events.iter().map(|e| e.0.as_str()).collect();
     assert_eq!(tags, ["connect", "disconnect"].repeat(4));
-    let idx: Vec<u64> = parsed
-        .iter()
-        .map(|b| b["eventIndex"].as_u64().expect("eventIndex"))
-        .collect();
     assert!(
-        idx.windows(2).all(|w| w[0] < w[1]),
-        "eventIndex strictly increases across hosts: {idx:?}"
+        strictly_increasing(&events),
+        "eventIndex strictly increases across hosts: {events:?}"
     );
+    for h in &mut hosts {
+        h.stop();
+    }
+}
+
+#[test]
+fn a_clean_session_takeover_across_hosts_orders_presence_events() {
+    let pg = PgServer::private();
+    let mut hosts = two_mqtt_hosts(&pg, "GID_dev_MQTT");
+    let addrs = [addr(&hosts[0]), addr(&hosts[1])];
+    let id = "GID_dev@@@twin";
+    let (mut holder, _) = Mq::connect(opts(&addrs[0], id));
+    wait_stored(&hosts[0], "GID_dev_MQTT", 1);
+    // Host 0 to host 1 and back, clean-session=true: the new connection's CONNACK comes once
+    // the old host has closed the old connection and stored its tcpclean event.
+    for (n, to) in [1, 0].into_iter().enumerate() {
+        let (next, _) = Mq::connect(opts(&addrs[to], id));
+        assert!(!holder.closed().is_empty(), "the old connection is closed");
+        holder = next;
+        wait_stored(&hosts[0], "GID_dev_MQTT", 3 + 2 * n);
+    }
+    for h in &hosts {
+        assert!(
+            h.logs()
+                .contains("client id taken over by a new connection from"),
+            "each host says why it closed its connection"
+        );
+    }
+    let events = presence_events(&hosts[1], "GID_dev_MQTT");
+    let tags: Vec<&str> = events.iter().map(|e| e.0.as_str()).collect();
+    assert_eq!(
+        tags,
+        ["connect", "tcpclean", "connect", "tcpclean", "connect"],
+        "the old channel's tcpclean comes before the new channel's connect: {events:?}"
+    );
+    let channels: Vec<&str> = events.iter().map(|e| e.1.as_str()).collect();
+    assert_eq!(channels[0], channels[1], "{events:?}");
+    assert_eq!(channels[2], channels[3], "{events:?}");
+    assert!(
+        channels[0] != channels[2] && channels[2] != channels[4] && channels[0] != channels[4],
+        "each connection has its own channel: {events:?}"
+    );
+    assert!(
+        strictly_increasing(&events),
+        "eventIndex strictly increases: {events:?}"
+    );
+    // The last holder is still connected.
+    holder.subscribe("x/y", QoS::AtMostOnce);
     for h in &mut hosts {
         h.stop();
     }

@@ -36,7 +36,7 @@ use crate::error::Result;
 use crate::model::{StoredMessage, WireInfo};
 
 /// The spaces front ends keep durable records in, each apart from the broker's own metadata.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StateSpace {
     /// MQTT sessions of clean-session=false clients, by client id.
     MqttSession,
@@ -46,15 +46,19 @@ pub enum StateSpace {
     MqttPresence,
     /// Which host's connection holds each MQTT client id now (cluster-wide takeover).
     MqttOwner,
+    /// Takeover notices to one host (by its host id): which of its MQTT connections another
+    /// host's connection took the client id from, by channel id. Only that host watches it.
+    MqttKick(String),
 }
 
 impl StateSpace {
-    fn namespace(self) -> &'static str {
+    fn namespace(&self) -> std::borrow::Cow<'static, str> {
         match self {
-            StateSpace::MqttSession => "fe.mqtt.session",
-            StateSpace::MqttRetained => "fe.mqtt.retained",
-            StateSpace::MqttPresence => "fe.mqtt.presence",
-            StateSpace::MqttOwner => "fe.mqtt.owner",
+            StateSpace::MqttSession => "fe.mqtt.session".into(),
+            StateSpace::MqttRetained => "fe.mqtt.retained".into(),
+            StateSpace::MqttPresence => "fe.mqtt.presence".into(),
+            StateSpace::MqttOwner => "fe.mqtt.owner".into(),
+            StateSpace::MqttKick(host) => format!("fe.mqtt.kick.{host}").into(),
         }
     }
 }
@@ -372,7 +376,7 @@ impl BrokerApi {
         Ok(self
             .broker
             .store
-            .meta_get(space.namespace(), key)
+            .meta_get(&space.namespace(), key)
             .await?
             .map(|e| (e.value, e.version)))
     }
@@ -390,7 +394,7 @@ impl BrokerApi {
         match self
             .broker
             .store
-            .meta_put_if(space.namespace(), key, value, cond)
+            .meta_put_if(&space.namespace(), key, value, cond)
             .await?
         {
             PutOutcome::Written { version } => Ok(Some(version)),
@@ -400,22 +404,22 @@ impl BrokerApi {
     /// Moves when any host sharing the store writes or deletes a record of `space` (another
     /// host's change within [`crate::store::META_WATCH_MS`]); it may also move without one.
     pub fn watch_state(&self, space: StateSpace) -> tokio::sync::watch::Receiver<u64> {
-        self.broker.store.watch_meta(space.namespace())
+        self.broker.store.watch_meta(&space.namespace())
     }
     /// Stores a front end's record durably (per the flush mode) before answering.
     pub async fn state_put(&self, space: StateSpace, key: &str, value: Vec<u8>) -> Result<()> {
         self.broker
             .store
-            .meta_put(space.namespace(), key, value)
+            .meta_put(&space.namespace(), key, value)
             .await
     }
     /// Forgets a front end's record.
     pub async fn state_delete(&self, space: StateSpace, key: &str) -> Result<()> {
-        self.broker.store.meta_delete(space.namespace(), key).await
+        self.broker.store.meta_delete(&space.namespace(), key).await
     }
     /// Every record of one space.
     pub async fn state_list(&self, space: StateSpace) -> Result<Vec<(String, Vec<u8>)>> {
-        self.broker.store.meta_list(space.namespace()).await
+        self.broker.store.meta_list(&space.namespace()).await
     }
 
     // ---- dead letters and status

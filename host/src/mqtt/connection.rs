@@ -248,8 +248,9 @@ async fn connected<R: Reader>(
         // Outstanding replies are dropped with the connection; their stores may still finish,
         // and an unacknowledged QoS 1/2 message is retransmitted by the client.
         drop(conn);
-        // The event's index is taken before the session is let go: a connection taking the
-        // client id over on another host waits for that, so its connect event comes after.
+        // The event is stored before the session is let go: a connection taking the client id
+        // over on another host waits for that (the takeover notice forgotten in `detach`), so
+        // its connect event comes after.
         gw.presence
             .event(&session.client_id, kind, &attached.channel_id)
             .await;

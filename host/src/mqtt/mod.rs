@@ -37,7 +37,7 @@ use tracing::{info, info_span, warn};
 pub use metrics::MqttMetrics;
 
 use self::codec::{Connect, ConnectCode};
-use self::owner::{OwnerRecord, Owners};
+use self::owner::Owners;
 use self::presence::Presence;
 use self::retained::Retained;
 use self::router::Router;
@@ -80,6 +80,9 @@ pub(crate) struct Inner {
     retained: Retained,
     presence: Presence,
     owners: Owners,
+    /// This host's connections from CONNECT until they let go, by channel id (what a
+    /// takeover notice names).
+    channels: Mutex<HashMap<String, LiveChannel>>,
     metrics: Arc<MqttMetrics>,
     session_seq: AtomicU64,
     conn_seq: AtomicU64,
@@ -89,8 +92,9 @@ pub(crate) struct Inner {
     tasks: TaskTracker,
 }
 
-/// Longest a CONNECT waits for another host to store the session of the connection it takes
-/// over; past it the session last stored is used (that host may be stuck or partitioned).
+/// Longest a CONNECT waits for another host to let go of the connection it takes over (its
+/// presence event and session stored); past it the CONNECT goes on with the session stored
+/// last (that host may be stuck or partitioned).
 const TAKEOVER_WAIT: Duration = Duration::from_secs(10);
 /// Pause before reading a changed store space again after a failed read.
 const RELOAD_RETRY: Duration = Duration::from_millis(500);
@@ -98,7 +102,16 @@ const RELOAD_RETRY: Duration = Duration::from_millis(500);
 /// Change feeds of the store spaces other hosts write, taken before the gateway loads them.
 struct StateWatches {
     retained: tokio::sync::watch::Receiver<u64>,
-    owners: tokio::sync::watch::Receiver<u64>,
+    /// Takeover notices to this host.
+    kicks: tokio::sync::watch::Receiver<u64>,
+}
+
+/// One of this host's connections, for the takeover notices naming it.
+struct LiveChannel {
+    client_id: String,
+    attached: Arc<Attached>,
+    /// A notice closed it: the connection forgets the notice once it let go.
+    noticed: bool,
 }
 
 /// Which kind of listener a connection came in on.
@@ -210,10 +223,11 @@ impl Gateway {
                 "[mqtt] mode = \"open\" with access keys configured: MQTT clients connect without credentials"
             );
         }
+        let owners = Owners::new(broker.clone());
         // Taken before the first load, so another host's change in between is not missed.
         let watches = StateWatches {
             retained: broker.watch_state(StateSpace::MqttRetained),
-            owners: broker.watch_state(StateSpace::MqttOwner),
+            kicks: broker.watch_state(owners.own_notices()),
         };
         let metrics = Arc::new(MqttMetrics::default());
         let router = Router::new(
@@ -227,7 +241,8 @@ impl Gateway {
                 .await
                 .context("loading MQTT retained messages")?,
             presence: Presence::new(broker.clone()),
-            owners: Owners::new(broker.clone()),
+            owners,
+            channels: Mutex::new(HashMap::new()),
             broker,
             mode,
             auth,
@@ -406,6 +421,15 @@ impl Inner {
         clean: bool,
         attached: Arc<Attached>,
     ) -> (Arc<Session>, bool) {
+        // Before the claim: a notice naming this connection may come as soon as it is written.
+        self.channels.lock().insert(
+            attached.channel_id.clone(),
+            LiveChannel {
+                client_id: client_id.to_owned(),
+                attached: attached.clone(),
+                noticed: false,
+            },
+        );
         self.take_over_cluster_wide(client_id, clean, &attached)
             .await;
         // Take over: disconnect the current holder and wait for it to let go of the session.
@@ -479,9 +503,21 @@ impl Inner {
             self.persist(session).await;
         }
         // After the session is stored: a host waiting to take the client id over loads it then.
-        let claim = attached.and_then(|a| a.claim.lock().take());
-        if let Some(claim) = claim {
-            self.owners.release(&session.client_id, &claim).await;
+        if let Some(attached) = attached {
+            let claim = attached.claim.lock().take();
+            if let Some(claim) = claim {
+                self.owners.release(&session.client_id, &claim).await;
+            }
+            // Last, after the presence event and the session are stored: a host waiting on
+            // the notice that closed this connection goes on when it is gone.
+            let noticed = self
+                .channels
+                .lock()
+                .remove(&attached.channel_id)
+                .is_some_and(|l| l.noticed);
+            if noticed && let Err(e) = self.owners.forget_notice(&attached.channel_id).await {
+                warn!(client_id = %session.client_id, error = %e, "cannot forget the takeover notice; the host taking over waits for it (bounded)");
+            }
         }
         if !session.persistent {
             let mut sessions = self.sessions.lock();
@@ -668,8 +704,9 @@ impl Inner {
     }
 
     /// Claims the client id for this connection in the store. When a connection on another
-    /// live host held it with clean-session=false, waits (at most [`TAKEOVER_WAIT`]) until that
-    /// host has stored the session it lets go of; then the session stored is the one to use.
+    /// live host held it, waits (at most [`TAKEOVER_WAIT`]) until that host has let go of it:
+    /// its presence event comes before this connection's, and a session it stored is the one
+    /// to use.
     async fn take_over_cluster_wide(&self, client_id: &str, clean: bool, attached: &Attached) {
         let claim = match self
             .owners
@@ -682,16 +719,14 @@ impl Inner {
                 return;
             }
         };
-        let previous = claim.previous.clone();
+        let (previous, noticed) = (claim.previous.clone(), claim.noticed);
         *attached.claim.lock() = Some(claim);
-        let me = self.broker.host_id();
         if let Some(p) = &previous
-            && p.online
-            && p.persistent
-            && p.host != me
+            && noticed
             && self.host_is_live(&p.host).await
+            && !self.owners.wait_let_go(p, TAKEOVER_WAIT).await
         {
-            self.wait_released(client_id, p).await;
+            warn!(client_id, host = %p.host, "the host that held this client id did not let go of it in time; going on with the session stored last");
         }
         if !clean || previous.is_some_and(|p| p.persistent) {
             self.refresh_session(client_id).await;
@@ -703,37 +738,6 @@ impl Inner {
             Ok(hosts) => hosts.iter().any(|h| h.host_id == host),
             // Unknown: wait (bounded) rather than risk loading a session still in use.
             Err(_) => true,
-        }
-    }
-
-    /// Waits until the session stored for `client_id` is the one `holder`'s connection wrote
-    /// when it ended.
-    async fn wait_released(&self, client_id: &str, holder: &OwnerRecord) {
-        let mut changes = self.broker.watch_state(StateSpace::MqttSession);
-        let released = async {
-            loop {
-                match self
-                    .broker
-                    .state_get(StateSpace::MqttSession, client_id)
-                    .await
-                {
-                    Ok(Some(raw)) => {
-                        if SessionRecord::decode(&raw)
-                            .is_ok_and(|r| r.released && r.channel == holder.channel)
-                        {
-                            return;
-                        }
-                    }
-                    Ok(None) => {}
-                    Err(e) => warn!(client_id, error = %e, "cannot read the stored MQTT session"),
-                }
-                if changes.changed().await.is_err() {
-                    return;
-                }
-            }
-        };
-        if tokio::time::timeout(TAKEOVER_WAIT, released).await.is_err() {
-            warn!(client_id, host = %holder.host, "the host that held this client id did not store its session in time; using the session stored last");
         }
     }
 
@@ -783,24 +787,13 @@ impl Inner {
         }
     }
 
-    /// Follows what other hosts write: retained messages, and claims of client ids this host's
-    /// connections hold.
+    /// Follows what other hosts write: retained messages, and takeover notices to this host.
     async fn run_state_watches(self: Arc<Self>, mut w: StateWatches) {
-        let (mut retained, mut owners) = (false, false);
+        // Notices left from before a restart name no connection of this run: forget them now.
+        let (mut retained, mut kicks) = (false, true);
         loop {
-            tokio::select! {
-                _ = self.stop.cancelled() => return,
-                r = w.retained.changed() => {
-                    if r.is_err() { return }
-                    retained = true;
-                }
-                r = w.owners.changed() => {
-                    if r.is_err() { return }
-                    owners = true;
-                }
-            }
             // A failed read is tried again, since the feed may not move again by itself.
-            while retained || owners {
+            while retained || kicks {
                 if retained {
                     match self.retained.reload(&self.broker).await {
                         Ok(()) => retained = false,
@@ -809,47 +802,54 @@ impl Inner {
                         }
                     }
                 }
-                if owners {
-                    match self.kick_taken_over().await {
-                        Ok(()) => owners = false,
+                if kicks {
+                    match self.handle_notices().await {
+                        Ok(()) => kicks = false,
                         Err(e) => {
-                            warn!(error = %e, "cannot read MQTT client id owners; will retry")
+                            warn!(error = %e, "cannot read MQTT takeover notices; will retry")
                         }
                     }
                 }
-                if retained || owners {
+                if retained || kicks {
                     tokio::select! {
                         _ = self.stop.cancelled() => return,
                         _ = tokio::time::sleep(RELOAD_RETRY) => {}
                     }
                 }
             }
+            tokio::select! {
+                _ = self.stop.cancelled() => return,
+                r = w.retained.changed() => {
+                    if r.is_err() { return }
+                    retained = true;
+                }
+                r = w.kicks.changed() => {
+                    if r.is_err() { return }
+                    kicks = true;
+                }
+            }
         }
     }
 
-    /// Disconnects this host's connections whose client id a connection on another host has
-    /// claimed since.
-    async fn kick_taken_over(&self) -> crate::error::Result<()> {
-        let me = self.broker.host_id();
-        for (client_id, record) in self.owners.list().await? {
-            if record.host == me {
-                continue;
-            }
-            let Some(s) = self.sessions.lock().get(&client_id).cloned() else {
-                continue;
+    /// Disconnects the connections of this host that takeover notices name; a notice naming
+    /// none (it ended, or is of an earlier run) is forgotten, one naming a live connection is
+    /// forgotten by that connection once it let go.
+    async fn handle_notices(&self) -> crate::error::Result<()> {
+        for (channel, notice) in self.owners.notices().await? {
+            let live = {
+                let mut channels = self.channels.lock();
+                match (channels.get_mut(&channel), &notice) {
+                    // Channel ids restart with the host: the client id tells an earlier run's.
+                    (Some(l), Some(n)) if l.client_id == n.client_id => {
+                        l.noticed = true;
+                        Some(l.attached.clone())
+                    }
+                    _ => None,
+                }
             };
-            if !s.online() {
-                continue;
-            }
-            // The list may have been read before this connection's own claim landed; the claim
-            // is written before a connection attaches, so a read now sees it if it is newest.
-            if let Some(now) = self.owners.get(&client_id).await?
-                && now.host != me
-            {
-                s.kick(&format!(
-                    "client id taken over by a new connection from {} on host {}",
-                    now.address, now.host
-                ));
+            match (live, notice) {
+                (Some(attached), Some(n)) => attached.kick(&n.reason()),
+                _ => self.owners.forget_notice(&channel).await?,
             }
         }
         Ok(())

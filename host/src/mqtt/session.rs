@@ -255,6 +255,16 @@ pub struct Attached {
     pub claim: Mutex<Option<super::owner::Claim>>,
 }
 
+impl Attached {
+    /// Disconnects this connection, saying why (the first reason given is kept).
+    pub fn kick(&self, reason: &str) {
+        self.kick_reason
+            .lock()
+            .get_or_insert_with(|| reason.to_owned());
+        self.kick.cancel();
+    }
+}
+
 /// Mutable session state.
 #[derive(Debug, Default)]
 pub struct SessionState {
@@ -345,10 +355,7 @@ impl Session {
     /// Disconnects the attached connection, if any, saying why.
     pub fn kick(&self, reason: &str) {
         if let Some(a) = self.attached.lock().as_ref() {
-            a.kick_reason
-                .lock()
-                .get_or_insert_with(|| reason.to_owned());
-            a.kick.cancel();
+            a.kick(reason);
         }
     }
 }
@@ -456,8 +463,8 @@ pub struct SessionRecord {
     /// Channel id of the last connection (empty in records older than multi-host takeover).
     #[serde(default)]
     pub channel: String,
-    /// Written when that connection ended: a host taking the client id over waits for this
-    /// before loading the session, so nothing the old connection held is lost.
+    /// Written when that connection ended (a host taking the client id over waits for the
+    /// connection's takeover notice to go instead, which comes after this write).
     #[serde(default)]
     pub released: bool,
 }

@@ -44,11 +44,14 @@ pub const META_WATCH_MS: u64 = 500;
 #[derive(Debug, Default)]
 pub struct MetaWatches {
     map: parking_lot::Mutex<std::collections::HashMap<String, watch::Sender<u64>>>,
+    /// Namespaces that got a receiver since [`MetaWatches::take_fresh`] was last called.
+    fresh: parking_lot::Mutex<std::collections::HashSet<String>>,
 }
 
 impl MetaWatches {
     /// A receiver of `namespace`'s counter.
     pub fn subscribe(&self, namespace: &str) -> watch::Receiver<u64> {
+        self.fresh.lock().insert(namespace.to_string());
         self.map
             .lock()
             .entry(namespace.to_string())
@@ -61,6 +64,11 @@ impl MetaWatches {
         if let Some(tx) = self.map.lock().get(namespace) {
             tx.send_modify(|v| *v += 1);
         }
+    }
+
+    /// Namespaces that got a receiver since the last call (a poller moves them next round).
+    pub fn take_fresh(&self) -> Vec<String> {
+        self.fresh.lock().drain().collect()
     }
 
     /// Namespaces somebody watches now.

@@ -82,9 +82,17 @@ pub async fn run(inner: Arc<Inner>, stop: CancellationToken) {
 }
 
 /// Moves the metadata feed of every watched namespace whose (row count, newest stamp)
-/// changed since the last round; the first round of a namespace moves it too, since a change
-/// may have landed between the watcher's load and this round.
+/// changed since the last round; the first round after a new receiver moves it too, since a
+/// change may have landed between the watcher's load and this round.
 async fn poll_meta(inner: &Inner) {
+    {
+        // A new receiver gets the first round's move even if the namespace was watched before:
+        // a row written and deleted since the last print leaves the same print.
+        let mut prints = inner.meta_prints.lock();
+        for ns in inner.meta_watches.take_fresh() {
+            prints.remove(&ns);
+        }
+    }
     let namespaces = inner.meta_watches.watched();
     if namespaces.is_empty() {
         return;

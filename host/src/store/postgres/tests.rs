@@ -210,6 +210,30 @@ async fn metadata_changes_reach_the_other_host() {
     b.close().await.unwrap();
 }
 
+/// A namespace watched again moves its new receiver on the first poll, even when a row was
+/// written and deleted in between (the namespace's print is what it was): a waiter for a key
+/// to go reads it again after that move, so it never misses the delete.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_namespace_watched_again_moves_on_the_first_poll() {
+    let (_clock, a, b) = two_hosts().await;
+    let first_poll = |mut rx: watch::Receiver<u64>| async move {
+        let seen = *rx.borrow_and_update();
+        tokio::time::timeout(Duration::from_secs(10), rx.wait_for(|v| *v > seen))
+            .await
+            .expect("the first poll moves the feed")
+            .map(|_| ())
+            .unwrap();
+    };
+    first_poll(b.watch_meta("notices")).await;
+    a.meta_put("notices", "k", b"v".to_vec()).await.unwrap();
+    let again = b.watch_meta("notices");
+    a.meta_delete("notices", "k").await.unwrap();
+    first_poll(again).await;
+    assert!(b.meta_get("notices", "k").await.unwrap().is_none());
+    a.close().await.unwrap();
+    b.close().await.unwrap();
+}
+
 /// Two hosts appending to one queue share its offsets without gaps, and each host's watch
 /// wakes for the other's appends (NOTIFY, or the poll behind it).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
