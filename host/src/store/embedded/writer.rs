@@ -5,7 +5,7 @@
 //! CRC), issues one write per segment touched and one fsync (sync mode), then updates the
 //! derived indexes (page-cache writes only) and answers every request of the round.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
@@ -106,6 +106,30 @@ pub struct Writer {
     max_ms_updates: Vec<(u64, u64)>,
     /// Moved timer copies placed in this round (counted once the round is durable).
     moved_copies: u64,
+    /// Held-queue entries of a full rebuild, while it reads the log.
+    held_rebuild: Option<HeldRebuild>,
+}
+
+/// The held-queue entries of a full index rebuild, numbered only once the whole log is read.
+/// A moved timer copy whose first segment is gone stands in for its origin, at its original
+/// store time: older than anything still in the log, so it sorts before the entries read
+/// earlier, and a time query still lists it where it was stored.
+#[derive(Default)]
+struct HeldRebuild {
+    by_topic: HashMap<String, Vec<CqEntry>>,
+    origins: HashSet<u64>,
+}
+
+/// The held-queue entry of the timer message first stored at `pos` (its record's header `h`;
+/// a moved copy keeps the original store time).
+fn held_entry(pos: u64, h: &Header) -> CqEntry {
+    CqEntry {
+        pos,
+        src_pos: pos,
+        size: h.len,
+        tag_hash: h.tag_hash,
+        visible_ms: h.stored_ms,
+    }
 }
 
 impl Drop for Writer {
@@ -205,6 +229,7 @@ impl Writer {
             queue_undo: Vec::new(),
             max_ms_updates: Vec::new(),
             moved_copies: 0,
+            held_rebuild: None,
         }
     }
 
@@ -219,6 +244,7 @@ impl Writer {
     pub fn replay(&mut self, from: u64, indexed: bool) -> io::Result<()> {
         // Timers of records before `from` are in the timer index only if it was kept.
         let known_below = if indexed { from } else { 0 };
+        self.held_rebuild = (!indexed).then(HeldRebuild::default);
         let segs = self.sh.log.segments();
         let mut count = 0u64;
         for seg in segs {
@@ -243,6 +269,18 @@ impl Writer {
             })?;
             if let Some(e) = err {
                 return Err(e);
+            }
+        }
+        if let Some(rebuilt) = self.held_rebuild.take() {
+            for (topic, mut entries) in rebuilt.by_topic {
+                entries.sort_by_key(|e| (e.visible_ms, e.pos));
+                let hq = self.sh.queues.held_or_create(&topic)?;
+                for e in entries {
+                    self.push_held(&hq, e);
+                    if self.cq_ops.len() > 65536 {
+                        self.apply_indexes()?;
+                    }
+                }
             }
         }
         self.apply_indexes()?;
@@ -285,10 +323,7 @@ impl Writer {
                     self.timer_adds.push((t, seg_base));
                     // A moved copy has no held entry of its own: its origin's entry names it.
                     if moved.is_none() {
-                        // Held entries were numbered in log order, which replay repeats.
-                        let hq = self.sh.queues.held_or_create(topic)?;
-                        let off = hq.next_assign.fetch_add(1, Ordering::Relaxed);
-                        self.push_held(hq, off, pos, &h);
+                        self.replay_held(topic, pos, &h)?;
                     }
                 } else if h.queue_offset != record::NO_OFFSET {
                     // A copy revealed as it moved became visible at the move.
@@ -300,6 +335,17 @@ impl Writer {
                 }
                 if let Some(m) = moved {
                     self.key_ops.push((record::moved_hash(m.origin), pos));
+                    // The origin's held entry went with its segment: the copy takes its place
+                    // (once, however many copies of it the log still holds).
+                    if let Some(r) = self.held_rebuild.as_mut()
+                        && self.sh.log.segment_of(m.origin).is_none()
+                        && r.origins.insert(m.origin)
+                    {
+                        r.by_topic
+                            .entry(topic.to_string())
+                            .or_default()
+                            .push(held_entry(m.origin, &h));
+                    }
                     // The copy is the done marker of the timer it was copied from, which the
                     // index holds if it was indexed before `from` or replayed just now.
                     if m.source < known_below || self.sh.log.segment_of(m.source).is_some() {
@@ -333,20 +379,25 @@ impl Writer {
         Ok(())
     }
 
-    /// Queues the held-queue entry of the timer message at `pos` (header `h`), at `off`.
-    fn push_held(&mut self, hq: Arc<ConsumeQueue>, off: u64, pos: u64, h: &Header) {
-        hq.last_visible_ms.fetch_max(h.stored_ms, Ordering::Relaxed);
-        self.cq_ops.push((
-            hq,
-            off,
-            CqEntry {
-                pos,
-                src_pos: pos,
-                size: h.len,
-                tag_hash: h.tag_hash,
-                visible_ms: h.stored_ms,
-            },
-        ));
+    /// Files the held-queue entry of the replayed timer message at `pos`: numbered in log
+    /// order as the writer numbered it, or kept for numbering at the end of a full rebuild.
+    fn replay_held(&mut self, topic: &str, pos: u64, h: &Header) -> io::Result<()> {
+        let e = held_entry(pos, h);
+        if let Some(r) = self.held_rebuild.as_mut() {
+            r.by_topic.entry(topic.to_string()).or_default().push(e);
+            return Ok(());
+        }
+        let hq = self.sh.queues.held_or_create(topic)?;
+        self.push_held(&hq, e);
+        Ok(())
+    }
+
+    /// Queues `e` as the next entry of the held queue `hq`.
+    fn push_held(&mut self, hq: &Arc<ConsumeQueue>, e: CqEntry) {
+        let off = hq.next_assign.fetch_add(1, Ordering::Relaxed);
+        hq.last_visible_ms
+            .fetch_max(e.visible_ms, Ordering::Relaxed);
+        self.cq_ops.push((hq.clone(), off, e));
     }
 
     /// Queues the consume-queue entry a replayed record made visible at `h.queue_offset` at
