@@ -109,6 +109,11 @@ fn migrator() -> sqlx::migrate::Migrator {
             "meta stamp",
             include_str!("../../../migrations/0002_meta_stamp.sql"),
         ),
+        step(
+            3,
+            "meta deletes",
+            include_str!("../../../migrations/0003_meta_deletes.sql"),
+        ),
     ])
 }
 
@@ -238,9 +243,9 @@ pub(crate) struct Inner {
     flush: FlushMode,
     redactor: Redactor,
     watches: Watches,
-    /// Metadata change feeds, and each watched namespace's last seen (count, newest stamp).
+    /// Metadata change feeds, and each watched namespace's last seen print (see `notify`).
     meta_watches: MetaWatches,
-    meta_prints: Mutex<HashMap<String, (i64, i64)>>,
+    meta_prints: Mutex<HashMap<String, [i64; 4]>>,
     timers: Mutex<TimerState>,
     partitions: Mutex<HashSet<u64>>,
     stats: Counters,
@@ -683,11 +688,15 @@ impl Store for PostgresStore {
         if has_nul(namespace) || has_nul(key) {
             return Ok(());
         }
-        let r = sqlx::query("DELETE FROM wharf_meta WHERE namespace = $1 AND key = $2")
-            .bind(namespace)
-            .bind(key)
-            .execute(&self.inner.pool)
-            .await;
+        // One statement: the delete and the row that makes other hosts' polls see it.
+        let r = sqlx::query(
+            "WITH d AS (DELETE FROM wharf_meta WHERE namespace = $1 AND key = $2 RETURNING 1) \
+             INSERT INTO wharf_meta_deleted (namespace) SELECT $1 WHERE EXISTS (SELECT 1 FROM d)",
+        )
+        .bind(namespace)
+        .bind(key)
+        .execute(&self.inner.pool)
+        .await;
         self.inner.ok("deleting metadata", r)?;
         self.inner.meta_watches.bump(namespace);
         Ok(())

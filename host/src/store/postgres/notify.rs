@@ -1,7 +1,7 @@
 //! The change feed of one host: LISTEN wharf_queue for other hosts' appends and reveals, and
 //! a poll of the watched queues every [`POLL_MS`] so a notification lost while the listening
 //! connection was down never stalls a waiter. The same loop moves the metadata change feeds
-//! of namespaces another host wrote (see `0002_meta_stamp.sql`), refreshes the timer view, the
+//! of namespaces another host wrote (see `0003_meta_deletes.sql`), refreshes the timer view, the
 //! size figures, the partition ahead of the clock, and the health flag behind `writable()`.
 
 use std::sync::Arc;
@@ -81,13 +81,13 @@ pub async fn run(inner: Arc<Inner>, stop: CancellationToken) {
     }
 }
 
-/// Moves the metadata feed of every watched namespace whose (row count, newest stamp)
-/// changed since the last round; the first round after a new receiver moves it too, since a
-/// change may have landed between the watcher's load and this round.
+/// Moves the metadata feed of every watched namespace whose print changed since the last
+/// round: (row count, sum of stamps) of its rows and of its delete rows (see
+/// `0003_meta_deletes.sql`). The first round after a new receiver moves it too, since a change
+/// may have landed between the watcher's load and this round.
 async fn poll_meta(inner: &Inner) {
     {
-        // A new receiver gets the first round's move even if the namespace was watched before:
-        // a row written and deleted since the last print leaves the same print.
+        // A new receiver gets the first round's move even if the namespace was watched before.
         let mut prints = inner.meta_prints.lock();
         for ns in inner.meta_watches.take_fresh() {
             prints.remove(&ns);
@@ -97,10 +97,15 @@ async fn poll_meta(inner: &Inner) {
     if namespaces.is_empty() {
         return;
     }
+    // Sums are taken modulo 2^62 so they stay bigints; only their change matters.
     let r = sqlx::query(
-        "SELECT u.ns, count(m.key)::int8, coalesce(max(m.stamp), 0)::int8 \
-         FROM unnest($1::text[]) AS u(ns) LEFT JOIN wharf_meta m ON m.namespace = u.ns COLLATE \"C\" \
-         GROUP BY u.ns",
+        "SELECT u.ns, m.n, m.s, d.n, d.s FROM unnest($1::text[]) AS u(ns) \
+         CROSS JOIN LATERAL (SELECT count(*)::int8 AS n, \
+             (coalesce(sum(stamp), 0) % 4611686018427387904)::int8 AS s \
+             FROM wharf_meta WHERE namespace = u.ns COLLATE \"C\") m \
+         CROSS JOIN LATERAL (SELECT count(*)::int8 AS n, \
+             (coalesce(sum(stamp), 0) % 4611686018427387904)::int8 AS s \
+             FROM wharf_meta_deleted WHERE namespace = u.ns COLLATE \"C\") d",
     )
     .bind(&namespaces)
     .fetch_all(&inner.pool)
@@ -117,10 +122,8 @@ async fn poll_meta(inner: &Inner) {
         let mut prints = inner.meta_prints.lock();
         for row in rows {
             let ns: String = row.try_get(0).unwrap_or_default();
-            let print = (
-                row.try_get::<i64, _>(1).unwrap_or(0),
-                row.try_get::<i64, _>(2).unwrap_or(0),
-            );
+            let print: [i64; 4] =
+                std::array::from_fn(|i| row.try_get::<i64, _>(i + 1).unwrap_or(0));
             if prints.insert(ns.clone(), print) != Some(print) {
                 moved.push(ns);
             }

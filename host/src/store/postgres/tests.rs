@@ -234,6 +234,36 @@ async fn a_namespace_watched_again_moves_on_the_first_poll() {
     b.close().await.unwrap();
 }
 
+/// A key one host creates and another deletes before the first host's next poll still moves
+/// the first host's feed (the delete row moves the print), so a cache there drops the key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_created_here_and_deleted_there_between_polls_moves_the_feed() {
+    let (_clock, a, b) = two_hosts().await;
+    for round in 0..3 {
+        let mut rx = a.watch_meta("retained");
+        let seen = *rx.borrow_and_update();
+        // The first poll after subscribing settles the print this host compares with.
+        tokio::time::timeout(Duration::from_secs(10), rx.wait_for(|v| *v > seen))
+            .await
+            .expect("the first poll moves the feed")
+            .unwrap();
+        a.meta_put("retained", "state", b"on".to_vec())
+            .await
+            .unwrap();
+        let mine = *rx.borrow_and_update();
+        b.meta_delete("retained", "state").await.unwrap();
+        tokio::time::timeout(Duration::from_secs(5), rx.wait_for(|v| *v > mine))
+            .await
+            .unwrap_or_else(|_| {
+                panic!("round {round}: the other host's delete never moved the feed")
+            })
+            .unwrap();
+        assert!(a.meta_get("retained", "state").await.unwrap().is_none());
+    }
+    a.close().await.unwrap();
+    b.close().await.unwrap();
+}
+
 /// Two hosts appending to one queue share its offsets without gaps, and each host's watch
 /// wakes for the other's appends (NOTIFY, or the poll behind it).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -568,5 +568,13 @@ pub async fn retention(inner: &Inner, now_ms: u64) -> Result<RetentionReport> {
         .execute(&inner.pool)
         .await;
     inner.ok("removing expired members", r)?;
+    // Of the delete rows, only each namespace's newest one must stay (0003_meta_deletes.sql).
+    let r = sqlx::query(
+        "DELETE FROM wharf_meta_deleted d WHERE d.stamp < \
+         (SELECT max(e.stamp) FROM wharf_meta_deleted e WHERE e.namespace = d.namespace)",
+    )
+    .execute(&inner.pool)
+    .await;
+    inner.ok("removing old metadata delete rows", r)?;
     Ok(report)
 }
