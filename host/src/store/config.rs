@@ -43,8 +43,8 @@ pub struct StoreConfig {
     pub segment_bytes: u64,
     /// `retention_hours = 72`
     pub retention_hours: u64,
-    /// `write_queue_requests = 10000`: appends accepted but not yet answered by the embedded
-    /// store's writer, at most; past it a send fails at once with SYSTEM_BUSY.
+    /// `write_queue_requests = 10000`: appends accepted but not yet answered by the store's
+    /// writer (either backend), at most; past it a send fails at once with SYSTEM_BUSY.
     pub write_queue_requests: u64,
     /// `write_queue_bytes = 67108864`: encoded bytes of those appends at most (64 MiB); past it
     /// a send fails at once with SYSTEM_BUSY (a single batch larger than this is still taken

@@ -4,6 +4,7 @@
 //! offsets are all assigned and kept by the store, so several hosts could share one backend.
 //! Callers (the broker) never touch files; front ends never touch the store.
 
+mod budget;
 mod config;
 #[cfg(test)]
 pub(crate) mod conformance;
@@ -21,6 +22,7 @@ use crate::error::Result;
 use crate::metrics::HistogramSnapshot;
 use crate::model::{Appended, MessageId, NewMessage, StoredMessage};
 
+pub(crate) use budget::{QueueBudget, QueuePermit};
 pub use config::{Backend, FlushMode, PostgresConfig, StoreConfig};
 
 /// Opens the backend `config.backend` names (the embedded store unless configured otherwise).

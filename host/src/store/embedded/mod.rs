@@ -78,6 +78,7 @@ use crate::clock::SharedClock;
 use crate::error::{Result, WharfError};
 use crate::metrics::Histogram;
 use crate::model::{Appended, MessageId, NewMessage, StoredMessage};
+use crate::store::QueueBudget;
 
 /// Internal sizes of the embedded store; the defaults suit production, tests shrink them.
 #[derive(Debug, Clone)]
@@ -134,64 +135,6 @@ impl Tuning {
 
     fn offsets_flush(&self) -> Duration {
         Duration::from_millis(self.offsets_flush_ms)
-    }
-}
-
-/// What appends accepted but not yet answered hold, against `[store] write_queue_*`.
-#[derive(Debug)]
-pub(crate) struct QueueBudget {
-    max_requests: u64,
-    max_bytes: u64,
-    requests: AtomicU64,
-    bytes: AtomicU64,
-}
-
-impl QueueBudget {
-    fn new(config: &StoreConfig) -> Arc<QueueBudget> {
-        Arc::new(QueueBudget {
-            max_requests: config.write_queue_requests.max(1),
-            max_bytes: config.write_queue_bytes.max(1),
-            requests: AtomicU64::new(0),
-            bytes: AtomicU64::new(0),
-        })
-    }
-
-    /// A permit for an append of `bytes`, or SYSTEM_BUSY when the queue is full. A batch larger
-    /// than the byte limit alone is still taken when nothing else waits, so it cannot starve.
-    fn try_acquire(self: &Arc<Self>, bytes: u64) -> Result<QueuePermit> {
-        let r = self.requests.fetch_add(1, Ordering::AcqRel) + 1;
-        let b = self.bytes.fetch_add(bytes, Ordering::AcqRel) + bytes;
-        if r > self.max_requests || (b > self.max_bytes && b != bytes) {
-            self.requests.fetch_sub(1, Ordering::AcqRel);
-            self.bytes.fetch_sub(bytes, Ordering::AcqRel);
-            return Err(WharfError::busy(format!(
-                "the store's write queue is full ({} sends / {} bytes waiting for the disk; \
-                 limits [store] write_queue_requests = {}, write_queue_bytes = {}); nothing of \
-                 this send was stored — retry after a short pause",
-                r - 1,
-                b - bytes,
-                self.max_requests,
-                self.max_bytes
-            )));
-        }
-        Ok(QueuePermit {
-            budget: self.clone(),
-            bytes,
-        })
-    }
-}
-
-/// An accepted append's share of the queue budget, returned when the request is dropped
-/// (answered, failed, or discarded by a stopping writer).
-pub(crate) struct QueuePermit {
-    budget: Arc<QueueBudget>,
-    bytes: u64,
-}
-
-impl Drop for QueuePermit {
-    fn drop(&mut self) {
-        self.budget.requests.fetch_sub(1, Ordering::AcqRel);
-        self.budget.bytes.fetch_sub(self.bytes, Ordering::AcqRel);
     }
 }
 

@@ -1337,10 +1337,7 @@ async fn full_write_queue_refuses_with_system_busy_and_stores_nothing_of_it() {
                 .await
         }));
     }
-    wait_until("three queued sends", || {
-        s.sh.budget.requests.load(Ordering::Acquire) == 3
-    })
-    .await;
+    wait_until("three queued sends", || s.sh.budget.in_use().0 == 3).await;
     let e = s
         .append(vec![
             msg("Busy", 0, None, &[], "refused-a"),
@@ -1359,8 +1356,7 @@ async fn full_write_queue_refuses_with_system_busy_and_stores_nothing_of_it() {
     }
     // Permits go back just after the replies.
     wait_until("the budget returned", || {
-        s.sh.budget.requests.load(Ordering::Acquire) == 0
-            && s.sh.budget.bytes.load(Ordering::Acquire) == 0
+        s.sh.budget.in_use().0 == 0 && s.sh.budget.in_use().1 == 0
     })
     .await;
     s.append(vec![msg("Busy", 0, None, &[], "after")])
@@ -1397,10 +1393,7 @@ async fn write_queue_byte_limit_refuses_but_takes_a_lone_big_batch() {
         let b = big();
         tokio::spawn(async move { s.append(b).await })
     };
-    wait_until("the big send queued", || {
-        s.sh.budget.requests.load(Ordering::Acquire) == 1
-    })
-    .await;
+    wait_until("the big send queued", || s.sh.budget.in_use().0 == 1).await;
     let e = s
         .append(vec![msg("Bytes", 0, None, &[], "small")])
         .await

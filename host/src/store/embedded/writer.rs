@@ -37,7 +37,7 @@ pub enum Request {
         started: Instant,
         reply: oneshot::Sender<Result<Vec<Appended>>>,
         /// Given back just before the reply, so a caller that has its answer sees the budget free.
-        permit: super::QueuePermit,
+        permit: crate::store::QueuePermit,
     },
     /// Reveal due timers.
     Reveal {

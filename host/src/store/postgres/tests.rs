@@ -418,3 +418,56 @@ async fn an_outage_fails_writes_and_the_store_recovers_by_itself() {
     assert_eq!(bodies, [Bytes::from("before"), Bytes::from("after")]);
     s.close().await.unwrap();
 }
+
+/// While the database holds a round up (here a transaction locking the queue's row), appends
+/// queue up to `[store] write_queue_requests`; the next fails at once with SYSTEM_BUSY and
+/// leaves nothing behind, and everything accepted is stored once the lock goes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_write_queue_refuses_with_system_busy_and_stores_nothing_of_it() {
+    let url = fresh_database().await;
+    let clock = ManualClock::new(T0);
+    let c = StoreConfig {
+        write_queue_requests: 3,
+        ..config(&url)
+    };
+    let s = PostgresStore::open(&c, clock.clone()).await.unwrap();
+    s.append(vec![msg("Busy", 0, "before")]).await.unwrap();
+    let mut locker = sqlx::PgConnection::connect(&url).await.unwrap();
+    sqlx::query("BEGIN").execute(&mut locker).await.unwrap();
+    sqlx::query("SELECT 1 FROM wharf_queue WHERE topic = 'Busy' FOR UPDATE")
+        .execute(&mut locker)
+        .await
+        .unwrap();
+    let mut held = Vec::new();
+    for i in 0..3 {
+        let s = s.clone();
+        held.push(tokio::spawn(async move {
+            s.append(vec![msg("Busy", 0, &format!("held {i}"))]).await
+        }));
+    }
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while s.inner.budget.in_use().0 < 3 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("three appends wait behind the lock");
+    let e = s.append(vec![msg("Busy", 0, "refused")]).await.unwrap_err();
+    assert_eq!(e.code, ErrorCode::SystemBusy, "{}", e.message);
+    assert!(e.message.contains("write_queue_requests"), "{}", e.message);
+    sqlx::query("ROLLBACK").execute(&mut locker).await.unwrap();
+    for h in held {
+        h.await.unwrap().unwrap();
+    }
+    assert_eq!(s.inner.budget.in_use(), (0, 0), "every permit came back");
+    s.append(vec![msg("Busy", 0, "after")]).await.unwrap();
+    let page = s.read_queue("Busy", 0, 0, 10, None).await.unwrap();
+    let mut bodies: Vec<String> = page
+        .messages
+        .iter()
+        .map(|m| String::from_utf8_lossy(&m.body).into_owned())
+        .collect();
+    bodies.sort();
+    assert_eq!(bodies, ["after", "before", "held 0", "held 1", "held 2"]);
+    s.close().await.unwrap();
+}

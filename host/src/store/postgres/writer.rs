@@ -12,7 +12,7 @@ use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use sqlx::{AssertSqlSafe, Row};
-use tokio::sync::{Mutex as AsyncMutex, mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
@@ -22,7 +22,7 @@ use super::{
 };
 use crate::error::{Result, WharfError};
 use crate::model::{Appended, MessageId, NewMessage};
-use crate::store::RetentionReport;
+use crate::store::{QueuePermit, RetentionReport};
 
 /// Messages per round at most (bounded statement size; the rest waits for the next round).
 const ROUND_MESSAGES: usize = 4_096;
@@ -36,6 +36,8 @@ pub struct Job {
     bytes: u64,
     started: Instant,
     reply: Option<oneshot::Sender<Result<Vec<Appended>>>>,
+    /// Given back just before the reply, so a caller that has its answer sees the budget free.
+    permit: Option<QueuePermit>,
 }
 
 impl Job {
@@ -69,32 +71,40 @@ impl Job {
             bytes,
             started: Instant::now(),
             reply: None,
+            permit: None,
         })
     }
 
-    /// The job with where its answer goes.
-    pub fn with_reply(mut self, reply: oneshot::Sender<Result<Vec<Appended>>>) -> Job {
+    /// Encoded bytes of the batch (what it holds of the write-queue budget).
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+
+    /// The job with where its answer goes and its share of the write-queue budget.
+    pub fn with_reply(
+        mut self,
+        reply: oneshot::Sender<Result<Vec<Appended>>>,
+        permit: QueuePermit,
+    ) -> Job {
         self.reply = Some(reply);
+        self.permit = Some(permit);
         self
     }
 
     fn answer(&mut self, r: Result<Vec<Appended>>) {
+        self.permit.take();
         if let Some(tx) = self.reply.take() {
             let _ = tx.send(r);
         }
     }
 }
 
-/// One writer task: takes everything queued (up to a round's limits), stores it, answers.
-pub async fn run(
-    inner: Arc<Inner>,
-    rx: Arc<AsyncMutex<mpsc::UnboundedReceiver<Job>>>,
-    stop: CancellationToken,
-) {
+/// One writer task: takes everything queued for its queues (up to a round's limits), stores
+/// it, answers.
+pub async fn run(inner: Arc<Inner>, mut rx: mpsc::UnboundedReceiver<Job>, stop: CancellationToken) {
     loop {
         let mut jobs = Vec::new();
         {
-            let mut rx = rx.lock().await;
             let first = tokio::select! {
                 j = rx.recv() => j,
                 _ = stop.cancelled() => rx.try_recv().ok(),
