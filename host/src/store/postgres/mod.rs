@@ -251,8 +251,7 @@ pub(crate) struct Inner {
     stats: Counters,
     healthy: AtomicBool,
     closed: AtomicBool,
-    /// One inbox per writer task.
-    inbox: Vec<mpsc::UnboundedSender<writer::Job>>,
+    inbox: mpsc::UnboundedSender<writer::Job>,
     /// Appends waiting in the inboxes or in a round, against `[store] write_queue_*`.
     budget: Arc<crate::store::QueueBudget>,
 }
@@ -404,28 +403,12 @@ impl std::fmt::Debug for PostgresStore {
     }
 }
 
-/// Writer tasks per host, each owning the appends of its share of the queues (by a hash of
-/// topic and queue id). A round locks the rows of every queue it touches until it commits,
-/// so writers that shared every queue ran one after another and only made each round smaller
-/// (4 such writers: 10.5 messages per round and 3,580 msgs/s against 1 writer's 33.7 and
-/// 7,116, `wharf bench send --postgres`, same server and load); writers over disjoint queues
-/// run their rounds, and their commits, side by side.
-fn writers() -> usize {
-    std::env::var("WHARF_PG_WRITERS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(2usize)
-        .clamp(1, 16)
-}
-
-/// The writer of the queue `queue_id` of `topic` out of `n`: a topic's queues take turns, so
-/// its load spreads evenly.
-fn writer_of(topic: &str, queue_id: u32, n: usize) -> usize {
-    use std::hash::{DefaultHasher, Hash, Hasher};
-    let mut h = DefaultHasher::new();
-    topic.hash(&mut h);
-    (h.finish().wrapping_add(u64::from(queue_id)) % n as u64) as usize
-}
+/// One writer task per host. A round locks the rows of every queue it touches until it
+/// commits, so concurrent rounds run one after another anyway: several writers sharing the
+/// queues only made each round smaller (4: 10.5 messages per round and 3,580 msgs/s against
+/// 1 writer's 33.7 and 7,116), and writers splitting the queues between them (2: 27.6 per
+/// round, 5,185 msgs/s) lost to one writer that lingers for the senders it just answered
+/// (63.9 per round, 8,600 msgs/s), all `wharf bench send --postgres`, 64 senders, same server.
 
 impl PostgresStore {
     /// Connects, applies the migrations (under sqlx's advisory lock) and starts the writer
@@ -490,8 +473,7 @@ impl PostgresStore {
                  synchronised clocks (leases and member rows expire by the host clock)"
             );
         }
-        let (inbox, inboxes): (Vec<_>, Vec<_>) =
-            (0..writers()).map(|_| mpsc::unbounded_channel()).unzip();
+        let (inbox, rx) = mpsc::unbounded_channel();
         let inner = Arc::new(Inner {
             pool,
             clock,
@@ -522,11 +504,10 @@ impl PostgresStore {
             inner.watches.advance(&topic, q as u32, unbig(max));
         }
         let stop = CancellationToken::new();
-        let mut tasks = Vec::new();
-        for rx in inboxes {
-            tasks.push(tokio::spawn(writer::run(inner.clone(), rx, stop.clone())));
-        }
-        tasks.push(tokio::spawn(notify::run(inner.clone(), stop.clone())));
+        let tasks = vec![
+            tokio::spawn(writer::run(inner.clone(), rx, stop.clone())),
+            tokio::spawn(notify::run(inner.clone(), stop.clone())),
+        ];
         info!(url = %shown, node = inner.node, "PostgreSQL store open");
         Ok(Arc::new(PostgresStore {
             inner,
@@ -749,12 +730,11 @@ impl Store for PostgresStore {
         if self.inner.closed.load(Ordering::Acquire) {
             return Err(Inner::closed_error());
         }
-        let inbox = &self.inner.inbox;
-        let w = writer_of(&batch[0].topic, batch[0].queue_id, inbox.len());
         let job = writer::Job::prepare(batch)?;
         let permit = self.inner.budget.try_acquire(job.bytes())?;
         let (tx, rx) = oneshot::channel();
-        inbox[w]
+        self.inner
+            .inbox
             .send(job.with_reply(tx, permit))
             .map_err(|_| Inner::closed_error())?;
         rx.await.map_err(|_| Inner::closed_error())?

@@ -9,7 +9,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use sqlx::{AssertSqlSafe, Row};
 use tokio::sync::{mpsc, oneshot};
@@ -24,6 +24,8 @@ use crate::error::{Result, WharfError};
 use crate::model::{Appended, MessageId, NewMessage};
 use crate::store::{QueuePermit, RetentionReport};
 
+/// Longest a round waits for the senders the last one answered, in µs.
+const LINGER_MAX_US: u64 = 2_000;
 /// Messages per round at most (bounded statement size; the rest waits for the next round).
 const ROUND_MESSAGES: usize = 4_096;
 /// Bytes per round at most.
@@ -99,38 +101,96 @@ impl Job {
     }
 }
 
-/// One writer task: takes everything queued for its queues (up to a round's limits), stores
-/// it, answers.
+/// The writer task: takes everything queued (up to a round's limits), stores it, answers.
 pub async fn run(inner: Arc<Inner>, mut rx: mpsc::UnboundedReceiver<Job>, stop: CancellationToken) {
+    let mut pace = Pace::default();
     loop {
-        let mut jobs = Vec::new();
-        {
-            let first = tokio::select! {
-                j = rx.recv() => j,
-                _ = stop.cancelled() => rx.try_recv().ok(),
-            };
-            let Some(first) = first else { return };
-            let (mut n, mut bytes) = (first.batch.len(), first.bytes);
-            jobs.push(first);
-            while n < ROUND_MESSAGES && bytes < ROUND_BYTES {
-                match rx.try_recv() {
-                    Ok(j) => {
-                        n += j.batch.len();
-                        bytes += j.bytes;
-                        jobs.push(j);
-                    }
-                    Err(_) => break,
-                }
+        let first = tokio::select! {
+            j = rx.recv() => j,
+            _ = stop.cancelled() => rx.try_recv().ok(),
+        };
+        let Some(first) = first else { return };
+        let mut round = Round::default();
+        round.push(first);
+        while round.has_room() {
+            match rx.try_recv() {
+                Ok(j) => round.push(j),
+                Err(_) => break,
             }
         }
-        store_round(&inner, &mut jobs).await;
+        if inner.flush == FlushMode::Sync && !stop.is_cancelled() {
+            pace.linger(&mut rx, &mut round).await;
+        }
+        let started = Instant::now();
+        pace.replied_at = store_round(&inner, &mut round.jobs).await;
+        pace.answered = round.jobs.len();
+        let us = started.elapsed().as_micros() as u64;
+        pace.commit_ema_us = (pace.commit_ema_us * 7 + us) / 8;
+    }
+}
+
+/// The jobs of one round being gathered.
+#[derive(Default)]
+struct Round {
+    jobs: Vec<Job>,
+    messages: usize,
+    bytes: u64,
+}
+
+impl Round {
+    fn push(&mut self, j: Job) {
+        self.messages += j.batch.len();
+        self.bytes += j.bytes;
+        self.jobs.push(j);
+    }
+
+    fn has_room(&self) -> bool {
+        self.messages < ROUND_MESSAGES && self.bytes < ROUND_BYTES
+    }
+}
+
+/// What the last round tells the next one.
+#[derive(Default)]
+struct Pace {
+    /// Jobs the last round answered.
+    answered: usize,
+    /// When it answered them.
+    replied_at: Option<Instant>,
+    /// Moving average of a round's time to commit.
+    commit_ema_us: u64,
+}
+
+impl Pace {
+    /// Senders answered by the last round usually come straight back; when only some of them
+    /// are here yet, waiting a fraction of a commit for the rest lets one commit cover them
+    /// all instead of splitting the senders into two alternating half-size rounds (as the
+    /// embedded store's writer does for its fsync).
+    async fn linger(&self, rx: &mut mpsc::UnboundedReceiver<Job>, round: &mut Round) {
+        let Some(since) = self.replied_at else { return };
+        if self.answered < 2 {
+            return;
+        }
+        let mut back = round.jobs.iter().filter(|j| j.started >= since).count();
+        let budget = Duration::from_micros((self.commit_ema_us / 4).min(LINGER_MAX_US));
+        let deadline = tokio::time::Instant::now() + budget;
+        while back < self.answered && round.has_room() {
+            match tokio::time::timeout_at(deadline, rx.recv()).await {
+                Ok(Some(j)) => {
+                    back += usize::from(j.started >= since);
+                    round.push(j);
+                }
+                _ => return,
+            }
+        }
     }
 }
 
 /// Stores `jobs` in one round; if the round fails for a reason other than an unreachable
 /// database, each job is retried alone so one bad batch cannot fail its neighbours.
-async fn store_round(inner: &Inner, jobs: &mut [Job]) {
-    match round(inner, jobs).await {
+async fn store_round(inner: &Inner, jobs: &mut [Job]) -> Option<Instant> {
+    let result = round(inner, jobs).await;
+    let replied_at = Instant::now();
+    match result {
         Ok(answers) => {
             for (j, a) in jobs.iter_mut().zip(answers) {
                 inner
@@ -153,6 +213,7 @@ async fn store_round(inner: &Inner, jobs: &mut [Job]) {
             }
         }
     }
+    Some(replied_at)
 }
 
 const APPEND_SQL: &str = "\
