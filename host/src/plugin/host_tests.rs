@@ -215,7 +215,12 @@ async fn failures_are_retried_then_dead_lettered() {
         assert!(Instant::now() < deadline, "message never dead-lettered");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    // 1 + 1 for the first message, 1 + 2 retries for the doomed one.
+    // 1 + 1 for the first message, 1 + 2 retries for the doomed one. A retry is counted after
+    // its settle (which may already have dead-lettered the message): wait for the count.
+    env.until("every retry counted", |e| {
+        e.counter("flaky", "retries") >= 4
+    })
+    .await;
     assert_eq!(env.counter("flaky", "invocations"), 5);
     assert_eq!(env.counter("flaky", "retries"), 4);
     env.host.shutdown().await;
