@@ -403,13 +403,6 @@ impl std::fmt::Debug for PostgresStore {
     }
 }
 
-/// One writer task per host. A round locks the rows of every queue it touches until it
-/// commits, so concurrent rounds run one after another anyway: several writers sharing the
-/// queues only made each round smaller (4: 10.5 messages per round and 3,580 msgs/s against
-/// 1 writer's 33.7 and 7,116), and writers splitting the queues between them (2: 27.6 per
-/// round, 5,185 msgs/s) lost to one writer that lingers for the senders it just answered
-/// (63.9 per round, 8,600 msgs/s), all `wharf bench send --postgres`, 64 senders, same server.
-
 impl PostgresStore {
     /// Connects, applies the migrations (under sqlx's advisory lock) and starts the writer
     /// tasks and the notification listener. An unreachable database is SERVICE_NOT_AVAILABLE
@@ -504,6 +497,13 @@ impl PostgresStore {
             inner.watches.advance(&topic, q as u32, unbig(max));
         }
         let stop = CancellationToken::new();
+        // One writer task per host. A round locks the rows of every queue it touches until it
+        // commits, so concurrent rounds run one after another anyway: several writers sharing the
+        // queues only made each round smaller (4: 10.5 messages per round and 3,580 msgs/s against
+        // 1 writer's 33.7 and 7,116), and writers splitting the queues between them (2: 27.6 per
+        // round, 5,185 msgs/s) lost to one writer that lingers for the senders it just answered
+        // (63.9 per round, 8,600 msgs/s); all `wharf bench send --postgres`, 64 senders, one
+        // server.
         let tasks = vec![
             tokio::spawn(writer::run(inner.clone(), rx, stop.clone())),
             tokio::spawn(notify::run(inner.clone(), stop.clone())),
