@@ -3,7 +3,8 @@
 -- With (count, newest stamp) of wharf_meta alone, a key created on one host and deleted on
 -- another between two polls left the print as it was, and a stamp taken early but committed
 -- after a later one could hide behind it; a sum moves with each change whatever the commit
--- order. Only the newest row per namespace must stay; the retention pass removes the rest.
+-- order. The hourly retention pass keeps each namespace's newest row and removes the rest, so
+-- the table stays small (that move of the print costs each host one reload).
 CREATE TABLE wharf_meta_deleted (
     namespace text COLLATE "C" NOT NULL,
     stamp     bigint NOT NULL DEFAULT nextval('wharf_meta_stamp'),

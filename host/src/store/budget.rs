@@ -60,6 +60,13 @@ pub struct QueuePermit {
     bytes: u64,
 }
 
+impl Drop for QueuePermit {
+    fn drop(&mut self) {
+        self.budget.requests.fetch_sub(1, Ordering::AcqRel);
+        self.budget.bytes.fetch_sub(self.bytes, Ordering::AcqRel);
+    }
+}
+
 #[cfg(test)]
 impl QueueBudget {
     /// Appends and bytes holding the budget now.
@@ -68,12 +75,5 @@ impl QueueBudget {
             self.requests.load(Ordering::Acquire),
             self.bytes.load(Ordering::Acquire),
         )
-    }
-}
-
-impl Drop for QueuePermit {
-    fn drop(&mut self) {
-        self.budget.requests.fetch_sub(1, Ordering::AcqRel);
-        self.budget.bytes.fetch_sub(self.bytes, Ordering::AcqRel);
     }
 }

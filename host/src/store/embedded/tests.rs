@@ -1355,10 +1355,7 @@ async fn full_write_queue_refuses_with_system_busy_and_stores_nothing_of_it() {
         a.await.unwrap().unwrap();
     }
     // Permits go back just after the replies.
-    wait_until("the budget returned", || {
-        s.sh.budget.in_use().0 == 0 && s.sh.budget.in_use().1 == 0
-    })
-    .await;
+    wait_until("the budget returned", || s.sh.budget.in_use() == (0, 0)).await;
     s.append(vec![msg("Busy", 0, None, &[], "after")])
         .await
         .unwrap();

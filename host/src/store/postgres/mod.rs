@@ -252,7 +252,7 @@ pub(crate) struct Inner {
     healthy: AtomicBool,
     closed: AtomicBool,
     inbox: mpsc::UnboundedSender<writer::Job>,
-    /// Appends waiting in the inboxes or in a round, against `[store] write_queue_*`.
+    /// Appends waiting in the inbox or in a round, against `[store] write_queue_*`.
     budget: Arc<crate::store::QueueBudget>,
 }
 

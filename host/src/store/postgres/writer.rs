@@ -122,7 +122,7 @@ pub async fn run(inner: Arc<Inner>, mut rx: mpsc::UnboundedReceiver<Job>, stop: 
             pace.linger(&mut rx, &mut round).await;
         }
         let started = Instant::now();
-        pace.replied_at = store_round(&inner, &mut round.jobs).await;
+        pace.replied_at = Some(store_round(&inner, &mut round.jobs).await);
         pace.answered = round.jobs.len();
         let us = started.elapsed().as_micros() as u64;
         pace.commit_ema_us = (pace.commit_ema_us * 7 + us) / 8;
@@ -187,7 +187,7 @@ impl Pace {
 
 /// Stores `jobs` in one round; if the round fails for a reason other than an unreachable
 /// database, each job is retried alone so one bad batch cannot fail its neighbours.
-async fn store_round(inner: &Inner, jobs: &mut [Job]) -> Option<Instant> {
+async fn store_round(inner: &Inner, jobs: &mut [Job]) -> Instant {
     let result = round(inner, jobs).await;
     let replied_at = Instant::now();
     match result {
@@ -213,7 +213,7 @@ async fn store_round(inner: &Inner, jobs: &mut [Job]) -> Option<Instant> {
             }
         }
     }
-    Some(replied_at)
+    replied_at
 }
 
 const APPEND_SQL: &str = "\
@@ -639,7 +639,8 @@ pub async fn retention(inner: &Inner, now_ms: u64) -> Result<RetentionReport> {
         .execute(&inner.pool)
         .await;
     inner.ok("removing expired members", r)?;
-    // Of the delete rows, only each namespace's newest one must stay (0003_meta_deletes.sql).
+    // Delete rows only need to exist until every host has polled; keep the newest per namespace
+    // and drop the rest so the table stays small (0003_meta_deletes.sql).
     let r = sqlx::query(
         "DELETE FROM wharf_meta_deleted d WHERE d.stamp < \
          (SELECT max(e.stamp) FROM wharf_meta_deleted e WHERE e.namespace = d.namespace)",
