@@ -190,9 +190,10 @@ impl BrokerProcess {
         let _ = child.kill();
         let _ = child.wait();
         bail!(
-            "{} (pid {}) did not stop on SIGTERM within {START_STOP_TIMEOUT:?}; killed it",
+            "{} (pid {}) did not stop on SIGTERM within {START_STOP_TIMEOUT:?}; killed it; its log:\n{}",
             self.label,
-            child.id()
+            child.id(),
+            self.log_text()
         )
     }
 }

@@ -127,6 +127,88 @@ pub fn decode_namespace(b: &[u8]) -> Option<Namespace> {
     Some(ns)
 }
 
+/// Journal of a namespace: the changes since its file was last written whole.
+pub fn journal_path(dir: &Path, ns: &str) -> PathBuf {
+    dir.join(format!("{}.journal", hex::encode(ns)))
+}
+
+/// One journal record: `len u32, crc32c u32, payload`, the payload being `1, key len u32, key,
+/// value len u32, value, version u64` for a write or `0, key len u32, key` for a delete. A
+/// record carries the version written, so replaying it over a namespace that already holds
+/// it changes nothing.
+pub fn encode_change(key: &str, entry: Option<&MetaEntry>) -> Vec<u8> {
+    let mut payload = Vec::with_capacity(13 + key.len() + entry.map_or(0, |e| e.value.len() + 12));
+    payload.push(u8::from(entry.is_some()));
+    payload.extend_from_slice(&(key.len() as u32).to_le_bytes());
+    payload.extend_from_slice(key.as_bytes());
+    if let Some(e) = entry {
+        payload.extend_from_slice(&(e.value.len() as u32).to_le_bytes());
+        payload.extend_from_slice(&e.value);
+        payload.extend_from_slice(&e.version.to_le_bytes());
+    }
+    let mut b = Vec::with_capacity(8 + payload.len());
+    b.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+    b.extend_from_slice(&crc32c::crc32c(&payload).to_le_bytes());
+    b.extend_from_slice(&payload);
+    b
+}
+
+/// Applies the journal `b` to `ns` in order; returns the length of its readable prefix. What
+/// follows it is a record torn by a crash while it was appended (never acknowledged).
+pub fn replay_journal(ns: &mut Namespace, b: &[u8]) -> usize {
+    let mut at = 0usize;
+    while let Some(next) = replay_one(ns, b, at) {
+        at = next;
+    }
+    at
+}
+
+fn replay_one(ns: &mut Namespace, b: &[u8], at: usize) -> Option<usize> {
+    let len = get_u32(b.get(at..at + 4)?, 0) as usize;
+    let crc = get_u32(b.get(at + 4..at + 8)?, 0);
+    let end = (at + 8).checked_add(len)?;
+    let p = b.get(at + 8..end)?;
+    if crc32c::crc32c(p) != crc {
+        return None;
+    }
+    let kl = get_u32(p.get(1..5)?, 0) as usize;
+    let key = std::str::from_utf8(p.get(5..5usize.checked_add(kl)?)?).ok()?;
+    let rest = &p[5 + kl..];
+    match p[0] {
+        0 => {
+            ns.remove(key);
+        }
+        1 => {
+            let vl = get_u32(rest.get(..4)?, 0) as usize;
+            let value = rest.get(4..4usize.checked_add(vl)?)?.to_vec();
+            let version = get_u64(rest.get(4 + vl..12 + vl)?, 0);
+            ns.insert(key.to_owned(), MetaEntry { value, version });
+        }
+        _ => return None,
+    }
+    Some(end)
+}
+
+/// Appends `record` to the journal at `path` and syncs it; a journal created here also has
+/// its directory entry synced.
+pub fn append_journal(path: &Path, record: &[u8], created: bool) -> io::Result<()> {
+    let mut f = OpenOptions::new().append(true).create(true).open(path)?;
+    f.write_all(record)?;
+    f.sync_data()?;
+    if created {
+        sync_dir(path.parent().unwrap_or(Path::new(".")))?;
+    }
+    Ok(())
+}
+
+/// Cuts the journal at `path` to `len` bytes, durably (a torn tail dropped, or everything
+/// once the namespace file holds it).
+pub fn truncate_journal(path: &Path, len: u64) -> io::Result<()> {
+    let f = OpenOptions::new().write(true).open(path)?;
+    f.set_len(len)?;
+    f.sync_all()
+}
+
 /// Every group's committed offsets: group → (topic, queue) → offset.
 pub type Offsets = HashMap<String, BTreeMap<(String, u32), u64>>;
 
@@ -281,5 +363,43 @@ mod tests {
             }
         );
         assert!(decode_namespace(&v1[..v1.len() - 1]).is_none());
+    }
+
+    #[test]
+    fn a_journal_replays_in_order_up_to_a_torn_record() {
+        let e = |v: &[u8], version| MetaEntry {
+            value: v.to_vec(),
+            version,
+        };
+        let mut j = encode_change("a", Some(&e(b"1", 1)));
+        j.extend(encode_change("b", Some(&e(b"", 1))));
+        j.extend(encode_change("a", Some(&e(b"22", 2))));
+        j.extend(encode_change("b", None));
+        let whole = j.len();
+        let mut ns = Namespace::new();
+        assert_eq!(replay_journal(&mut ns, &j), whole);
+        assert_eq!(
+            ns.into_iter().collect::<Vec<_>>(),
+            [("a".into(), e(b"22", 2))]
+        );
+
+        // Replaying over a namespace that already holds every change (a crash after the
+        // namespace file was written whole, before the journal was cut) changes nothing.
+        let mut done = Namespace::from([("a".to_string(), e(b"22", 2)), ("z".into(), e(b"z", 4))]);
+        let before = done.clone();
+        replay_journal(&mut done, &j);
+        assert_eq!(done, before);
+
+        // A record torn anywhere is dropped with everything after it.
+        j.extend(encode_change("c", Some(&e(b"333", 1))));
+        for cut in whole + 1..j.len() {
+            let mut ns = Namespace::new();
+            assert_eq!(replay_journal(&mut ns, &j[..cut]), whole, "cut at {cut}");
+            assert!(!ns.contains_key("c"));
+        }
+        let mut flipped = j.clone();
+        let last = flipped.len() - 1;
+        flipped[last] ^= 1;
+        assert_eq!(replay_journal(&mut Namespace::new(), &flipped), whole);
     }
 }

@@ -9,7 +9,8 @@
 //!   still finds it once the segment it was first stored in is gone);
 //! - `timers/{bucket}.tmr|.done` — pending timers by deliver-time bucket;
 //! - `checkpoint` — log position every index covers (replayed from on open), index format;
-//! - `meta/{namespace-hex}.meta` (values with versions), `offsets`, `node_id`, `boot`, `LOCK`.
+//! - `meta/{namespace-hex}.meta` (values with versions) and `.journal` (the changes since the
+//!   `.meta` file was written whole), `offsets`, `node_id`, `boot`, `LOCK`.
 //!
 //! Format versions: every record carries its format (see `record`), every segment starts
 //! with a header record naming the segment format (segments without one are format 1), and the
@@ -166,7 +167,7 @@ pub(crate) struct Shared {
     pending_timers: AtomicU64,
     loaded_timers: AtomicU64,
     offsets: Mutex<(Offsets, bool)>,
-    meta: Mutex<HashMap<String, Namespace>>,
+    meta: Mutex<HashMap<String, MetaNs>>,
     /// Member and lease rows (memory only: see `coord`).
     coord: Mutex<Coord>,
     stats: Counters,
@@ -728,7 +729,7 @@ impl Store for EmbeddedStore {
         let (ns, key) = (namespace.to_string(), key.to_string());
         tokio::task::spawn_blocking(move || {
             let mut meta = sh.meta.lock();
-            Ok(meta_loaded(&sh, &mut meta, &ns)?.get(&key).cloned())
+            Ok(meta_loaded(&sh, &mut meta, &ns)?.entries.get(&key).cloned())
         })
         .await
         .map_err(|e| WharfError::internal(format!("metadata task failed: {e}")))?
@@ -779,7 +780,8 @@ impl Store for EmbeddedStore {
         tokio::task::spawn_blocking(move || {
             let mut meta = sh.meta.lock();
             let m = meta_loaded(&sh, &mut meta, &ns)?;
-            Ok(m.iter()
+            Ok(m.entries
+                .iter()
                 .map(|(k, e)| (k.clone(), e.value.clone()))
                 .collect())
         })
@@ -1215,36 +1217,78 @@ impl Store for EmbeddedStore {
     }
 }
 
+/// A metadata namespace in memory, with the size of its two files.
+struct MetaNs {
+    entries: Namespace,
+    /// Bytes of the `.meta` file (the namespace as last written whole).
+    whole_bytes: u64,
+    /// Bytes of the `.journal` file, every record readable; `None` while there is no file.
+    journal_bytes: Option<u64>,
+}
+
+/// The journal is folded into the namespace file once it is this long and longer than that
+/// file, so a write costs one append and, amortised, a constant share of one rewrite.
+const JOURNAL_FOLD_MIN: u64 = 256 << 10;
+
+fn damaged(path: &Path, e: impl std::fmt::Display) -> WharfError {
+    WharfError::internal(format!(
+        "metadata file {} is damaged: {e}; restore it from a backup",
+        path.display()
+    ))
+}
+
 fn meta_loaded<'a>(
     sh: &Shared,
-    meta: &'a mut HashMap<String, Namespace>,
+    meta: &'a mut HashMap<String, MetaNs>,
     ns: &str,
-) -> Result<&'a mut Namespace> {
+) -> Result<&'a mut MetaNs> {
     if !meta.contains_key(ns) {
-        let path = files::namespace_path(&sh.dir.join("meta"), ns);
-        let m = match files::read_atomic(&path) {
-            Ok(Some(b)) => files::decode_namespace(&b).ok_or_else(|| {
-                WharfError::internal(format!(
-                    "metadata file {} is malformed; restore it from a backup",
-                    path.display()
-                ))
-            })?,
-            Ok(None) => Namespace::new(),
-            Err(e) => {
-                return Err(WharfError::internal(format!(
-                    "metadata file {} is damaged: {e}; restore it from a backup",
-                    path.display()
-                )));
-            }
+        let dir = sh.dir.join("meta");
+        let path = files::namespace_path(&dir, ns);
+        let (mut entries, whole_bytes) = match files::read_atomic(&path) {
+            Ok(Some(b)) => (
+                files::decode_namespace(&b).ok_or_else(|| {
+                    WharfError::internal(format!(
+                        "metadata file {} is malformed; restore it from a backup",
+                        path.display()
+                    ))
+                })?,
+                b.len() as u64,
+            ),
+            Ok(None) => (Namespace::new(), 0),
+            Err(e) => return Err(damaged(&path, e)),
         };
-        meta.insert(ns.to_string(), m);
+        let jpath = files::journal_path(&dir, ns);
+        let journal_bytes = match fs::read(&jpath) {
+            Ok(b) => {
+                let good = files::replay_journal(&mut entries, &b);
+                if good < b.len() {
+                    // A write torn by a crash was never acknowledged: drop it, so the next
+                    // record follows a readable one.
+                    warn!(file = %jpath.display(), dropped = b.len() - good, "metadata journal ends in a torn record; dropping it");
+                    files::truncate_journal(&jpath, good as u64).map_err(|e| damaged(&jpath, e))?;
+                }
+                Some(good as u64)
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+            Err(e) => return Err(damaged(&jpath, e)),
+        };
+        meta.insert(
+            ns.to_string(),
+            MetaNs {
+                entries,
+                whole_bytes,
+                journal_bytes,
+            },
+        );
     }
     meta.get_mut(ns)
         .ok_or_else(|| WharfError::internal("metadata cache lost a namespace"))
 }
 
 /// Writes (`value` = Some) or deletes (None) `ns/key` when `cond` holds, durably, under the
-/// metadata lock so the check and the write are one step.
+/// metadata lock so the check and the write are one step: one journal record appended and
+/// synced, and now and then the namespace written whole so the journal starts again.
 fn meta_apply(
     sh: &Shared,
     ns: &str,
@@ -1257,7 +1301,7 @@ fn meta_apply(
     }
     let mut meta = sh.meta.lock();
     let current = meta_loaded(sh, &mut meta, ns)?;
-    let version = current.get(key).map(|e| e.version);
+    let version = current.entries.get(key).map(|e| e.version);
     let allowed = match cond {
         PutCondition::Any => true,
         PutCondition::Absent => version.is_none(),
@@ -1266,33 +1310,60 @@ fn meta_apply(
     if !allowed {
         return Ok(PutOutcome::Conflict { current: version });
     }
-    let mut next = current.clone();
-    let written = match value {
-        Some(value) => {
-            let v = version.map_or(1, |v| v + 1);
-            next.insert(key.to_string(), MetaEntry { value, version: v });
-            v
-        }
+    let entry = match value {
+        Some(value) => Some(MetaEntry {
+            value,
+            version: version.map_or(1, |v| v + 1),
+        }),
         None if version.is_none() => return Ok(PutOutcome::Written { version: 0 }),
-        None => {
-            next.remove(key);
-            0
-        }
+        None => None,
     };
+    let written = entry.as_ref().map_or(0, |e| e.version);
     let dir = sh.dir.join("meta");
-    let write = || -> io::Result<()> {
-        fs::create_dir_all(&dir)?;
-        files::write_atomic(
-            &files::namespace_path(&dir, ns),
-            &files::encode_namespace(&next),
-        )
-    };
-    write().map_err(|e| {
+    let record = files::encode_change(key, entry.as_ref());
+    let unavailable = |e: io::Error| {
         WharfError::unavailable(format!(
             "the store cannot save metadata in {}: {e}; free disk space or fix permissions",
             dir.display()
         ))
-    })?;
-    *current = next;
+    };
+    let jpath = files::journal_path(&dir, ns);
+    fs::create_dir_all(&dir).map_err(unavailable)?;
+    // The record goes first even when the namespace is then written whole: a crash before
+    // the journal is cut replays records the whole file already holds, which changes nothing.
+    if let Err(e) = files::append_journal(&jpath, &record, current.journal_bytes.is_none()) {
+        // A record written in part would hide every later one from a replay: cut it off, or
+        // failing that read the namespace again (which cuts it) before the next write.
+        let good = current.journal_bytes.unwrap_or(0);
+        if files::truncate_journal(&jpath, good).is_err() {
+            meta.remove(ns);
+        }
+        return Err(unavailable(e));
+    }
+    let journal = current.journal_bytes.unwrap_or(0) + record.len() as u64;
+    current.journal_bytes = Some(journal);
+    match entry {
+        Some(e) => {
+            current.entries.insert(key.to_string(), e);
+        }
+        None => {
+            current.entries.remove(key);
+        }
+    }
+    if journal >= JOURNAL_FOLD_MIN && journal > current.whole_bytes {
+        let whole = files::encode_namespace(&current.entries);
+        // The change is durable in the journal already; a failed fold only leaves it long.
+        match files::write_atomic(&files::namespace_path(&dir, ns), &whole)
+            .and_then(|()| files::truncate_journal(&jpath, 0))
+        {
+            Ok(()) => {
+                current.whole_bytes = whole.len() as u64 + 4;
+                current.journal_bytes = Some(0);
+            }
+            Err(e) => {
+                warn!(namespace = ns, error = %e, "cannot fold the metadata journal into its namespace file; will try again on a later write")
+            }
+        }
+    }
     Ok(PutOutcome::Written { version: written })
 }

@@ -438,6 +438,95 @@ async fn offsets_and_metadata_survive_reopen() {
     s.close().await.unwrap();
 }
 
+/// One metadata write costs one journal record, not a rewrite of its namespace: 10,000 MQTT
+/// clients each writing their own key must not rewrite 10,000 keys apiece.
+#[tokio::test]
+async fn metadata_writes_append_to_a_journal_folded_now_and_then() {
+    let d = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(T0);
+    let s = open(d.path(), &clock).await;
+    let value = |i: usize, round: usize| format!("{i:05}-{round}-{}", "v".repeat(100)).into_bytes();
+    for i in 0..4_000 {
+        s.meta_put("owners", &format!("c{i:05}"), value(i, 0))
+            .await
+            .unwrap();
+    }
+    for i in (0..4_000).step_by(2) {
+        let w = s
+            .meta_put_if(
+                "owners",
+                &format!("c{i:05}"),
+                value(i, 1),
+                PutCondition::Version(1),
+            )
+            .await
+            .unwrap();
+        assert_eq!(w, PutOutcome::Written { version: 2 });
+    }
+    for i in (0..4_000).step_by(3) {
+        s.meta_delete("owners", &format!("c{i:05}")).await.unwrap();
+    }
+    let dir = d.path().join("meta");
+    let size = |p: PathBuf| fs::metadata(p).map_or(0, |m| m.len());
+    let whole = size(files::namespace_path(&dir, "owners"));
+    let journal = size(files::journal_path(&dir, "owners"));
+    assert!(whole > 0, "the journal was folded into the namespace file");
+    assert!(
+        journal <= whole.max(256 << 10) + 256,
+        "the journal is folded once it outgrows the namespace file ({journal} vs {whole})"
+    );
+    let want = |s: Arc<EmbeddedStore>| async move {
+        let mut all = s.meta_list("owners").await.unwrap();
+        all.retain(|(k, _)| k.starts_with("c0"));
+        let expected: Vec<(String, Vec<u8>)> = (0..4_000)
+            .filter(|i| i % 3 != 0)
+            .map(|i| (format!("c{i:05}"), value(i, usize::from(i % 2 == 0))))
+            .collect();
+        // Compared in parts: a failure printing 2,666 values helps nobody.
+        let first_wrong = all.iter().zip(&expected).position(|(a, b)| a != b);
+        assert_eq!((all.len(), first_wrong), (expected.len(), None));
+        let e = s.meta_get("owners", "c00002").await.unwrap().unwrap();
+        assert_eq!(e.version, 2);
+        let e = s.meta_get("owners", "c00001").await.unwrap().unwrap();
+        assert_eq!(e.version, 1);
+        s
+    };
+    let s = want(s).await;
+    s.close().await.unwrap();
+    drop(s);
+
+    // A crash in the middle of an append leaves a torn record: it was never acknowledged, so
+    // it is dropped, and what is written next reads back after it.
+    let jpath = files::journal_path(&dir, "owners");
+    let mut torn = files::encode_change(
+        "c99999",
+        Some(&MetaEntry {
+            value: b"lost".to_vec(),
+            version: 1,
+        }),
+    );
+    torn.truncate(torn.len() - 3);
+    let mut f = OpenOptions::new().append(true).open(&jpath).unwrap();
+    f.write_all(&torn).unwrap();
+    drop(f);
+    let s = want(open(d.path(), &clock).await).await;
+    assert_eq!(s.meta_get("owners", "c99999").await.unwrap(), None);
+    s.meta_put("owners", "c99998", b"after".to_vec())
+        .await
+        .unwrap();
+    s.close().await.unwrap();
+    drop(s);
+    let s = want(open(d.path(), &clock).await).await;
+    assert_eq!(
+        s.meta_get("owners", "c99998")
+            .await
+            .unwrap()
+            .map(|e| e.value),
+        Some(b"after".to_vec())
+    );
+    s.close().await.unwrap();
+}
+
 #[tokio::test]
 async fn retention_deletes_old_segments_and_moves_queue_min() {
     let d = tempfile::tempdir().unwrap();
