@@ -1220,7 +1220,7 @@ impl Store for EmbeddedStore {
 /// A metadata namespace in memory, with the size of its two files.
 struct MetaNs {
     entries: Namespace,
-    /// Bytes of the `.meta` file (the namespace as last written whole).
+    /// Bytes of the namespace as last written whole to the `.meta` file (checksum not counted).
     whole_bytes: u64,
     /// Bytes of the `.journal` file, every record readable; `None` while there is no file.
     journal_bytes: Option<u64>,
@@ -1357,7 +1357,7 @@ fn meta_apply(
             .and_then(|()| files::truncate_journal(&jpath, 0))
         {
             Ok(()) => {
-                current.whole_bytes = whole.len() as u64 + 4;
+                current.whole_bytes = whole.len() as u64;
                 current.journal_bytes = Some(0);
             }
             Err(e) => {
