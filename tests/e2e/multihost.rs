@@ -584,3 +584,80 @@ fn a_clean_session_takeover_across_hosts_orders_presence_events() {
         h.stop();
     }
 }
+
+/// Runs `sql` on the hosts' database (the `psql` client of the PostgreSQL package); its output.
+fn psql(pg: &PgServer, sql: &str) -> String {
+    let out = std::process::Command::new("psql")
+        .args([
+            pg.url("postgres").as_str(),
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-qtAc",
+            sql,
+        ])
+        .output()
+        .expect("psql runs");
+    assert!(
+        out.status.success(),
+        "psql {sql}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+#[test]
+fn a_session_taken_over_while_its_store_fails_is_handed_over_once_stored() {
+    let pg = PgServer::private();
+    let mut hosts = two_mqtt_hosts(&pg, "Dev");
+    let (a, b) = (addr(&hosts[0]), addr(&hosts[1]));
+    let keeper = |at: &str| {
+        let mut o = opts(at, "keeper");
+        o.set_clean_session(false);
+        o
+    };
+    let (k, _) = Mq::connect(keeper(&a));
+    k.subscribe("Dev/a/#", QoS::AtLeastOnce);
+    let stored = "SELECT count(*) FROM wharf_meta WHERE namespace = 'fe.mqtt.session' \
+                  AND key = 'keeper' AND convert_from(value, 'UTF8') LIKE '%Dev/a/#%'";
+    wait_for("the session stored", Duration::from_secs(10), || {
+        (psql(&pg, stored) == "1").then_some(())
+    });
+    // From here on the database refuses every write of an MQTT session.
+    psql(
+        &pg,
+        "CREATE FUNCTION refuse_sessions() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
+         IF NEW.namespace = 'fe.mqtt.session' THEN RAISE EXCEPTION 'sessions refused'; END IF; \
+         RETURN NEW; END $$; \
+         CREATE TRIGGER refuse_sessions BEFORE INSERT OR UPDATE ON wharf_meta \
+         FOR EACH ROW EXECUTE FUNCTION refuse_sessions();",
+    );
+    k.subscribe("Dev/b/#", QoS::AtLeastOnce);
+    // The same client id on host 1: host 0 closes its connection and cannot store the session.
+    let o = keeper(&b);
+    let taking_over = thread::spawn(move || Mq::connect(o));
+    wait_for("host 0 retrying", Duration::from_secs(20), || {
+        hosts[0]
+            .logs()
+            .contains("retrying before handing it over")
+            .then_some(())
+    });
+    // The database recovers while host 1 waits for host 0 to let go.
+    psql(&pg, "DROP TRIGGER refuse_sessions ON wharf_meta");
+    let (k2, present) = taking_over.join().expect("host 1 connects");
+    assert!(present, "host 1 resumes the session");
+    k.closed();
+    assert!(
+        hosts[0]
+            .logs()
+            .contains("stored the MQTT session before handing it over"),
+        "{}",
+        hosts[0].logs()
+    );
+    // The subscription made while the store refused it came along.
+    let (p, _) = Mq::connect(opts(&b, "producer"));
+    p.publish("Dev/b/1", QoS::AtLeastOnce, false, b"late filter");
+    assert_eq!(&k2.msg().payload[..], b"late filter");
+    for h in &mut hosts {
+        h.stop();
+    }
+}

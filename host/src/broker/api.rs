@@ -421,6 +421,17 @@ impl BrokerApi {
     pub async fn state_list(&self, space: StateSpace) -> Result<Vec<(String, Vec<u8>)>> {
         self.broker.store.meta_list(&space.namespace()).await
     }
+    /// Every record of one space with its store version (for [`BrokerApi::state_put_if`]).
+    pub async fn state_entries(&self, space: StateSpace) -> Result<Vec<(String, Vec<u8>, u64)>> {
+        Ok(self
+            .broker
+            .store
+            .meta_entries(&space.namespace())
+            .await?
+            .into_iter()
+            .map(|(k, e)| (k, e.value, e.version))
+            .collect())
+    }
 
     // ---- dead letters and status
 

@@ -98,6 +98,8 @@ pub(crate) struct Inner {
 const TAKEOVER_WAIT: Duration = Duration::from_secs(10);
 /// Pause before reading a changed store space again after a failed read.
 const RELOAD_RETRY: Duration = Duration::from_millis(500);
+/// Pause between tries to store a session whose client id another host is taking over.
+const HANDOVER_RETRY: Duration = Duration::from_millis(200);
 
 /// Change feeds of the store spaces other hosts write, taken before the gateway loads them.
 struct StateWatches {
@@ -500,7 +502,15 @@ impl Inner {
         if session.persistent {
             // Queued messages stay queued in the session; they go out on reconnect.
             session.touch();
-            self.persist(session).await;
+            let noticed = attached.as_ref().is_some_and(|a| {
+                self.channels
+                    .lock()
+                    .get(&a.channel_id)
+                    .is_some_and(|l| l.noticed)
+            });
+            if !self.persist(session).await && noticed {
+                self.persist_for_handover(session).await;
+            }
         }
         // After the session is stored: a host waiting to take the client id over loads it then.
         if let Some(attached) = attached {
@@ -577,20 +587,73 @@ impl Inner {
         }
     }
 
-    /// Writes one stored session now if it changed.
-    pub(crate) async fn persist(&self, s: &Session) {
-        if !s.persistent || !s.dirty.swap(false, Ordering::AcqRel) {
-            return;
+    /// Writes one stored session now if it changed, unless another host stored a newer record of
+    /// it meanwhile. False when the store could not take it: it stays dirty and is tried again.
+    pub(crate) async fn persist(&self, s: &Session) -> bool {
+        if !s.persistent {
+            return true;
         }
-        let record = self.record(s);
-        if let Err(e) = self
-            .broker
-            .state_put(StateSpace::MqttSession, &s.client_id, record.encode())
-            .await
-        {
-            s.dirty.store(true, Ordering::Release);
-            warn!(client_id = %s.client_id, error = %e, "cannot store MQTT session; will retry");
+        let _writing = s.writing.lock().await;
+        if !s.dirty.swap(false, Ordering::AcqRel) {
+            return true;
         }
+        let raw = self.record(s).encode();
+        let mut expected = match s.stored_version.load(Ordering::Acquire) {
+            0 => None,
+            v => Some(v),
+        };
+        let space = StateSpace::MqttSession;
+        for _ in 0..3 {
+            let r = self
+                .broker
+                .state_put_if(space.clone(), &s.client_id, raw.clone(), expected)
+                .await;
+            match r {
+                Ok(Some(v)) => {
+                    s.stored_version.store(v, Ordering::Release);
+                    return true;
+                }
+                // The connection attached here holds the client id: its state is the live one.
+                Ok(None) if s.online() => {
+                    match self.broker.state_entry(space.clone(), &s.client_id).await {
+                        Ok(e) => expected = e.map(|(_, v)| v),
+                        Err(e) => {
+                            s.dirty.store(true, Ordering::Release);
+                            warn!(client_id = %s.client_id, error = %e, "cannot store MQTT session; will retry");
+                            return false;
+                        }
+                    }
+                }
+                Ok(None) => {
+                    info!(client_id = %s.client_id, "another host stored this MQTT session since this host read it; this host's offline copy is stale and is not written (a connection here reads the stored one)");
+                    return true;
+                }
+                Err(e) => {
+                    s.dirty.store(true, Ordering::Release);
+                    warn!(client_id = %s.client_id, error = %e, "cannot store MQTT session; will retry");
+                    return false;
+                }
+            }
+        }
+        s.dirty.store(true, Ordering::Release);
+        warn!(client_id = %s.client_id, "the stored MQTT session kept changing under this host's write; will retry");
+        false
+    }
+
+    /// Another host waits (at most [`TAKEOVER_WAIT`]) to take this session's client id over and
+    /// then reads the session stored last: keep trying to store this one for most of that wait,
+    /// so the other host goes on with its latest state rather than an older one.
+    async fn persist_for_handover(&self, s: &Session) {
+        let deadline = tokio::time::Instant::now() + TAKEOVER_WAIT * 3 / 4;
+        warn!(client_id = %s.client_id, "cannot store the MQTT session another host is taking over; retrying before handing it over");
+        while tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(HANDOVER_RETRY).await;
+            if self.persist(s).await {
+                info!(client_id = %s.client_id, "stored the MQTT session before handing it over");
+                return;
+            }
+        }
+        warn!(client_id = %s.client_id, "could not store the MQTT session in time; the host taking over goes on with the one stored last (what changed since, such as acknowledgements, is redone: messages may come again)");
     }
 
     async fn flush_sessions(&self, all: bool) {
@@ -618,9 +681,9 @@ impl Inner {
 
     /// Restores every stored session (offline until its client returns).
     async fn load_sessions(&self) -> crate::error::Result<()> {
-        let records = self.broker.state_list(StateSpace::MqttSession).await?;
+        let records = self.broker.state_entries(StateSpace::MqttSession).await?;
         let mut restored = 0usize;
-        for (client_id, raw) in records {
+        for (client_id, raw, version) in records {
             let record = match SessionRecord::decode(&raw) {
                 Ok(r) => r,
                 Err(e) => {
@@ -628,7 +691,7 @@ impl Inner {
                     continue;
                 }
             };
-            let s = self.restore(&client_id, &record).await;
+            let s = self.restore(&client_id, &record, version).await;
             self.sessions.lock().insert(client_id, s);
             restored += 1;
         }
@@ -641,8 +704,9 @@ impl Inner {
         Ok(())
     }
 
-    /// A stored session as an offline session of this host (its messages read back).
-    async fn restore(&self, client_id: &str, record: &SessionRecord) -> Arc<Session> {
+    /// A stored session (at store `version`) as an offline session of this host (its messages
+    /// read back).
+    async fn restore(&self, client_id: &str, record: &SessionRecord, version: u64) -> Arc<Session> {
         let s = Arc::new(Session::new(
             client_id.to_owned(),
             self.session_seq.fetch_add(1, Ordering::Relaxed),
@@ -682,6 +746,7 @@ impl Inner {
         }
         s.outbox.push_front_batch(queued);
         s.dirty.store(false, Ordering::Relaxed);
+        s.stored_version.store(version, Ordering::Relaxed);
         s
     }
 
@@ -742,11 +807,12 @@ impl Inner {
     }
 
     /// Replaces this host's offline copy of a stored session with the store's, since another
-    /// host may have used and stored it since (a copy not yet written here is kept).
+    /// host may have used and stored it since (a copy not yet written here is kept, unless the
+    /// store's record is newer than the one it came from).
     async fn refresh_session(&self, client_id: &str) {
         let stored = match self
             .broker
-            .state_get(StateSpace::MqttSession, client_id)
+            .state_entry(StateSpace::MqttSession, client_id)
             .await
         {
             Ok(v) => v,
@@ -755,9 +821,10 @@ impl Inner {
                 return;
             }
         };
-        let restored = match stored.map(|raw| SessionRecord::decode(&raw)) {
-            Some(Ok(r)) => Some(self.restore(client_id, &r).await),
-            Some(Err(e)) => {
+        let store_version = stored.as_ref().map_or(0, |(_, v)| *v);
+        let restored = match stored.map(|(raw, v)| (SessionRecord::decode(&raw), v)) {
+            Some((Ok(r), v)) => Some(self.restore(client_id, &r, v).await),
+            Some((Err(e), _)) => {
                 warn!(client_id, error = %e, "stored MQTT session is unreadable; starting it afresh");
                 None
             }
@@ -765,10 +832,11 @@ impl Inner {
         };
         let mut sessions = self.sessions.lock();
         let local = sessions.get(client_id).cloned();
-        if local
-            .as_ref()
-            .is_some_and(|s| s.online() || s.dirty.load(Ordering::Acquire))
-        {
+        if local.as_ref().is_some_and(|s| {
+            s.online()
+                || (s.dirty.load(Ordering::Acquire)
+                    && s.stored_version.load(Ordering::Acquire) == store_version)
+        }) {
             return;
         }
         match restored {

@@ -321,6 +321,11 @@ pub struct Session {
     pub attached: Mutex<Option<Arc<Attached>>>,
     /// Changed since last written to the store.
     pub dirty: AtomicBool,
+    /// Store version of the record this host last read or wrote (0: none), so a write never
+    /// replaces a newer record another host stored meanwhile.
+    pub stored_version: AtomicU64,
+    /// Held while the session is written, so two writes of it never race each other.
+    pub writing: tokio::sync::Mutex<()>,
     /// Messages dropped for this session (QoS 0 past the queue cap).
     pub dropped: AtomicU64,
 }
@@ -336,6 +341,8 @@ impl Session {
             state: Mutex::new(SessionState::default()),
             attached: Mutex::new(None),
             dirty: AtomicBool::new(persistent),
+            stored_version: AtomicU64::new(0),
+            writing: tokio::sync::Mutex::new(()),
             dropped: AtomicU64::new(0),
         }
     }

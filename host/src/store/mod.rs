@@ -288,8 +288,17 @@ pub trait Store: Send + Sync + 'static {
     async fn meta_put(&self, namespace: &str, key: &str, value: Vec<u8>) -> Result<()>;
     /// Deletes `namespace/key` (no error if absent); durable on return.
     async fn meta_delete(&self, namespace: &str, key: &str) -> Result<()>;
+    /// Lists every key of `namespace` with its value and version, sorted by key.
+    async fn meta_entries(&self, namespace: &str) -> Result<Vec<(String, MetaEntry)>>;
     /// Lists every key and value in `namespace`, sorted by key.
-    async fn meta_list(&self, namespace: &str) -> Result<Vec<(String, Vec<u8>)>>;
+    async fn meta_list(&self, namespace: &str) -> Result<Vec<(String, Vec<u8>)>> {
+        Ok(self
+            .meta_entries(namespace)
+            .await?
+            .into_iter()
+            .map(|(k, e)| (k, e.value))
+            .collect())
+    }
     /// Change feed of one namespace: the receiver's value moves after a key of `namespace` is
     /// written or deleted by any host sharing the store (this one at once; others within
     /// [`META_WATCH_MS`]), so caches of metadata can reload. It may also move without a change.

@@ -79,17 +79,23 @@ pub type Namespace = BTreeMap<String, MetaEntry>;
 
 /// First u32 of a namespace file of format 2 (format 1 starts with the entry count instead).
 const NAMESPACE_V2: u32 = u32::MAX;
+/// First u32 of format 3: format 2's layout, with a journal of later changes beside the file.
+/// A build that reads only formats 1 and 2 refuses it (as a malformed format 1 file) instead
+/// of missing the journal.
+const NAMESPACE_V3: u32 = u32::MAX - 1;
+/// First u32 values from here up are format markers; a format 1 count never gets this high.
+const NAMESPACE_MARKERS: u32 = 0xFFFF_0000;
 
 /// File of a namespace (hex name, so any namespace string is a safe file name).
 pub fn namespace_path(dir: &Path, ns: &str) -> PathBuf {
     dir.join(format!("{}.meta", hex::encode(ns)))
 }
 
-/// Serialises a namespace (format 2): `u32::MAX`, count u32, then
+/// Serialises a namespace (format 3): `u32::MAX - 1`, count u32, then
 /// (key len u32, key, value len u32, value, version u64)*.
 pub fn encode_namespace(ns: &Namespace) -> Vec<u8> {
     let mut b = Vec::new();
-    b.extend_from_slice(&NAMESPACE_V2.to_le_bytes());
+    b.extend_from_slice(&NAMESPACE_V3.to_le_bytes());
     b.extend_from_slice(&(ns.len() as u32).to_le_bytes());
     for (k, e) in ns {
         b.extend_from_slice(&(k.len() as u32).to_le_bytes());
@@ -101,9 +107,31 @@ pub fn encode_namespace(ns: &Namespace) -> Vec<u8> {
     b
 }
 
-/// Parses [`encode_namespace`] output, or format 1 (count u32, then (key len u32, key,
-/// value len u32, value)*, no versions: each entry reads as version 1).
-pub fn decode_namespace(b: &[u8]) -> Option<Namespace> {
+/// Why a namespace file cannot be read.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NamespaceError {
+    /// Cut short or inconsistent.
+    #[error("it is malformed; restore it from a backup")]
+    Malformed,
+    /// Written by a newer build.
+    #[error(
+        "it was written by a newer wharf (namespace format marker {0:#x}); run that version or newer on this data dir"
+    )]
+    Newer(u32),
+}
+
+/// Parses [`encode_namespace`] output, format 2 (the same after `u32::MAX`), or format 1
+/// (count u32, then (key len u32, key, value len u32, value)*, no versions: each entry reads
+/// as version 1).
+pub fn decode_namespace(b: &[u8]) -> Result<Namespace, NamespaceError> {
+    let first = get_u32(b.get(..4).ok_or(NamespaceError::Malformed)?, 0);
+    if first >= NAMESPACE_MARKERS && first != NAMESPACE_V2 && first != NAMESPACE_V3 {
+        return Err(NamespaceError::Newer(first));
+    }
+    decode_entries(b).ok_or(NamespaceError::Malformed)
+}
+
+fn decode_entries(b: &[u8]) -> Option<Namespace> {
     let mut at = 0usize;
     let mut take = |n: usize| -> Option<&[u8]> {
         let s = b.get(at..at.checked_add(n)?)?;
@@ -111,7 +139,7 @@ pub fn decode_namespace(b: &[u8]) -> Option<Namespace> {
         Some(s)
     };
     let mut count = get_u32(take(4)?, 0);
-    let versioned = count == NAMESPACE_V2;
+    let versioned = count == NAMESPACE_V2 || count == NAMESPACE_V3;
     if versioned {
         count = get_u32(take(4)?, 0);
     }
@@ -347,7 +375,19 @@ mod tests {
                 version: 1,
             },
         );
-        assert_eq!(decode_namespace(&encode_namespace(&ns)), Some(ns));
+        let whole = encode_namespace(&ns);
+        assert_eq!(decode_namespace(&whole), Ok(ns.clone()));
+        // Format 2: the same entries after u32::MAX.
+        let mut v2 = whole.clone();
+        v2[..4].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert_eq!(decode_namespace(&v2), Ok(ns));
+        // A marker this build does not know: refused as newer, never read as format 1.
+        let mut v9 = whole;
+        v9[..4].copy_from_slice(&(u32::MAX - 7).to_le_bytes());
+        assert_eq!(
+            decode_namespace(&v9),
+            Err(NamespaceError::Newer(u32::MAX - 7))
+        );
         // Format 1: count, then key and value only.
         let mut v1 = 1u32.to_le_bytes().to_vec();
         v1.extend_from_slice(&1u32.to_le_bytes());
@@ -362,7 +402,11 @@ mod tests {
                 version: 1
             }
         );
-        assert!(decode_namespace(&v1[..v1.len() - 1]).is_none());
+        assert_eq!(
+            decode_namespace(&v1[..v1.len() - 1]),
+            Err(NamespaceError::Malformed)
+        );
+        assert_eq!(decode_namespace(&[]), Err(NamespaceError::Malformed));
     }
 
     #[test]

@@ -618,7 +618,7 @@ fn check_segment_formats(log: &Log) -> Result<()> {
         let newer_segment = h.kind == record::KIND_SEGMENT && h.flags > record::SEGMENT_FORMAT;
         if newer_segment || h.format > record::RECORD_FORMAT {
             return Err(WharfError::unavailable(format!(
-                "log segment {} was written by a newer wharf (segment format {}, record format                  {}; this build reads up to {} and {}); run that version or newer on this data                  dir",
+                "log segment {} was written by a newer wharf (segment format {}, record format {}; this build reads up to {} and {}); run that version or newer on this data dir",
                 seg.path.display(),
                 if h.kind == record::KIND_SEGMENT {
                     h.flags
@@ -774,7 +774,7 @@ impl Store for EmbeddedStore {
         self.meta_watches.subscribe(namespace)
     }
 
-    async fn meta_list(&self, namespace: &str) -> Result<Vec<(String, Vec<u8>)>> {
+    async fn meta_entries(&self, namespace: &str) -> Result<Vec<(String, MetaEntry)>> {
         let sh = self.sh.clone();
         let ns = namespace.to_string();
         tokio::task::spawn_blocking(move || {
@@ -782,7 +782,7 @@ impl Store for EmbeddedStore {
             let m = meta_loaded(&sh, &mut meta, &ns)?;
             Ok(m.entries
                 .iter()
-                .map(|(k, e)| (k.clone(), e.value.clone()))
+                .map(|(k, e)| (k.clone(), e.clone()))
                 .collect())
         })
         .await
@@ -1247,11 +1247,8 @@ fn meta_loaded<'a>(
         let path = files::namespace_path(&dir, ns);
         let (mut entries, whole_bytes) = match files::read_atomic(&path) {
             Ok(Some(b)) => (
-                files::decode_namespace(&b).ok_or_else(|| {
-                    WharfError::internal(format!(
-                        "metadata file {} is malformed; restore it from a backup",
-                        path.display()
-                    ))
+                files::decode_namespace(&b).map_err(|e| {
+                    WharfError::internal(format!("metadata file {}: {e}", path.display()))
                 })?,
                 b.len() as u64,
             ),
@@ -1329,6 +1326,13 @@ fn meta_apply(
     };
     let jpath = files::journal_path(&dir, ns);
     fs::create_dir_all(&dir).map_err(unavailable)?;
+    if current.journal_bytes.is_none() {
+        // Before a journal exists its namespace file is of the format that says one may: a
+        // build that knows no journals then refuses the namespace instead of missing changes.
+        let whole = files::encode_namespace(&current.entries);
+        files::write_atomic(&files::namespace_path(&dir, ns), &whole).map_err(unavailable)?;
+        current.whole_bytes = whole.len() as u64;
+    }
     // The record goes first even when the namespace is then written whole: a crash before
     // the journal is cut replays records the whole file already holds, which changes nothing.
     if let Err(e) = files::append_journal(&jpath, &record, current.journal_bytes.is_none()) {

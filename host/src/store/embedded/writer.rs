@@ -846,7 +846,7 @@ impl Writer {
         self.appended_since_reading = 0;
         if free < min.saturating_add(bytes) {
             return Err(WharfError::unavailable(format!(
-                "the disk holding {} has {free} bytes free, under [store] min_free_bytes = {min};                  nothing of this send was stored — free space (or lower retention_hours) and sends                  resume without a restart",
+                "the disk holding {} has {free} bytes free, under [store] min_free_bytes = {min}; nothing of this send was stored — free space (or lower retention_hours) and sends resume without a restart",
                 self.sh.dir.display()
             )));
         }

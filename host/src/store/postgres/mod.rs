@@ -703,21 +703,26 @@ impl Store for PostgresStore {
         self.inner.meta_watches.subscribe(namespace)
     }
 
-    async fn meta_list(&self, namespace: &str) -> Result<Vec<(String, Vec<u8>)>> {
+    async fn meta_entries(&self, namespace: &str) -> Result<Vec<(String, MetaEntry)>> {
         if has_nul(namespace) {
             return Ok(Vec::new());
         }
-        let r = sqlx::query("SELECT key, value FROM wharf_meta WHERE namespace = $1 ORDER BY key")
-            .bind(namespace)
-            .fetch_all(&self.inner.pool)
-            .await;
+        let r = sqlx::query(
+            "SELECT key, value, version FROM wharf_meta WHERE namespace = $1 ORDER BY key",
+        )
+        .bind(namespace)
+        .fetch_all(&self.inner.pool)
+        .await;
         let rows = self.inner.ok("listing metadata", r)?;
         Ok(rows
             .into_iter()
             .map(|row| {
                 (
                     row.try_get(0).unwrap_or_default(),
-                    row.try_get(1).unwrap_or_default(),
+                    MetaEntry {
+                        value: row.try_get(1).unwrap_or_default(),
+                        version: unbig(row.try_get(2).unwrap_or(0)),
+                    },
                 )
             })
             .collect())
