@@ -603,6 +603,11 @@ impl Inner {
             v => Some(v),
         };
         let space = StateSpace::MqttSession;
+        let retry_later = |e: &dyn std::fmt::Display| {
+            s.dirty.store(true, Ordering::Release);
+            warn!(client_id = %s.client_id, error = %e, "cannot store MQTT session; will retry");
+            false
+        };
         for _ in 0..3 {
             let r = self
                 .broker
@@ -617,27 +622,17 @@ impl Inner {
                 Ok(None) if s.online() => {
                     match self.broker.state_entry(space.clone(), &s.client_id).await {
                         Ok(e) => expected = e.map(|(_, v)| v),
-                        Err(e) => {
-                            s.dirty.store(true, Ordering::Release);
-                            warn!(client_id = %s.client_id, error = %e, "cannot store MQTT session; will retry");
-                            return false;
-                        }
+                        Err(e) => return retry_later(&e),
                     }
                 }
                 Ok(None) => {
                     info!(client_id = %s.client_id, "another host stored this MQTT session since this host read it; this host's offline copy is stale and is not written (a connection here reads the stored one)");
                     return true;
                 }
-                Err(e) => {
-                    s.dirty.store(true, Ordering::Release);
-                    warn!(client_id = %s.client_id, error = %e, "cannot store MQTT session; will retry");
-                    return false;
-                }
+                Err(e) => return retry_later(&e),
             }
         }
-        s.dirty.store(true, Ordering::Release);
-        warn!(client_id = %s.client_id, "the stored MQTT session kept changing under this host's write; will retry");
-        false
+        retry_later(&"the stored session kept changing under this host's write")
     }
 
     /// Another host waits (at most [`TAKEOVER_WAIT`]) to take this session's client id over and
