@@ -2,11 +2,11 @@
 //! Wharf as both their name server and their broker on one port (`[remoting] listen`).
 //!
 //! Layout: [`codec`] is the pure wire format; [`codes`] the request and response codes;
-//! [`ops`] maps each request onto [`BrokerApi`]; this file owns connections: one reader that
-//! decodes frames and runs each request as its own task (a long-polling pull must not hold up a
-//! send on the same connection), one writer that batches replies into few syscalls, and the
-//! registry of which connection carries which consumer, for NOTIFY_CONSUMER_IDS_CHANGED and for
-//! dropping a consumer whose connection closed.
+//! [`ops`] maps each request onto [`BrokerApi`]; this file owns connections: one task per
+//! connection that decodes frames, runs its requests concurrently (a long-polling pull must not
+//! hold up a send on the same connection) and writes their replies in as few syscalls as it can,
+//! and the registry of which connection carries which consumer, for NOTIFY_CONSUMER_IDS_CHANGED
+//! and for dropping a consumer whose connection closed.
 
 pub mod codec;
 pub mod codes;
@@ -18,10 +18,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
 
 use bytes::BytesMut;
+use futures_util::StreamExt;
+use futures_util::stream::FuturesUnordered;
 use parking_lot::Mutex;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::sync::{Semaphore, mpsc};
-use tokio::task::JoinSet;
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info_span, warn};
 
@@ -34,8 +35,11 @@ use codec::{Command, decode_frame, encode_frame};
 /// Requests one connection may have in progress at once; past it the reader stops reading, so
 /// a client that floods is slowed down instead of growing the host's memory.
 const MAX_IN_FLIGHT_PER_CONNECTION: usize = 1024;
-/// Replies queued for one connection's writer.
-const WRITE_QUEUE: usize = 1024;
+/// Notices (NOTIFY_CONSUMER_IDS_CHANGED) queued for one connection; past it they are dropped,
+/// as the client rebalances on its own timer anyway.
+const NOTICE_QUEUE: usize = 64;
+/// Reply bytes waiting for the socket past which no more replies are composed.
+const OUT_HIGH_WATER: usize = 256 * 1024;
 
 /// What every connection shares.
 pub struct RemotingState {
@@ -235,15 +239,19 @@ impl Handler for RemotingHandler {
             store_host: state.advertised.unwrap_or(local),
             shutdown: conn.shutdown.clone(),
         };
-        let (mut rd, wr) = conn.stream.into_split();
-        let (tx, rx) = mpsc::channel::<Vec<u8>>(WRITE_QUEUE);
-        state.registry.lock().conns.insert(id, tx.clone());
-        let writer = tokio::spawn(write_loop(wr, rx).in_current_span());
-        let permits = Arc::new(Semaphore::new(MAX_IN_FLIGHT_PER_CONNECTION));
-        let mut tasks = JoinSet::new();
+        let (mut rd, mut wr) = conn.stream.into_split();
+        let (tx, mut notices) = mpsc::channel::<Vec<u8>>(NOTICE_QUEUE);
+        state.registry.lock().conns.insert(id, tx);
+        // Requests run concurrently inside this one task (a long-polling pull must not hold up
+        // a send on the same connection); replies gather in `out` and leave in as few writes as
+        // they come in. A task and a writer hop per request cost more than the request.
+        let mut requests = FuturesUnordered::new();
         let mut buf = BytesMut::with_capacity(64 * 1024);
-        'read: loop {
-            loop {
+        let mut out: Vec<u8> = Vec::with_capacity(64 * 1024);
+        let mut sent = 0usize;
+        let mut reading = true;
+        loop {
+            while reading && requests.len() < MAX_IN_FLIGHT_PER_CONNECTION {
                 match decode_frame(&buf) {
                     Ok(Some((cmd, used))) => {
                         let _ = buf.split_to(used);
@@ -251,77 +259,66 @@ impl Handler for RemotingHandler {
                             // Clients answer nothing we ask but oneway notices; ignore strays.
                             continue;
                         }
-                        let Ok(permit) = permits.clone().acquire_owned().await else {
-                            break 'read;
-                        };
-                        let (state, ctx, tx) = (state.clone(), ctx.clone(), tx.clone());
                         let span = info_span!("request", code = cmd.code, opaque = cmd.opaque);
-                        tasks.spawn(
-                            async move {
-                                let _permit = permit;
-                                let oneway = cmd.is_oneway();
-                                let reply = ops::handle(&state, &ctx, cmd).await;
-                                if oneway {
-                                    return;
-                                }
-                                let mut frame = Vec::new();
-                                match encode_frame(&reply, &mut frame) {
-                                    Ok(()) => {
-                                        let _ = tx.send(frame).await;
-                                    }
-                                    Err(e) => warn!(error = %e, "cannot encode a reply"),
-                                }
-                            }
-                            .instrument(span),
-                        );
+                        requests
+                            .push(run_request(state.clone(), ctx.clone(), cmd).instrument(span));
                     }
                     Ok(None) => break,
                     Err(e) => {
-                        // The stream cannot be resynchronised after a bad frame: close this one
-                        // connection, the host and every other client carry on.
+                        // The stream cannot be resynchronised after a bad frame: stop reading
+                        // this one connection (requests in hand still answer), the host and
+                        // every other client carry on.
                         warn!(error = %e, "malformed remoting frame; closing the connection");
-                        break 'read;
+                        reading = false;
                     }
                 }
             }
-            while tasks.try_join_next().is_some() {}
+            if !reading && requests.is_empty() && sent == out.len() {
+                break;
+            }
+            // A client that does not read stops getting replies composed, then stops being read.
+            let room = out.len() - sent < OUT_HIGH_WATER;
             tokio::select! {
                 biased;
-                () = ctx.shutdown.cancelled() => break,
-                r = rd.read_buf(&mut buf) => match r {
-                    Ok(0) => break,
+                () = ctx.shutdown.cancelled(), if reading => reading = false,
+                n = wr.write(&out[sent..]), if sent < out.len() => match n {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => {
+                        sent += n;
+                        if sent == out.len() {
+                            out.clear();
+                            sent = 0;
+                        }
+                    }
+                },
+                Some(reply) = requests.next(), if room && !requests.is_empty() => {
+                    if let Some(reply) = reply
+                        && let Err(e) = encode_frame(&reply, &mut out)
+                    {
+                        warn!(error = %e, "cannot encode a reply");
+                    }
+                }
+                Some(frame) = notices.recv(), if room => out.extend_from_slice(&frame),
+                r = rd.read_buf(&mut buf), if reading
+                    && requests.len() < MAX_IN_FLIGHT_PER_CONNECTION => match r {
+                    Ok(0) => reading = false,
                     Ok(_) => {}
                     Err(e) => {
                         debug!(error = %e, "read failed");
-                        break;
+                        reading = false;
                     }
                 },
+                else => break,
             }
         }
-        // Requests in hand finish (pulls answer at once on shutdown), their replies go out.
-        while tasks.join_next().await.is_some() {}
         state.connection_closed(id).await;
-        drop(tx);
-        let _ = writer.await;
+        let _ = wr.shutdown().await;
     }
 }
 
-/// Writes queued frames, gathering whatever is already queued into one write.
-async fn write_loop(mut wr: tokio::net::tcp::OwnedWriteHalf, mut rx: mpsc::Receiver<Vec<u8>>) {
-    let mut out = Vec::with_capacity(64 * 1024);
-    while let Some(first) = rx.recv().await {
-        out.clear();
-        out.extend_from_slice(&first);
-        while out.len() < 256 * 1024 {
-            match rx.try_recv() {
-                Ok(more) => out.extend_from_slice(&more),
-                Err(_) => break,
-            }
-        }
-        if let Err(e) = wr.write_all(&out).await {
-            debug!(error = %e, "write failed; closing");
-            return;
-        }
-    }
-    let _ = wr.shutdown().await;
+/// Runs one request; `None` for a oneway one, which gets no reply.
+async fn run_request(state: Arc<RemotingState>, ctx: ConnCtx, cmd: Command) -> Option<Command> {
+    let oneway = cmd.is_oneway();
+    let reply = ops::handle(&state, &ctx, cmd).await;
+    (!oneway).then_some(reply)
 }
