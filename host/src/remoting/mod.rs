@@ -311,6 +311,9 @@ impl Handler for RemotingHandler {
                 else => break,
             }
         }
+        // A socket that failed mid-write leaves requests in hand: they still finish (their
+        // replies have nowhere to go), as a send or an offset commit cut off half way would not.
+        while requests.next().await.is_some() {}
         state.connection_closed(id).await;
         let _ = wr.shutdown().await;
     }

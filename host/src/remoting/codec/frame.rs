@@ -245,8 +245,8 @@ impl<'de> Deserialize<'de> for HeaderFields {
                         "version" => h.version = map.next_value::<Int>()?.0,
                         "opaque" => h.opaque = map.next_value::<Int>()?.0,
                         "flag" => h.flag = map.next_value::<Int>()?.0,
-                        "language" => h.language = map.next_value::<Text>()?.0,
-                        "remark" => h.remark = map.next_value::<Text>()?.0,
+                        "language" => h.language = map.next_value::<Scalar>()?.string(),
+                        "remark" => h.remark = map.next_value::<Scalar>()?.string(),
                         "extFields" => h.ext_fields = map.next_value::<ExtFields>()?.0,
                         _ => {
                             map.next_value::<IgnoredAny>()?;
@@ -325,45 +325,63 @@ impl<'de> Deserialize<'de> for Int {
     }
 }
 
-/// A string field; any other JSON value counts as absent.
-struct Text(Option<String>);
+/// One JSON value as header fields read it: arrays and objects are skipped whole, numbers and
+/// booleans kept as the text the client's JSON had (and signed).
+enum Scalar {
+    Null,
+    Str(String),
+    Printed(String),
+    Compound,
+}
 
-impl<'de> Deserialize<'de> for Text {
+impl Scalar {
+    /// The value if it was a JSON string; any other value counts as absent.
+    fn string(self) -> Option<String> {
+        match self {
+            Scalar::Str(s) => Some(s),
+            _ => None,
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Scalar {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         struct V;
         impl<'de> Visitor<'de> for V {
-            type Value = Text;
+            type Value = Scalar;
             fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("a string")
+                f.write_str("a JSON value")
             }
-            fn visit_str<E: de::Error>(self, s: &str) -> Result<Text, E> {
-                Ok(Text(Some(s.to_owned())))
+            fn visit_str<E: de::Error>(self, s: &str) -> Result<Scalar, E> {
+                Ok(Scalar::Str(s.to_owned()))
             }
-            fn visit_string<E: de::Error>(self, s: String) -> Result<Text, E> {
-                Ok(Text(Some(s)))
+            fn visit_string<E: de::Error>(self, s: String) -> Result<Scalar, E> {
+                Ok(Scalar::Str(s))
             }
-            fn visit_bool<E: de::Error>(self, _: bool) -> Result<Text, E> {
-                Ok(Text(None))
+            fn visit_bool<E: de::Error>(self, b: bool) -> Result<Scalar, E> {
+                Ok(Scalar::Printed(b.to_string()))
             }
-            fn visit_i64<E: de::Error>(self, _: i64) -> Result<Text, E> {
-                Ok(Text(None))
+            fn visit_i64<E: de::Error>(self, n: i64) -> Result<Scalar, E> {
+                Ok(Scalar::Printed(n.to_string()))
             }
-            fn visit_u64<E: de::Error>(self, _: u64) -> Result<Text, E> {
-                Ok(Text(None))
+            fn visit_u64<E: de::Error>(self, n: u64) -> Result<Scalar, E> {
+                Ok(Scalar::Printed(n.to_string()))
             }
-            fn visit_f64<E: de::Error>(self, _: f64) -> Result<Text, E> {
-                Ok(Text(None))
+            fn visit_f64<E: de::Error>(self, n: f64) -> Result<Scalar, E> {
+                // `serde_json` prints 1.0 as "1.0", as the client's JSON encoder did.
+                Ok(serde_json::Number::from_f64(n)
+                    .map_or(Scalar::Null, |n| Scalar::Printed(n.to_string())))
             }
-            fn visit_unit<E: de::Error>(self) -> Result<Text, E> {
-                Ok(Text(None))
+            fn visit_unit<E: de::Error>(self) -> Result<Scalar, E> {
+                Ok(Scalar::Null)
             }
-            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Text, A::Error> {
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Scalar, A::Error> {
                 while seq.next_element::<IgnoredAny>()?.is_some() {}
-                Ok(Text(None))
+                Ok(Scalar::Compound)
             }
-            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Text, A::Error> {
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Scalar, A::Error> {
                 while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
-                Ok(Text(None))
+                Ok(Scalar::Compound)
             }
         }
         d.deserialize_any(V)
@@ -388,52 +406,20 @@ impl<'de> Deserialize<'de> for ExtFields {
             fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<ExtFields, A::Error> {
                 let mut fields = BTreeMap::new();
                 while let Some(k) = map.next_key::<String>()? {
-                    if let Some(v) = map.next_value::<FieldValue>()?.0 {
-                        fields.insert(k, v);
+                    match map.next_value::<Scalar>()? {
+                        // Clients skip null fields when signing; so do we.
+                        Scalar::Null => {}
+                        Scalar::Str(v) | Scalar::Printed(v) => {
+                            fields.insert(k, v);
+                        }
+                        Scalar::Compound => {
+                            return Err(de::Error::custom(format!(
+                                "extFields '{k}' must be a string, number or boolean"
+                            )));
+                        }
                     }
                 }
                 Ok(ExtFields(fields))
-            }
-        }
-        d.deserialize_any(V)
-    }
-}
-
-/// One `extFields` value as a string (`None`: null).
-struct FieldValue(Option<String>);
-
-impl<'de> Deserialize<'de> for FieldValue {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl<'de> Visitor<'de> for V {
-            type Value = FieldValue;
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("a string, number or boolean")
-            }
-            fn visit_str<E: de::Error>(self, s: &str) -> Result<FieldValue, E> {
-                Ok(FieldValue(Some(s.to_owned())))
-            }
-            fn visit_string<E: de::Error>(self, s: String) -> Result<FieldValue, E> {
-                Ok(FieldValue(Some(s)))
-            }
-            fn visit_bool<E: de::Error>(self, b: bool) -> Result<FieldValue, E> {
-                Ok(FieldValue(Some(b.to_string())))
-            }
-            fn visit_i64<E: de::Error>(self, n: i64) -> Result<FieldValue, E> {
-                Ok(FieldValue(Some(n.to_string())))
-            }
-            fn visit_u64<E: de::Error>(self, n: u64) -> Result<FieldValue, E> {
-                Ok(FieldValue(Some(n.to_string())))
-            }
-            fn visit_f64<E: de::Error>(self, n: f64) -> Result<FieldValue, E> {
-                // The form the JSON number had: `serde_json` prints 1.0 as "1.0", as a
-                // client's JSON encoder would have.
-                Ok(FieldValue(
-                    serde_json::Number::from_f64(n).map(|n| n.to_string()),
-                ))
-            }
-            fn visit_unit<E: de::Error>(self) -> Result<FieldValue, E> {
-                Ok(FieldValue(None))
             }
         }
         d.deserialize_any(V)
