@@ -103,40 +103,19 @@ pub(super) async fn run<R: Reader, W: Writer>(
     let writer_task = tokio::spawn(write_loop(writer, rx, metrics));
     // The reader sizes the buffer to the traffic; an idle client keeps little.
     let mut buf = BytesMut::new();
-    let connect_timeout = Duration::from_millis(gw.config.connect_timeout_ms);
-    let first = tokio::select! {
-        _ = shutdown.cancelled() => None,
-        r = tokio::time::timeout(connect_timeout, read_packet(&mut reader, &mut buf, gw.config.max_packet_bytes)) => match r {
-            Err(_) => {
-                info!(%peer, transport, timeout_ms = gw.config.connect_timeout_ms, "no CONNECT in time; closing");
-                None
-            }
-            Ok(Ok(Some(p))) => Some(p),
-            Ok(Ok(None)) => None,
-            Ok(Err(DecodeError::UnsupportedProtocol { name, level })) => {
-                info!(%peer, transport, protocol = %name, level, "unsupported protocol; answering CONNACK 1");
-                send_packet(&tx, &gw, &Packet::ConnAck(ConnAck { session_present: false, code: ConnectCode::UnacceptableProtocol })).await;
-                gw.metrics.connect_refused.fetch_add(1, Ordering::Relaxed);
-                None
-            }
-            Ok(Err(e)) => {
-                gw.metrics.protocol_errors.fetch_add(1, Ordering::Relaxed);
-                info!(%peer, transport, error = %e, "bad first packet; closing");
-                None
-            }
-        },
-    };
-    if let Some(first) = first {
-        gw.metrics.packet_in(first.name());
-        match first {
-            Packet::Connect(c) => {
-                connected(&gw, c, reader, buf, &tx, peer, shutdown, transport).await
-            }
-            other => {
-                gw.metrics.protocol_errors.fetch_add(1, Ordering::Relaxed);
-                info!(%peer, transport, packet = other.name(), "first packet is not CONNECT [MQTT-3.1.0-1]; closing");
-            }
-        }
+    // Boxed, so the connection's future keeps no room for this one-off read once it is done.
+    let first = Box::pin(read_connect(
+        &gw,
+        &mut reader,
+        &mut buf,
+        &tx,
+        peer,
+        &shutdown,
+        transport,
+    ))
+    .await;
+    if let Some(c) = first {
+        connected(&gw, c, reader, buf, &tx, peer, shutdown, transport).await;
     }
     drop(tx);
     let mut writer_task = writer_task;
@@ -147,6 +126,51 @@ pub(super) async fn run<R: Reader, W: Writer>(
         writer_task.abort();
     }
     gw.metrics.connections_open.fetch_sub(1, Ordering::Relaxed);
+}
+
+/// Reads the first packet, within the CONNECT timeout; `None` (answered or logged) unless it
+/// is a CONNECT.
+async fn read_connect<R: Reader>(
+    gw: &Inner,
+    reader: &mut R,
+    buf: &mut BytesMut,
+    tx: &mpsc::Sender<Bytes>,
+    peer: SocketAddr,
+    shutdown: &CancellationToken,
+    transport: &'static str,
+) -> Option<Connect> {
+    let connect_timeout = Duration::from_millis(gw.config.connect_timeout_ms);
+    let first = tokio::select! {
+        _ = shutdown.cancelled() => None,
+        r = tokio::time::timeout(connect_timeout, read_packet(reader, buf, gw.config.max_packet_bytes)) => match r {
+            Err(_) => {
+                info!(%peer, transport, timeout_ms = gw.config.connect_timeout_ms, "no CONNECT in time; closing");
+                None
+            }
+            Ok(Ok(Some(p))) => Some(p),
+            Ok(Ok(None)) => None,
+            Ok(Err(DecodeError::UnsupportedProtocol { name, level })) => {
+                info!(%peer, transport, protocol = %name, level, "unsupported protocol; answering CONNACK 1");
+                send_packet(tx, gw, &Packet::ConnAck(ConnAck { session_present: false, code: ConnectCode::UnacceptableProtocol })).await;
+                gw.metrics.connect_refused.fetch_add(1, Ordering::Relaxed);
+                None
+            }
+            Ok(Err(e)) => {
+                gw.metrics.protocol_errors.fetch_add(1, Ordering::Relaxed);
+                info!(%peer, transport, error = %e, "bad first packet; closing");
+                None
+            }
+        },
+    }?;
+    gw.metrics.packet_in(first.name());
+    match first {
+        Packet::Connect(c) => Some(c),
+        other => {
+            gw.metrics.protocol_errors.fetch_add(1, Ordering::Relaxed);
+            info!(%peer, transport, packet = other.name(), "first packet is not CONNECT [MQTT-3.1.0-1]; closing");
+            None
+        }
+    }
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -186,9 +210,8 @@ async fn connected<R: Reader>(
             kick_reason: Default::default(),
             claim: Default::default(),
         });
-        let (session, present) = gw
-            .attach(&admitted.client_id, c.clean_session, attached.clone())
-            .await;
+        let (session, present) =
+            Box::pin(gw.attach(&admitted.client_id, c.clean_session, attached.clone())).await;
         send_packet(
             tx,
             gw,
@@ -206,9 +229,11 @@ async fn connected<R: Reader>(
         );
         let ranges = gw.router.attach(&session);
         gw.router.catch_up(session.clone(), ranges);
-        gw.presence
-            .event(&session.client_id, EventType::Connect, &attached.channel_id)
-            .await;
+        Box::pin(
+            gw.presence
+                .event(&session.client_id, EventType::Connect, &attached.channel_id),
+        )
+        .await;
 
         let mut conn = Conn {
             gw: gw.clone(),
@@ -229,7 +254,7 @@ async fn connected<R: Reader>(
         if matches!(end, End::Disconnect | End::Lost(_)) {
             // Publishes read before the end are stored (and QoS 2 ids recorded) before the
             // session is let go; a QoS 0 message followed at once by DISCONNECT is not lost.
-            conn.finish().await;
+            Box::pin(conn.finish()).await;
         }
         let (kind, publish_will) = match &end {
             End::Disconnect => {
@@ -251,12 +276,14 @@ async fn connected<R: Reader>(
         // The event is stored before the session is let go: a connection taking the client id
         // over on another host waits for that (the takeover notice forgotten in `detach`), so
         // its connect event comes after.
-        gw.presence
-            .event(&session.client_id, kind, &attached.channel_id)
-            .await;
-        gw.detach(&session).await;
+        Box::pin(
+            gw.presence
+                .event(&session.client_id, kind, &attached.channel_id),
+        )
+        .await;
+        Box::pin(gw.detach(&session)).await;
         if publish_will && let Some(w) = c.will {
-            publish_will_message(gw, &session.client_id, w).await;
+            Box::pin(publish_will_message(gw, &session.client_id, w)).await;
         }
     }
     .instrument(span)
@@ -373,7 +400,7 @@ async fn read_packet<R: Reader>(
 
 async fn send_packet(tx: &mpsc::Sender<Bytes>, gw: &Inner, p: &Packet) {
     gw.metrics.packets_out(p.name(), 1);
-    let _ = tx.send(codec::to_bytes(p)).await;
+    let _ = Box::pin(tx.send(codec::to_bytes(p))).await;
 }
 
 async fn write_loop<W: Writer>(

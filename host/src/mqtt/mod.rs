@@ -29,6 +29,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use anyhow::Context as _;
+use futures_util::future::BoxFuture;
 use parking_lot::Mutex;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -150,49 +151,71 @@ impl Handler for MqttHandler {
         } = conn;
         let gw = self.gw.clone();
         let handshake = Duration::from_millis(gw.config.connect_timeout_ms);
-        // A TLS or WebSocket handshake that never finishes counts against the CONNECT timeout.
         let kind = self.kind.clone();
         let name = kind.name();
-        match kind {
+        // This future lives as long as the connection, so the handshakes and the session are
+        // boxed and the handshake's result is gone before the session runs: an idle client
+        // holds what its own transport's session needs, not room for the largest of them.
+        // A TLS or WebSocket handshake that never finishes counts against the CONNECT timeout.
+        let session: Option<BoxFuture<'static, ()>> = match kind {
             Kind::Tcp => {
                 let (r, w) = transport::split_stream(stream);
-                connection::run(gw, r, w, peer, shutdown, name).await
+                Some(Box::pin(connection::run(gw, r, w, peer, shutdown, name)))
             }
             Kind::Tls(acceptor) => {
-                match tokio::time::timeout(handshake, acceptor.accept(stream)).await {
+                match tokio::time::timeout(handshake, Box::pin(acceptor.accept(stream))).await {
                     Ok(Ok(tls)) => {
                         let (r, w) = transport::split_stream(tls);
-                        connection::run(gw, r, w, peer, shutdown, name).await
+                        Some(Box::pin(connection::run(gw, r, w, peer, shutdown, name)))
                     }
-                    Ok(Err(e)) => info!(%peer, error = %e, "mqtt TLS handshake failed; closing"),
-                    Err(_) => info!(%peer, "mqtt TLS handshake did not finish in time; closing"),
+                    Ok(Err(e)) => {
+                        info!(%peer, error = %e, "mqtt TLS handshake failed; closing");
+                        None
+                    }
+                    Err(_) => {
+                        info!(%peer, "mqtt TLS handshake did not finish in time; closing");
+                        None
+                    }
                 }
             }
             Kind::Ws => match tokio::time::timeout(
                 handshake,
-                transport::accept_ws(stream, &gw.config.ws_path),
+                Box::pin(transport::accept_ws(stream, &gw.config.ws_path)),
             )
             .await
             {
-                Ok(Ok((r, w))) => connection::run(gw, r, w, peer, shutdown, name).await,
-                Ok(Err(e)) => info!(%peer, error = %e, "mqtt WebSocket handshake failed; closing"),
-                Err(_) => info!(%peer, "mqtt WebSocket handshake did not finish in time; closing"),
+                Ok(Ok((r, w))) => Some(Box::pin(connection::run(gw, r, w, peer, shutdown, name))),
+                Ok(Err(e)) => {
+                    info!(%peer, error = %e, "mqtt WebSocket handshake failed; closing");
+                    None
+                }
+                Err(_) => {
+                    info!(%peer, "mqtt WebSocket handshake did not finish in time; closing");
+                    None
+                }
             },
             Kind::Wss(acceptor) => {
                 let ws = async {
                     let tls = acceptor.accept(stream).await?;
                     transport::accept_ws(tls, &gw.config.ws_path).await
                 };
-                match tokio::time::timeout(handshake, ws).await {
-                    Ok(Ok((r, w))) => connection::run(gw, r, w, peer, shutdown, name).await,
+                match tokio::time::timeout(handshake, Box::pin(ws)).await {
+                    Ok(Ok((r, w))) => {
+                        Some(Box::pin(connection::run(gw, r, w, peer, shutdown, name)))
+                    }
                     Ok(Err(e)) => {
-                        info!(%peer, error = %e, "mqtt secure WebSocket handshake failed; closing")
+                        info!(%peer, error = %e, "mqtt secure WebSocket handshake failed; closing");
+                        None
                     }
                     Err(_) => {
-                        info!(%peer, "mqtt secure WebSocket handshake did not finish in time; closing")
+                        info!(%peer, "mqtt secure WebSocket handshake did not finish in time; closing");
+                        None
                     }
                 }
             }
+        };
+        if let Some(session) = session {
+            session.await;
         }
     }
 }
