@@ -130,8 +130,10 @@ pub struct MqttConfig {
     pub connect_timeout_ms: u64,
     /// `max_inflight = 64`: unacknowledged QoS 1/2 messages to one client at once.
     pub max_inflight: usize,
-    /// `max_queued = 10000`: messages waiting for one client beyond the in-flight window; past
-    /// it QoS 0 messages are dropped (counted) and a QoS 1/2 message disconnects the client.
+    /// `max_queued = 100000`: messages one client may be behind beyond the in-flight window (an
+    /// eighth of them, at most 4096, wait in memory; the rest is read back from the store as it
+    /// catches up); past it QoS 0 messages are dropped (counted) and a QoS 1/2 message
+    /// disconnects the client.
     pub max_queued: usize,
     /// `max_connections = 100000`: open MQTT connections at once per listener.
     pub max_connections: usize,
@@ -166,7 +168,7 @@ impl Default for MqttConfig {
             max_packet_bytes: 4 * 1024 * 1024 + 64 * 1024,
             connect_timeout_ms: 10_000,
             max_inflight: 64,
-            max_queued: 10_000,
+            max_queued: 100_000,
             max_connections: 100_000,
             session_flush_ms: 200,
         }

@@ -671,6 +671,98 @@ fn malformed_packets_slowloris_and_slow_readers_hurt_only_themselves() {
     drop(lazy0);
 }
 
+#[test]
+fn a_reader_that_falls_behind_is_fed_from_the_store_in_order_and_misses_nothing() {
+    // An eighth of max_queued (375) waits in memory; the rest of what the reader is behind is
+    // read back from the store as it drains.
+    let s = mqtt_server("max_queued = 3000");
+    create_topic(s.api(), "Feed", 1);
+    let a = addr(&s);
+    let mut slow = RawClient::connect(&a, "slow", 60, None);
+    slow.subscribe("Feed/#", 0);
+    let mut firehose = RawClient::connect(&a, "firehose", 60, None);
+    // 32 MiB in all: far more than the socket buffers and the outbox hold, far less than
+    // max_queued messages.
+    const N: usize = 2000;
+    let filler = vec![b'x'; 16 * 1024];
+    for i in 0..N {
+        let mut body = Vec::new();
+        mqtt_string(&mut body, b"Feed/x");
+        body.extend_from_slice(format!("{i:06}").as_bytes());
+        body.extend_from_slice(&filler);
+        firehose.stream.write_all(&frame(0x30, &body)).unwrap();
+    }
+    for i in 0..N {
+        let (topic, body) = slow.read_publish();
+        assert_eq!(topic, "Feed/x");
+        assert_eq!(
+            String::from_utf8_lossy(&body[..6]),
+            format!("{i:06}"),
+            "every message, in order"
+        );
+    }
+    let m = s.get("/metrics").text;
+    let lagged = metric(&m, "wharf_mqtt_lagged_deliveries_total");
+    assert!(lagged > 0, "some came from the store:\n{m}");
+    assert_eq!(metric(&m, "wharf_mqtt_dropped_qos0_total"), 0, "{m}");
+
+    // A clean-session=false QoS 1 reader that falls behind, then goes away mid-way: its stored
+    // session resumes where it had got to, the part it lagged on included.
+    let (mut durable, _) = RawClient::connect_session(&a, "durable", 60, None, false);
+    durable.subscribe("Feed/#", 1);
+    // Published at QoS 1 (a stored session keeps QoS 1/2 messages, not QoS 0 ones); the
+    // firehose never reads its PUBACKs, which fit in its socket buffer.
+    for i in N..2 * N {
+        let mut body = Vec::new();
+        mqtt_string(&mut body, b"Feed/x");
+        body.extend_from_slice(&((i % 60_000) as u16 + 1).to_be_bytes());
+        body.extend_from_slice(format!("{i:06}").as_bytes());
+        body.extend_from_slice(&filler);
+        firehose.stream.write_all(&frame(0x32, &body)).unwrap();
+    }
+    const READ_FIRST: usize = N / 2;
+    for i in N..N + READ_FIRST {
+        let (_, body) = durable.read_publish();
+        assert_eq!(String::from_utf8_lossy(&body[..6]), format!("{i:06}"));
+    }
+    // DISCONNECT, so every PUBACK written before it is read (an abrupt close can lose them,
+    // and then at-least-once delivery sends those messages again).
+    durable.stream.write_all(&[0xe0, 0]).unwrap();
+    assert!(durable.wait_closed(WAIT));
+    drop(durable);
+    let (mut back, present) = RawClient::connect_session(&a, "durable", 60, None, false);
+    assert!(present, "the session was kept");
+    let mut got = Vec::new();
+    for _ in N + READ_FIRST..2 * N {
+        let Some((_, body)) = back.next_publish() else {
+            break;
+        };
+        got.push(
+            String::from_utf8_lossy(&body[..6])
+                .parse::<usize>()
+                .unwrap(),
+        );
+    }
+    let want: Vec<usize> = (N + READ_FIRST..2 * N).collect();
+    if got != want {
+        let mut runs = Vec::new();
+        let mut start = got[0];
+        for w in got.windows(2) {
+            if w[1] != w[0] + 1 {
+                runs.push((start, w[0]));
+                start = w[1];
+            }
+        }
+        runs.push((start, *got.last().unwrap()));
+        panic!("runs {runs:?}");
+    }
+    let m = s.get("/metrics").text;
+    assert!(
+        metric(&m, "wharf_mqtt_lagged_deliveries_total") > lagged,
+        "{m}"
+    );
+}
+
 pub(crate) fn metric(text: &str, name: &str) -> u64 {
     text.lines()
         .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
@@ -735,11 +827,22 @@ impl RawClient {
         keep_alive: u16,
         will: Option<(&str, &[u8])>,
     ) -> RawClient {
+        Self::connect_session(addr, id, keep_alive, will, true).0
+    }
+
+    /// Connects with the given clean-session flag; returns the client and session-present.
+    pub(crate) fn connect_session(
+        addr: &str,
+        id: &str,
+        keep_alive: u16,
+        will: Option<(&str, &[u8])>,
+        clean: bool,
+    ) -> (RawClient, bool) {
         let mut stream = TcpStream::connect(addr).unwrap();
         let mut body = Vec::new();
         mqtt_string(&mut body, b"MQTT");
         body.push(4);
-        body.push(0x02 | if will.is_some() { 0x04 | 0x08 } else { 0 });
+        body.push(if clean { 0x02 } else { 0 } | if will.is_some() { 0x04 | 0x08 } else { 0 });
         body.extend_from_slice(&keep_alive.to_be_bytes());
         mqtt_string(&mut body, id.as_bytes());
         if let Some((t, p)) = will {
@@ -749,8 +852,8 @@ impl RawClient {
         stream.write_all(&frame(0x10, &body)).unwrap();
         let mut ack = [0u8; 4];
         stream.read_exact(&mut ack).unwrap();
-        assert_eq!(ack, [0x20, 2, 0, 0], "CONNACK accepted");
-        RawClient { stream, next_id: 1 }
+        assert_eq!([ack[0], ack[1], ack[3]], [0x20, 2, 0], "CONNACK accepted");
+        (RawClient { stream, next_id: 1 }, ack[2] == 1)
     }
 
     pub(crate) fn subscribe(&mut self, filter: &str, qos: u8) {
@@ -789,6 +892,51 @@ impl RawClient {
         let mut rest = vec![0u8; len];
         self.stream.read_exact(&mut rest).unwrap();
         rest[2..].to_vec()
+    }
+
+    /// Reads packets until a PUBLISH and acknowledges it (QoS 1); returns its topic and payload.
+    fn read_publish(&mut self) -> (String, Vec<u8>) {
+        self.next_publish()
+            .unwrap_or_else(|| panic!("no PUBLISH within {WAIT:?}"))
+    }
+
+    /// [`RawClient::read_publish`], or None when nothing comes within `WAIT`.
+    fn next_publish(&mut self) -> Option<(String, Vec<u8>)> {
+        self.stream.set_read_timeout(Some(WAIT)).unwrap();
+        loop {
+            let mut head = [0u8; 1];
+            if self.stream.read_exact(&mut head).is_err() {
+                return None;
+            }
+            let mut len = 0usize;
+            for i in 0..4 {
+                let mut b = [0u8; 1];
+                self.stream.read_exact(&mut b).unwrap();
+                len |= usize::from(b[0] & 0x7f) << (7 * i);
+                if b[0] & 0x80 == 0 {
+                    break;
+                }
+            }
+            let mut body = vec![0u8; len];
+            self.stream.read_exact(&mut body).unwrap();
+            if head[0] >> 4 != 3 {
+                continue;
+            }
+            let topic_len = usize::from(u16::from_be_bytes([body[0], body[1]]));
+            let topic = String::from_utf8(body[2..2 + topic_len].to_vec()).unwrap();
+            let mut at = 2 + topic_len;
+            match (head[0] >> 1) & 3 {
+                0 => {}
+                1 => {
+                    self.stream
+                        .write_all(&[0x40, 2, body[at], body[at + 1]])
+                        .unwrap();
+                    at += 2;
+                }
+                q => panic!("read_publish handles QoS 0 and 1, got {q}"),
+            }
+            return Some((topic, body[at..].to_vec()));
+        }
     }
 
     /// Closes the socket without DISCONNECT (RST on drop).

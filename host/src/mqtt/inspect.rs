@@ -113,7 +113,7 @@ fn device(s: &Session, host_id: &str) -> DeviceView {
                 qos: *q,
             })
             .collect(),
-        queued: s.outbox.len(),
+        queued: s.outbox.len() + s.lagged(),
         inflight: st.inflight.len(),
         dropped_qos0: s.dropped.load(std::sync::atomic::Ordering::Relaxed),
     }
@@ -184,7 +184,7 @@ impl Gateway {
             sessions: sessions.len(),
             pending: sessions
                 .iter()
-                .map(|s| s.outbox.len() + s.state.lock().inflight.len())
+                .map(|s| s.outbox.len() + s.lagged() + s.state.lock().inflight.len())
                 .sum(),
             online_clients,
         }

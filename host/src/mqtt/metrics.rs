@@ -58,6 +58,8 @@ pub struct MqttMetrics {
     pub dropped_qos0: AtomicU64,
     /// Clients disconnected because their QoS 1/2 queue passed the cap.
     pub overflow_disconnects: AtomicU64,
+    /// Deliveries read back from the store for clients that fell behind the live stream.
+    pub lagged_deliveries: AtomicU64,
     /// Connections closed for a malformed or oversized packet.
     pub protocol_errors: AtomicU64,
     /// Connections refused at CONNECT (any non-zero CONNACK).
@@ -177,6 +179,11 @@ impl MqttMetrics {
                 "wharf_mqtt_overflow_disconnects_total",
                 "Clients disconnected because their QoS 1/2 queue passed [mqtt] max_queued.",
                 &self.overflow_disconnects,
+            ),
+            (
+                "wharf_mqtt_lagged_deliveries_total",
+                "Deliveries read back from the store for clients that fell behind the live stream.",
+                &self.lagged_deliveries,
             ),
             (
                 "wharf_mqtt_protocol_errors_total",

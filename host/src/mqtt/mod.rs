@@ -604,7 +604,7 @@ impl Inner {
             }
         };
         if s.online() {
-            self.router.with_positions(|p| build(Some(p)))
+            self.router.with_positions(s, |p| build(Some(p)))
         } else {
             build(None)
         }

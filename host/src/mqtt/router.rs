@@ -4,6 +4,13 @@
 //! the router also replays, for a reconnecting clean-session=false client, what arrived while
 //! it was away, from the queue positions its session had reached.
 //!
+//! A session that reads more slowly than messages arrive is not fed from memory without bound:
+//! its outbox holds at most [`OUTBOX_IN_MEMORY`] deliveries, and past that the tail marks the
+//! session as lagging on that queue ([`Lag`]) and feeds it from the store as it drains, in order,
+//! while every other session goes on receiving live. Only a session `[mqtt] max_queued` messages
+//! behind loses QoS 0 messages (the oldest it lags on, counted) or, holding QoS 1/2 ones, is
+//! disconnected.
+//!
 //! Consistency rule: a tail routes a batch and advances its `routed_upto` under the read lock;
 //! attaching or detaching a session takes the write lock. So at the moment a session attaches,
 //! every message below `routed_upto` is the catch-up's to replay and every message from it on
@@ -15,14 +22,15 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
-use parking_lot::RwLock;
+use parking_lot::{Mutex, RwLock};
+use tokio::sync::Notify;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
 use super::metrics::MqttMetrics;
-use super::session::{Delivery, Pushed, Routed, Session};
+use super::session::{Delivery, Lag, Pushed, Routed, Session};
 use super::topic::{Trie, matches};
 use super::{PROP_EMPTY, PROP_QOS, PROP_SECOND_TOPIC, PROP_TOPIC, TAG_MQ2MQTT};
 use crate::broker::api::{BrokerApi, MQTT_LOCAL_TOPIC, TagFilter};
@@ -32,13 +40,30 @@ use crate::model::StoredMessage;
 const READ_BATCH: usize = 512;
 /// How often the router looks for created and deleted topics.
 const TOPIC_SYNC: Duration = Duration::from_secs(1);
+/// Most deliveries one session's outbox holds in memory; a session further behind (up to
+/// `max_queued`) is fed from the store.
+pub const OUTBOX_IN_MEMORY: usize = 4096;
 
 /// One queue being tailed.
 #[derive(Debug)]
 struct Tail {
+    /// The router's id for it, in [`Lag`]s.
+    id: u64,
     /// Every message below this offset has been routed (or skipped while nobody was online).
     routed_upto: AtomicU64,
     cancel: CancellationToken,
+    /// Sessions lagging on this queue, fed from the store by the tail's task.
+    lagging: Mutex<Vec<Arc<Session>>>,
+    /// Notified when a lagging session's outbox has room again.
+    room: Arc<Notify>,
+}
+
+/// Where the message being routed comes from.
+struct At<'a> {
+    tail: &'a Arc<Tail>,
+    topic: &'a str,
+    queue_id: u32,
+    offset: u64,
 }
 
 #[derive(Default)]
@@ -70,6 +95,9 @@ pub struct Router {
     state: RwLock<RouterState>,
     metrics: Arc<MqttMetrics>,
     max_queued: usize,
+    /// What one outbox holds in memory: an eighth of `max_queued`, at most [`OUTBOX_IN_MEMORY`].
+    in_memory: usize,
+    next_tail: AtomicU64,
     cancel: CancellationToken,
     tracker: TaskTracker,
 }
@@ -88,6 +116,8 @@ impl Router {
             state: RwLock::new(RouterState::default()),
             metrics,
             max_queued,
+            in_memory: (max_queued / 8).clamp(1, OUTBOX_IN_MEMORY),
+            next_tail: AtomicU64::new(1),
             cancel: CancellationToken::new(),
             tracker: TaskTracker::new(),
         })
@@ -148,8 +178,11 @@ impl Router {
                     bounds.min
                 };
                 let tail = Arc::new(Tail {
+                    id: self.next_tail.fetch_add(1, Ordering::Relaxed),
                     routed_upto: AtomicU64::new(start),
                     cancel: self.cancel.child_token(),
+                    lagging: Mutex::new(Vec::new()),
+                    room: Arc::new(Notify::new()),
                 });
                 self.state
                     .write()
@@ -173,17 +206,27 @@ impl Router {
 
     async fn run_tail(self: Arc<Self>, topic: String, queue_id: u32, tail: Arc<Tail>) {
         debug!(topic = %topic, queue = queue_id, "mqtt router tails queue");
+        self.tail_loop(&topic, queue_id, &tail).await;
+        // The queue is gone (or the host stops): nothing more comes from it for anyone.
+        let lagging = std::mem::take(&mut *tail.lagging.lock());
+        for s in lagging {
+            s.end_lag(tail.id);
+        }
+    }
+
+    async fn tail_loop(&self, topic: &str, queue_id: u32, tail: &Arc<Tail>) {
         let all = TagFilter::All;
         let mut next = tail.routed_upto.load(Ordering::Acquire);
         loop {
             if tail.cancel.is_cancelled() {
                 return;
             }
+            let mut waiting_for_room = false;
             let nobody = self.state.read().online.is_empty();
             if nobody {
                 // Nobody online: skip reading; clean-session=false sessions catch up later
                 // from their own positions.
-                match self.broker.queue_bounds(&topic, queue_id).await {
+                match self.broker.queue_bounds(topic, queue_id).await {
                     Ok(b) => {
                         let st = self.state.read();
                         if st.online.is_empty() {
@@ -200,23 +243,33 @@ impl Router {
             } else {
                 match self
                     .broker
-                    .read_queue(&topic, queue_id, next, READ_BATCH, &all)
+                    .read_queue(topic, queue_id, next, READ_BATCH, &all)
                     .await
                 {
                     Ok(pull) => {
-                        let routed: Vec<Arc<Routed>> = pull
+                        let routed: Vec<(u64, Arc<Routed>)> = pull
                             .messages
                             .iter()
-                            .filter_map(|m| to_routed(m).map(Arc::new))
+                            .filter_map(|m| {
+                                let r = to_routed(m)?;
+                                Some((m.queue_offset.unwrap_or(next), Arc::new(r)))
+                            })
                             .collect();
                         {
                             let st = self.state.read();
-                            for r in &routed {
-                                self.route(&st, r);
+                            for (offset, r) in &routed {
+                                let at = At {
+                                    tail,
+                                    topic,
+                                    queue_id,
+                                    offset: *offset,
+                                };
+                                self.route(&st, &at, r);
                             }
                             next = pull.next_offset.max(next);
                             tail.routed_upto.store(next, Ordering::Release);
                         }
+                        waiting_for_room = self.feed_lagging(tail, topic, queue_id, next).await;
                         if pull.next_offset < pull.bounds.max {
                             continue;
                         }
@@ -234,18 +287,121 @@ impl Router {
             let deadline = Instant::now() + Duration::from_secs(30);
             tokio::select! {
                 _ = tail.cancel.cancelled() => return,
-                _ = self.broker.wait_queue(&topic, queue_id, next, deadline) => {}
+                _ = self.broker.wait_queue(topic, queue_id, next, deadline) => {}
+                _ = tail.room.notified(), if waiting_for_room => {}
             }
+        }
+    }
+
+    /// Hands each session lagging on this queue what its outbox has room for, from the store,
+    /// up to `upto` (where the live stream stands); a session that has caught up goes back to
+    /// live delivery. True when some session waits for room, which wakes the tail.
+    async fn feed_lagging(&self, tail: &Arc<Tail>, topic: &str, queue_id: u32, upto: u64) -> bool {
+        let lagging: Vec<Arc<Session>> = tail.lagging.lock().clone();
+        if lagging.is_empty() {
+            return false;
+        }
+        let all = TagFilter::All;
+        let low = self.in_memory / 2;
+        let mut waiting = false;
+        for s in lagging {
+            loop {
+                let from = match s.lag_from(tail.id) {
+                    Some(f) if s.online() => f,
+                    _ => {
+                        s.end_lag(tail.id);
+                        tail.lagging.lock().retain(|x| !Arc::ptr_eq(x, &s));
+                        break;
+                    }
+                };
+                if from >= upto {
+                    // Caught up. Under the read lock no message of this queue is being routed
+                    // (only this task routes it), and the next one goes to the outbox live.
+                    let _st = self.state.read();
+                    s.end_lag(tail.id);
+                    tail.lagging.lock().retain(|x| !Arc::ptr_eq(x, &s));
+                    debug!(client_id = %s.client_id, topic, queue = queue_id, "mqtt session caught up with the live stream");
+                    break;
+                }
+                if !s.outbox.want_room(low, &tail.room) {
+                    waiting = true;
+                    break;
+                }
+                let room = self.in_memory.saturating_sub(s.outbox.len()).max(1);
+                let max = READ_BATCH.min(room).min((upto - from) as usize);
+                let pull = match self
+                    .broker
+                    .read_queue(topic, queue_id, from, max, &all)
+                    .await
+                {
+                    Ok(p) => p,
+                    Err(e) => {
+                        warn!(client_id = %s.client_id, topic, queue = queue_id, error = %e, "mqtt router cannot read a lagging session's messages; retrying in 1 s");
+                        tokio::select! {
+                            _ = tail.cancel.cancelled() => return false,
+                            _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                        }
+                    }
+                };
+                let to = pull.next_offset.min(upto);
+                if to <= from {
+                    break;
+                }
+                let subs = s.subscriptions();
+                let batch: Vec<Delivery> = pull
+                    .messages
+                    .iter()
+                    .filter(|m| m.queue_offset.is_some_and(|o| o < to))
+                    .filter_map(|m| {
+                        let routed = to_routed(m)?;
+                        let qos = self.qos_for(&s, &subs, &routed)?;
+                        Some(Delivery {
+                            msg: Arc::new(routed),
+                            qos,
+                            retain: false,
+                        })
+                    })
+                    .collect();
+                // Under the read lock, so a detach (write lock) sees either none of this batch
+                // or all of it with the position moved past it.
+                let _st = self.state.read();
+                if !s.advance_lag(tail.id, from, to, batch.len()) {
+                    break;
+                }
+                if batch.iter().any(|d| d.qos > 0) {
+                    s.touch();
+                }
+                self.metrics
+                    .lagged_deliveries
+                    .fetch_add(batch.len() as u64, Ordering::Relaxed);
+                s.outbox.push_live_batch(batch);
+            }
+        }
+        waiting
+    }
+
+    /// The QoS `routed` goes to session `s` at (its subscriptions `subs`), or None when it does
+    /// not go there.
+    fn qos_for(&self, s: &Session, subs: &[(String, u8)], routed: &Routed) -> Option<u8> {
+        match p2p_target(&routed.topic) {
+            Some(target) => (target == s.client_id).then_some(routed.qos),
+            None if self.denied(&routed.topic) => None,
+            None => subs
+                .iter()
+                .filter(|(f, _)| matches(f, &routed.topic))
+                .map(|(_, q)| *q)
+                .max()
+                .map(|g| g.min(routed.qos)),
         }
     }
 
     /// Pushes one message to every session it goes to, at the highest QoS granted among the
     /// matching filters ([MQTT-3.3.5-1]), or to its one P2P target.
-    fn route(&self, st: &RouterState, r: &Arc<Routed>) {
+    fn route(&self, st: &RouterState, at: &At, r: &Arc<Routed>) {
         self.metrics.record_in_router(&r.parent);
         if let Some(target) = p2p_target(&r.topic) {
             if let Some(s) = st.by_client.get(target) {
-                self.push(s, r, r.qos);
+                self.push(s, at, r, r.qos);
             }
             return;
         }
@@ -261,37 +417,93 @@ impl Router {
         });
         for (k, granted) in hits {
             if let Some(s) = st.online.get(&k) {
-                self.push(s, r, r.qos.min(granted));
+                self.push(s, at, r, r.qos.min(granted));
             }
         }
     }
 
-    fn push(&self, s: &Arc<Session>, r: &Arc<Routed>, qos: u8) {
+    fn push(&self, s: &Arc<Session>, at: &At, r: &Arc<Routed>, qos: u8) {
+        if s.lagging.load(Ordering::Acquire) && self.skip_lagging(s, at, qos) {
+            return;
+        }
         let d = Delivery {
             msg: r.clone(),
             qos,
             retain: false,
         };
-        match s.outbox.push(d, self.max_queued) {
+        match s.outbox.push(d, self.in_memory) {
             Pushed::Queued => {
                 if qos > 0 {
                     s.touch();
                 }
             }
-            Pushed::Dropped => {
-                s.dropped.fetch_add(1, Ordering::Relaxed);
-                self.metrics.dropped_qos0.fetch_add(1, Ordering::Relaxed);
+            Pushed::Full if self.in_memory < self.max_queued => {
+                // Behind, not yet too far: the rest comes from the store as the outbox drains.
+                debug!(client_id = %s.client_id, topic = at.topic, queue = at.queue_id, from = at.offset, "mqtt session falls behind the live stream; fed from the store");
+                s.lags.lock().push(Lag {
+                    tail: at.tail.id,
+                    topic: at.topic.to_owned(),
+                    queue_id: at.queue_id,
+                    from: at.offset,
+                    skipped: 1,
+                    qos1: qos > 0,
+                });
+                s.lagging.store(true, Ordering::Release);
+                let mut lagging = at.tail.lagging.lock();
+                if !lagging.iter().any(|x| Arc::ptr_eq(x, s)) {
+                    lagging.push(s.clone());
+                }
             }
-            Pushed::Overflow => {
-                self.metrics
-                    .overflow_disconnects
-                    .fetch_add(1, Ordering::Relaxed);
-                s.kick(&format!(
-                    "{} messages wait for it (the [mqtt] max_queued cap): the client reads too slowly; its QoS 1/2 messages stay queued in its session",
-                    self.max_queued
-                ));
-            }
+            Pushed::Full if qos == 0 => self.dropped(s, 1),
+            Pushed::Full => self.overflow(s),
         }
+    }
+
+    /// Counts a message for a session lagging on this queue instead of queueing it; false when
+    /// the session does not lag here. Past `max_queued` behind, the QoS 0 messages it lags on
+    /// are dropped (this one kept, so the lag restarts at it), or, lagging on QoS 1/2 messages,
+    /// the session is disconnected.
+    fn skip_lagging(&self, s: &Arc<Session>, at: &At, qos: u8) -> bool {
+        let mut lags = s.lags.lock();
+        let behind: usize = lags.iter().map(|l| l.skipped).sum::<usize>() + 1;
+        let Some(lag) = lags.iter_mut().find(|l| l.tail == at.tail.id) else {
+            return false;
+        };
+        if behind + s.outbox.len() <= self.max_queued {
+            lag.skipped += 1;
+            lag.qos1 |= qos > 0;
+            return true;
+        }
+        if lag.qos1 {
+            lag.skipped += 1;
+            drop(lags);
+            self.overflow(s);
+            return true;
+        }
+        let dropped = lag.skipped;
+        lag.from = at.offset;
+        lag.skipped = 1;
+        lag.qos1 = qos > 0;
+        drop(lags);
+        self.dropped(s, dropped);
+        true
+    }
+
+    fn dropped(&self, s: &Session, n: usize) {
+        s.dropped.fetch_add(n as u64, Ordering::Relaxed);
+        self.metrics
+            .dropped_qos0
+            .fetch_add(n as u64, Ordering::Relaxed);
+    }
+
+    fn overflow(&self, s: &Session) {
+        self.metrics
+            .overflow_disconnects
+            .fetch_add(1, Ordering::Relaxed);
+        s.kick(&format!(
+            "{} messages wait for it (the [mqtt] max_queued cap): the client reads too slowly; its QoS 1/2 messages stay queued in its session",
+            self.max_queued
+        ));
     }
 
     /// Makes an online session's subscriptions live. Returns the ranges it must replay (from the
@@ -343,8 +555,9 @@ impl Router {
             st.by_client.remove(&s.client_id);
         }
         if s.persistent {
-            state.positions = positions(&st);
+            state.positions = positions_of(&st, s);
         }
+        s.end_lags();
     }
 
     /// Adds (or regrants) one subscription of an online session.
@@ -362,9 +575,13 @@ impl Router {
 
     /// Runs `f` with every queue's routed position while no tail routes, so what a session has
     /// queued and in flight is consistent with the positions (a session snapshot).
-    pub fn with_positions<R>(&self, f: impl FnOnce(&BTreeMap<(String, u32), u64>) -> R) -> R {
+    pub fn with_positions<R>(
+        &self,
+        s: &Session,
+        f: impl FnOnce(&BTreeMap<(String, u32), u64>) -> R,
+    ) -> R {
         let st = self.state.write();
-        let p = positions(&st);
+        let p = positions_of(&st, s);
         f(&p)
     }
 
@@ -386,7 +603,7 @@ impl Router {
                     }
                     // Flow control: the outbox is bounded for live traffic; catch-up waits for
                     // the client to take what it has before reading more.
-                    while s.outbox.len() > me.max_queued / 2 && s.online() && !me.cancel.is_cancelled() {
+                    while s.outbox.ready() > me.in_memory / 2 && s.online() && !me.cancel.is_cancelled() {
                         tokio::time::sleep(Duration::from_millis(10)).await;
                     }
                     let max = READ_BATCH.min((r.to - next) as usize);
@@ -401,22 +618,11 @@ impl Router {
                     if pull.next_offset <= next {
                         break;
                     }
-                    let subs: Vec<(String, u8)> = s.state.lock().subs.iter().map(|(f, q)| (f.clone(), *q)).collect();
+                    let subs = s.subscriptions();
                     let mut batch = Vec::new();
                     for m in pull.messages.iter().filter(|m| m.queue_offset.is_some_and(|o| o < r.to)) {
                         let Some(routed) = to_routed(m) else { continue };
-                        let qos = if p2p_target(&routed.topic) == Some(s.client_id.as_str()) {
-                            Some(routed.qos)
-                        } else if p2p_target(&routed.topic).is_some() || me.denied(&routed.topic) {
-                            None
-                        } else {
-                            subs.iter()
-                                .filter(|(f, _)| matches(f, &routed.topic))
-                                .map(|(_, q)| *q)
-                                .max()
-                                .map(|g| g.min(routed.qos))
-                        };
-                        if let Some(qos) = qos {
+                        if let Some(qos) = me.qos_for(&s, &subs, &routed) {
                             batch.push(Delivery { msg: Arc::new(routed), qos, retain: false });
                         }
                     }
@@ -444,11 +650,20 @@ impl Router {
     }
 }
 
-fn positions(st: &RouterState) -> BTreeMap<(String, u32), u64> {
-    st.tails
+/// Every queue's position for session `s`: where the live stream stands, or, on a queue `s`
+/// lags on, the first message it has not been handed.
+fn positions_of(st: &RouterState, s: &Session) -> BTreeMap<(String, u32), u64> {
+    let mut p: BTreeMap<(String, u32), u64> = st
+        .tails
         .iter()
         .map(|(k, t)| (k.clone(), t.routed_upto.load(Ordering::Acquire)))
-        .collect()
+        .collect();
+    for l in s.lags.lock().iter() {
+        if let Some(at) = p.get_mut(&(l.topic.clone(), l.queue_id)) {
+            *at = (*at).min(l.from);
+        }
+    }
+    p
 }
 
 /// The P2P target of `Parent/p2p/<clientId>`.

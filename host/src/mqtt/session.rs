@@ -90,10 +90,8 @@ pub struct Delivery {
 pub enum Pushed {
     /// Queued.
     Queued,
-    /// QoS 0 message dropped: the queue is full.
-    Dropped,
-    /// QoS 1/2 message past the cap: the client is too slow and is disconnected.
-    Overflow,
+    /// Not queued: as many as the cap allows already wait (the router decides what follows).
+    Full,
 }
 
 /// Messages waiting for the connection to send them, bounded.
@@ -101,6 +99,9 @@ pub enum Pushed {
 pub struct Outbox {
     q: Mutex<OutQ>,
     notify: Notify,
+    /// True while some router tail waits for room here (see [`Outbox::want_room`]); read on
+    /// every pop, so the common case costs one load.
+    room_wanted: AtomicBool,
 }
 
 #[derive(Debug, Default)]
@@ -109,19 +110,22 @@ struct OutQ {
     /// While a reconnecting session catches up on what it missed, live messages wait here so
     /// the order per queue holds.
     parked: Option<Vec<Delivery>>,
+    /// Tails waiting until no more than this many deliveries wait, with their wake-ups.
+    room: Vec<(usize, Arc<Notify>)>,
+}
+
+impl OutQ {
+    fn waiting(&self) -> usize {
+        self.items.len() + self.parked.as_ref().map_or(0, Vec::len)
+    }
 }
 
 impl Outbox {
-    /// Adds a live delivery; `cap` bounds what may wait.
+    /// Adds a live delivery unless `cap` deliveries already wait.
     pub fn push(&self, d: Delivery, cap: usize) -> Pushed {
         let mut q = self.q.lock();
-        let waiting = q.items.len() + q.parked.as_ref().map_or(0, Vec::len);
-        if waiting >= cap {
-            return if d.qos == 0 {
-                Pushed::Dropped
-            } else {
-                Pushed::Overflow
-            };
+        if q.waiting() >= cap {
+            return Pushed::Full;
         }
         match &mut q.parked {
             Some(p) => p.push(d),
@@ -130,6 +134,34 @@ impl Outbox {
         drop(q);
         self.notify.notify_one();
         Pushed::Queued
+    }
+
+    /// Adds live deliveries where live ones go (behind a catch-up in progress), uncapped: the
+    /// router sizes these batches to the room it saw.
+    pub fn push_live_batch(&self, ds: Vec<Delivery>) {
+        if ds.is_empty() {
+            return;
+        }
+        let mut q = self.q.lock();
+        match &mut q.parked {
+            Some(p) => p.extend(ds),
+            None => q.items.extend(ds),
+        }
+        drop(q);
+        self.notify.notify_one();
+    }
+
+    /// True when at most `low` deliveries wait; otherwise `wake` is notified once they do.
+    pub fn want_room(&self, low: usize, wake: &Arc<Notify>) -> bool {
+        let mut q = self.q.lock();
+        if q.waiting() <= low {
+            return true;
+        }
+        if !q.room.iter().any(|(_, w)| Arc::ptr_eq(w, wake)) {
+            q.room.push((low, wake.clone()));
+        }
+        self.room_wanted.store(true, Ordering::Release);
+        false
     }
 
     /// Adds deliveries ahead of anything live (catch-up, retained messages, restored queue).
@@ -181,6 +213,18 @@ impl Outbox {
                 out.push(d);
             }
         }
+        if !out.is_empty() && self.room_wanted.load(Ordering::Acquire) {
+            let waiting = q.waiting();
+            q.room.retain(|(low, wake)| {
+                let keep = waiting > *low;
+                if !keep {
+                    wake.notify_one();
+                }
+                keep
+            });
+            self.room_wanted
+                .store(!q.room.is_empty(), Ordering::Release);
+        }
         out
     }
 
@@ -206,8 +250,12 @@ impl Outbox {
 
     /// Number of deliveries waiting.
     pub fn len(&self) -> usize {
-        let q = self.q.lock();
-        q.items.len() + q.parked.as_ref().map_or(0, Vec::len)
+        self.q.lock().waiting()
+    }
+
+    /// Number of deliveries ready to send (those held back behind a catch-up not counted).
+    pub fn ready(&self) -> usize {
+        self.q.lock().items.len()
     }
 
     /// True when nothing waits.
@@ -328,6 +376,28 @@ pub struct Session {
     pub writing: tokio::sync::Mutex<()>,
     /// Messages dropped for this session (QoS 0 past the queue cap).
     pub dropped: AtomicU64,
+    /// Queues on which this session fell behind the live stream: what it has not been sent
+    /// yet waits in the store, not in memory, and the router feeds it from there.
+    pub lags: Mutex<Vec<Lag>>,
+    /// True while `lags` is not empty (read for every message routed to the session).
+    pub lagging: AtomicBool,
+}
+
+/// Where a session stands on one queue it fell behind on.
+#[derive(Debug, Clone)]
+pub struct Lag {
+    /// The router's id of the queue's tail.
+    pub tail: u64,
+    /// Broker topic of the queue.
+    pub topic: String,
+    /// Queue id.
+    pub queue_id: u32,
+    /// First queue offset not yet handed to the session.
+    pub from: u64,
+    /// Messages for the session among those skipped, not yet handed over.
+    pub skipped: usize,
+    /// Some of them are QoS 1/2.
+    pub qos1: bool,
 }
 
 impl Session {
@@ -344,7 +414,63 @@ impl Session {
             stored_version: AtomicU64::new(0),
             writing: tokio::sync::Mutex::new(()),
             dropped: AtomicU64::new(0),
+            lags: Mutex::new(Vec::new()),
+            lagging: AtomicBool::new(false),
         }
+    }
+
+    /// Messages waiting for this session in the store, past what its outbox holds.
+    pub fn lagged(&self) -> usize {
+        if !self.lagging.load(Ordering::Acquire) {
+            return 0;
+        }
+        self.lags.lock().iter().map(|l| l.skipped).sum()
+    }
+
+    /// The first offset not yet handed over on the queue of tail `tail`, if it lags there.
+    pub fn lag_from(&self, tail: u64) -> Option<u64> {
+        self.lags
+            .lock()
+            .iter()
+            .find(|l| l.tail == tail)
+            .map(|l| l.from)
+    }
+
+    /// Records that `[from, to)` of tail `tail`'s queue was handed over (`delivered` of them
+    /// were for this session); false when the lag is no longer where the caller read it.
+    pub fn advance_lag(&self, tail: u64, from: u64, to: u64, delivered: usize) -> bool {
+        let mut lags = self.lags.lock();
+        match lags.iter_mut().find(|l| l.tail == tail && l.from == from) {
+            Some(l) => {
+                l.from = to;
+                l.skipped = l.skipped.saturating_sub(delivered);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Back to live delivery on tail `tail`'s queue.
+    pub fn end_lag(&self, tail: u64) {
+        let mut lags = self.lags.lock();
+        lags.retain(|l| l.tail != tail);
+        self.lagging.store(!lags.is_empty(), Ordering::Release);
+    }
+
+    /// Forgets every lag (the session went offline; its positions already took them in).
+    pub fn end_lags(&self) {
+        self.lags.lock().clear();
+        self.lagging.store(false, Ordering::Release);
+    }
+
+    /// Its subscriptions with their granted QoS.
+    pub fn subscriptions(&self) -> Vec<(String, u8)> {
+        self.state
+            .lock()
+            .subs
+            .iter()
+            .map(|(f, q)| (f.clone(), *q))
+            .collect()
     }
 
     /// True while a connection is attached.
@@ -507,13 +633,27 @@ mod tests {
     }
 
     #[test]
-    fn outbox_caps_drop_qos0_and_flag_qos1() {
+    fn outbox_refuses_past_its_cap() {
         let o = Outbox::default();
         assert_eq!(o.push(d(0), 2), Pushed::Queued);
         assert_eq!(o.push(d(1), 2), Pushed::Queued);
-        assert_eq!(o.push(d(0), 2), Pushed::Dropped);
-        assert_eq!(o.push(d(1), 2), Pushed::Overflow);
+        assert_eq!(o.push(d(0), 2), Pushed::Full);
+        assert_eq!(o.push(d(1), 2), Pushed::Full);
         assert_eq!(o.len(), 2);
+    }
+
+    #[test]
+    fn a_tail_waiting_for_room_is_woken_once_enough_was_taken() {
+        let o = Outbox::default();
+        for _ in 0..4 {
+            o.push(d(0), 10);
+        }
+        let wake = Arc::new(Notify::new());
+        assert!(!o.want_room(2, &wake));
+        assert_eq!(o.pop_while(|_| true).len(), 4);
+        // The wake-up was stored as a permit: a waiter that comes later still sees it.
+        assert!(futures_util::FutureExt::now_or_never(wake.notified()).is_some());
+        assert!(o.want_room(2, &wake));
     }
 
     #[test]
