@@ -131,7 +131,7 @@ pub struct MqttConfig {
     /// `max_inflight = 64`: unacknowledged QoS 1/2 messages to one client at once.
     pub max_inflight: usize,
     /// `max_queued = 100000`: messages one client may be behind beyond the in-flight window (an
-    /// eighth of them, at most 4096, wait in memory; the rest is read back from the store as it
+    /// eighth of them, at most 10,000, wait in memory; the rest is read back from the store as it
     /// catches up); past it QoS 0 messages are dropped (counted) and a QoS 1/2 message
     /// disconnects the client.
     pub max_queued: usize,

@@ -42,7 +42,7 @@ const READ_BATCH: usize = 512;
 const TOPIC_SYNC: Duration = Duration::from_secs(1);
 /// Most deliveries one session's outbox holds in memory; a session further behind (up to
 /// `max_queued`) is fed from the store.
-pub const OUTBOX_IN_MEMORY: usize = 4096;
+pub const OUTBOX_IN_MEMORY: usize = 10_000;
 
 /// One queue being tailed.
 #[derive(Debug)]
