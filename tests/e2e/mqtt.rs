@@ -396,12 +396,26 @@ fn persistent_sessions_queue_offline_messages_across_restarts_and_kill9() {
         "every unacknowledged message comes back after kill -9"
     );
 
-    // clean-session=true discards it.
+    // clean-session=true discards it, for good: not back after a restart...
     drop(c);
     let mut o = opts(&addr(&s), "keeper");
     o.set_clean_session(true);
-    let (_c, present) = Mq::connect(o);
+    let (c, present) = Mq::connect(o);
     assert!(!present);
+    drop(c);
+    s.restart();
+    let mut o = opts(&addr(&s), "keeper");
+    o.set_clean_session(false);
+    let (c, present) = Mq::connect(o);
+    assert!(!present, "a cleared session stays cleared across a restart");
+    assert!(!s.logs().contains("unreadable"), "{}", s.logs());
+    // ...and a new stored session takes its place.
+    drop(c);
+    s.restart();
+    let mut o = opts(&addr(&s), "keeper");
+    o.set_clean_session(false);
+    let (_c, present) = Mq::connect(o);
+    assert!(present, "the new session was stored over the cleared one");
 }
 
 pub(crate) fn wait_stored(s: &Server, topic: &str, n: usize) {

@@ -483,7 +483,8 @@ impl Inner {
                     let broker = self.broker.clone();
                     let id = client_id.to_owned();
                     self.tasks.spawn(async move {
-                        if let Err(e) = broker.state_delete(StateSpace::MqttSession, &id).await {
+                        let cleared = session::CLEARED.to_vec();
+                        if let Err(e) = broker.state_put(StateSpace::MqttSession, &id, cleared).await {
                             warn!(client_id = %id, error = %e, "cannot forget the stored MQTT session");
                         }
                     });
@@ -641,14 +642,20 @@ impl Inner {
                     s.stored_version.store(v, Ordering::Release);
                     return true;
                 }
-                // The connection attached here holds the client id: its state is the live one.
-                Ok(None) if s.online() => {
-                    match self.broker.state_entry(space.clone(), &s.client_id).await {
-                        Ok(e) => expected = e.map(|(_, v)| v),
-                        Err(e) => return retry_later(&e),
-                    }
-                }
                 Ok(None) => {
+                    let current = match self.broker.state_entry(space.clone(), &s.client_id).await {
+                        Ok(e) => e,
+                        Err(e) => return retry_later(&e),
+                    };
+                    // The connection attached here holds the client id: its state is the live
+                    // one. A session never stored before may replace a cleared one.
+                    let cleared = current
+                        .as_ref()
+                        .is_some_and(|(raw, _)| raw.as_slice() == session::CLEARED);
+                    if s.online() || (cleared && s.stored_version.load(Ordering::Acquire) == 0) {
+                        expected = current.map(|(_, v)| v);
+                        continue;
+                    }
                     info!(client_id = %s.client_id, "another host stored this MQTT session since this host read it; this host's offline copy is stale and is not written (a connection here reads the stored one)");
                     return true;
                 }
@@ -702,8 +709,9 @@ impl Inner {
         let records = self.broker.state_entries(StateSpace::MqttSession).await?;
         let mut restored = 0usize;
         for (client_id, raw, version) in records {
-            let record = match SessionRecord::decode(&raw) {
-                Ok(r) => r,
+            let record = match SessionRecord::decode_stored(&raw) {
+                Ok(Some(r)) => r,
+                Ok(None) => continue,
                 Err(e) => {
                     warn!(client_id = %client_id, error = %e, "stored MQTT session is unreadable; starting it afresh");
                     continue;
@@ -840,8 +848,9 @@ impl Inner {
             }
         };
         let store_version = stored.as_ref().map_or(0, |(_, v)| *v);
-        let restored = match stored.map(|(raw, v)| (SessionRecord::decode(&raw), v)) {
-            Some((Ok(r), v)) => Some(self.restore(client_id, &r, v).await),
+        let restored = match stored.map(|(raw, v)| (SessionRecord::decode_stored(&raw), v)) {
+            Some((Ok(Some(r)), v)) => Some(self.restore(client_id, &r, v).await),
+            Some((Ok(None), _)) => None,
             Some((Err(e), _)) => {
                 warn!(client_id, error = %e, "stored MQTT session is unreadable; starting it afresh");
                 None

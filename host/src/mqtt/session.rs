@@ -602,7 +602,20 @@ pub struct SessionRecord {
     pub released: bool,
 }
 
+/// What the store holds for a client id whose stored session a clean-session connect ended.
+/// It is written rather than the record deleted, so the record's version keeps growing: a
+/// host holding a copy from before can never match a later session's version by chance.
+pub const CLEARED: &[u8] = b"{\"cleared\":true}";
+
 impl SessionRecord {
+    /// The stored session in `raw`, or None when it holds [`CLEARED`].
+    pub fn decode_stored(raw: &[u8]) -> Result<Option<SessionRecord>, serde_json::Error> {
+        if raw == CLEARED {
+            return Ok(None);
+        }
+        Self::decode(raw).map(Some)
+    }
+
     /// JSON bytes.
     pub fn encode(&self) -> Vec<u8> {
         serde_json::to_vec(self).unwrap_or_default()
@@ -630,6 +643,18 @@ mod tests {
             qos,
             retain: false,
         }
+    }
+
+    #[test]
+    fn a_cleared_session_reads_as_none_and_a_record_as_itself() {
+        assert_eq!(SessionRecord::decode_stored(CLEARED).unwrap(), None);
+        let r = SessionRecord {
+            v: 1,
+            client_id: "c".into(),
+            ..Default::default()
+        };
+        assert_eq!(SessionRecord::decode_stored(&r.encode()).unwrap(), Some(r));
+        assert!(SessionRecord::decode_stored(b"{").is_err());
     }
 
     #[test]
