@@ -585,6 +585,35 @@ fn a_clean_session_takeover_across_hosts_orders_presence_events() {
     }
 }
 
+#[test]
+fn a_client_id_taken_from_a_dead_host_leaves_no_notice_behind() {
+    let pg = PgServer::private();
+    let mut hosts = two_mqtt_hosts(&pg, "Parent");
+    let (a, b) = (addr(&hosts[0]), addr(&hosts[1]));
+    let (c, _) = Mq::connect(opts(&a, "wanderer"));
+    hosts[0].kill9();
+    drop(c);
+    let live = |s: &Server| {
+        let (h, body) = raw_call(s, 105, json!({"topic": "Parent"}), b"");
+        assert_eq!(h["code"], 0, "route: {h}");
+        let route: serde_json::Value = serde_json::from_slice(&body).expect("route JSON");
+        route["brokerDatas"][0]["brokerAddrs"]
+            .as_object()
+            .map_or(0, |m| m.len())
+    };
+    wait_for(
+        "host 0's heartbeat expired",
+        Duration::from_secs(60),
+        || (live(&hosts[1]) == 1).then_some(()),
+    );
+    // Its owner record still names host 0's connection as online: nobody is left to read a
+    // takeover notice there, so none is written.
+    let (_c, present) = Mq::connect(opts(&b, "wanderer"));
+    assert!(!present);
+    let notices = "SELECT count(*) FROM wharf_meta WHERE namespace LIKE 'fe.mqtt.kick.%'";
+    assert_eq!(psql(&pg, notices), "0");
+}
+
 /// Runs `sql` on the hosts' database (the `psql` client of the PostgreSQL package); its output.
 fn psql(pg: &PgServer, sql: &str) -> String {
     let out = std::process::Command::new("psql")

@@ -814,21 +814,16 @@ impl Inner {
         *attached.claim.lock() = Some(claim);
         if let Some(p) = &previous
             && noticed
-            && self.host_is_live(&p.host).await
             && !self.owners.wait_let_go(p, TAKEOVER_WAIT).await
         {
             warn!(client_id, host = %p.host, "the host that held this client id did not let go of it in time; going on with the session stored last");
+            if !self.owners.host_is_live(&p.host).await {
+                // It died meanwhile: nobody else would ever take the notice away.
+                self.owners.withdraw_notice(p).await;
+            }
         }
         if !clean || previous.is_some_and(|p| p.persistent) {
             self.refresh_session(client_id).await;
-        }
-    }
-
-    async fn host_is_live(&self, host: &str) -> bool {
-        match self.broker.live_hosts().await {
-            Ok(hosts) => hosts.iter().any(|h| h.host_id == host),
-            // Unknown: wait (bounded) rather than risk loading a session still in use.
-            Err(_) => true,
         }
     }
 

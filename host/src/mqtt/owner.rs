@@ -146,8 +146,11 @@ impl Owners {
                     .as_ref()
                     .and_then(|p| Some((p, Notice::for_claim(client_id, p, &record)?)))
                 {
-                    Some((p, notice)) => self.notify(p, &notice).await,
-                    None => false,
+                    // A dead host would never read it, and it would stay in the store.
+                    Some((p, notice)) if self.host_is_live(&p.host).await => {
+                        self.notify(p, &notice).await
+                    }
+                    _ => false,
                 };
                 return Ok(Claim {
                     version,
@@ -176,6 +179,23 @@ impl Owners {
                 warn!(client_id = %notice.client_id, host = %holder.host, error = %e, "cannot leave the takeover notice in the store; the connection on the other host keeps this client id until it ends");
                 false
             }
+        }
+    }
+
+    /// True while `host` heartbeats (also when that cannot be read: then a notice is left and
+    /// waited for, bounded, rather than a session still in use loaded).
+    pub async fn host_is_live(&self, host: &str) -> bool {
+        match self.broker.live_hosts().await {
+            Ok(hosts) => hosts.iter().any(|h| h.host_id == host),
+            Err(_) => true,
+        }
+    }
+
+    /// Removes the notice left for `holder`'s host (which died before handling it).
+    pub async fn withdraw_notice(&self, holder: &OwnerRecord) {
+        let space = StateSpace::MqttKick(holder.host.clone());
+        if let Err(e) = self.broker.state_delete(space, &holder.channel).await {
+            warn!(host = %holder.host, error = %e, "cannot remove the takeover notice left for a dead host");
         }
     }
 
