@@ -890,10 +890,16 @@ impl RawClient {
             body.push(0);
         }
         self.stream.write_all(&frame(0x82, &body)).unwrap();
+        let (head, rest) = self.read_packet().expect("SUBACK");
+        assert_eq!(head, 0x90);
+        rest[2..].to_vec()
+    }
+
+    /// The next packet's first byte and body, or None when nothing comes within `WAIT`.
+    fn read_packet(&mut self) -> Option<(u8, Vec<u8>)> {
         self.stream.set_read_timeout(Some(WAIT)).unwrap();
         let mut head = [0u8; 1];
-        self.stream.read_exact(&mut head).unwrap();
-        assert_eq!(head[0], 0x90);
+        self.stream.read_exact(&mut head).ok()?;
         let mut len = 0usize;
         for i in 0..4 {
             let mut b = [0u8; 1];
@@ -903,9 +909,9 @@ impl RawClient {
                 break;
             }
         }
-        let mut rest = vec![0u8; len];
-        self.stream.read_exact(&mut rest).unwrap();
-        rest[2..].to_vec()
+        let mut body = vec![0u8; len];
+        self.stream.read_exact(&mut body).unwrap();
+        Some((head[0], body))
     }
 
     /// Reads packets until a PUBLISH and acknowledges it (QoS 1); returns its topic and payload.
@@ -916,30 +922,15 @@ impl RawClient {
 
     /// [`RawClient::read_publish`], or None when nothing comes within `WAIT`.
     fn next_publish(&mut self) -> Option<(String, Vec<u8>)> {
-        self.stream.set_read_timeout(Some(WAIT)).unwrap();
         loop {
-            let mut head = [0u8; 1];
-            if self.stream.read_exact(&mut head).is_err() {
-                return None;
-            }
-            let mut len = 0usize;
-            for i in 0..4 {
-                let mut b = [0u8; 1];
-                self.stream.read_exact(&mut b).unwrap();
-                len |= usize::from(b[0] & 0x7f) << (7 * i);
-                if b[0] & 0x80 == 0 {
-                    break;
-                }
-            }
-            let mut body = vec![0u8; len];
-            self.stream.read_exact(&mut body).unwrap();
-            if head[0] >> 4 != 3 {
+            let (head, body) = self.read_packet()?;
+            if head >> 4 != 3 {
                 continue;
             }
             let topic_len = usize::from(u16::from_be_bytes([body[0], body[1]]));
             let topic = String::from_utf8(body[2..2 + topic_len].to_vec()).unwrap();
             let mut at = 2 + topic_len;
-            match (head[0] >> 1) & 3 {
+            match (head >> 1) & 3 {
                 0 => {}
                 1 => {
                     self.stream

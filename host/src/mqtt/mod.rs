@@ -163,59 +163,57 @@ impl Handler for MqttHandler {
                 Some(Box::pin(connection::run(gw, r, w, peer, shutdown, name)))
             }
             Kind::Tls(acceptor) => {
-                match tokio::time::timeout(handshake, Box::pin(acceptor.accept(stream))).await {
-                    Ok(Ok(tls)) => {
+                let tls = Box::pin(acceptor.accept(stream));
+                finish_handshake("TLS", peer, handshake, tls).await.map(
+                    |tls| -> BoxFuture<'static, ()> {
                         let (r, w) = transport::split_stream(tls);
-                        Some(Box::pin(connection::run(gw, r, w, peer, shutdown, name)))
-                    }
-                    Ok(Err(e)) => {
-                        info!(%peer, error = %e, "mqtt TLS handshake failed; closing");
-                        None
-                    }
-                    Err(_) => {
-                        info!(%peer, "mqtt TLS handshake did not finish in time; closing");
-                        None
-                    }
-                }
+                        Box::pin(connection::run(gw, r, w, peer, shutdown, name))
+                    },
+                )
             }
-            Kind::Ws => match tokio::time::timeout(
-                handshake,
-                Box::pin(transport::accept_ws(stream, &gw.config.ws_path)),
-            )
-            .await
-            {
-                Ok(Ok((r, w))) => Some(Box::pin(connection::run(gw, r, w, peer, shutdown, name))),
-                Ok(Err(e)) => {
-                    info!(%peer, error = %e, "mqtt WebSocket handshake failed; closing");
-                    None
-                }
-                Err(_) => {
-                    info!(%peer, "mqtt WebSocket handshake did not finish in time; closing");
-                    None
-                }
-            },
+            Kind::Ws => {
+                let ws = Box::pin(transport::accept_ws(stream, &gw.config.ws_path));
+                finish_handshake("WebSocket", peer, handshake, ws)
+                    .await
+                    .map(|(r, w)| -> BoxFuture<'static, ()> {
+                        Box::pin(connection::run(gw.clone(), r, w, peer, shutdown, name))
+                    })
+            }
             Kind::Wss(acceptor) => {
-                let ws = async {
+                let ws = Box::pin(async {
                     let tls = acceptor.accept(stream).await?;
                     transport::accept_ws(tls, &gw.config.ws_path).await
-                };
-                match tokio::time::timeout(handshake, Box::pin(ws)).await {
-                    Ok(Ok((r, w))) => {
-                        Some(Box::pin(connection::run(gw, r, w, peer, shutdown, name)))
-                    }
-                    Ok(Err(e)) => {
-                        info!(%peer, error = %e, "mqtt secure WebSocket handshake failed; closing");
-                        None
-                    }
-                    Err(_) => {
-                        info!(%peer, "mqtt secure WebSocket handshake did not finish in time; closing");
-                        None
-                    }
-                }
+                });
+                finish_handshake("secure WebSocket", peer, handshake, ws)
+                    .await
+                    .map(|(r, w)| -> BoxFuture<'static, ()> {
+                        Box::pin(connection::run(gw.clone(), r, w, peer, shutdown, name))
+                    })
             }
         };
         if let Some(session) = session {
             session.await;
+        }
+    }
+}
+
+/// The result of a transport handshake, or None (logged) when it fails or does not finish
+/// `within`.
+async fn finish_handshake<T, E: std::fmt::Display>(
+    what: &str,
+    peer: SocketAddr,
+    within: Duration,
+    handshake: BoxFuture<'_, Result<T, E>>,
+) -> Option<T> {
+    match tokio::time::timeout(within, handshake).await {
+        Ok(Ok(t)) => Some(t),
+        Ok(Err(e)) => {
+            info!(%peer, error = %e, "mqtt {what} handshake failed; closing");
+            None
+        }
+        Err(_) => {
+            info!(%peer, "mqtt {what} handshake did not finish in time; closing");
+            None
         }
     }
 }
