@@ -649,7 +649,7 @@ impl Inner {
                     // one. A session never stored before may replace a cleared one.
                     let cleared = current
                         .as_ref()
-                        .is_some_and(|(raw, _)| raw.as_slice() == session::CLEARED);
+                        .is_some_and(|(raw, _)| SessionRecord::is_cleared(raw));
                     if s.online() || (cleared && s.stored_version.load(Ordering::Acquire) == 0) {
                         expected = current.map(|(_, v)| v);
                         continue;

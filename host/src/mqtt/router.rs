@@ -304,22 +304,20 @@ impl Router {
         let all = TagFilter::All;
         let low = self.in_memory / 2;
         let mut waiting = false;
+        let back_to_live = |s: &Arc<Session>| {
+            s.end_lag(tail.id);
+            tail.lagging.lock().retain(|x| !Arc::ptr_eq(x, s));
+        };
         for s in lagging {
             loop {
-                let from = match s.lag_from(tail.id) {
-                    Some(f) if s.online() => f,
-                    _ => {
-                        s.end_lag(tail.id);
-                        tail.lagging.lock().retain(|x| !Arc::ptr_eq(x, &s));
-                        break;
-                    }
+                let Some(from) = s.lag_from(tail.id).filter(|_| s.online()) else {
+                    back_to_live(&s);
+                    break;
                 };
                 if from >= upto {
-                    // Caught up. Under the read lock no message of this queue is being routed
-                    // (only this task routes it), and the next one goes to the outbox live.
-                    let _st = self.state.read();
-                    s.end_lag(tail.id);
-                    tail.lagging.lock().retain(|x| !Arc::ptr_eq(x, &s));
+                    // Caught up: only this task routes this queue, so the next message of it
+                    // goes to the outbox live.
+                    back_to_live(&s);
                     debug!(client_id = %s.client_id, topic, queue = queue_id, "mqtt session caught up with the live stream");
                     break;
                 }
@@ -347,21 +345,7 @@ impl Router {
                 if to <= from {
                     break;
                 }
-                let subs = s.subscriptions();
-                let batch: Vec<Delivery> = pull
-                    .messages
-                    .iter()
-                    .filter(|m| m.queue_offset.is_some_and(|o| o < to))
-                    .filter_map(|m| {
-                        let routed = to_routed(m)?;
-                        let qos = self.qos_for(&s, &subs, &routed)?;
-                        Some(Delivery {
-                            msg: Arc::new(routed),
-                            qos,
-                            retain: false,
-                        })
-                    })
-                    .collect();
+                let batch = self.deliveries_for(&s, &pull.messages, to);
                 // Under the read lock, so a detach (write lock) sees either none of this batch
                 // or all of it with the position moved past it.
                 let _st = self.state.read();
@@ -378,6 +362,25 @@ impl Router {
             }
         }
         waiting
+    }
+
+    /// What of `messages` (read from one queue) below offset `to` goes to session `s`, at the
+    /// QoS it gets there.
+    fn deliveries_for(&self, s: &Session, messages: &[StoredMessage], to: u64) -> Vec<Delivery> {
+        let subs = s.subscriptions();
+        messages
+            .iter()
+            .filter(|m| m.queue_offset.is_some_and(|o| o < to))
+            .filter_map(|m| {
+                let routed = to_routed(m)?;
+                let qos = self.qos_for(s, &subs, &routed)?;
+                Some(Delivery {
+                    msg: Arc::new(routed),
+                    qos,
+                    retain: false,
+                })
+            })
+            .collect()
     }
 
     /// The QoS `routed` goes to session `s` at (its subscriptions `subs`), or None when it does
@@ -440,7 +443,7 @@ impl Router {
             Pushed::Full if self.in_memory < self.max_queued => {
                 // Behind, not yet too far: the rest comes from the store as the outbox drains.
                 debug!(client_id = %s.client_id, topic = at.topic, queue = at.queue_id, from = at.offset, "mqtt session falls behind the live stream; fed from the store");
-                s.lags.lock().push(Lag {
+                s.begin_lag(Lag {
                     tail: at.tail.id,
                     topic: at.topic.to_owned(),
                     queue_id: at.queue_id,
@@ -448,7 +451,6 @@ impl Router {
                     skipped: 1,
                     qos1: qos > 0,
                 });
-                s.lagging.store(true, Ordering::Release);
                 let mut lagging = at.tail.lagging.lock();
                 if !lagging.iter().any(|x| Arc::ptr_eq(x, s)) {
                     lagging.push(s.clone());
@@ -465,10 +467,11 @@ impl Router {
     /// the session is disconnected.
     fn skip_lagging(&self, s: &Arc<Session>, at: &At, qos: u8) -> bool {
         let mut lags = s.lags.lock();
-        let behind: usize = lags.iter().map(|l| l.skipped).sum::<usize>() + 1;
-        let Some(lag) = lags.iter_mut().find(|l| l.tail == at.tail.id) else {
+        let Some(i) = lags.iter().position(|l| l.tail == at.tail.id) else {
             return false;
         };
+        let behind: usize = lags.iter().map(|l| l.skipped).sum::<usize>() + 1;
+        let lag = &mut lags[i];
         if behind + s.outbox.len() <= self.max_queued {
             lag.skipped += 1;
             lag.qos1 |= qos > 0;
@@ -618,14 +621,7 @@ impl Router {
                     if pull.next_offset <= next {
                         break;
                     }
-                    let subs = s.subscriptions();
-                    let mut batch = Vec::new();
-                    for m in pull.messages.iter().filter(|m| m.queue_offset.is_some_and(|o| o < r.to)) {
-                        let Some(routed) = to_routed(m) else { continue };
-                        if let Some(qos) = me.qos_for(&s, &subs, &routed) {
-                            batch.push(Delivery { msg: Arc::new(routed), qos, retain: false });
-                        }
-                    }
+                    let batch = me.deliveries_for(&s, &pull.messages, r.to);
                     replayed += batch.len();
                     s.outbox.push_catch_up(batch);
                     next = pull.next_offset;

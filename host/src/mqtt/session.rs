@@ -450,6 +450,12 @@ impl Session {
         }
     }
 
+    /// Fed from the store on `lag`'s queue from now on.
+    pub fn begin_lag(&self, lag: Lag) {
+        self.lags.lock().push(lag);
+        self.lagging.store(true, Ordering::Release);
+    }
+
     /// Back to live delivery on tail `tail`'s queue.
     pub fn end_lag(&self, tail: u64) {
         let mut lags = self.lags.lock();
@@ -610,10 +616,15 @@ pub const CLEARED: &[u8] = b"{\"cleared\":true}";
 impl SessionRecord {
     /// The stored session in `raw`, or None when it holds [`CLEARED`].
     pub fn decode_stored(raw: &[u8]) -> Result<Option<SessionRecord>, serde_json::Error> {
-        if raw == CLEARED {
+        if Self::is_cleared(raw) {
             return Ok(None);
         }
         Self::decode(raw).map(Some)
+    }
+
+    /// True when `raw` is [`CLEARED`].
+    pub fn is_cleared(raw: &[u8]) -> bool {
+        raw == CLEARED
     }
 
     /// JSON bytes.
