@@ -70,6 +70,67 @@ pub async fn insert_rate(
     parse_tps(&report).with_context(|| format!("no tps in pgbench's report: {report}"))
 }
 
+/// The server's checkpoint state around a measured run: a checkpoint in the middle of a
+/// run makes it write a full page image of every page it touches first and competes for the
+/// disk, so the same run swings by half (see BENCHMARKS.md) and says which case it was.
+pub struct Checkpoints {
+    conn: sqlx::PgConnection,
+    max_wal_size: String,
+    count: i64,
+    forced: bool,
+}
+
+impl Checkpoints {
+    /// Forces a checkpoint (when the role may: superuser or `pg_checkpoint`), so every run
+    /// starts from the same state, and notes how many the server has done.
+    pub async fn start(url: &str) -> anyhow::Result<Checkpoints> {
+        let redactor = Redactor::for_url(url);
+        let mut conn = sqlx::PgConnection::connect(url).await.map_err(|e| {
+            anyhow::anyhow!(
+                "connect to {}: {}",
+                redacted_url(url),
+                redactor.redact(&e.to_string())
+            )
+        })?;
+        let forced = sqlx::raw_sql("CHECKPOINT").execute(&mut conn).await.is_ok();
+        let max_wal_size: String = sqlx::query_scalar("SELECT current_setting('max_wal_size')")
+            .fetch_one(&mut conn)
+            .await
+            .context("read max_wal_size")?;
+        let count = Self::done(&mut conn).await?;
+        Ok(Checkpoints {
+            conn,
+            max_wal_size,
+            count,
+            forced,
+        })
+    }
+
+    async fn done(conn: &mut sqlx::PgConnection) -> anyhow::Result<i64> {
+        sqlx::query_scalar(
+            "SELECT (checkpoints_timed + checkpoints_req)::int8 FROM pg_stat_bgwriter",
+        )
+        .fetch_one(conn)
+        .await
+        .context("read pg_stat_bgwriter")
+    }
+
+    /// One line for the report: the setting that decides how often checkpoints come, and how
+    /// many came during the run.
+    pub async fn finish(mut self) -> anyhow::Result<String> {
+        let during = Self::done(&mut self.conn).await? - self.count;
+        Ok(format!(
+            "checkpoints during the run: {during} (max_wal_size {}; {})",
+            self.max_wal_size,
+            if self.forced {
+                "started right after a CHECKPOINT"
+            } else {
+                "this role may not CHECKPOINT, so the start state is the server's"
+            }
+        ))
+    }
+}
+
 fn tempfile_path(name: &str) -> std::path::PathBuf {
     std::env::temp_dir().join(format!("{}-{name}", std::process::id()))
 }

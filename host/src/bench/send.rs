@@ -226,6 +226,10 @@ pub async fn run(args: SendArgs) -> anyhow::Result<()> {
             .await?;
     }
 
+    let checkpoints = match &args.postgres {
+        Some(url) => Some(super::pgbench::Checkpoints::start(url).await?),
+        None => None,
+    };
     let before = store.stats();
     let started = Instant::now();
     let mut all = send_concurrently(
@@ -239,6 +243,10 @@ pub async fn run(args: SendArgs) -> anyhow::Result<()> {
     .await?;
     let secs = started.elapsed().as_secs_f64();
     let after = store.stats();
+    let checkpoints = match checkpoints {
+        Some(c) => Some(c.finish().await?),
+        None => None,
+    };
     let summary = LatencySummary::from_micros(&mut all);
     let msgs = args.messages as f64;
     let fsyncs = after
@@ -260,6 +268,9 @@ pub async fn run(args: SendArgs) -> anyhow::Result<()> {
         secs
     );
     println!("  send latency {summary}");
+    if let Some(c) = &checkpoints {
+        println!("  server {c}");
+    }
     if fsyncs > 0 {
         println!(
             "  fsyncs {fsyncs} ({:.0}/s, {:.1} msgs per fsync; fsync p50 ≤ {} µs, p99 ≤ {} µs by bucket)",
@@ -286,7 +297,9 @@ pub async fn run(args: SendArgs) -> anyhow::Result<()> {
     }
     if let Some(url) = &args.postgres {
         let d = std::time::Duration::from_secs(args.pgbench_secs);
+        let checkpoints = super::pgbench::Checkpoints::start(url).await?;
         let tps = super::pgbench::insert_rate(url, args.concurrency, args.size, d).await?;
+        println!("  pgbench {}", checkpoints.finish().await?);
         println!(
             "  pgbench INSERT on the same server ({} clients, {} B, 1 row per transaction): \
              {tps:.0} rows/s; wharf = {:.0} % of it",
