@@ -17,7 +17,7 @@ use bytes::{Bytes, BytesMut};
 use futures_util::StreamExt;
 use futures_util::future::BoxFuture;
 use futures_util::stream::FuturesOrdered;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, warn};
@@ -246,6 +246,7 @@ async fn connected<R: Reader>(
             keep_alive: (c.keep_alive > 0)
                 .then(|| Duration::from_millis(u64::from(c.keep_alive) * 1500)),
             batch: None,
+            retained_turn: None,
         };
         if present {
             conn.resend_inflight();
@@ -452,6 +453,9 @@ struct Conn {
     qos2_in_progress: HashSet<u16>,
     keep_alive: Option<Duration>,
     batch: Option<Batch>,
+    /// Fires when the last batch holding RETAIN publishes has set them: batches store
+    /// concurrently, and the retained message of a topic must be the one published last.
+    retained_turn: Option<oneshot::Receiver<()>>,
 }
 
 impl Conn {
@@ -466,12 +470,28 @@ impl Conn {
             .map(|p| outgoing(p, &b.dest, &session.client_id))
             .collect();
         let parent = parent_name(&b.dest);
+        let turn = if b.items.iter().any(|p| p.retain) {
+            let (done, next) = oneshot::channel();
+            Some((self.retained_turn.replace(next), done))
+        } else {
+            None
+        };
         self.pending.push_back(Box::pin(async move {
             let n = msgs.len() as u64;
             let reliable = b.items.iter().any(|p| p.qos > 0);
             let stored = match &b.dest {
                 Dest::Broker(t) => gw.broker.send(t, msgs).await,
                 Dest::Local => gw.broker.send_mqtt_local(msgs).await,
+            };
+            // Dropped (firing the next batch's turn) when this future ends, however it ends.
+            let _my_turn = match turn {
+                Some((Some(earlier), done)) => {
+                    // Its sender is only ever dropped: an error is the signal that it is done.
+                    let _ = earlier.await;
+                    Some(done)
+                }
+                Some((None, done)) => Some(done),
+                None => None,
             };
             if let Err(e) = stored {
                 if reliable {
