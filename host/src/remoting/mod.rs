@@ -18,6 +18,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
 
 use bytes::BytesMut;
+use futures_util::FutureExt as _;
 use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
 use parking_lot::Mutex;
@@ -292,10 +293,20 @@ impl Handler for RemotingHandler {
                     }
                 },
                 Some(reply) = requests.next(), if room && !requests.is_empty() => {
-                    if let Some(reply) = reply
-                        && let Err(e) = encode_frame(&reply, &mut out)
-                    {
-                        warn!(error = %e, "cannot encode a reply");
+                    // Replies finished by one store round all go out in the next write: one
+                    // write per reply cost more than composing them.
+                    let mut reply = Some(reply);
+                    while let Some(r) = reply {
+                        if let Some(r) = r
+                            && let Err(e) = encode_frame(&r, &mut out)
+                        {
+                            warn!(error = %e, "cannot encode a reply");
+                        }
+                        reply = if out.len() - sent < OUT_HIGH_WATER {
+                            requests.next().now_or_never().flatten()
+                        } else {
+                            None
+                        };
                     }
                 }
                 Some(frame) = notices.recv(), if room => out.extend_from_slice(&frame),
