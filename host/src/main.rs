@@ -12,6 +12,12 @@ use wharf::cli::{
 };
 use wharf::config::{Config, LogFormat, Overrides};
 
+/// glibc's malloc arenas are locked across threads (a buffer the store's writer thread frees
+/// was allocated on a runtime worker), and that lock showed up as futex waits on the send
+/// path; mimalloc frees to per-thread lists without one.
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Message broker, MQTT gateway and WebAssembly consumer runtime in one host.
 #[derive(Debug, Parser)]
 #[command(name = "wharf", version, about)]

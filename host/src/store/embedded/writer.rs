@@ -28,6 +28,10 @@ use crate::store::{FlushMode, RetentionReport};
 
 /// How often (store time) the writer runs a retention pass by itself.
 pub const RETENTION_EVERY_MS: u64 = 60_000;
+/// How long the writer polls an empty inbox before it sleeps on it.
+const SPIN_FOR_WORK: Duration = Duration::from_micros(50);
+/// Rounds of at most this many appends are followed by a spin (see `spin_for_work`).
+const SPIN_ROUND_APPENDS: usize = 2;
 
 /// Work for the writer thread.
 pub enum Request {
@@ -445,6 +449,11 @@ impl Writer {
         loop {
             let reqs = {
                 let mut inbox = self.sh.inbox.lock();
+                if inbox.is_empty() && self.last_round_appends <= SPIN_ROUND_APPENDS {
+                    drop(inbox);
+                    self.spin_for_work();
+                    inbox = self.sh.inbox.lock();
+                }
                 if inbox.is_empty() {
                     self.sh.inbox_cv.wait_for(&mut inbox, tick);
                 }
@@ -487,6 +496,23 @@ impl Writer {
                 }
             }
             self.maintenance(false);
+        }
+    }
+
+    /// Polls the inbox for a moment before sleeping on it: a sender that has just had its
+    /// answer usually sends again within tens of µs, and waking a sleeping thread costs about
+    /// as much (a futex wake and, on a virtual machine, an IPI to a halted vCPU). Only after
+    /// small rounds: under load the next round comes soon anyway and the CPU is wanted by the
+    /// threads that feed it.
+    fn spin_for_work(&self) {
+        let until = Instant::now() + SPIN_FOR_WORK;
+        while Instant::now() < until {
+            if !self.sh.inbox.lock().is_empty() {
+                return;
+            }
+            for _ in 0..64 {
+                std::hint::spin_loop();
+            }
         }
     }
 
@@ -939,9 +965,10 @@ impl Writer {
         let dir = self.sh.log.dir.clone();
         let bytes = self.sh.config.segment_bytes;
         let cancel = self.spare_cancel.clone();
+        let zero_fill = self.sh.config.flush == FlushMode::Sync;
         self.spare = std::thread::Builder::new()
             .name("wharf-store-prealloc".into())
-            .spawn(move || log::preallocate(&dir, bytes, &cancel))
+            .spawn(move || log::preallocate(&dir, bytes, zero_fill, &cancel))
             .ok();
     }
 
