@@ -1,11 +1,18 @@
 //! `wharf bench remoting`: the RocketMQ remoting protocol against a running host, from Rust.
 //!
 //! - Sends: for each producer count in `--producers` (default 1, 16, 64), that many synchronous
-//!   producers, each on its own connection, send `--size`-byte messages (SEND_MESSAGE_V2, one at
-//!   a time, waiting for each answer) for `--duration-secs`; prints msgs/s and latency.
+//!   producers send `--size`-byte messages (SEND_MESSAGE_V2, one at a time, each waiting for its
+//!   answer) for `--duration-secs`; prints msgs/s and latency. They share `--connections`
+//!   connections (default 1), as the producers of one RocketMQ client process share its one
+//!   connection per broker (the Java client's `MQClientInstance`, ali-ons' client): requests
+//!   from several producers travel pipelined on it, each matched to its reply by opaque.
 //! - Pull: `--messages` are preloaded into a fresh topic with batch sends, then one pull consumer
 //!   per queue drains its queue (PULL_MESSAGE, `--pull-batch` per request) from offset 0; prints
 //!   msgs/s.
+//! - Fsync limit (`--fsync-dir`, a directory on the host's disk): before each send run, the
+//!   bound `flush = "sync"` is judged against — N producers ÷ (one fdatasync of N messages +
+//!   one round trip) — from fdatasyncs timed in that directory and no-op round trips timed on
+//!   the listener; the run's line then says what share of it the run reached.
 
 use std::time::{Duration, Instant};
 
@@ -46,6 +53,104 @@ pub struct RemotingArgs {
     /// Messages per PULL_MESSAGE.
     #[arg(long, default_value_t = 32)]
     pub pull_batch: u32,
+    /// Connections the producers of a send run share (at most one per producer): 1 is one
+    /// client process, as a RocketMQ SDK connects once per broker; N = producers gives each
+    /// producer its own.
+    #[arg(long, default_value_t = 1)]
+    pub connections: usize,
+    /// A directory on the host's disk: measure the fsync limit of each send run there (for
+    /// hosts with `flush = "sync"`).
+    #[arg(long)]
+    pub fsync_dir: Option<std::path::PathBuf>,
+}
+
+/// A request waiting for its reply on a shared connection.
+type Waiting = (
+    Command,
+    tokio::sync::oneshot::Sender<anyhow::Result<Command>>,
+);
+
+/// One connection shared by several synchronous producers: a writer task sends whatever
+/// requests are queued in one write, a reader task hands each reply to the request with its
+/// opaque.
+#[derive(Clone)]
+struct Shared {
+    tx: tokio::sync::mpsc::UnboundedSender<Waiting>,
+}
+
+impl Shared {
+    async fn connect(addr: &str) -> anyhow::Result<Shared> {
+        use std::collections::HashMap;
+        use std::sync::Arc;
+        let stream = TcpStream::connect(addr)
+            .await
+            .with_context(|| format!("connecting to the remoting listener {addr}"))?;
+        stream.set_nodelay(true)?;
+        let (mut rd, mut wr) = stream.into_split();
+        let pending: Arc<parking_lot::Mutex<HashMap<i32, tokio::sync::oneshot::Sender<_>>>> =
+            Arc::default();
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Waiting>();
+        let waiting = pending.clone();
+        tokio::spawn(async move {
+            let mut opaque = 0i32;
+            let mut out = Vec::with_capacity(64 * 1024);
+            while let Some(first) = rx.recv().await {
+                out.clear();
+                let mut next = Some(first);
+                while let Some((mut cmd, reply)) = next.take() {
+                    opaque = opaque.wrapping_add(1);
+                    cmd.opaque = opaque;
+                    match encode_frame(&cmd, &mut out) {
+                        Ok(()) => {
+                            waiting.lock().insert(opaque, reply);
+                        }
+                        Err(e) => {
+                            let _ = reply.send(Err(e.into()));
+                        }
+                    }
+                    next = rx.try_recv().ok();
+                }
+                if wr.write_all(&out).await.is_err() {
+                    // The reader sees the close and fails everyone waiting.
+                    return;
+                }
+            }
+        });
+        tokio::spawn(async move {
+            let mut buf = BytesMut::with_capacity(256 * 1024);
+            let why = loop {
+                match decode_frame(&buf) {
+                    Ok(Some((reply, used))) => {
+                        let _ = buf.split_to(used);
+                        if let Some(w) = pending.lock().remove(&reply.opaque) {
+                            let _ = w.send(Ok(reply));
+                        }
+                        continue;
+                    }
+                    Ok(None) => {}
+                    Err(e) => break format!("undecodable reply: {e}"),
+                }
+                match rd.read_buf(&mut buf).await {
+                    Ok(0) => break "the host closed the connection".to_string(),
+                    Ok(_) => {}
+                    Err(e) => break format!("reading: {e}"),
+                }
+            };
+            for (_, w) in pending.lock().drain() {
+                let _ = w.send(Err(anyhow::anyhow!("{why}")));
+            }
+        });
+        Ok(Shared { tx })
+    }
+
+    async fn call(&self, cmd: Command) -> anyhow::Result<Command> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.tx
+            .send((cmd, tx))
+            .map_err(|_| anyhow::anyhow!("the connection is closed"))?;
+        rx.await
+            .map_err(|_| anyhow::anyhow!("the connection closed before the reply"))?
+    }
 }
 
 /// One connection speaking the protocol, one request at a time.
@@ -125,18 +230,29 @@ async fn ensure_topic(server: &str, name: &str, queues: u32) -> anyhow::Result<(
 pub async fn run(args: RemotingArgs) -> anyhow::Result<()> {
     let topic = "BenchRemoting";
     ensure_topic(&args.server, topic, args.queues).await?;
+    if args.connections == 0 {
+        bail!("--connections must be at least 1");
+    }
     let body = Bytes::from(vec![b'x'; args.size]);
     for &n in &args.producers {
+        let conns = args.connections.min(n);
+        let limit = match &args.fsync_dir {
+            Some(dir) => Some(fsync_limit(&args.remoting, dir, n, args.size).await?),
+            None => None,
+        };
+        let mut shared = Vec::with_capacity(conns);
+        for _ in 0..conns {
+            shared.push(Shared::connect(&args.remoting).await?);
+        }
         let measure = Duration::from_secs(args.duration_secs);
         let warmup = Duration::from_secs(1);
         let start = Instant::now() + warmup;
         let end = start + measure;
         let mut tasks = Vec::new();
         for p in 0..n {
-            let (addr, body) = (args.remoting.clone(), body.clone());
+            let (c, body) = (shared[p % conns].clone(), body.clone());
             let queues = args.queues;
             tasks.push(tokio::spawn(async move {
-                let mut c = Client::connect(&addr).await?;
                 let mut lat: Vec<u32> = Vec::new();
                 let mut i = p as u32;
                 loop {
@@ -163,14 +279,107 @@ pub async fn run(args: RemotingArgs) -> anyhow::Result<()> {
         let rate = all.len() as f64 / measure.as_secs_f64();
         let lat = LatencySummary::from_micros(&mut all);
         println!(
-            "remoting send: producers={n} size={} msgs/s={rate:.0} latency {lat}",
+            "remoting send: producers={n} connections={conns} size={} msgs/s={rate:.0} latency {lat}",
             args.size
         );
+        if let Some(l) = limit {
+            println!(
+                "  fsync limit: {n} ÷ (fdatasync of {} B p50 {:.3} ms + round trip p50 {:.3} ms) = {:.0} msgs/s; this run {:.0} % of it",
+                n * args.size,
+                l.fsync.as_secs_f64() * 1e3,
+                l.round_trip.as_secs_f64() * 1e3,
+                l.rate,
+                rate / l.rate * 100.0
+            );
+        }
     }
     if args.messages > 0 {
         pull_run(&args, &body).await?;
     }
     Ok(())
+}
+
+/// What bounds N synchronous producers on a host that fsyncs before it answers.
+struct FsyncLimit {
+    fsync: Duration,
+    round_trip: Duration,
+    rate: f64,
+}
+
+/// Times fdatasyncs of one round's bytes in `dir` and no-op round trips on the listener.
+async fn fsync_limit(
+    addr: &str,
+    dir: &std::path::Path,
+    producers: usize,
+    size: usize,
+) -> anyhow::Result<FsyncLimit> {
+    const SAMPLES: usize = 200;
+    let mut c = Client::connect(addr).await?;
+    let mut rtts = Vec::with_capacity(SAMPLES);
+    for _ in 0..SAMPLES {
+        let mut cmd = Command::request(codes::GET_ROUTEINFO_BY_TOPIC, 0);
+        cmd.set("topic", "BenchRemoting");
+        let t = Instant::now();
+        c.call(cmd).await?;
+        rtts.push(t.elapsed());
+    }
+    let round = producers * size;
+    let path = dir.join(format!("wharf-bench-fsync-{}", std::process::id()));
+    let fsyncs = tokio::task::spawn_blocking(move || time_fdatasyncs(&path, round, SAMPLES))
+        .await
+        .context("the fsync timing thread failed")??;
+    let (fsync, round_trip) = (median(fsyncs), median(rtts));
+    let rate = producers as f64 / (fsync + round_trip).as_secs_f64();
+    Ok(FsyncLimit {
+        fsync,
+        round_trip,
+        rate,
+    })
+}
+
+/// Writes `round` bytes and fdatasyncs, `samples` times, into a preallocated file (as the
+/// store's log overwrites a zero-filled segment); the file is removed afterwards.
+fn time_fdatasyncs(
+    path: &std::path::Path,
+    round: usize,
+    samples: usize,
+) -> anyhow::Result<Vec<Duration>> {
+    use std::io::{Seek, SeekFrom, Write};
+    let run = || -> anyhow::Result<Vec<Duration>> {
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .read(true)
+            .write(true)
+            .open(path)
+            .with_context(|| format!("creating {}", path.display()))?;
+        let chunk = vec![0u8; round.max(1)];
+        for _ in 0..samples {
+            f.write_all(&chunk)?;
+        }
+        f.sync_all()?;
+        f.seek(SeekFrom::Start(0))?;
+        let data = vec![b'x'; round.max(1)];
+        let mut out = Vec::with_capacity(samples);
+        for _ in 0..samples {
+            let t = Instant::now();
+            f.write_all(&data)?;
+            f.sync_data()?;
+            out.push(t.elapsed());
+        }
+        Ok(out)
+    };
+    let r = run();
+    let _ = std::fs::remove_file(path);
+    r
+}
+
+fn median(v: Vec<Duration>) -> Duration {
+    let mut us: Vec<u32> = v
+        .iter()
+        .map(|d| d.as_micros().min(u128::from(u32::MAX)) as u32)
+        .collect();
+    Duration::from_micros(u64::from(LatencySummary::from_micros(&mut us).p50_us))
 }
 
 async fn pull_run(args: &RemotingArgs, body: &Bytes) -> anyhow::Result<()> {
