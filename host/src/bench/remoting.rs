@@ -5,7 +5,9 @@
 //!   answer) for `--duration-secs`; prints msgs/s and latency. They share `--connections`
 //!   connections (default 1), as the producers of one RocketMQ client process share its one
 //!   connection per broker (the Java client's `MQClientInstance`, ali-ons' client): requests
-//!   from several producers travel pipelined on it, each matched to its reply by opaque.
+//!   from several producers travel pipelined on it, each matched to its reply by opaque. The
+//!   producers and their connections run on one thread of their own, so the client costs the
+//!   machine it shares with the host little.
 //! - Pull: `--messages` are preloaded into a fresh topic with batch sends, then one pull consumer
 //!   per queue drains its queue (PULL_MESSAGE, `--pull-batch` per request) from offset 0; prints
 //!   msgs/s.
@@ -240,42 +242,11 @@ pub async fn run(args: RemotingArgs) -> anyhow::Result<()> {
             Some(dir) => Some(fsync_limit(&args.remoting, dir, n, args.size).await?),
             None => None,
         };
-        let mut shared = Vec::with_capacity(conns);
-        for _ in 0..conns {
-            shared.push(Shared::connect(&args.remoting).await?);
-        }
         let measure = Duration::from_secs(args.duration_secs);
-        let warmup = Duration::from_secs(1);
-        let start = Instant::now() + warmup;
-        let end = start + measure;
-        let mut tasks = Vec::new();
-        for p in 0..n {
-            let (c, body) = (shared[p % conns].clone(), body.clone());
-            let queues = args.queues;
-            tasks.push(tokio::spawn(async move {
-                let mut lat: Vec<u32> = Vec::new();
-                let mut i = p as u32;
-                loop {
-                    let t = Instant::now();
-                    if t >= end {
-                        break;
-                    }
-                    let reply = c.call(send_request(topic, i % queues, &body)).await?;
-                    if reply.code != codes::SUCCESS {
-                        bail!("send failed: {} {:?}", reply.code, reply.remark);
-                    }
-                    if t >= start {
-                        lat.push(t.elapsed().as_micros().min(u128::from(u32::MAX)) as u32);
-                    }
-                    i = i.wrapping_add(1);
-                }
-                Ok::<_, anyhow::Error>(lat)
-            }));
-        }
-        let mut all = Vec::new();
-        for t in tasks {
-            all.extend(t.await??);
-        }
+        let (addr, queues, run_body) = (args.remoting.clone(), args.queues, body.clone());
+        let mut all =
+            on_own_thread(move || send_run(addr, topic, n, conns, run_body, queues, measure))
+                .await?;
         let rate = all.len() as f64 / measure.as_secs_f64();
         let lat = LatencySummary::from_micros(&mut all);
         println!(
@@ -297,6 +268,79 @@ pub async fn run(args: RemotingArgs) -> anyhow::Result<()> {
         pull_run(&args, &body).await?;
     }
     Ok(())
+}
+
+/// One send run: `n` synchronous producers on `conns` shared connections for `measure` after a
+/// warm-up; the latencies, in µs, of the sends inside the measured window.
+async fn send_run(
+    addr: String,
+    topic: &'static str,
+    n: usize,
+    conns: usize,
+    body: Bytes,
+    queues: u32,
+    measure: Duration,
+) -> anyhow::Result<Vec<u32>> {
+    let mut shared = Vec::with_capacity(conns);
+    for _ in 0..conns {
+        shared.push(Shared::connect(&addr).await?);
+    }
+    let warmup = Duration::from_secs(1);
+    let start = Instant::now() + warmup;
+    let end = start + measure;
+    let mut tasks = Vec::new();
+    for p in 0..n {
+        let (c, body) = (shared[p % conns].clone(), body.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut lat: Vec<u32> = Vec::new();
+            let mut i = p as u32;
+            loop {
+                let t = Instant::now();
+                if t >= end {
+                    break;
+                }
+                let reply = c.call(send_request(topic, i % queues, &body)).await?;
+                if reply.code != codes::SUCCESS {
+                    bail!("send failed: {} {:?}", reply.code, reply.remark);
+                }
+                if t >= start {
+                    lat.push(t.elapsed().as_micros().min(u128::from(u32::MAX)) as u32);
+                }
+                i = i.wrapping_add(1);
+            }
+            Ok::<_, anyhow::Error>(lat)
+        }));
+    }
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await??);
+    }
+    Ok(all)
+}
+
+/// Runs a client workload on a thread of its own with a single-threaded runtime: its tasks
+/// (producers, each connection's reader and writer) hand work to each other without waking
+/// threads, so the client's cost per message stays small beside the host it measures on the
+/// same machine.
+async fn on_own_thread<T, F, Fut>(work: F) -> anyhow::Result<T>
+where
+    T: Send + 'static,
+    F: FnOnce() -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = anyhow::Result<T>>,
+{
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("bench-client".into())
+        .spawn(move || {
+            let r = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .context("starting the bench client runtime")
+                .and_then(|rt| rt.block_on(work()));
+            let _ = tx.send(r);
+        })
+        .context("starting the bench client thread")?;
+    rx.await.context("the bench client thread failed")?
 }
 
 /// What bounds N synchronous producers on a host that fsyncs before it answers.

@@ -161,6 +161,10 @@ pub(crate) struct Shared {
     keys: KeyIndex,
     inbox: Mutex<Vec<Request>>,
     inbox_cv: Condvar,
+    /// How busy appending is, which decides who writes a round (see [`Arrivals`]).
+    arrivals: Arrivals,
+    /// Rounds senders wrote themselves (tests check both ways are taken).
+    inline_rounds: AtomicU64,
     /// Bounds what `inbox` (and the round being written) may hold.
     budget: Arc<QueueBudget>,
     next_timer: AtomicU64,
@@ -299,16 +303,73 @@ impl Shared {
         Ok(())
     }
 
+    /// Queues `r` for the writer thread and wakes it.
     fn submit(&self, r: Request) -> Result<()> {
+        self.enqueue(r)?;
+        self.inbox_cv.notify_one();
+        Ok(())
+    }
+
+    /// Queues `r` without waking the writer thread (the caller runs it or wakes the thread).
+    fn enqueue(&self, r: Request) -> Result<()> {
         if self.closed.load(Ordering::Acquire) {
             return Err(WharfError::unavailable(
                 "the store is closed (the host is shutting down); retry against a running host",
             ));
         }
         self.inbox.lock().push(r);
-        self.inbox_cv.notify_one();
         Ok(())
     }
+}
+
+/// The smoothed gap between appends. Under light load a sender writes its own async round: the
+/// writer thread's wake-up and the reply's wake-up of the sender cost more than the round.
+/// Under load the writer thread writes them: while it wakes, more appends queue up and share
+/// the round, and it writes while the senders' threads go on decoding and answering.
+struct Arrivals {
+    epoch: Instant,
+    last_ns: AtomicU64,
+    gap_ns: AtomicU64,
+}
+
+/// Appends arriving further apart than this on average (under ~30,000 a second) are light load.
+const LIGHT_LOAD_GAP_NS: u64 = 33_000;
+
+impl Default for Arrivals {
+    fn default() -> Self {
+        Arrivals {
+            epoch: Instant::now(),
+            last_ns: AtomicU64::new(0),
+            gap_ns: AtomicU64::new(u64::MAX / 16),
+        }
+    }
+}
+
+impl Arrivals {
+    /// Notes one append arriving now; true when appends arrive far apart.
+    fn light(&self) -> bool {
+        let now = self.epoch.elapsed().as_nanos() as u64;
+        let gap = now
+            .saturating_sub(self.last_ns.swap(now, Ordering::Relaxed))
+            .min(1_000_000);
+        // Racing updates may lose a sample; this only steers who writes, never what.
+        let ewma = (self.gap_ns.load(Ordering::Relaxed).min(1_000_000) * 7 + gap) / 8;
+        self.gap_ns.store(ewma, Ordering::Relaxed);
+        ewma >= LIGHT_LOAD_GAP_NS
+    }
+}
+
+/// Returns `Pending` once, having asked to be polled again at once.
+fn yield_once() -> impl std::future::Future<Output = ()> {
+    let mut yielded = false;
+    std::future::poll_fn(move |cx| {
+        if yielded {
+            return std::task::Poll::Ready(());
+        }
+        yielded = true;
+        cx.waker().wake_by_ref();
+        std::task::Poll::Pending
+    })
 }
 
 fn writer_gone() -> WharfError {
@@ -324,6 +385,8 @@ fn read_err(what: &str, e: io::Error) -> WharfError {
 pub struct EmbeddedStore {
     sh: Arc<Shared>,
     writer: Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// The writer's state, shared by its thread and senders running small rounds themselves.
+    core: Arc<Mutex<Option<Writer>>>,
     /// One host owns the data dir, so its own writes are the only metadata changes.
     meta_watches: super::MetaWatches,
 }
@@ -469,6 +532,8 @@ impl EmbeddedStore {
             keys,
             inbox: Mutex::new(Vec::new()),
             inbox_cv: Condvar::new(),
+            arrivals: Arrivals::default(),
+            inline_rounds: AtomicU64::new(0),
             budget: QueueBudget::new(config),
             next_timer: AtomicU64::new(u64::MAX),
             pending_timers: AtomicU64::new(0),
@@ -495,14 +560,17 @@ impl EmbeddedStore {
             .map_err(|e| fail("reading consume queues", e))?;
         w.checkpoint()
             .map_err(|e| fail("writing the index checkpoint", e))?;
+        let core = Arc::new(Mutex::new(Some(w)));
+        let thread_core = core.clone();
         let handle = std::thread::Builder::new()
             .name("wharf-store-writer".into())
-            .spawn(move || w.run())
+            .spawn(move || Writer::run(thread_core))
             .map_err(|e| WharfError::internal(format!("starting the store writer: {e}")))?;
         info!(dir = %dir.display(), node, boot, "embedded store open");
         Ok(Arc::new(EmbeddedStore {
             sh,
             writer: Mutex::new(Some(handle)),
+            core,
             meta_watches: super::MetaWatches::default(),
         }))
     }
@@ -801,12 +869,21 @@ impl Store for EmbeddedStore {
         // Refused before queueing: a full queue costs the caller nothing but this error.
         let permit = self.sh.budget.try_acquire(encoded.buf.len() as u64)?;
         let (tx, rx) = oneshot::channel();
-        self.sh.submit(Request::Append {
+        let request = Request::Append {
             batch: encoded,
             started,
             reply: tx,
             permit,
-        })?;
+        };
+        if self.sh.config.flush == crate::store::FlushMode::Async && self.sh.arrivals.light() {
+            self.sh.enqueue(request)?;
+            // One turn back to the caller's executor first, so the other appends it starts in
+            // the same pass (one connection's pipelined sends) join this round.
+            yield_once().await;
+            writer::run_inline(&self.sh, &self.core);
+        } else {
+            self.sh.submit(request)?;
+        }
         rx.await.map_err(|_| writer_gone())?
     }
 

@@ -709,6 +709,82 @@ async fn async_flush_acknowledges_and_syncs_periodically() {
     s.close().await.unwrap();
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn async_appends_written_by_senders_or_the_writer_keep_order_across_rolls_and_restart() {
+    let d = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(T0);
+    let c = StoreConfig {
+        flush: FlushMode::Async,
+        ..cfg(d.path())
+    };
+    let s = EmbeddedStore::open_with(&c, clock.clone(), small())
+        .await
+        .unwrap();
+    // One sender at a time: light load, so senders write their own rounds.
+    for i in 0..20 {
+        s.append(vec![msg("Mix", 0, None, &[], &format!("solo-{i}"))])
+            .await
+            .unwrap();
+    }
+    assert!(s.sh.inline_rounds.load(Ordering::Relaxed) > 0);
+    // Eight senders at once over many 16 KiB segments: rounds that roll go to the writer
+    // thread, and busy stretches do too.
+    let mut tasks = Vec::new();
+    for t in 0..8u32 {
+        let s = s.clone();
+        tasks.push(tokio::spawn(async move {
+            for i in 0..150 {
+                let b = format!("t{t}-{i}-{}", "z".repeat(200));
+                s.append(vec![msg("Mix", 1 + t % 2, None, &[], &b)])
+                    .await
+                    .unwrap();
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let check = |s: Arc<EmbeddedStore>| async move {
+        let solo: Vec<String> = read_all(&s, "Mix", 0).await.iter().map(body).collect();
+        assert_eq!(
+            solo,
+            (0..20).map(|i| format!("solo-{i}")).collect::<Vec<_>>()
+        );
+        for q in 1..3u32 {
+            let got = read_all(&s, "Mix", q).await;
+            assert_eq!(got.len(), 600, "queue {q}");
+            for (i, m) in got.iter().enumerate() {
+                assert_eq!(m.queue_offset, Some(i as u64));
+            }
+            // Each sender's messages are in the order it sent them.
+            for t in (q - 1..8).step_by(2) {
+                let mine: Vec<String> = got
+                    .iter()
+                    .map(body)
+                    .filter(|b| b.starts_with(&format!("t{t}-")))
+                    .collect();
+                let want: Vec<String> = (0..150)
+                    .map(|i| format!("t{t}-{i}-{}", "z".repeat(200)))
+                    .collect();
+                assert_eq!(mine, want, "sender {t}");
+            }
+        }
+    };
+    check(s.clone()).await;
+    s.close().await.unwrap();
+    // Appends after close fail at once instead of waiting for a writer that is gone.
+    let e = s
+        .append(vec![msg("Mix", 0, None, &[], "late")])
+        .await
+        .unwrap_err();
+    assert_eq!(e.code, ErrorCode::ServiceNotAvailable);
+    let s = EmbeddedStore::open_with(&c, clock.clone(), small())
+        .await
+        .unwrap();
+    check(s.clone()).await;
+    s.close().await.unwrap();
+}
+
 /// Writes `n` messages over several segments and returns (id, body, queue offset) per message.
 async fn fill(s: &EmbeddedStore, n: usize) -> Vec<(MessageId, String, u64)> {
     let mut out = Vec::new();

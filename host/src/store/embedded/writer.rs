@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
+use parking_lot::Mutex;
 use tokio::sync::oneshot;
 use tracing::{debug, error, info, warn};
 
@@ -32,6 +33,12 @@ pub const RETENTION_EVERY_MS: u64 = 60_000;
 const SPIN_FOR_WORK: Duration = Duration::from_micros(50);
 /// Rounds of at most this many appends are followed by a spin (see `spin_for_work`).
 const SPIN_ROUND_APPENDS: usize = 2;
+/// Queued appends past which a sender leaves the round to the writer thread, which then
+/// writes it while the sender's thread goes on decoding and answering.
+const INLINE_MAX_APPENDS: usize = 1;
+/// Step in which a sync writer grows an append-mode segment ahead of its data (see
+/// `zero_ahead`).
+const ZERO_AHEAD: u64 = 1 << 20;
 
 /// Work for the writer thread.
 pub enum Request {
@@ -87,6 +94,8 @@ pub struct Writer {
     checkpoint_in_flight: bool,
     force_checkpoint: bool,
     active_prealloc: bool,
+    /// Length of the active segment's file: its data, then zeros ahead of it.
+    file_len: u64,
     last_round_appends: usize,
     last_reply_at: Instant,
     fsync_ema_us: u64,
@@ -149,7 +158,7 @@ impl Drop for Writer {
 }
 
 /// Whatever ends the writer (close, halt, a panic), later requests must fail instead of hanging.
-struct ExitGuard(Arc<Shared>);
+struct ExitGuard(Arc<Shared>, Arc<Mutex<Option<Writer>>>);
 
 impl Drop for ExitGuard {
     fn drop(&mut self) {
@@ -158,8 +167,76 @@ impl Drop for ExitGuard {
             error!("the store writer thread panicked; the store no longer takes writes");
             self.0.set_writable(false);
         }
+        // Senders must not run rounds on a writer whose thread is gone.
+        drop(self.1.lock().take());
         // Dropping queued requests drops their reply senders: callers get an error at once.
         drop(std::mem::take(&mut *self.0.inbox.lock()));
+    }
+}
+
+/// Polls the inbox for a moment before sleeping on it: a sender that has just had its answer
+/// usually sends again within tens of µs, and waking a sleeping thread costs about as much (a
+/// futex wake and, on a virtual machine, an IPI to a halted vCPU). Only after small rounds:
+/// under load the next round comes soon anyway and the CPU is wanted by the threads that feed
+/// it.
+fn spin_for_work(sh: &Shared) {
+    let until = Instant::now() + SPIN_FOR_WORK;
+    while Instant::now() < until {
+        if !sh.inbox.lock().is_empty() {
+            return;
+        }
+        for _ in 0..64 {
+            std::hint::spin_loop();
+        }
+    }
+}
+
+/// Runs what is queued on the calling thread when the writer is free and the round is small
+/// (async flush only: nothing here waits for a disk). This saves the two thread hand-offs a
+/// round through the writer thread costs: its wake-up, and the wake-up of the sender's thread
+/// by the reply. Anything else, or a busy writer, is left to the writer thread.
+pub(super) fn run_inline(sh: &Shared, core: &Mutex<Option<Writer>>) {
+    #[cfg(test)]
+    if sh.stall.is_locked() {
+        sh.inbox_cv.notify_one();
+        return;
+    }
+    let Some(mut guard) = core.try_lock() else {
+        // Whoever holds the writer has the thread look at the inbox once it lets go.
+        sh.inbox_cv.notify_one();
+        return;
+    };
+    let Some(w) = guard.as_mut() else {
+        // The writer stopped: the thread's exit guard fails whatever is still queued.
+        drop(std::mem::take(&mut *sh.inbox.lock()));
+        return;
+    };
+    let reqs = {
+        let mut inbox = sh.inbox.lock();
+        if inbox.is_empty() {
+            return;
+        }
+        if !w.fits_inline(&inbox) {
+            drop(inbox);
+            sh.inbox_cv.notify_one();
+            return;
+        }
+        std::mem::take(&mut *inbox)
+    };
+    let _stop = StopOnPanic(sh);
+    sh.inline_rounds.fetch_add(1, Ordering::Relaxed);
+    w.round(reqs);
+}
+
+/// A round that panics on a sender's thread stops the store, as a panicking writer thread does.
+struct StopOnPanic<'a>(&'a Shared);
+
+impl Drop for StopOnPanic<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.0
+                .fail("an append round panicked; the store no longer takes writes".into());
+        }
     }
 }
 
@@ -197,6 +274,7 @@ impl Writer {
         checkpoint_pos: u64,
     ) -> Writer {
         let written = active.len.load(Ordering::Acquire);
+        let file_len = active.file.metadata().map_or(written, |m| m.len());
         Writer {
             sh,
             active,
@@ -216,6 +294,7 @@ impl Writer {
             checkpoint_in_flight: false,
             force_checkpoint: false,
             active_prealloc: false,
+            file_len,
             last_round_appends: 0,
             last_reply_at: Instant::now(),
             fsync_ema_us: 0,
@@ -435,30 +514,43 @@ impl Writer {
 
     // ------------------------------------------------------------------ main loop
 
-    /// Serves requests until closed.
-    pub fn run(mut self) {
-        let _guard = ExitGuard(self.sh.clone());
-        match Flusher::start(self.sh.clone()) {
-            Ok(f) => self.flusher = Some(f),
-            Err(e) => {
-                error!(error = %e, "starting the store flusher failed; checkpoints run inline")
+    /// Serves requests until closed. The writer sits in `core` so that, with async flush, a
+    /// sender can run a small round itself (see [`run_inline`]); this thread does everything
+    /// else: sync rounds, rounds that roll a segment, reveals, control requests, maintenance.
+    pub fn run(core: Arc<Mutex<Option<Writer>>>) {
+        let sh = match core.lock().as_ref() {
+            Some(w) => w.sh.clone(),
+            None => return,
+        };
+        let _guard = ExitGuard(sh.clone(), core.clone());
+        if let Some(w) = core.lock().as_mut() {
+            match Flusher::start(sh.clone()) {
+                Ok(f) => w.flusher = Some(f),
+                Err(e) => {
+                    error!(error = %e, "starting the store flusher failed; checkpoints run inline")
+                }
             }
+            *sh.active.lock() = Some(w.active.clone());
         }
-        *self.sh.active.lock() = Some(self.active.clone());
         let tick = Duration::from_millis(20);
+        // Senders run their own small async rounds, so only a sync writer polls for work.
+        let mut spin = false;
         loop {
-            let reqs = {
-                let mut inbox = self.sh.inbox.lock();
-                if inbox.is_empty() && self.last_round_appends <= SPIN_ROUND_APPENDS {
+            {
+                let mut inbox = sh.inbox.lock();
+                if inbox.is_empty() && spin {
                     drop(inbox);
-                    self.spin_for_work();
-                    inbox = self.sh.inbox.lock();
+                    spin_for_work(&sh);
+                    inbox = sh.inbox.lock();
                 }
                 if inbox.is_empty() {
-                    self.sh.inbox_cv.wait_for(&mut inbox, tick);
+                    sh.inbox_cv.wait_for(&mut inbox, tick);
                 }
-                std::mem::take(&mut *inbox)
-            };
+            }
+            let mut guard = core.lock();
+            let Some(w) = guard.as_mut() else { return };
+            // Taken under the writer lock, as senders take it, so the log keeps inbox order.
+            let reqs = std::mem::take(&mut *sh.inbox.lock());
             let mut data = Vec::with_capacity(reqs.len());
             let mut control = Vec::new();
             for r in reqs {
@@ -468,52 +560,60 @@ impl Writer {
                 }
             }
             if !data.is_empty() && control.is_empty() {
-                self.linger(&mut data, &mut control);
+                w.linger(&mut data, &mut control);
             }
             if !data.is_empty() {
-                self.round(data);
+                w.round(data);
             }
             for c in control {
                 match c {
                     Request::Retention { now_ms, reply } => {
-                        let _ = reply.send(self.retention(now_ms));
+                        let _ = reply.send(w.retention(now_ms));
                     }
                     Request::Close { reply } => {
-                        let r = self.shutdown();
-                        self.sh.release_lock();
+                        let r = w.shutdown();
+                        sh.release_lock();
+                        // The writer (and its spare segment) goes with the thread.
+                        drop(guard.take());
                         let _ = reply.send(r);
                         return;
                     }
                     Request::Halt { reply } => {
-                        if let Some(mut f) = self.flusher.take() {
+                        if let Some(mut f) = w.flusher.take() {
                             f.stop();
                         }
-                        self.sh.release_lock();
+                        sh.release_lock();
+                        drop(guard.take());
                         let _ = reply.send(());
                         return;
                     }
                     _ => {}
                 }
             }
-            self.maintenance(false);
+            w.maintenance(false);
+            spin = sh.config.flush == FlushMode::Sync && w.last_round_appends <= SPIN_ROUND_APPENDS;
         }
     }
 
-    /// Polls the inbox for a moment before sleeping on it: a sender that has just had its
-    /// answer usually sends again within tens of µs, and waking a sleeping thread costs about
-    /// as much (a futex wake and, on a virtual machine, an IPI to a halted vCPU). Only after
-    /// small rounds: under load the next round comes soon anyway and the CPU is wanted by the
-    /// threads that feed it.
-    fn spin_for_work(&self) {
-        let until = Instant::now() + SPIN_FOR_WORK;
-        while Instant::now() < until {
-            if !self.sh.inbox.lock().is_empty() {
-                return;
-            }
-            for _ in 0..64 {
-                std::hint::spin_loop();
+    /// Whether the queued `reqs` may be written by a sender on its own thread: appends only,
+    /// few enough that the writer thread would not do them faster alongside the sender, and
+    /// none that rolls a segment (a roll fsyncs the old one, which must not stall a sender's
+    /// async runtime).
+    fn fits_inline(&self, reqs: &[Request]) -> bool {
+        if reqs.len() > INLINE_MAX_APPENDS {
+            return false;
+        }
+        let mut bytes = 0u64;
+        for r in reqs {
+            match r {
+                Request::Append { batch, .. } => bytes += batch.buf.len() as u64,
+                _ => return false,
             }
         }
+        let used = self.written + self.wbuf.len() as u64;
+        let rolls = used + bytes > self.sh.config.segment_bytes
+            || (!self.active_prealloc && self.spare.as_ref().is_some_and(|h| h.is_finished()));
+        !rolls
     }
 
     fn shutdown(&mut self) -> Result<()> {
@@ -950,6 +1050,7 @@ impl Writer {
         self.start_spare();
         self.seg_info.entry(base).or_default();
         *self.sh.active.lock() = Some(seg.clone());
+        self.file_len = seg.file.metadata().map_or(0, |m| m.len());
         self.active = seg.clone();
         self.written = 0;
         self.rolled = true;
@@ -1002,7 +1103,11 @@ impl Writer {
         }
         self.sh.fault_check()?;
         self.active.file.write_all_at(&self.wbuf, self.written)?;
-        self.written += self.wbuf.len() as u64;
+        let end = self.written + self.wbuf.len() as u64;
+        if self.sh.config.flush == FlushMode::Sync && !self.active_prealloc && end > self.file_len {
+            self.zero_ahead(end)?;
+        }
+        self.written = end;
         self.sh
             .stats
             .appended_bytes
@@ -1012,6 +1117,25 @@ impl Writer {
             self.active.len.store(self.written, Ordering::Release);
         }
         self.unsynced = true;
+        Ok(())
+    }
+
+    /// Grows an append-mode segment (a fresh store's first one, before a spare is ready) with
+    /// zeros past `end`, the data's new end, to the next [`ZERO_AHEAD`] step. The fdatasync of
+    /// a write that grows the file must also commit its new size (a journal commit, which about
+    /// doubles it); the rounds that follow write inside the zeros and commit their data only.
+    /// Recovery reads zeros after the data as the log's end, as in a preallocated segment.
+    fn zero_ahead(&mut self, end: u64) -> io::Result<()> {
+        let to = end
+            .div_ceil(ZERO_AHEAD)
+            .saturating_mul(ZERO_AHEAD)
+            .min(self.sh.config.segment_bytes)
+            .max(end);
+        if to > end {
+            let zeros = vec![0u8; (to - end) as usize];
+            self.active.file.write_all_at(&zeros, end)?;
+        }
+        self.file_len = to;
         Ok(())
     }
 
@@ -1052,6 +1176,7 @@ impl Writer {
         self.written = pre_written;
         // Truncation dropped any zero-filled space: the segment appends from here on.
         self.active_prealloc = false;
+        self.file_len = self.active.file.metadata().map_or(pre_written, |m| m.len());
         self.active.len.store(pre_written, Ordering::Release);
         for (q, next) in std::mem::take(&mut self.queue_undo) {
             q.next_assign.store(next, Ordering::Relaxed);
