@@ -25,7 +25,7 @@ use parking_lot::Mutex;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-use tracing::{Instrument, debug, info_span, warn};
+use tracing::{Instrument, debug, debug_span, warn};
 
 use crate::broker::api::BrokerApi;
 use crate::config::RemotingConfig;
@@ -260,7 +260,9 @@ impl Handler for RemotingHandler {
                             // Clients answer nothing we ask but oneway notices; ignore strays.
                             continue;
                         }
-                        let span = info_span!("request", code = cmd.code, opaque = cmd.opaque);
+                        // At debug level: an enabled span per request costs more than a
+                        // send's whole store round; the connection's span carries the peer.
+                        let span = debug_span!("request", code = cmd.code, opaque = cmd.opaque);
                         requests
                             .push(run_request(state.clone(), ctx.clone(), cmd).instrument(span));
                     }

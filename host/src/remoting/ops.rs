@@ -197,7 +197,7 @@ fn authenticate(state: &RemotingState, req: &Command) -> Result<Arc<Principal>, 
         ));
     };
     let mut data = Vec::with_capacity(256 + req.body.len());
-    for (k, v) in &req.ext_fields {
+    for (k, v) in req.ext_fields.iter() {
         if k != "Signature" {
             data.extend_from_slice(v.as_bytes());
         }

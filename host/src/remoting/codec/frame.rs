@@ -8,14 +8,13 @@
 //! `serializeTypeCurrentRPC`) and string-valued `extFields`.
 
 use std::borrow::Cow;
-use std::collections::BTreeMap;
 use std::fmt;
 
 use bytes::Bytes;
 use serde::de::{self, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde::{Deserialize, Serialize};
 
-use super::{CodecError, MAX_FRAME_BYTES, Reader};
+use super::{CodecError, Fields, MAX_FRAME_BYTES, Reader};
 
 /// `flag` bit 0: the command is a response.
 pub const FLAG_RESPONSE: i32 = 1;
@@ -64,7 +63,7 @@ pub struct Command {
     /// Human-readable remark (why a request failed).
     pub remark: Option<String>,
     /// Header fields, as strings.
-    pub ext_fields: BTreeMap<String, String>,
+    pub ext_fields: Fields,
     /// How the header was (or is to be) serialized.
     pub serialize: SerializeType,
     /// Payload.
@@ -92,7 +91,7 @@ impl Command {
             opaque: req.opaque,
             flag: FLAG_RESPONSE,
             remark,
-            ext_fields: BTreeMap::new(),
+            ext_fields: Fields::new(),
             serialize: req.serialize,
             body: Bytes::new(),
         }
@@ -110,12 +109,12 @@ impl Command {
 
     /// One header field.
     pub fn field(&self, name: &str) -> Option<&str> {
-        self.ext_fields.get(name).map(String::as_str)
+        self.ext_fields.get(name)
     }
 
     /// Sets one header field.
-    pub fn set(&mut self, name: &str, value: impl ToString) -> &mut Self {
-        self.ext_fields.insert(name.to_string(), value.to_string());
+    pub fn set(&mut self, name: &str, value: impl fmt::Display) -> &mut Self {
+        self.ext_fields.insert_display(name, value);
         self
     }
 }
@@ -226,7 +225,7 @@ struct HeaderFields {
     opaque: Option<i32>,
     flag: Option<i32>,
     remark: Option<String>,
-    ext_fields: BTreeMap<String, String>,
+    ext_fields: Fields,
 }
 
 impl<'de> Deserialize<'de> for HeaderFields {
@@ -245,8 +244,8 @@ impl<'de> Deserialize<'de> for HeaderFields {
                         "version" => h.version = map.next_value::<Int>()?.0,
                         "opaque" => h.opaque = map.next_value::<Int>()?.0,
                         "flag" => h.flag = map.next_value::<Int>()?.0,
-                        "language" => h.language = map.next_value::<Scalar>()?.string(),
-                        "remark" => h.remark = map.next_value::<Scalar>()?.string(),
+                        "language" => h.language = map.next_value::<FieldValue>()?.string(),
+                        "remark" => h.remark = map.next_value::<FieldValue>()?.string(),
                         "extFields" => h.ext_fields = map.next_value::<ExtFields>()?.0,
                         _ => {
                             map.next_value::<IgnoredAny>()?;
@@ -325,72 +324,9 @@ impl<'de> Deserialize<'de> for Int {
     }
 }
 
-/// One JSON value as header fields read it: arrays and objects are skipped whole, numbers and
-/// booleans kept as the text the client's JSON had (and signed).
-enum Scalar {
-    Null,
-    Str(String),
-    Printed(String),
-    Compound,
-}
-
-impl Scalar {
-    /// The value if it was a JSON string; any other value counts as absent.
-    fn string(self) -> Option<String> {
-        match self {
-            Scalar::Str(s) => Some(s),
-            _ => None,
-        }
-    }
-}
-
-impl<'de> Deserialize<'de> for Scalar {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl<'de> Visitor<'de> for V {
-            type Value = Scalar;
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("a JSON value")
-            }
-            fn visit_str<E: de::Error>(self, s: &str) -> Result<Scalar, E> {
-                Ok(Scalar::Str(s.to_owned()))
-            }
-            fn visit_string<E: de::Error>(self, s: String) -> Result<Scalar, E> {
-                Ok(Scalar::Str(s))
-            }
-            fn visit_bool<E: de::Error>(self, b: bool) -> Result<Scalar, E> {
-                Ok(Scalar::Printed(b.to_string()))
-            }
-            fn visit_i64<E: de::Error>(self, n: i64) -> Result<Scalar, E> {
-                Ok(Scalar::Printed(n.to_string()))
-            }
-            fn visit_u64<E: de::Error>(self, n: u64) -> Result<Scalar, E> {
-                Ok(Scalar::Printed(n.to_string()))
-            }
-            fn visit_f64<E: de::Error>(self, n: f64) -> Result<Scalar, E> {
-                // `serde_json` prints 1.0 as "1.0", as the client's JSON encoder did.
-                Ok(serde_json::Number::from_f64(n)
-                    .map_or(Scalar::Null, |n| Scalar::Printed(n.to_string())))
-            }
-            fn visit_unit<E: de::Error>(self) -> Result<Scalar, E> {
-                Ok(Scalar::Null)
-            }
-            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Scalar, A::Error> {
-                while seq.next_element::<IgnoredAny>()?.is_some() {}
-                Ok(Scalar::Compound)
-            }
-            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Scalar, A::Error> {
-                while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
-                Ok(Scalar::Compound)
-            }
-        }
-        d.deserialize_any(V)
-    }
-}
-
 /// `extFields`: every value kept as the string the client signed; null ones left out, as
 /// clients skip them when signing.
-struct ExtFields(BTreeMap<String, String>);
+struct ExtFields(Fields);
 
 impl<'de> Deserialize<'de> for ExtFields {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
@@ -401,18 +337,20 @@ impl<'de> Deserialize<'de> for ExtFields {
                 f.write_str("an object of strings, numbers and booleans")
             }
             fn visit_unit<E: de::Error>(self) -> Result<ExtFields, E> {
-                Ok(ExtFields(BTreeMap::new()))
+                Ok(ExtFields(Fields::new()))
             }
             fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<ExtFields, A::Error> {
-                let mut fields = BTreeMap::new();
-                while let Some(k) = map.next_key::<String>()? {
-                    match map.next_value::<Scalar>()? {
+                let mut fields = Fields::new();
+                while let Some(k) = map.next_key::<Key<'de>>()? {
+                    let k = k.as_str();
+                    match map.next_value::<FieldValue<'de>>()? {
                         // Clients skip null fields when signing; so do we.
-                        Scalar::Null => {}
-                        Scalar::Str(v) | Scalar::Printed(v) => {
-                            fields.insert(k, v);
-                        }
-                        Scalar::Compound => {
+                        FieldValue::Null => {}
+                        FieldValue::Text(v) => fields.insert(k, &v),
+                        FieldValue::Int(n) => fields.insert_display(k, n),
+                        FieldValue::UInt(n) => fields.insert_display(k, n),
+                        FieldValue::Bool(b) => fields.insert_display(k, b),
+                        FieldValue::Compound => {
                             return Err(de::Error::custom(format!(
                                 "extFields '{k}' must be a string, number or boolean"
                             )));
@@ -420,6 +358,74 @@ impl<'de> Deserialize<'de> for ExtFields {
                     }
                 }
                 Ok(ExtFields(fields))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// One `extFields` value: text borrowed from the input unless it had escapes; numbers and
+/// booleans as read, to be printed as the client's JSON had them.
+enum FieldValue<'de> {
+    Null,
+    Text(Cow<'de, str>),
+    Int(i64),
+    UInt(u64),
+    Bool(bool),
+    Compound,
+}
+
+impl FieldValue<'_> {
+    /// The value if it was a JSON string; any other value counts as absent.
+    fn string(self) -> Option<String> {
+        match self {
+            FieldValue::Text(s) => Some(s.into_owned()),
+            _ => None,
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for FieldValue<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = FieldValue<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a JSON value")
+            }
+            fn visit_borrowed_str<E: de::Error>(self, s: &'de str) -> Result<FieldValue<'de>, E> {
+                Ok(FieldValue::Text(Cow::Borrowed(s)))
+            }
+            fn visit_str<E: de::Error>(self, s: &str) -> Result<FieldValue<'de>, E> {
+                Ok(FieldValue::Text(Cow::Owned(s.to_owned())))
+            }
+            fn visit_bool<E: de::Error>(self, b: bool) -> Result<FieldValue<'de>, E> {
+                Ok(FieldValue::Bool(b))
+            }
+            fn visit_i64<E: de::Error>(self, n: i64) -> Result<FieldValue<'de>, E> {
+                Ok(FieldValue::Int(n))
+            }
+            fn visit_u64<E: de::Error>(self, n: u64) -> Result<FieldValue<'de>, E> {
+                Ok(FieldValue::UInt(n))
+            }
+            fn visit_f64<E: de::Error>(self, n: f64) -> Result<FieldValue<'de>, E> {
+                // `serde_json` prints 1.0 as "1.0", as the client's JSON encoder did.
+                Ok(
+                    serde_json::Number::from_f64(n).map_or(FieldValue::Null, |n| {
+                        FieldValue::Text(Cow::Owned(n.to_string()))
+                    }),
+                )
+            }
+            fn visit_unit<E: de::Error>(self) -> Result<FieldValue<'de>, E> {
+                Ok(FieldValue::Null)
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<FieldValue<'de>, A::Error> {
+                while seq.next_element::<IgnoredAny>()?.is_some() {}
+                Ok(FieldValue::Compound)
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<FieldValue<'de>, A::Error> {
+                while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+                Ok(FieldValue::Compound)
             }
         }
         d.deserialize_any(V)
@@ -436,7 +442,7 @@ struct JsonHeader<'a> {
     flag: i32,
     #[serde(skip_serializing_if = "Option::is_none")]
     remark: Option<&'a str>,
-    ext_fields: &'a BTreeMap<String, String>,
+    ext_fields: &'a Fields,
     #[serde(rename = "serializeTypeCurrentRPC")]
     serialize_type_current_rpc: &'static str,
 }
@@ -478,12 +484,12 @@ fn decode_binary_header(header: &[u8]) -> Result<Command, CodecError> {
         .transpose()?;
     let fields_len = r.len_i32("extFields")?;
     let mut f = Reader::new(r.bytes(fields_len, "extFields")?);
-    let mut ext_fields = BTreeMap::new();
+    let mut ext_fields = Fields::new();
     while f.remaining() > 0 {
         let klen = f.len_i16("extFields key")?;
-        let key = f.text(klen, "extFields key")?.to_string();
+        let key = f.text(klen, "extFields key")?;
         let vlen = f.len_i32("extFields value")?;
-        let value = f.text(vlen, "extFields value")?.to_string();
+        let value = f.text(vlen, "extFields value")?;
         ext_fields.insert(key, value);
     }
     Ok(Command {
@@ -516,7 +522,7 @@ fn encode_binary_header(cmd: &Command, out: &mut Vec<u8>) -> Result<(), CodecErr
     out.extend_from_slice(remark.as_bytes());
     let len_at = out.len();
     out.extend_from_slice(&[0u8; 4]);
-    for (k, v) in &cmd.ext_fields {
+    for (k, v) in cmd.ext_fields.iter() {
         let klen = i16::try_from(k.len()).map_err(|_| CodecError::TooLong("extFields key"))?;
         out.extend_from_slice(&klen.to_be_bytes());
         out.extend_from_slice(k.as_bytes());
@@ -679,7 +685,8 @@ mod tests {
             any::<i32>(),
             0i32..4,
             prop::option::of("[ -~]{1,20}"),
-            prop::collection::btree_map("[a-zA-Z]{1,8}", "\\PC{0,12}", 0..6),
+            prop::collection::btree_map("[a-zA-Z]{1,8}", "\\PC{0,12}", 0..6)
+                .prop_map(|m| m.into_iter().collect::<Fields>()),
             any::<bool>(),
             prop::collection::vec(any::<u8>(), 0..64),
         )

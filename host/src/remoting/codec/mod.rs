@@ -5,9 +5,11 @@
 //!
 //! Nothing here panics on input: every decoder returns a [`CodecError`] naming what is wrong.
 
+pub mod fields;
 pub mod frame;
 pub mod record;
 
+pub use fields::Fields;
 pub use frame::{Command, SerializeType, decode_frame, encode_frame, frame_len};
 pub use record::{
     BatchEntry, MessageRecord, decode_batch, decode_offset_msg_id, decode_record, decode_records,
