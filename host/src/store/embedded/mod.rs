@@ -18,15 +18,18 @@
 //! indexes of another format are rebuilt from the log on open. A segment of a newer format than
 //! this build knows makes open fail rather than misread it.
 //!
-//! One writer thread owns appends (group commit), reveals, checkpoints and retention; reads go
-//! straight to the files with positional reads from the calling task.
+//! One writer owns appends (group commit), reveals, checkpoints and retention; reads go straight
+//! to the files with positional reads from the calling task. The writer's state sits behind a
+//! lock: its thread runs every round but one kind, an async append under light load, which
+//! the sender writes itself when the writer is free (see `Arrivals`).
 //!
 //! Durability: in `flush = "sync"` mode a round of requests is written with one write call per
 //! segment and made durable with one fdatasync before any of them is answered. Derived indexes
 //! are written to the page cache in the same round and fsynced only at the checkpoint (≤ 1 s);
 //! after a crash they are trimmed to the checkpoint and rebuilt from the log. Segments are
 //! zero-filled ahead of use by a background thread (`WHARF_STORE_PREALLOCATE=0` turns this
-//! off), so the per-round fdatasync writes data only, not file-size metadata.
+//! off), so the per-round fdatasync writes data only, not file-size metadata; until the first
+//! spare is ready a fresh store's segment grows in zero-filled 1 MiB steps for the same reason.
 //!
 //! `offset_for_time` orders a queue's entries by the time they became visible (store time; for
 //! a timer message, the time it was revealed). `by_time` lists messages by store time: plain
