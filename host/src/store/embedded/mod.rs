@@ -337,13 +337,15 @@ struct Arrivals {
 
 /// Appends arriving further apart than this on average (under ~30,000 a second) are light load.
 const LIGHT_LOAD_GAP_NS: u64 = 33_000;
+/// Longest gap one arrival counts as (an idle minute must not outweigh the next burst).
+const MAX_GAP_NS: u64 = 1_000_000;
 
 impl Default for Arrivals {
     fn default() -> Self {
         Arrivals {
             epoch: Instant::now(),
             last_ns: AtomicU64::new(0),
-            gap_ns: AtomicU64::new(u64::MAX / 16),
+            gap_ns: AtomicU64::new(MAX_GAP_NS),
         }
     }
 }
@@ -354,9 +356,10 @@ impl Arrivals {
         let now = self.epoch.elapsed().as_nanos() as u64;
         let gap = now
             .saturating_sub(self.last_ns.swap(now, Ordering::Relaxed))
-            .min(1_000_000);
-        // Racing updates may lose a sample; this only steers who writes, never what.
-        let ewma = (self.gap_ns.load(Ordering::Relaxed).min(1_000_000) * 7 + gap) / 8;
+            .min(MAX_GAP_NS);
+        // Racing updates may lose a sample; this only steers who writes, never what. Every
+        // stored value is an average of gaps of at most MAX_GAP_NS, so the sum cannot overflow.
+        let ewma = (self.gap_ns.load(Ordering::Relaxed) * 7 + gap) / 8;
         self.gap_ns.store(ewma, Ordering::Relaxed);
         ewma >= LIGHT_LOAD_GAP_NS
     }

@@ -518,20 +518,19 @@ impl Writer {
     /// sender can run a small round itself (see [`run_inline`]); this thread does everything
     /// else: sync rounds, rounds that roll a segment, reveals, control requests, maintenance.
     pub fn run(core: Arc<Mutex<Option<Writer>>>) {
-        let sh = match core.lock().as_ref() {
-            Some(w) => w.sh.clone(),
-            None => return,
-        };
-        let _guard = ExitGuard(sh.clone(), core.clone());
-        if let Some(w) = core.lock().as_mut() {
-            match Flusher::start(sh.clone()) {
+        let sh = {
+            let mut guard = core.lock();
+            let Some(w) = guard.as_mut() else { return };
+            match Flusher::start(w.sh.clone()) {
                 Ok(f) => w.flusher = Some(f),
                 Err(e) => {
                     error!(error = %e, "starting the store flusher failed; checkpoints run inline")
                 }
             }
-            *sh.active.lock() = Some(w.active.clone());
-        }
+            *w.sh.active.lock() = Some(w.active.clone());
+            w.sh.clone()
+        };
+        let _guard = ExitGuard(sh.clone(), core.clone());
         let tick = Duration::from_millis(20);
         // Senders run their own small async rounds, so only a sync writer polls for work.
         let mut spin = false;
@@ -611,9 +610,13 @@ impl Writer {
             }
         }
         let used = self.written + self.wbuf.len() as u64;
-        let rolls = used + bytes > self.sh.config.segment_bytes
-            || (!self.active_prealloc && self.spare.as_ref().is_some_and(|h| h.is_finished()));
+        let rolls = used + bytes > self.sh.config.segment_bytes || self.upgrade_ready();
         !rolls
+    }
+
+    /// The active segment is an append-mode one and a zero-filled spare is ready to take over.
+    fn upgrade_ready(&self) -> bool {
+        !self.active_prealloc && self.spare.as_ref().is_some_and(|h| h.is_finished())
     }
 
     fn shutdown(&mut self) -> Result<()> {
@@ -995,9 +998,7 @@ impl Writer {
             self.start_spare();
         }
         // Move off an append-mode segment as soon as a zero-filled spare is ready.
-        let upgrade = !self.active_prealloc
-            && used > 0
-            && self.spare.as_ref().is_some_and(|h| h.is_finished());
+        let upgrade = used > 0 && self.upgrade_ready();
         let spare = if full || upgrade {
             self.take_spare()
         } else {
