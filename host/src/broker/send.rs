@@ -49,7 +49,7 @@ pub const MQTT_LOCAL_QUEUES: u32 = 8;
 impl Broker {
     /// Sends a batch to `topic`; returns once durably stored (per flush mode). All or nothing:
     /// one illegal message rejects the whole batch before anything is stored.
-    #[instrument(skip_all, fields(topic = %topic, count = msgs.len()))]
+    #[instrument(level = "debug", skip_all, fields(topic = %topic, count = msgs.len()))]
     pub(in crate::broker) async fn send(
         &self,
         topic: &str,
@@ -61,7 +61,7 @@ impl Broker {
 
     /// Like [`Broker::send`], each message with the RocketMQ wire fields the remoting front end
     /// received it with (flag, sysFlag, born and store hosts), kept for pulls.
-    #[instrument(skip_all, fields(topic = %topic, count = msgs.len()))]
+    #[instrument(level = "debug", skip_all, fields(topic = %topic, count = msgs.len()))]
     pub(in crate::broker) async fn send_wire(
         &self,
         topic: &str,

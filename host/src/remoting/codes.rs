@@ -72,6 +72,11 @@ pub const V2_FIELDS: [(&str, &str); 14] = [
     ("n", "brokerName"),
 ];
 
+/// The short name SEND_MESSAGE_V2 gives a long field name.
+pub fn v2_short_name(long: &str) -> Option<&'static str> {
+    V2_FIELDS.iter().find(|(_, l)| *l == long).map(|(s, _)| *s)
+}
+
 /// The long name of a SEND_MESSAGE_V2 field.
 pub fn v2_long_name(short: &str) -> Option<&'static str> {
     V2_FIELDS.iter().find(|(s, _)| *s == short).map(|(_, l)| *l)

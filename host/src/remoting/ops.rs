@@ -127,13 +127,12 @@ async fn dispatch(state: &RemotingState, ctx: &ConnCtx, who: &Principal, req: &C
 // ---- fields
 
 fn field<'a>(req: &'a Command, name: &str) -> Option<&'a str> {
-    req.field(name).or_else(|| {
-        // SEND_MESSAGE_V2 and batch use short names.
-        codes::V2_FIELDS
-            .iter()
-            .find(|(_, long)| *long == name)
-            .and_then(|(short, _)| req.field(short))
-    })
+    // SEND_MESSAGE_V2 and batch use short names: look those up first, as a send reads a dozen
+    // fields per message.
+    let short = matches!(req.code, codes::SEND_MESSAGE_V2 | codes::SEND_BATCH_MESSAGE)
+        .then(|| codes::v2_short_name(name))
+        .flatten();
+    short.and_then(|s| req.field(s)).or_else(|| req.field(name))
 }
 
 fn required<'a>(req: &'a Command, name: &str) -> Result<&'a str, Fail> {
@@ -425,15 +424,18 @@ async fn send(
 }
 
 fn send_reply(req: &Command, store_host: SocketAddr, receipts: &[SendReceipt]) -> Command {
-    let ids: Vec<String> = receipts
-        .iter()
-        .map(|r| encode_offset_msg_id(store_host, r.message_id.position()))
-        .collect();
-    let wharf_ids: Vec<String> = receipts.iter().map(|r| r.message_id.to_string()).collect();
     let mut reply = ok(req);
     reply
-        .set("msgId", ids.join(","))
-        .set("wharfMessageId", wharf_ids.join(","));
+        .set(
+            "msgId",
+            Listed(receipts, |r: &SendReceipt| {
+                encode_offset_msg_id(store_host, r.message_id.position())
+            }),
+        )
+        .set(
+            "wharfMessageId",
+            Listed(receipts, |r: &SendReceipt| r.message_id),
+        );
     if let Some(first) = receipts.first() {
         reply.set("queueId", first.queue_id).set(
             "queueOffset",
@@ -442,6 +444,22 @@ fn send_reply(req: &Command, store_host: SocketAddr, receipts: &[SendReceipt]) -
         );
     }
     reply
+}
+
+/// Displays each item's `show` result, comma-separated (a batch's ids in one header field),
+/// straight into the field, with no string per item.
+struct Listed<'a, T, F>(&'a [T], F);
+
+impl<T, D: std::fmt::Display, F: Fn(&T) -> D> std::fmt::Display for Listed<'_, T, F> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (i, item) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str(",")?;
+            }
+            write!(f, "{}", (self.1)(item))?;
+        }
+        Ok(())
+    }
 }
 
 /// A client that could not send a message back writes the retry itself to `%RETRY%<group>`
@@ -1029,6 +1047,46 @@ mod tests {
         assert!(queue_id(&req).is_err());
         req.set("e", "x");
         assert!(queue_id(&req).is_err());
+    }
+
+    #[test]
+    fn v1_sends_read_long_names_and_v2_sends_fall_back_to_them() {
+        let mut v1 = Command::request(codes::SEND_MESSAGE, 1);
+        v1.set("topic", "Trade").set("b", "NotATopicField");
+        assert_eq!(field(&v1, "topic"), Some("Trade"));
+        let mut v2 = Command::request(codes::SEND_MESSAGE_V2, 2);
+        v2.set("topic", "Long");
+        assert_eq!(field(&v2, "topic"), Some("Long"));
+        v2.set("b", "Short");
+        assert_eq!(field(&v2, "topic"), Some("Short"));
+    }
+
+    #[test]
+    fn a_batch_reply_lists_every_id_in_order() {
+        let host: SocketAddr = "127.0.0.1:9876".parse().unwrap();
+        let receipts: Vec<SendReceipt> = [7u64, 9]
+            .iter()
+            .map(|&p| SendReceipt {
+                message_id: crate::model::MessageId::new(1, 2, p),
+                queue_id: 3,
+                queue_offset: Some(p),
+            })
+            .collect();
+        let req = Command::request(codes::SEND_BATCH_MESSAGE, 5);
+        let reply = send_reply(&req, host, &receipts);
+        let want: Vec<String> = [7, 9]
+            .iter()
+            .map(|&p| encode_offset_msg_id(host, p))
+            .collect();
+        assert_eq!(reply.field("msgId"), Some(want.join(",").as_str()));
+        let wharf: Vec<String> = receipts.iter().map(|r| r.message_id.to_string()).collect();
+        assert_eq!(
+            reply.field("wharfMessageId"),
+            Some(wharf.join(",").as_str())
+        );
+        assert_eq!(reply.field("queueId"), Some("3"));
+        assert_eq!(reply.field("queueOffset"), Some("7"));
+        assert_eq!(send_reply(&req, host, &[]).field("msgId"), Some(""));
     }
 
     #[test]

@@ -289,11 +289,14 @@ pub fn encode_batch_entry(e: &BatchEntry<'_>, out: &mut Vec<u8>) -> Result<(), C
 /// characters of the IPv4 address, the port as i32 and the offset as i64.
 pub fn encode_offset_msg_id(store_host: SocketAddr, offset: u64) -> String {
     let a = v4(store_host);
-    let mut b = [0u8; 16];
-    b[0..4].copy_from_slice(&a.ip().octets());
-    b[4..8].copy_from_slice(&i32::from(a.port()).to_be_bytes());
-    b[8..16].copy_from_slice(&offset.to_be_bytes());
-    hex::encode_upper(b)
+    // Address, port as a 4-byte int, offset: big-endian bytes in upper-case hex, which is
+    // each number printed in upper-case hex at its full width.
+    format!(
+        "{:08X}{:08X}{:016X}",
+        u32::from(*a.ip()),
+        u32::from(a.port()),
+        offset
+    )
 }
 
 /// Splits an offset message id into store host and offset.

@@ -365,19 +365,6 @@ impl Arrivals {
     }
 }
 
-/// Returns `Pending` once, having asked to be polled again at once.
-fn yield_once() -> impl std::future::Future<Output = ()> {
-    let mut yielded = false;
-    std::future::poll_fn(move |cx| {
-        if yielded {
-            return std::task::Poll::Ready(());
-        }
-        yielded = true;
-        cx.waker().wake_by_ref();
-        std::task::Poll::Pending
-    })
-}
-
 fn writer_gone() -> WharfError {
     WharfError::unavailable("the store writer has stopped (the host is shutting down); retry later")
 }
@@ -882,10 +869,10 @@ impl Store for EmbeddedStore {
             permit,
         };
         if self.sh.config.flush == crate::store::FlushMode::Async && self.sh.arrivals.light() {
+            // Written at once, with no turn back to the caller's executor first: at this load
+            // a second append seldom joins, and a task that wakes itself has the runtime wake
+            // an idle worker thread to share work that is not there.
             self.sh.enqueue(request)?;
-            // One turn back to the caller's executor first, so the other appends it starts in
-            // the same pass (one connection's pipelined sends) join this round.
-            yield_once().await;
             writer::run_inline(&self.sh, &self.core);
         } else {
             self.sh.submit(request)?;
