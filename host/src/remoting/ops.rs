@@ -446,8 +446,8 @@ fn send_reply(req: &Command, store_host: SocketAddr, receipts: &[SendReceipt]) -
     reply
 }
 
-/// Displays each item's `show` result, comma-separated (a batch's ids in one header field),
-/// straight into the field, with no string per item.
+/// Displays what the function makes of each item, comma-separated (a batch's ids in one
+/// header field), straight into the field with no string per item.
 struct Listed<'a, T, F>(&'a [T], F);
 
 impl<T, D: std::fmt::Display, F: Fn(&T) -> D> std::fmt::Display for Listed<'_, T, F> {
