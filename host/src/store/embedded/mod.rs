@@ -103,6 +103,9 @@ pub struct Tuning {
     pub offsets_flush_ms: u64,
     /// Zero-fill the next segment in the background so appends overwrite allocated blocks.
     pub preallocate_segments: bool,
+    /// Slowest smoothed log fsync (µs) a lone sync sender waits out on its own thread: a
+    /// slower disk would hold a runtime thread too long, so its rounds go to the writer thread.
+    pub inline_fsync_max_us: u64,
     /// Test only: the Nth fsync of the message log (counted from open, 1-based) fails with EIO,
     /// as a failing disk's would; 0 = never. Set by `WHARF_TEST_FAIL_FSYNC_AT` for e2e tests.
     pub fail_fsync_at: u64,
@@ -122,6 +125,7 @@ impl Default for Tuning {
             // buys nothing) with WHARF_STORE_PREALLOCATE=0.
             preallocate_segments: std::env::var("WHARF_STORE_PREALLOCATE")
                 .map_or(true, |v| v != "0"),
+            inline_fsync_max_us: 1_000,
             // Test-only fault injection (documented as such in the README); never set in
             // production, where it would only ever make the store refuse writes.
             fail_fsync_at: std::env::var("WHARF_TEST_FAIL_FSYNC_AT")
@@ -168,6 +172,8 @@ pub(crate) struct Shared {
     arrivals: Arrivals,
     /// Rounds senders wrote themselves (tests check both ways are taken).
     inline_rounds: AtomicU64,
+    /// Smoothed fsync time of the message log, in ns (written by whoever holds the writer).
+    fsync_ema_ns: AtomicU64,
     /// Bounds what `inbox` (and the round being written) may hold.
     budget: Arc<QueueBudget>,
     next_timer: AtomicU64,
@@ -325,17 +331,19 @@ impl Shared {
     }
 }
 
-/// The smoothed gap between appends. Under light load a sender writes its own async round: the
-/// writer thread's wake-up and the reply's wake-up of the sender cost more than the round.
-/// Under load the writer thread writes them: while it wakes, more appends queue up and share
-/// the round, and it writes while the senders' threads go on decoding and answering.
+/// The smoothed gap between appends, which decides who writes a round. Under light load a
+/// sender writes its own round: the writer thread's wake-up and the reply's wake-up of the
+/// sender cost more than the round. Under load the writer thread writes them: while it wakes,
+/// more appends queue up and share the round, and it writes while the senders' threads go on
+/// decoding and answering.
 struct Arrivals {
     epoch: Instant,
     last_ns: AtomicU64,
     gap_ns: AtomicU64,
 }
 
-/// Appends arriving further apart than this on average (under ~30,000 a second) are light load.
+/// Async appends arriving further apart than this on average (under ~30,000 a second) are
+/// light load.
 const LIGHT_LOAD_GAP_NS: u64 = 33_000;
 /// Longest gap one arrival counts as (an idle minute must not outweigh the next burst).
 const MAX_GAP_NS: u64 = 1_000_000;
@@ -351,8 +359,8 @@ impl Default for Arrivals {
 }
 
 impl Arrivals {
-    /// Notes one append arriving now; true when appends arrive far apart.
-    fn light(&self) -> bool {
+    /// Notes one append arriving now; returns the smoothed gap between appends.
+    fn note(&self) -> u64 {
         let now = self.epoch.elapsed().as_nanos() as u64;
         let gap = now
             .saturating_sub(self.last_ns.swap(now, Ordering::Relaxed))
@@ -361,7 +369,22 @@ impl Arrivals {
         // stored value is an average of gaps of at most MAX_GAP_NS, so the sum cannot overflow.
         let ewma = (self.gap_ns.load(Ordering::Relaxed) * 7 + gap) / 8;
         self.gap_ns.store(ewma, Ordering::Relaxed);
-        ewma >= LIGHT_LOAD_GAP_NS
+        ewma
+    }
+
+    /// Notes one append arriving now; true when its sender should write the round itself.
+    /// An async round is a copy into the page cache. A sync round also waits for an fsync,
+    /// so it is the sender's only when appends arrive further apart than one fsync takes (so
+    /// that another append seldom comes while the sender waits, to be left for the next
+    /// round instead of sharing this one's fsync) and the disk is fast.
+    fn light(&self, flush: crate::store::FlushMode, fsync_ema_ns: u64, fsync_max_ns: u64) -> bool {
+        let gap = self.note();
+        match flush {
+            crate::store::FlushMode::Async => gap >= LIGHT_LOAD_GAP_NS,
+            crate::store::FlushMode::Sync => {
+                fsync_ema_ns <= fsync_max_ns && gap >= fsync_ema_ns.max(LIGHT_LOAD_GAP_NS)
+            }
+        }
     }
 }
 
@@ -527,6 +550,7 @@ impl EmbeddedStore {
             inbox_cv: Condvar::new(),
             arrivals: Arrivals::default(),
             inline_rounds: AtomicU64::new(0),
+            fsync_ema_ns: AtomicU64::new(0),
             budget: QueueBudget::new(config),
             next_timer: AtomicU64::new(u64::MAX),
             pending_timers: AtomicU64::new(0),
@@ -868,7 +892,13 @@ impl Store for EmbeddedStore {
             reply: tx,
             permit,
         };
-        if self.sh.config.flush == crate::store::FlushMode::Async && self.sh.arrivals.light() {
+        let fsync_ema_ns = self.sh.fsync_ema_ns.load(Ordering::Relaxed);
+        let fsync_max_ns = self.sh.tuning.inline_fsync_max_us.saturating_mul(1_000);
+        if self
+            .sh
+            .arrivals
+            .light(self.sh.config.flush, fsync_ema_ns, fsync_max_ns)
+        {
             // Written at once, with no turn back to the caller's executor first: at this load
             // a second append seldom joins, and a task that wakes itself has the runtime wake
             // an idle worker thread to share work that is not there.

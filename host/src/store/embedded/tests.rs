@@ -34,6 +34,8 @@ fn small() -> Tuning {
         checkpoint_interval_ms: 50,
         offsets_flush_ms: 50,
         preallocate_segments: true,
+        // However slow the test machine's disk, a lone sender writes its own sync rounds.
+        inline_fsync_max_us: u64::MAX / 1_000,
         fail_fsync_at: 0,
     }
 }
@@ -705,6 +707,37 @@ async fn async_flush_acknowledges_and_syncs_periodically() {
     while s.stats().fsync_latency_us.count == 0 {
         assert!(Instant::now() < deadline, "no periodic fsync");
         tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    s.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lone_sync_sender_fsyncs_its_own_rounds_and_they_survive_a_crash() {
+    let d = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(T0);
+    let s = open(d.path(), &clock).await;
+    let mut acks = Vec::new();
+    for i in 0..30 {
+        let a = s
+            .append(vec![msg("Lone", 0, None, &[], &format!("lone-{i}"))])
+            .await
+            .unwrap();
+        acks.push(a[0]);
+    }
+    // Appends one at a time, each after the last one's fsync: after the first few (which
+    // teach the store the gap), the sender writes and fsyncs its own rounds.
+    let inline = s.sh.inline_rounds.load(Ordering::Relaxed);
+    assert!(inline >= 20, "{inline} of 30 rounds written by the sender");
+    // Every acknowledged append had its own fsync: none waited for a later one.
+    assert!(s.stats().fsync_latency_us.count >= 30);
+    s.halt().await;
+    drop(s);
+    let s = open(d.path(), &clock).await;
+    let bodies: Vec<String> = read_all(&s, "Lone", 0).await.iter().map(body).collect();
+    let want: Vec<String> = (0..30).map(|i| format!("lone-{i}")).collect();
+    assert_eq!(bodies, want);
+    for a in &acks {
+        assert!(s.get(a.id).await.unwrap().is_some());
     }
     s.close().await.unwrap();
 }

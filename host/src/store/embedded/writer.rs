@@ -98,7 +98,6 @@ pub struct Writer {
     file_len: u64,
     last_round_appends: usize,
     last_reply_at: Instant,
-    fsync_ema_us: u64,
     /// Store time of the last retention pass (0: none yet).
     last_retention_ms: u64,
     /// A segment was sealed since the last retention pass.
@@ -191,10 +190,11 @@ fn spin_for_work(sh: &Shared) {
     }
 }
 
-/// Runs what is queued on the calling thread when the writer is free and the round is small
-/// (async flush only: nothing here waits for a disk). This saves the two thread hand-offs a
-/// round through the writer thread costs: its wake-up, and the wake-up of the sender's thread
-/// by the reply. Anything else, or a busy writer, is left to the writer thread.
+/// Runs what is queued on the calling thread when the writer is free and the round is small.
+/// This saves the two thread hand-offs a round through the writer thread costs: its wake-up,
+/// and the wake-up of the sender's thread by the reply. With sync flush the sender also waits
+/// out the round's fsync here, which its caller allows only under light load on a fast disk
+/// (see `Arrivals::light`). Anything else, or a busy writer, is left to the writer thread.
 pub(super) fn run_inline(sh: &Shared, core: &Mutex<Option<Writer>>) {
     #[cfg(test)]
     if sh.stall.is_locked() {
@@ -297,7 +297,6 @@ impl Writer {
             file_len,
             last_round_appends: 0,
             last_reply_at: Instant::now(),
-            fsync_ema_us: 0,
             last_retention_ms: 0,
             rolled: false,
             free_at_reading: 0,
@@ -514,9 +513,10 @@ impl Writer {
 
     // ------------------------------------------------------------------ main loop
 
-    /// Serves requests until closed. The writer sits in `core` so that, with async flush, a
+    /// Serves requests until closed. The writer sits in `core` so that under light load a
     /// sender can run a small round itself (see [`run_inline`]); this thread does everything
-    /// else: sync rounds, rounds that roll a segment, reveals, control requests, maintenance.
+    /// else: rounds under load, rounds that roll a segment, reveals, control requests,
+    /// maintenance.
     pub fn run(core: Arc<Mutex<Option<Writer>>>) {
         let sh = {
             let mut guard = core.lock();
@@ -532,7 +532,7 @@ impl Writer {
         };
         let _guard = ExitGuard(sh.clone(), core.clone());
         let tick = Duration::from_millis(20);
-        // Senders run their own small async rounds, so only a sync writer polls for work.
+        // Under load senders come back within an fsync; only a sync writer polls for them.
         let mut spin = false;
         loop {
             {
@@ -596,8 +596,8 @@ impl Writer {
 
     /// Whether the queued `reqs` may be written by a sender on its own thread: appends only,
     /// few enough that the writer thread would not do them faster alongside the sender, and
-    /// none that rolls a segment (a roll fsyncs the old one, which must not stall a sender's
-    /// async runtime).
+    /// none that rolls a segment (a roll fsyncs the old one and sets up the next, longer than a
+    /// sender's runtime thread may be held).
     fn fits_inline(&self, reqs: &[Request]) -> bool {
         if reqs.len() > INLINE_MAX_APPENDS {
             return false;
@@ -772,7 +772,8 @@ impl Writer {
         if back >= self.last_round_appends {
             return;
         }
-        let budget = Duration::from_micros((self.fsync_ema_us / 4).min(250));
+        let fsync_ema = Duration::from_nanos(self.sh.fsync_ema_ns.load(Ordering::Relaxed));
+        let budget = (fsync_ema / 4).min(Duration::from_micros(250));
         let deadline = Instant::now() + budget;
         let mut inbox = self.sh.inbox.lock();
         loop {
@@ -796,9 +797,14 @@ impl Writer {
     fn fsync_active(&mut self) -> io::Result<()> {
         let t = Instant::now();
         self.sh.sync_log(&self.active.file, false)?;
-        let us = t.elapsed().as_micros() as u64;
-        self.fsync_ema_us = (self.fsync_ema_us * 7 + us) / 8;
-        self.sh.stats.fsync_latency.record(us);
+        let took = t.elapsed();
+        let ema = &self.sh.fsync_ema_ns;
+        let ns = took.as_nanos().min(u128::from(u64::MAX / 8)) as u64;
+        ema.store(
+            (ema.load(Ordering::Relaxed) * 7 + ns) / 8,
+            Ordering::Relaxed,
+        );
+        self.sh.stats.fsync_latency.record(took.as_micros() as u64);
         self.unsynced = false;
         self.last_fsync = Instant::now();
         Ok(())
