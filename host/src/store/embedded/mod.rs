@@ -345,8 +345,10 @@ struct Arrivals {
 /// Async appends arriving further apart than this on average (under ~30,000 a second) are
 /// light load.
 const LIGHT_LOAD_GAP_NS: u64 = 33_000;
-/// Longest gap one arrival counts as (an idle minute must not outweigh the next burst).
-const MAX_GAP_NS: u64 = 1_000_000;
+/// Longest gap one arrival counts as: an idle minute must not outweigh the next burst, yet a
+/// lone sync sender's gaps, each longer than the fsync before it, must count in full to be
+/// compared with the smoothed fsync (see `light`).
+const MAX_GAP_NS: u64 = 100_000_000;
 
 impl Default for Arrivals {
     fn default() -> Self {

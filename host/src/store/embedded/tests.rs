@@ -724,8 +724,9 @@ async fn a_lone_sync_sender_fsyncs_its_own_rounds_and_they_survive_a_crash() {
             .unwrap();
         acks.push(a[0]);
     }
-    // Appends one at a time, each after the last one's fsync: after the first few (which
-    // teach the store the gap), the sender writes and fsyncs its own rounds.
+    // Appends one at a time, each arriving after the last one's fsync, so further apart than
+    // the smoothed fsync: the sender writes and fsyncs its own rounds (all but those that meet
+    // the writer thread busy with maintenance or a segment change).
     let inline = s.sh.inline_rounds.load(Ordering::Relaxed);
     assert!(inline >= 20, "{inline} of 30 rounds written by the sender");
     // Every acknowledged append had its own fsync: none waited for a later one.
